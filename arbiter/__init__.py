@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._allocation import Allocation, QualityChanges
+from ._arbiter import AllocationContext, Arbiter
 from ._config import ArbiterConfig
 from ._errors import (
     AllocationTimeout,
@@ -21,12 +23,18 @@ from ._errors import (
     ShuttingDown,
 )
 from ._quality import QualityPolicy
+from ._stats import ArbiterState, ArbiterStats, WaitPercentiles
 from ._types import GiB, KiB, MemoryPressure, MiB, Priority, WorkloadType
 
 __all__ = [
+    "Allocation",
+    "AllocationContext",
     "AllocationTimeout",
+    "Arbiter",
     "ArbiterConfig",
     "ArbiterError",
+    "ArbiterState",
+    "ArbiterStats",
     "FragmentUnavailable",
     "GiB",
     "InsufficientMemory",
@@ -37,8 +45,10 @@ __all__ = [
     "MiB",
     "Preempted",
     "Priority",
+    "QualityChanges",
     "QualityPolicy",
     "ShuttingDown",
+    "WaitPercentiles",
     "WorkloadType",
     "__version__",
 ]

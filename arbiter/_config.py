@@ -63,6 +63,8 @@ class ArbiterConfig:
     reclaim_grace: float = 2.0
     quality_policy: QualityPolicy = QualityPolicy.ADAPTIVE
     device: int | str = field(default=0)
+    # Longest pause between probe retries while the GPU cannot be read.
+    poll_backoff_max: float = 5.0
 
     def __post_init__(self) -> None:
         _check_bytes("vram_budget", self.vram_budget, allow_zero=False)
@@ -75,6 +77,7 @@ class ArbiterConfig:
         check_timeout(self.allocation_timeout, "allocation_timeout")
         _check_seconds("poll_interval", self.poll_interval, positive=True)
         _check_seconds("reclaim_grace", self.reclaim_grace, positive=False)
+        _check_seconds("poll_backoff_max", self.poll_backoff_max, positive=True)
         if isinstance(self.quality_policy, str) and not isinstance(
             self.quality_policy, QualityPolicy
         ):

@@ -41,9 +41,7 @@ class InsufficientMemory(ArbiterError):
     def __init__(self, requested: int, available: int) -> None:
         self.requested = requested
         self.available = available
-        super().__init__(
-            f"requested {format_bytes(requested)}, budget {format_bytes(available)}"
-        )
+        super().__init__(f"requested {format_bytes(requested)}, budget {format_bytes(available)}")
 
     def __reduce__(self) -> tuple[type[InsufficientMemory], tuple[int, int]]:
         return (type(self), (self.requested, self.available))

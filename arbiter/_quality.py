@@ -73,7 +73,7 @@ def policy_target(
     excess = _excess(pressure, threshold)
     if excess == 0.0:
         return 1.0
-    drop = excess ** _FALL_EXPONENT[priority]
+    drop: float = excess ** _FALL_EXPONENT[priority]
     if policy is QualityPolicy.PROPORTIONAL:
         drop *= 1.0 - min(1.0, max(0.0, family_share))
     return max(floor, 1.0 - (1.0 - floor) * drop)

@@ -1,0 +1,203 @@
+"""The Allocation handle a holder keeps, and the async iterator of its quality targets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.lowlevel
+
+from ._ledger import Holding
+from ._types import Priority, WorkloadType, check_memory, check_timeout
+
+if TYPE_CHECKING:
+    from ._arbiter import Arbiter
+
+__all__ = ["Allocation", "QualityChanges"]
+
+
+class _Default:
+    """Marks an argument left out, where ``None`` already means something."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+DEFAULT = _Default()
+
+
+class Allocation(Holding):
+    """GPU memory granted by an `Arbiter`, held until `release`.
+
+    ``memory`` is the bytes held now, ``quality`` the current quality target in
+    ``[floor, 1.0]``. ``preempted`` is true once a higher priority (or the
+    keep_alive timer) asked for the memory back; ``released`` once it is returned.
+    """
+
+    __slots__ = (
+        "_arbiter",
+        "_preempt_event",
+        "_quality_event",
+        "created_at",
+        "id",
+        "label",
+        "scope",
+    )
+
+    def __init__(
+        self,
+        arbiter: Arbiter,
+        id: str,
+        workload: WorkloadType,
+        priority: Priority,
+        memory: int,
+        min_memory: int | None,
+        *,
+        preemptible: bool,
+        keep_alive: float | None,
+        label: str | None,
+        created_at: float,
+    ) -> None:
+        super().__init__(
+            workload,
+            priority,
+            memory,
+            min_memory,
+            preemptible=preemptible,
+            keep_alive=keep_alive,
+        )
+        self._arbiter = arbiter
+        self.id = id
+        self.label = label
+        self.created_at = created_at
+        # The cancel scope of an `Arbiter.allocate` body; preemption cancels it.
+        self.scope: anyio.CancelScope | None = None
+        self._preempt_event: anyio.Event | None = None
+        self._quality_event: anyio.Event | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Allocation {self.id} {self.workload.value} {self.priority.name.lower()} "
+            f"memory={self.memory} quality={self.quality:.2f}"
+            f"{' preempted' if self.preempted else ''}{' released' if self.released else ''}>"
+        )
+
+    @property
+    def quality(self) -> float:
+        """The current quality target, in ``[min_quality(workload), 1.0]``."""
+        return self._arbiter._ledger.target(self)
+
+    @property
+    def preempted(self) -> bool:
+        """True once the arbiter asked for this allocation's memory back."""
+        return self.preempt_requested
+
+    def release(self) -> None:
+        """Return the memory at once and hand it to waiters. Idempotent; never blocks."""
+        self._arbiter.release_allocation(self)
+
+    async def resize(self, memory: int, *, timeout: float | _Default | None = DEFAULT) -> None:
+        """Change the held memory to ``memory`` bytes.
+
+        Shrinking (not below ``min_memory``: ``ValueError``) returns memory at once.
+        Growing (up to the budget: else `InsufficientMemory`) queues like a new request
+        of this priority and may preempt like one; on `AllocationTimeout` the old size
+        is kept. Raises ``RuntimeError`` on a released allocation.
+        """
+        check_memory(memory, "memory")
+        limit = self._arbiter._default_timeout if isinstance(timeout, _Default) else timeout
+        limit = check_timeout(limit)
+        await self._arbiter._resize(self, memory, limit)
+
+    def quality_changes(self) -> QualityChanges:
+        """An async iterator of quality targets: the current one first, then each change.
+
+        A slow reader gets the latest value, never a backlog. It ends when the
+        allocation is released.
+        """
+        return QualityChanges(self)
+
+    async def wait_preempted(self) -> None:
+        """Return when preemption is requested or the allocation is released."""
+        if self.preempt_requested or self.released:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._preempt_event is None:
+            self._preempt_event = anyio.Event()
+        await self._preempt_event.wait()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark a working span: a busy holder is never reclaimed for keep_alive, and
+        idle holders are preempted before busy ones of the same priority."""
+        self._arbiter._set_busy(self, True)
+        try:
+            yield
+        finally:
+            self._arbiter._set_busy(self, False)
+
+    # Hooks the arbiter calls when the ledger decides something about this holder.
+
+    def _on_preempt(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+        self._signal_preempt()
+
+    def _signal_preempt(self) -> None:
+        if self._preempt_event is not None:
+            self._preempt_event.set()
+
+    def _signal_quality(self) -> None:
+        event, self._quality_event = self._quality_event, None
+        if event is not None:
+            event.set()
+
+    def _quality_signal(self) -> anyio.Event:
+        if self._quality_event is None:
+            self._quality_event = anyio.Event()
+        return self._quality_event
+
+
+class QualityChanges:
+    """Iterates an allocation's quality targets; see `Allocation.quality_changes`."""
+
+    __slots__ = ("_alloc", "_last", "_watching")
+
+    def __init__(self, alloc: Allocation) -> None:
+        self._alloc = alloc
+        self._last: float | None = None
+        self._watching = False
+
+    def __aiter__(self) -> QualityChanges:
+        return self
+
+    async def __anext__(self) -> float:
+        alloc = self._alloc
+        if self._last is None:
+            await anyio.lowlevel.checkpoint()
+            if alloc.released:
+                raise StopAsyncIteration
+            self._watching = True
+            alloc._arbiter._ledger.watch(alloc, +1)
+            self._last = alloc.quality
+            return self._last
+        while not alloc.released:
+            quality = alloc.quality
+            if quality != self._last:
+                self._last = quality
+                return quality
+            await alloc._quality_signal().wait()
+        self._stop_watching()
+        raise StopAsyncIteration
+
+    def _stop_watching(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._alloc._arbiter._ledger.watch(self._alloc, -1)
+
+    async def aclose(self) -> None:
+        """Stop reading; safe to call more than once."""
+        self._stop_watching()
+        await anyio.lowlevel.checkpoint()

@@ -1,0 +1,502 @@
+"""The async shell: argument checks, parking waiters, lifecycle, the background tasks.
+
+Decisions are the ledger's; this module only turns them into events, cancel
+scopes and log lines. A waiter parks on an event that the releaser sets after
+the ledger has already handed it the memory.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import count
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import structlog
+
+from ._allocation import DEFAULT, Allocation, _Default
+from ._config import ArbiterConfig
+from ._errors import (
+    AllocationTimeout,
+    InsufficientMemory,
+    InsufficientQuality,
+    Preempted,
+    ShuttingDown,
+)
+from ._ledger import FAILED, GRANTED, Holding, Ledger, Request
+from ._stats import ArbiterState, ArbiterStats
+from ._types import (
+    MemoryPressure,
+    Priority,
+    WorkloadType,
+    check_memory,
+    check_timeout,
+    coerce_priority,
+    coerce_workload,
+)
+
+__all__ = ["Arbiter"]
+
+_logger = structlog.get_logger("arbiter")
+
+
+def _debug(event: str, **fields: Any) -> None:
+    # An unconfigured structlog prints every level; a library must print nothing
+    # unless its user configured logging, so debug events wait for that.
+    if structlog.is_configured():
+        _logger.debug(event, **fields)
+
+
+class _Waiter(Request):
+    __slots__ = ("event",)
+    event: anyio.Event | None
+
+
+def _check_quality(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"min_quality must be None or a number in (0, 1], got {value!r}")
+    if math.isnan(value) or not 0 < value <= 1:
+        raise ValueError(f"min_quality must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+class Arbiter:
+    """Hands out the memory of one GPU to awaiting tasks, by priority, then arrival.
+
+    Build it anywhere (no event loop needed). Used without ``async with`` it is pure
+    accounting; ``async with arbiter`` runs the memory-pressure poller (when a probe
+    is there) and the keep_alive timer in its own task group until ``aclose()``.
+
+    Args:
+        config: the policy numbers; ``None`` detects the GPU (`ArbiterConfig.auto_detect`).
+        probe: where the poller reads device memory; ``None`` uses NVML for
+            ``config.device`` when NVML works, else no poller.
+    """
+
+    def __init__(self, config: ArbiterConfig | None = None, *, probe: Any = None) -> None:
+        if config is None:
+            config = ArbiterConfig.auto_detect()
+        elif not isinstance(config, ArbiterConfig):
+            raise TypeError(f"config must be an ArbiterConfig or None, got {config!r}")
+        self._config = config
+        self._default_timeout = config.allocation_timeout
+        self._ledger = Ledger(
+            config,
+            wake=self._wake,
+            preempt=self._preempt,
+            quality_changed=self._quality_changed,
+        )
+        self._probe = probe
+        self._owns_probe = False
+        self._poller: Any = None
+        self._ids = count(1)
+        self._closed = False
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._keep_alive_changed: anyio.Event | None = None
+
+    @property
+    def config(self) -> ArbiterConfig:
+        """The configuration this arbiter was built with."""
+        return self._config
+
+    def __repr__(self) -> str:
+        ledger = self._ledger
+        return (
+            f"<Arbiter budget={ledger.budget} granted={ledger.granted} "
+            f"external={ledger.external} waiting={ledger.waiting}>"
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._closed:
+            raise ShuttingDown("this arbiter is closed")
+        if self._task_group is not None:
+            raise RuntimeError("this arbiter is already running")
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        try:
+            await self._start_services(task_group)
+        except BaseException as exc:
+            self._close()
+            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._close()
+        task_group, self._task_group = self._task_group, None
+        if task_group is None:
+            return None
+        try:
+            return await task_group.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._owns_probe:
+                self._owns_probe = False
+                with anyio.CancelScope(shield=True):
+                    await self._probe.aclose()
+
+    async def aclose(self) -> None:
+        """Close: every waiting and every later request raises `ShuttingDown`, the
+        background tasks stop. Granted allocations stay valid until released. Idempotent."""
+        self._close()
+        await anyio.lowlevel.checkpoint()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._ledger.fail_waiting(self._now())
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+    async def _start_services(self, task_group: anyio.abc.TaskGroup) -> None:
+        from ._services import start_services
+
+        await start_services(self, task_group)
+
+    # -- requesting memory -----------------------------------------------------
+
+    async def request_allocation(
+        self,
+        workload: WorkloadType | str,
+        priority: Priority | str,
+        memory: int,
+        *,
+        min_memory: int | None = None,
+        timeout: float | _Default | None = DEFAULT,
+        min_quality: float | None = None,
+        preemptible: bool = True,
+        keep_alive: float | None = None,
+        label: str | None = None,
+    ) -> Allocation:
+        """Wait for ``memory`` bytes (or, with ``min_memory``, the largest size that fits).
+
+        Grants go by priority, then arrival; nothing jumps the queue. The memory is
+        held until `Allocation.release`.
+
+        Raises:
+            TypeError, ValueError: a bad argument (nothing is queued or counted).
+            InsufficientMemory: the smallest acceptable size exceeds the budget.
+            AllocationTimeout: ``timeout`` seconds passed (default: the config's).
+            InsufficientQuality: the timeout passed while only a quality below
+                ``min_quality`` could have been granted.
+            ShuttingDown: the arbiter is closing or closed.
+        """
+        alloc, request, limit = self._prepare(
+            workload,
+            priority,
+            memory,
+            min_memory,
+            timeout,
+            min_quality,
+            preemptible,
+            keep_alive,
+            label,
+        )
+        stats = self._ledger.stats
+        try:
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            stats.cancelled += 1
+            raise
+        if self._closed:
+            stats.failed += 1
+            raise ShuttingDown("the arbiter is closed")
+        now = anyio.current_time()
+        if not self._ledger.submit(request, now):
+            try:
+                await self._park(request, now, limit)
+            except BaseException as exc:
+                if isinstance(exc, ShuttingDown | AllocationTimeout | InsufficientQuality):
+                    stats.failed += 1
+                else:
+                    stats.cancelled += 1
+                raise
+        stats.successful += 1
+        if alloc.keep_alive is not None:
+            self._keep_alive_touched(alloc)
+        _debug(
+            "allocation granted",
+            id=alloc.id,
+            workload=alloc.workload.value,
+            priority=alloc.priority.name.lower(),
+            memory=alloc.memory,
+            waited=anyio.current_time() - now,
+        )
+        return alloc
+
+    def _prepare(
+        self,
+        workload: object,
+        priority: object,
+        memory: object,
+        min_memory: object,
+        timeout: object,
+        min_quality: object,
+        preemptible: object,
+        keep_alive: object,
+        label: object,
+    ) -> tuple[Allocation, _Waiter, float | None]:
+        """Check every argument, then build the allocation and its queued request."""
+        workload = coerce_workload(workload)
+        priority = coerce_priority(priority)
+        size = check_memory(memory, "memory")
+        floor = None
+        if min_memory is not None:
+            floor = check_memory(min_memory, "min_memory")
+            if floor > size:
+                raise ValueError(f"min_memory must be <= memory ({size}), got {floor}")
+        limit = check_timeout(self._default_timeout if isinstance(timeout, _Default) else timeout)
+        quality = _check_quality(min_quality)
+        if not isinstance(preemptible, bool):
+            raise TypeError(f"preemptible must be a bool, got {preemptible!r}")
+        alive = check_timeout(keep_alive, "keep_alive")
+        if label is not None and not isinstance(label, str):
+            raise TypeError(f"label must be None or a str, got {label!r}")
+        ledger = self._ledger
+        smallest = size if floor is None else floor
+        if smallest > ledger.budget:
+            ledger.stats.failed += 1
+            raise InsufficientMemory(smallest, ledger.budget)
+        if self._closed:
+            ledger.stats.failed += 1
+            raise ShuttingDown("the arbiter is closed")
+        alloc = Allocation(
+            self,
+            f"alloc-{next(self._ids)}",
+            workload,
+            priority,
+            size,
+            floor,
+            preemptible=preemptible,
+            keep_alive=alive,
+            label=label,
+            created_at=self._now(),
+        )
+        request = _Waiter(alloc, smallest, size, min_quality=quality)
+        request.event = None
+        return alloc, request, limit
+
+    async def _park(self, request: _Waiter, now: float, limit: float | None) -> None:
+        """Wait until the ledger grants ``request``, taking it back on timeout or cancel."""
+        ledger = self._ledger
+        deadline = math.inf if limit is None else now + limit
+        try:
+            while True:
+                wake_at = min(deadline, request.reclaim_deadline)
+                if wake_at <= anyio.current_time():
+                    pass
+                else:
+                    event = request.event = anyio.Event()
+                    if wake_at == math.inf:
+                        await event.wait()
+                    else:
+                        with anyio.CancelScope(deadline=wake_at):
+                            await event.wait()
+                if request.state is GRANTED:
+                    return
+                if request.state is FAILED:
+                    raise ShuttingDown("the arbiter closed while the request waited")
+                now = anyio.current_time()
+                if now >= deadline:
+                    break
+                if now >= request.reclaim_deadline:
+                    ledger.escalate(request, now)
+                    if request.state is GRANTED:
+                        return
+        except BaseException:
+            ledger.withdraw(request, anyio.current_time())
+            raise
+        ledger.withdraw(request, now)
+        ledger.stats.timeouts += 1
+        holding = request.holding
+        _debug("allocation timed out", id=getattr(holding, "id", None), timeout=limit)
+        assert limit is not None
+        if request.best_quality is not None and request.min_quality is not None:
+            raise InsufficientQuality(request.min_quality, request.best_quality)
+        raise AllocationTimeout(limit)
+
+    def allocate(
+        self,
+        workload: WorkloadType | str,
+        priority: Priority | str,
+        *,
+        memory: int,
+        min_memory: int | None = None,
+        timeout: float | _Default | None = DEFAULT,
+        min_quality: float | None = None,
+        preemptible: bool = True,
+        keep_alive: float | None = None,
+        label: str | None = None,
+    ) -> AllocationContext:
+        """``async with arbiter.allocate(...) as alloc:`` the body holds the memory.
+
+        The body runs in a cancel scope owned by the allocation: preemption cancels it,
+        the memory returns once the body has unwound, and the ``async with`` raises
+        `Preempted` if the body was cut short. Same arguments as `request_allocation`.
+        """
+        return AllocationContext(
+            self,
+            (workload, priority, memory),
+            {
+                "min_memory": min_memory,
+                "timeout": timeout,
+                "min_quality": min_quality,
+                "preemptible": preemptible,
+                "keep_alive": keep_alive,
+                "label": label,
+            },
+        )
+
+    def release_allocation(self, alloc: Allocation) -> None:
+        """Return ``alloc``'s memory at once; the same as ``alloc.release()``."""
+        if not isinstance(alloc, Allocation) or alloc._arbiter is not self:
+            raise TypeError(f"alloc must be an Allocation of this arbiter, got {alloc!r}")
+        if alloc.released:
+            return
+        memory = alloc.memory
+        self._ledger.release(alloc, self._now())
+        alloc._signal_preempt()
+        alloc._signal_quality()
+        self._keep_alive_touched(alloc)
+        _debug(
+            "allocation released",
+            id=alloc.id,
+            priority=alloc.priority.name.lower(),
+            memory=memory,
+            preempted=alloc.preempt_requested,
+        )
+
+    async def _resize(self, alloc: Allocation, memory: int, timeout: float | None) -> None:
+        if alloc.released:
+            raise RuntimeError(f"cannot resize {alloc.id}: it is released")
+        ledger = self._ledger
+        if memory <= alloc.memory:
+            if alloc.min_memory is not None and memory < alloc.min_memory:
+                raise ValueError(f"memory must be >= min_memory ({alloc.min_memory}), got {memory}")
+            ledger.shrink(alloc, memory, self._now())
+            await anyio.lowlevel.checkpoint()
+            return
+        if memory > ledger.budget:
+            raise InsufficientMemory(memory, ledger.budget)
+        if self._closed:
+            raise ShuttingDown("the arbiter is closed")
+        delta = memory - alloc.memory
+        request = _Waiter(alloc, delta, delta, grow=True)
+        request.event = None
+        await anyio.lowlevel.checkpoint()
+        now = anyio.current_time()
+        if not ledger.submit(request, now):
+            await self._park(request, now, timeout)
+
+    # -- hooks called by the ledger --------------------------------------------
+
+    @staticmethod
+    def _wake(request: Request) -> None:
+        event = request.event  # type: ignore[attr-defined]
+        if event is not None:
+            event.set()
+
+    @staticmethod
+    def _preempt(holding: Holding) -> None:
+        assert isinstance(holding, Allocation)
+        _debug("allocation preempted", id=holding.id, memory=holding.memory)
+        holding._on_preempt()
+
+    @staticmethod
+    def _quality_changed(holding: Holding) -> None:
+        assert isinstance(holding, Allocation)
+        holding._signal_quality()
+
+    def _set_busy(self, alloc: Allocation, busy: bool) -> None:
+        self._ledger.set_busy(alloc, busy, self._now())
+        self._keep_alive_touched(alloc)
+
+    def _keep_alive_touched(self, alloc: Allocation) -> None:
+        if alloc.keep_alive is not None and self._keep_alive_changed is not None:
+            self._keep_alive_changed.set()
+
+    # -- snapshots -------------------------------------------------------------
+
+    def _now(self) -> float:
+        try:
+            return anyio.current_time()
+        except RuntimeError:  # no event loop: pure accounting from sync code
+            return self._ledger.stats.last_time
+
+    def recommended_quality(
+        self, workload: WorkloadType | str, priority: Priority | str = Priority.NORMAL
+    ) -> float:
+        """The quality target a new request of this workload and priority would get now."""
+        return self._ledger.recommended(coerce_workload(workload), coerce_priority(priority))
+
+    def state(self) -> ArbiterState:
+        """A snapshot of what is held, used and waiting now."""
+        ledger = self._ledger
+        pressure = ledger.pressure
+        return ArbiterState(
+            active_llm_workloads=ledger.active(False),
+            active_diffusion_workloads=ledger.active(True),
+            llm_quality=ledger.recommended(WorkloadType.LLM_INFERENCE, Priority.NORMAL),
+            diffusion_quality=ledger.recommended(WorkloadType.IMAGE_GENERATION, Priority.NORMAL),
+            memory_pressure=pressure,
+            pressure_level=MemoryPressure.from_ratio(pressure),
+            vram_used=ledger.granted,
+            external_used=ledger.external,
+            vram_available=ledger.available,
+            waiting=ledger.waiting,
+        )
+
+    def stats(self) -> ArbiterStats:
+        """Counters, time-weighted averages and wait percentiles since construction."""
+        return self._ledger.stats.snapshot(self._now())
+
+
+class AllocationContext:
+    """What `Arbiter.allocate` returns: an async context manager around an allocation."""
+
+    __slots__ = ("_alloc", "_arbiter", "_args", "_kwargs")
+
+    def __init__(self, arbiter: Arbiter, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._arbiter = arbiter
+        self._args = args
+        self._kwargs = kwargs
+        self._alloc: Allocation | None = None
+
+    async def __aenter__(self) -> Allocation:
+        if self._alloc is not None:
+            raise RuntimeError("this allocate() context was already entered")
+        alloc = await self._arbiter.request_allocation(*self._args, **self._kwargs)
+        self._alloc = alloc
+        scope = alloc.scope = anyio.CancelScope()
+        if alloc.preempt_requested:
+            scope.cancel()
+        scope.__enter__()
+        return alloc
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        alloc = self._alloc
+        assert alloc is not None and alloc.scope is not None
+        try:
+            swallowed = alloc.scope.__exit__(exc_type, exc, tb)
+        finally:
+            alloc.release()
+        if alloc.scope.cancelled_caught:
+            raise Preempted(f"{alloc.id} was preempted by a higher priority")
+        return swallowed

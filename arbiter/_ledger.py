@@ -1,0 +1,532 @@
+"""The sync core: who holds what, who waits in which order, who is granted next.
+
+No ``await``, no clock, no I/O: every method takes ``now`` from the caller and
+reports what happened through three hooks (``wake``, ``preempt``,
+``quality_changed``) that the async shell turns into events and cancellations.
+
+Invariants (checked by ``check_invariants`` and the stateful tests):
+
+* ``granted`` is the sum of ``memory`` over live holdings, including grants
+  handed to waiters that have not run yet; ``granted + external <= budget``
+  holds after every grant (external use may later exceed it; then nobody is
+  granted until it falls).
+* Grants follow one order: priority, then arrival. After every operation the
+  head of the queue does not fit (or the queue is empty): the releaser hands
+  memory over, waiters never re-check for themselves.
+* ``on_the_way`` is the memory of holdings asked to give everything back
+  (preempted or reclaimed for keep_alive) that have not released yet.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from itertools import count
+
+from ._config import ArbiterConfig
+from ._quality import elastic_share_quality, policy_target
+from ._stats import StatsRecorder
+from ._types import Priority, WorkloadType
+
+__all__ = ["Holding", "Ledger", "Request"]
+
+_PRIORITIES_HIGH_FIRST = sorted(Priority, reverse=True)
+_PRIORITIES_LOW_FIRST = sorted(Priority)
+
+WAITING, GRANTED, WITHDRAWN, FAILED = "waiting", "granted", "withdrawn", "failed"
+
+
+class Holding:
+    """The ledger's record of one allocation, waiting or held. `Allocation` extends it."""
+
+    __slots__ = (
+        "busy_spans",
+        "diffusion",
+        "granted_seq",
+        "idle_since",
+        "keep_alive",
+        "max_memory",
+        "memory",
+        "min_memory",
+        "notified_quality",
+        "preempt_requested",
+        "preemptible",
+        "priority",
+        "released",
+        "shrink_cap",
+        "watchers",
+        "workload",
+    )
+
+    def __init__(
+        self,
+        workload: WorkloadType,
+        priority: Priority,
+        max_memory: int,
+        min_memory: int | None,
+        *,
+        preemptible: bool = True,
+        keep_alive: float | None = None,
+    ) -> None:
+        self.workload = workload
+        self.diffusion = workload is not WorkloadType.LLM_INFERENCE
+        self.priority = priority
+        self.max_memory = max_memory
+        self.min_memory = min_memory
+        self.memory = 0
+        self.preemptible = preemptible
+        self.keep_alive = keep_alive
+        self.granted_seq = -1
+        self.busy_spans = 0
+        self.idle_since = 0.0
+        self.preempt_requested = False
+        self.released = False
+        # Set while a higher-priority waiter needs this elastic holder to shrink.
+        self.shrink_cap: float | None = None
+        self.watchers = 0
+        self.notified_quality = 1.0
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_memory is not None and self.min_memory < self.max_memory
+
+
+class Request:
+    """A queued demand for memory: a new allocation, or the growth of one (``grow``)."""
+
+    __slots__ = (
+        "best_quality",
+        "enqueued_at",
+        "grow",
+        "holding",
+        "max_size",
+        "min_quality",
+        "min_size",
+        "priority",
+        "reclaim_deadline",
+        "reclaim_phase",
+        "shrunk",
+        "size",
+        "state",
+    )
+
+    def __init__(
+        self,
+        holding: Holding,
+        min_size: int,
+        max_size: int,
+        *,
+        min_quality: float | None = None,
+        grow: bool = False,
+    ) -> None:
+        self.holding = holding
+        self.priority = holding.priority
+        self.min_size = min_size
+        self.max_size = max_size
+        self.min_quality = min_quality
+        self.grow = grow
+        self.state = WAITING
+        self.size = 0
+        self.enqueued_at = 0.0
+        # The best quality it could have had while blocked only by min_quality.
+        self.best_quality: float | None = None
+        self.reclaim_phase = 0  # 0: none yet, 1: asked elastic holders to shrink, 2: preempting
+        self.reclaim_deadline = float("inf")
+        self.shrunk: list[Holding] = []
+
+
+def _noop(_: object) -> None:
+    pass
+
+
+class Ledger:
+    """Accounting and grant decisions for one GPU budget."""
+
+    def __init__(
+        self,
+        config: ArbiterConfig,
+        *,
+        wake: Callable[[Request], None] = _noop,
+        preempt: Callable[[Holding], None] = _noop,
+        quality_changed: Callable[[Holding], None] = _noop,
+    ) -> None:
+        self.config = config
+        self.budget = config.vram_budget
+        self.granted = 0
+        self.external = 0
+        self.on_the_way = 0
+        self.waiting = 0
+        self.stats = StatsRecorder()
+        self._wake = wake
+        self._preempt = preempt
+        self._quality_changed = quality_changed
+        self._policy = config.effective_policy
+        self._threshold = config.pressure_threshold
+        self._floors = (config.llm_min_quality, config.diffusion_min_quality)
+        self._queues: dict[Priority, deque[Request]] = {p: deque() for p in Priority}
+        # Per priority, in grant order: victims are picked most recent first.
+        self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
+        self._family_granted = [0, 0]  # llm, diffusion
+        self._family_count = [0, 0]
+        self._watched: set[Holding] = set()
+        self._keep_alive: dict[Holding, None] = {}
+        self._seq = count()
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def available(self) -> int:
+        return max(0, self.budget - self.granted - self.external)
+
+    @property
+    def pressure(self) -> float:
+        return (self.granted + self.external) / self.budget
+
+    def active(self, diffusion: bool) -> int:
+        return self._family_count[diffusion]
+
+    def holdings(self) -> Iterator[Holding]:
+        for held in self._holders.values():
+            yield from held
+
+    def head(self) -> Request | None:
+        """The next request to be granted; cancelled entries are dropped lazily."""
+        for priority in _PRIORITIES_HIGH_FIRST:
+            queue = self._queues[priority]
+            while queue and queue[0].state is not WAITING:
+                queue.popleft()
+            if queue:
+                return queue[0]
+        return None
+
+    def recommended(self, workload: WorkloadType, priority: Priority) -> float:
+        """The policy's target for a new request of this kind at the current pressure."""
+        return self._policy_for(workload is not WorkloadType.LLM_INFERENCE, priority, self.pressure)
+
+    def target(self, holding: Holding) -> float:
+        """A holding's current quality target."""
+        if holding.released:
+            return holding.notified_quality
+        if not holding.elastic:
+            return self._policy_for(holding.diffusion, holding.priority, self.pressure)
+        assert holding.min_memory is not None
+        # An elastic holder's own elastic part does not count toward the pressure it
+        # answers to, or shrinking would lower pressure, raise its target and regrow it.
+        elastic_part = holding.memory - holding.min_memory
+        pressure = (self.granted + self.external - max(0, elastic_part)) / self.budget
+        quality = self._policy_for(holding.diffusion, holding.priority, pressure)
+        floor = self._floors[holding.diffusion]
+        reachable = min(
+            holding.max_memory, holding.memory + self.budget - self.granted - self.external
+        )
+        quality = min(
+            quality, elastic_share_quality(reachable, holding.min_memory, holding.max_memory, floor)
+        )
+        if holding.shrink_cap is not None:
+            quality = min(quality, holding.shrink_cap)
+        return max(floor, quality)
+
+    def _policy_for(self, diffusion: bool, priority: Priority, pressure: float) -> float:
+        llm, diff = self._family_granted
+        mine, other = (diff, llm) if diffusion else (llm, diff)
+        share = mine / (mine + other) if other else 1.0
+        return policy_target(
+            self._policy,
+            priority,
+            pressure,
+            threshold=self._threshold,
+            floor=self._floors[diffusion],
+            family_share=share,
+        )
+
+    # -- requests --------------------------------------------------------------
+
+    def submit(self, request: Request, now: float) -> bool:
+        """Queue ``request``; True when it was granted at once (nothing ahead, and it fits)."""
+        request.enqueued_at = now
+        self._queues[request.priority].append(request)
+        self.waiting += 1
+        self._dispatch(now)
+        return request.state is GRANTED
+
+    def withdraw(self, request: Request, now: float) -> None:
+        """Take back a request whose waiter timed out or was cancelled.
+
+        A grant that raced with it is returned, so the memory goes to the next waiter.
+        """
+        if request.state is WAITING:
+            request.state = WITHDRAWN
+            self.waiting -= 1
+            self._end_reclaim(request)
+        elif request.state is GRANTED:
+            request.state = WITHDRAWN
+            if request.grow:
+                self._give_back(request.holding, request.size, now)
+            else:
+                self.release(request.holding, now)
+            return
+        else:
+            return
+        self._dispatch(now)
+
+    def fail_waiting(self, now: float) -> list[Request]:
+        """Fail every waiting request (the arbiter is closing); returns them."""
+        failed = []
+        for queue in self._queues.values():
+            for request in queue:
+                if request.state is WAITING:
+                    request.state = FAILED
+                    self._end_reclaim(request)
+                    failed.append(request)
+            queue.clear()
+        self.waiting = 0
+        for request in failed:
+            self._wake(request)
+        self._refresh(now)
+        return failed
+
+    def escalate(self, request: Request, now: float) -> None:
+        """The reclaim grace of ``request`` has passed: preempt if shrinking was not enough."""
+        if request.state is WAITING and request.reclaim_phase == 1:
+            request.reclaim_phase = 2
+            request.reclaim_deadline = float("inf")
+            self._dispatch(now)
+
+    # -- holdings --------------------------------------------------------------
+
+    def release(self, holding: Holding, now: float) -> None:
+        """Return all of ``holding``'s memory; idempotent."""
+        if holding.released:
+            return
+        holding.notified_quality = self.target(holding) if holding.granted_seq >= 0 else 1.0
+        holding.released = True
+        if holding.granted_seq < 0:
+            return
+        if holding.preempt_requested:
+            self.on_the_way -= holding.memory
+        self.granted -= holding.memory
+        self._family_granted[holding.diffusion] -= holding.memory
+        self._family_count[holding.diffusion] -= 1
+        holding.memory = 0
+        del self._holders[holding.priority][holding]
+        self._keep_alive.pop(holding, None)
+        self._watched.discard(holding)
+        self._dispatch(now)
+
+    def shrink(self, holding: Holding, size: int, now: float) -> None:
+        """Lower ``holding`` to ``size`` bytes at once, waking whoever now fits."""
+        self._give_back(holding, holding.memory - size, now)
+
+    def _give_back(self, holding: Holding, amount: int, now: float) -> None:
+        holding.memory -= amount
+        self.granted -= amount
+        self._family_granted[holding.diffusion] -= amount
+        if holding.preempt_requested:
+            self.on_the_way -= amount
+        self._dispatch(now)
+
+    def set_external(self, external: int, now: float) -> None:
+        """Record memory used on the device by other processes."""
+        if external != self.external:
+            self.external = external
+            self._dispatch(now)
+
+    def watch(self, holding: Holding, delta: int) -> None:
+        """Count a reader of ``holding``'s quality changes in (+1) or out (-1)."""
+        holding.watchers += delta
+        if holding.watchers > 0 and not holding.released:
+            self._watched.add(holding)
+        else:
+            self._watched.discard(holding)
+
+    def set_busy(self, holding: Holding, busy: bool, now: float) -> None:
+        holding.busy_spans += 1 if busy else -1
+        if holding.busy_spans == 0:
+            holding.idle_since = now
+
+    def reclaim_idle(self, now: float) -> float | None:
+        """Ask holders idle past their keep_alive to give back; the next expiry, if any."""
+        next_due: float | None = None
+        for holding in list(self._keep_alive):
+            if holding.busy_spans or holding.preempt_requested:
+                continue
+            assert holding.keep_alive is not None
+            due = holding.idle_since + holding.keep_alive
+            if due <= now:
+                self.stats.keep_alive_reclaims += 1
+                self._request_preemption(holding)
+            elif next_due is None or due < next_due:
+                next_due = due
+        return next_due
+
+    # -- the grant loop --------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        while (request := self.head()) is not None:
+            size = self._fit(request)
+            if size is None:
+                self._reclaim_for(request, now)
+                break
+            self._grant(request, size, now)
+        self._refresh(now)
+
+    def _fit(self, request: Request) -> int | None:
+        free = self.budget - self.granted - self.external
+        if free < request.min_size:
+            return None
+        size = min(request.max_size, free)
+        if request.min_quality is not None:
+            holding = request.holding
+            quality = self._policy_for(holding.diffusion, holding.priority, self.pressure)
+            if holding.elastic and not request.grow:
+                assert holding.min_memory is not None
+                floor = self._floors[holding.diffusion]
+                share = elastic_share_quality(size, holding.min_memory, holding.max_memory, floor)
+                quality = min(quality, share)
+            if quality < request.min_quality:
+                if request.best_quality is None or quality > request.best_quality:
+                    request.best_quality = quality
+                return None
+        return size
+
+    def _grant(self, request: Request, size: int, now: float) -> None:
+        queue = self._queues[request.priority]
+        queue.popleft()
+        self.waiting -= 1
+        request.state = GRANTED
+        request.size = size
+        holding = request.holding
+        self.granted += size
+        self._family_granted[holding.diffusion] += size
+        holding.memory += size
+        if not request.grow:
+            holding.granted_seq = next(self._seq)
+            holding.idle_since = now
+            self._holders[holding.priority][holding] = None
+            self._family_count[holding.diffusion] += 1
+            if holding.keep_alive is not None:
+                self._keep_alive[holding] = None
+        elif holding.memory > holding.max_memory:
+            holding.max_memory = holding.memory
+        self.stats.record_wait(request.priority, now - request.enqueued_at)
+        self._end_reclaim(request)
+        self._wake(request)
+
+    # -- degrade before preempt ------------------------------------------------
+
+    def _victims(self, below: Priority) -> Iterator[Holding]:
+        """Preemptible holders under ``below``: lowest priority first; within one
+        priority idle before busy, then the most recently granted first."""
+        for priority in _PRIORITIES_LOW_FIRST:
+            if priority >= below:
+                return
+            held = self._holders[priority]
+            busy = []
+            for holding in reversed(held):
+                if not holding.preemptible or holding.preempt_requested:
+                    continue
+                if holding.busy_spans:
+                    busy.append(holding)
+                else:
+                    yield holding
+            yield from busy
+
+    def _reclaim_for(self, request: Request, now: float) -> None:
+        shortfall = request.min_size - (self.budget - self.granted - self.external)
+        shortfall -= self.on_the_way
+        if shortfall <= 0:
+            return
+        if request.reclaim_phase == 0:
+            request.reclaim_phase = 2
+            if self._ask_to_shrink(request, shortfall) and self.config.reclaim_grace > 0:
+                request.reclaim_phase = 1
+                request.reclaim_deadline = now + self.config.reclaim_grace
+                self._wake(request)  # it re-parks with the grace as its next deadline
+                return
+        if request.reclaim_phase == 2:
+            self._preempt_for(request, shortfall)
+
+    def _ask_to_shrink(self, request: Request, shortfall: int) -> bool:
+        """Lower elastic victims' targets until their shrinking would cover ``shortfall``.
+
+        Asks nothing (and returns False) when shrinking alone could not cover it.
+        """
+        plan: list[tuple[Holding, int]] = []
+        remaining = shortfall
+        for holding in self._victims(request.priority):
+            if not holding.elastic or holding.shrink_cap is not None:
+                continue
+            assert holding.min_memory is not None
+            give = min(holding.memory - holding.min_memory, remaining)
+            if give > 0:
+                plan.append((holding, holding.memory - give))
+                remaining -= give
+                if remaining <= 0:
+                    break
+        if remaining > 0:
+            return False
+        for holding, size in plan:
+            assert holding.min_memory is not None
+            floor = self._floors[holding.diffusion]
+            holding.shrink_cap = elastic_share_quality(
+                size, holding.min_memory, holding.max_memory, floor
+            )
+            request.shrunk.append(holding)
+            self.stats.quality_reductions += 1
+        return True
+
+    def _preempt_for(self, request: Request, shortfall: int) -> None:
+        chosen = []
+        for holding in self._victims(request.priority):
+            chosen.append(holding)
+            shortfall -= holding.memory
+            if shortfall <= 0:
+                break
+        if shortfall > 0:
+            return  # preempting everyone allowed would not be enough: harm no one
+        for holding in chosen:
+            self.stats.preemptions += 1
+            self._request_preemption(holding)
+
+    def _request_preemption(self, holding: Holding) -> None:
+        holding.preempt_requested = True
+        self.on_the_way += holding.memory
+        self._preempt(holding)
+
+    def _end_reclaim(self, request: Request) -> None:
+        """The pressure that caused ``request``'s shrink requests has passed."""
+        for holding in request.shrunk:
+            holding.shrink_cap = None
+        request.shrunk.clear()
+
+    # -- quality targets -------------------------------------------------------
+
+    def _refresh(self, now: float) -> None:
+        """Record the time-weighted averages and tell watchers whose target moved."""
+        self.stats.observe(
+            now,
+            self.pressure,
+            self.recommended(WorkloadType.LLM_INFERENCE, Priority.NORMAL)
+            if self._family_count[0]
+            else None,
+            self.recommended(WorkloadType.IMAGE_GENERATION, Priority.NORMAL)
+            if self._family_count[1]
+            else None,
+        )
+        for holding in self._watched:
+            quality = self.target(holding)
+            if quality != holding.notified_quality:
+                holding.notified_quality = quality
+                self._quality_changed(holding)
+
+    def check_invariants(self) -> None:
+        """Assert the invariants written at the top of this module (for tests)."""
+        live = list(self.holdings())
+        assert self.granted == sum(h.memory for h in live), "granted != sum of holdings"
+        assert self.on_the_way == sum(h.memory for h in live if h.preempt_requested)
+        assert self.waiting == sum(
+            1 for q in self._queues.values() for r in q if r.state is WAITING
+        )
+        head = self.head()
+        if head is not None:
+            assert self._fit(head) is None, "the head fits but was left waiting"
