@@ -1,0 +1,118 @@
+"""The argument parser: every usage error becomes one line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import NoReturn
+
+from ._trace import BUILTIN_MINUTES
+
+__all__ = ["UsageError", "build_parser"]
+
+SCHEDULER_NAMES = ("fifo", "priority", "adaptive")
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise `UsageError` instead of printing usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _positive_gb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of GiB, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of GiB > 0, got {text!r}")
+    return value
+
+
+def _positive_minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of minutes, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of minutes > 0, got {text!r}")
+    return value
+
+
+def _schedulers(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        if name not in SCHEDULER_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown scheduler {name!r} (choose from {', '.join(SCHEDULER_NAMES)})"
+            )
+    return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``arbiter`` parser with its ``detect`` and ``simulate`` commands."""
+    from .. import __version__
+
+    parser = _Parser(
+        prog="arbiter",
+        description="Share one GPU between an LLM server and a diffusion server.",
+    )
+    parser.add_argument("--version", action="version", version=f"gpu-arbiter {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    detect = commands.add_parser(
+        "detect",
+        help="show the GPUs found and the config auto_detect() would build",
+        description="Show what GPU detection finds (NVML, nvidia-smi, rocm-smi) and the "
+        "ArbiterConfig that ArbiterConfig.auto_detect() would build from it.",
+    )
+    detect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="replay a workload trace through the real Arbiter in virtual time",
+        description="Replay a workload trace (a built-in one by default) through the real "
+        "Arbiter on a virtual GPU in virtual time, once per scheduler, and compare them.",
+        epilog='Trace: JSON lines {"at": s, "workload": "llm_inference", "priority": '
+        '"user_facing", "memory_gb": 6, "duration": 2.5, "min_memory_gb": 3, "timeout": 30} '
+        "(min_memory_gb and timeout optional).",
+    )
+    simulate.add_argument(
+        "--vram-gb",
+        type=_positive_gb,
+        default=24.0,
+        metavar="GB",
+        help="the VRAM budget in GiB (default: 24)",
+    )
+    simulate.add_argument(
+        "--trace", metavar="FILE", help="a JSON-lines trace (default: the built-in trace)"
+    )
+    simulate.add_argument(
+        "--policies",
+        type=_schedulers,
+        default=list(SCHEDULER_NAMES),
+        metavar="NAMES",
+        help="comma-separated schedulers to compare (default: fifo,priority,adaptive)",
+    )
+    simulate.add_argument("--plot", metavar="PNG", help="write a timeline figure to PNG")
+    simulate.add_argument("--json", action="store_true", help="print one JSON object")
+    simulate.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed of the built-in trace (default: 0)",
+    )
+    simulate.add_argument(
+        "--minutes",
+        type=_positive_minutes,
+        default=None,
+        metavar="M",
+        help=f"length of the built-in trace in minutes (default: {BUILTIN_MINUTES:g})",
+    )
+    return parser

@@ -1,0 +1,244 @@
+"""What one simulated scheduler did: waits, outcomes, memory and quality over time.
+
+Plain synchronous bookkeeping: the simulation engine calls it with the virtual time
+of each event, and it keeps exact time-weighted integrals (no sampling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .._types import Priority, WorkloadType
+
+__all__ = ["Holding", "Recorder", "SchedulerResult", "Timeline", "percentile"]
+
+_T = TypeVar("_T")
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) with linear interpolation; ``None`` when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """Step functions for the plot: each list holds ``(time, value)`` from that time on.
+
+    ``memory`` maps each workload to bytes granted to it; ``quality`` maps each
+    workload to the mean quality target of its holders (``None`` when none holds).
+    """
+
+    memory: dict[WorkloadType, list[tuple[float, int]]]
+    quality: dict[WorkloadType, list[tuple[float, float | None]]]
+    preemptions: list[tuple[float, WorkloadType]]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerResult:
+    """The figures of one scheduler over one trace (times in seconds of virtual time)."""
+
+    name: str
+    wait_p50: dict[Priority, float | None]
+    wait_p99: dict[Priority, float | None]
+    completed: int
+    timeouts: int
+    rejected: int
+    preemptions: int
+    mean_quality: dict[WorkloadType, float | None]
+    utilization: float
+    completed_by_priority: dict[Priority, int]
+    first_arrival: float
+    last_completion: float
+    timeline: Timeline = field(repr=False)
+
+
+class Holding:
+    """One granted allocation as the recorder sees it: size and quality since ``since``."""
+
+    __slots__ = ("memory", "quality", "since", "workload")
+
+    def __init__(self, workload: WorkloadType, memory: int, quality: float, since: float) -> None:
+        self.workload = workload
+        self.memory = memory
+        self.quality = quality
+        self.since = since
+
+
+class Recorder:
+    """Collects one scheduler's run; `result` turns it into figures."""
+
+    __slots__ = (
+        "_budget",
+        "_completed",
+        "_first_arrival",
+        "_granted",
+        "_granted_area",
+        "_granted_since",
+        "_holders",
+        "_last_completion",
+        "_memory",
+        "_memory_steps",
+        "_preemptions",
+        "_quality_area",
+        "_quality_steps",
+        "_quality_sum",
+        "_quality_time",
+        "_rejected",
+        "_timeouts",
+        "_waits",
+    )
+
+    def __init__(
+        self,
+        budget: int,
+        priorities: Sequence[Priority],
+        workloads: Sequence[WorkloadType],
+        first_arrival: float,
+    ) -> None:
+        self._budget = budget
+        self._first_arrival = first_arrival
+        self._last_completion = first_arrival
+        self._waits: dict[Priority, list[float]] = {p: [] for p in priorities}
+        self._completed: dict[Priority, int] = dict.fromkeys(priorities, 0)
+        self._timeouts = 0
+        self._rejected = 0
+        self._preemptions: list[tuple[float, WorkloadType]] = []
+        self._granted = 0
+        self._granted_area = 0.0
+        self._granted_since = first_arrival
+        self._memory: dict[WorkloadType, int] = dict.fromkeys(workloads, 0)
+        self._memory_steps: dict[WorkloadType, list[tuple[float, int]]] = {
+            w: [(first_arrival, 0)] for w in workloads
+        }
+        self._holders: dict[WorkloadType, int] = dict.fromkeys(workloads, 0)
+        self._quality_sum: dict[WorkloadType, float] = dict.fromkeys(workloads, 0.0)
+        self._quality_area: dict[WorkloadType, float] = dict.fromkeys(workloads, 0.0)
+        self._quality_time: dict[WorkloadType, float] = dict.fromkeys(workloads, 0.0)
+        self._quality_steps: dict[WorkloadType, list[tuple[float, float | None]]] = {
+            w: [(first_arrival, None)] for w in workloads
+        }
+
+    # -- outcomes ---------------------------------------------------------------
+
+    def waited(self, priority: Priority, seconds: float) -> None:
+        """A request of the row's ``priority`` waited ``seconds`` (granted or timed out)."""
+        self._waits[priority].append(max(0.0, seconds))
+
+    def completed(self, priority: Priority, now: float) -> None:
+        """A job finished its work."""
+        self._completed[priority] += 1
+        self._last_completion = max(self._last_completion, now)
+
+    def timed_out(self) -> None:
+        """A request waited its whole timeout; its job is dropped."""
+        self._timeouts += 1
+
+    def rejected(self) -> None:
+        """A request could never fit the budget."""
+        self._rejected += 1
+
+    def preempted(self, workload: WorkloadType, now: float) -> None:
+        """A job of ``workload`` was cut short by preemption (and will be re-queued)."""
+        self._preemptions.append((now, workload))
+
+    # -- holdings ---------------------------------------------------------------
+
+    def grant(self, workload: WorkloadType, memory: int, quality: float, now: float) -> Holding:
+        """An allocation was granted; follow it until `release`."""
+        holding = Holding(workload, 0, quality, now)
+        self._holders[workload] += 1
+        self._quality_sum[workload] += quality
+        self._quality_step(workload, now)
+        self._set_memory(holding, memory, now)
+        return holding
+
+    def resize(self, holding: Holding, memory: int, now: float) -> None:
+        """The allocation now holds ``memory`` bytes."""
+        self._close_quality(holding, now)
+        self._set_memory(holding, memory, now)
+
+    def quality(self, holding: Holding, quality: float, now: float) -> None:
+        """The allocation's quality target is now ``quality``."""
+        if quality == holding.quality:
+            return
+        self._close_quality(holding, now)
+        self._quality_sum[holding.workload] += quality - holding.quality
+        holding.quality = quality
+        self._quality_step(holding.workload, now)
+
+    def release(self, holding: Holding, now: float) -> None:
+        """The allocation's memory went back to the arbiter."""
+        self._close_quality(holding, now)
+        self._set_memory(holding, 0, now)
+        self._holders[holding.workload] -= 1
+        self._quality_sum[holding.workload] -= holding.quality
+        self._quality_step(holding.workload, now)
+
+    def _close_quality(self, holding: Holding, now: float) -> None:
+        elapsed = max(0.0, now - holding.since)
+        self._quality_area[holding.workload] += holding.quality * elapsed
+        self._quality_time[holding.workload] += elapsed
+        holding.since = now
+
+    def _quality_step(self, workload: WorkloadType, now: float) -> None:
+        count = self._holders[workload]
+        mean = self._quality_sum[workload] / count if count else None
+        _append_step(self._quality_steps[workload], now, mean)
+
+    def _set_memory(self, holding: Holding, memory: int, now: float) -> None:
+        self._granted_area += self._granted * max(0.0, now - self._granted_since)
+        self._granted_since = max(self._granted_since, now)
+        delta = memory - holding.memory
+        holding.memory = memory
+        self._granted += delta
+        self._memory[holding.workload] += delta
+        _append_step(self._memory_steps[holding.workload], now, self._memory[holding.workload])
+
+    # -- figures ----------------------------------------------------------------
+
+    def result(self, name: str) -> SchedulerResult:
+        """The figures so far, under the scheduler's ``name``."""
+        span = self._last_completion - self._first_arrival
+        area = self._granted_area + self._granted * max(
+            0.0, self._last_completion - self._granted_since
+        )
+        utilization = area / (self._budget * span) if span > 0 else 0.0
+        mean_quality = {
+            w: (self._quality_area[w] / t if (t := self._quality_time[w]) > 0 else None)
+            for w in self._quality_time
+        }
+        return SchedulerResult(
+            name=name,
+            wait_p50={p: percentile(v, 50) for p, v in self._waits.items()},
+            wait_p99={p: percentile(v, 99) for p, v in self._waits.items()},
+            completed=sum(self._completed.values()),
+            timeouts=self._timeouts,
+            rejected=self._rejected,
+            preemptions=len(self._preemptions),
+            mean_quality=mean_quality,
+            utilization=utilization,
+            completed_by_priority=dict(self._completed),
+            first_arrival=self._first_arrival,
+            last_completion=self._last_completion,
+            timeline=Timeline(
+                memory={w: list(s) for w, s in self._memory_steps.items()},
+                quality={w: list(s) for w, s in self._quality_steps.items()},
+                preemptions=list(self._preemptions),
+            ),
+        )
+
+
+def _append_step(steps: list[tuple[float, _T]], now: float, value: _T) -> None:
+    """Add a step, folding several changes at one instant into the last."""
+    if steps and steps[-1][0] == now:
+        steps[-1] = (now, value)
+    elif not steps or steps[-1][1] != value:
+        steps.append((now, value))
