@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 
+from ._backend import CancelScopeLike
 from ._ledger import Holding
 from ._types import Priority, WorkloadType, check_memory, check_timeout
 
@@ -40,10 +41,10 @@ class Allocation(Holding):
         "_arbiter",
         "_preempt_event",
         "_quality_event",
+        "_scope",
         "created_at",
         "id",
         "label",
-        "scope",
     )
 
     def __init__(
@@ -73,7 +74,7 @@ class Allocation(Holding):
         self.label = label
         self.created_at = created_at
         # The cancel scope of an `Arbiter.allocate` body; preemption cancels it.
-        self.scope: anyio.CancelScope | None = None
+        self._scope: CancelScopeLike | None = None
         self._preempt_event: anyio.Event | None = None
         self._quality_event: anyio.Event | None = None
 
@@ -141,8 +142,8 @@ class Allocation(Holding):
     # Hooks the arbiter calls when the ledger decides something about this holder.
 
     def _on_preempt(self) -> None:
-        if self.scope is not None:
-            self.scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
         self._signal_preempt()
 
     def _signal_preempt(self) -> None:

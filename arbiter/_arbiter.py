@@ -18,6 +18,7 @@ import anyio.lowlevel
 import structlog
 
 from ._allocation import DEFAULT, Allocation, _Default
+from ._backend import open_cancel_scope
 from ._config import ArbiterConfig
 from ._errors import (
     AllocationTimeout,
@@ -45,7 +46,8 @@ _logger = structlog.get_logger("arbiter")
 
 def _debug(event: str, **fields: Any) -> None:
     # An unconfigured structlog prints every level; a library must print nothing
-    # unless its user configured logging, so debug events wait for that.
+    # unless its user configured logging, so debug events wait for that. (The hot
+    # paths test is_configured() themselves, before building their fields.)
     if structlog.is_configured():
         _logger.debug(event, **fields)
 
@@ -193,27 +195,19 @@ class Arbiter:
                 ``min_quality`` could have been granted.
             ShuttingDown: the arbiter is closing or closed.
         """
+        now = anyio.current_time()
         alloc, request, limit = self._prepare(
-            workload,
-            priority,
-            memory,
-            min_memory,
-            timeout,
-            min_quality,
-            preemptible,
-            keep_alive,
-            label,
-        )
+            workload, priority, memory, min_memory, timeout, min_quality, preemptible,
+            keep_alive, label, now,
+        )  # fmt: skip
         stats = self._ledger.stats
         try:
-            await anyio.lowlevel.checkpoint()
+            # Like anyio's Semaphore(fast_acquire=True): a cancellation point, but no
+            # schedule point when the memory is there; a wait is a full checkpoint.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             stats.cancelled += 1
             raise
-        if self._closed:
-            stats.failed += 1
-            raise ShuttingDown("the arbiter is closed")
-        now = anyio.current_time()
         if not self._ledger.submit(request, now):
             try:
                 await self._park(request, now, limit)
@@ -226,14 +220,15 @@ class Arbiter:
         stats.successful += 1
         if alloc.keep_alive is not None:
             self._keep_alive_touched(alloc)
-        _debug(
-            "allocation granted",
-            id=alloc.id,
-            workload=alloc.workload.value,
-            priority=alloc.priority.name.lower(),
-            memory=alloc.memory,
-            waited=anyio.current_time() - now,
-        )
+        if structlog.is_configured():
+            _logger.debug(
+                "allocation granted",
+                id=alloc.id,
+                workload=alloc.workload.value,
+                priority=alloc.priority.name.lower(),
+                memory=alloc.memory,
+                waited=anyio.current_time() - now,
+            )
         return alloc
 
     def _prepare(
@@ -247,21 +242,25 @@ class Arbiter:
         preemptible: object,
         keep_alive: object,
         label: object,
+        now: float,
     ) -> tuple[Allocation, _Waiter, float | None]:
         """Check every argument, then build the allocation and its queued request."""
-        workload = coerce_workload(workload)
-        priority = coerce_priority(priority)
-        size = check_memory(memory, "memory")
+        # The exact-type tests are fast paths; the coercions raise the errors.
+        if type(workload) is not WorkloadType:
+            workload = coerce_workload(workload)
+        if type(priority) is not Priority:
+            priority = coerce_priority(priority)
+        size = memory if type(memory) is int and memory > 0 else check_memory(memory, "memory")
         floor = None
         if min_memory is not None:
             floor = check_memory(min_memory, "min_memory")
             if floor > size:
                 raise ValueError(f"min_memory must be <= memory ({size}), got {floor}")
-        limit = check_timeout(self._default_timeout if isinstance(timeout, _Default) else timeout)
-        quality = _check_quality(min_quality)
-        if not isinstance(preemptible, bool):
+        limit = self._default_timeout if timeout is DEFAULT else check_timeout(timeout)
+        quality = None if min_quality is None else _check_quality(min_quality)
+        if preemptible is not True and preemptible is not False:
             raise TypeError(f"preemptible must be a bool, got {preemptible!r}")
-        alive = check_timeout(keep_alive, "keep_alive")
+        alive = None if keep_alive is None else check_timeout(keep_alive, "keep_alive")
         if label is not None and not isinstance(label, str):
             raise TypeError(f"label must be None or a str, got {label!r}")
         ledger = self._ledger
@@ -282,7 +281,7 @@ class Arbiter:
             preemptible=preemptible,
             keep_alive=alive,
             label=label,
-            created_at=self._now(),
+            created_at=now,
         )
         request = _Waiter(alloc, smallest, size, min_quality=quality)
         request.event = None
@@ -369,14 +368,16 @@ class Arbiter:
         self._ledger.release(alloc, self._now())
         alloc._signal_preempt()
         alloc._signal_quality()
-        self._keep_alive_touched(alloc)
-        _debug(
-            "allocation released",
-            id=alloc.id,
-            priority=alloc.priority.name.lower(),
-            memory=memory,
-            preempted=alloc.preempt_requested,
-        )
+        if alloc.keep_alive is not None:
+            self._keep_alive_touched(alloc)
+        if structlog.is_configured():
+            _logger.debug(
+                "allocation released",
+                id=alloc.id,
+                priority=alloc.priority.name.lower(),
+                memory=memory,
+                preempted=alloc.preempt_requested,
+            )
 
     async def _resize(self, alloc: Allocation, memory: int, timeout: float | None) -> None:
         if alloc.released:
@@ -479,7 +480,7 @@ class AllocationContext:
             raise RuntimeError("this allocate() context was already entered")
         alloc = await self._arbiter.request_allocation(*self._args, **self._kwargs)
         self._alloc = alloc
-        scope = alloc.scope = anyio.CancelScope()
+        scope = alloc._scope = open_cancel_scope()
         if alloc.preempt_requested:
             scope.cancel()
         scope.__enter__()
@@ -492,11 +493,11 @@ class AllocationContext:
         tb: TracebackType | None,
     ) -> bool | None:
         alloc = self._alloc
-        assert alloc is not None and alloc.scope is not None
+        assert alloc is not None and alloc._scope is not None
         try:
-            swallowed = alloc.scope.__exit__(exc_type, exc, tb)
+            swallowed = alloc._scope.__exit__(exc_type, exc, tb)
         finally:
             alloc.release()
-        if alloc.scope.cancelled_caught:
+        if alloc._scope.cancelled_caught:
             raise Preempted(f"{alloc.id} was preempted by a higher priority")
         return swallowed

@@ -105,6 +105,7 @@ class Request:
         "priority",
         "reclaim_deadline",
         "reclaim_phase",
+        "reclaimable",
         "shrunk",
         "size",
         "state",
@@ -132,6 +133,10 @@ class Request:
         self.best_quality: float | None = None
         self.reclaim_phase = 0  # 0: none yet, 1: asked elastic holders to shrink, 2: preempting
         self.reclaim_deadline = float("inf")
+        # What all its victims held when preempting them could not cover the shortfall.
+        # While it is head no victim can appear or grow (only the head is granted), so
+        # a shortfall above this needs no new scan.
+        self.reclaimable = float("inf")
         self.shrunk: list[Holding] = []
 
 
@@ -244,6 +249,12 @@ class Ledger:
     def submit(self, request: Request, now: float) -> bool:
         """Queue ``request``; True when it was granted at once (nothing ahead, and it fits)."""
         request.enqueued_at = now
+        if not self.waiting and request.min_quality is None:
+            free = self.budget - self.granted - self.external
+            if free >= request.min_size:
+                self._grant(request, min(request.max_size, free), now)
+                self._refresh(now)
+                return True
         self._queues[request.priority].append(request)
         self.waiting += 1
         self._dispatch(now)
@@ -298,7 +309,8 @@ class Ledger:
         """Return all of ``holding``'s memory; idempotent."""
         if holding.released:
             return
-        holding.notified_quality = self.target(holding) if holding.granted_seq >= 0 else 1.0
+        if holding.watchers:
+            holding.notified_quality = self.target(holding)
         holding.released = True
         if holding.granted_seq < 0:
             return
@@ -367,6 +379,8 @@ class Ledger:
             if size is None:
                 self._reclaim_for(request, now)
                 break
+            self._queues[request.priority].popleft()
+            self.waiting -= 1
             self._grant(request, size, now)
         self._refresh(now)
 
@@ -390,9 +404,7 @@ class Ledger:
         return size
 
     def _grant(self, request: Request, size: int, now: float) -> None:
-        queue = self._queues[request.priority]
-        queue.popleft()
-        self.waiting -= 1
+        """Hand ``size`` bytes to ``request``, which is no longer queued."""
         request.state = GRANTED
         request.size = size
         holding = request.holding
@@ -443,7 +455,7 @@ class Ledger:
                 request.reclaim_deadline = now + self.config.reclaim_grace
                 self._wake(request)  # it re-parks with the grace as its next deadline
                 return
-        if request.reclaim_phase == 2:
+        if request.reclaim_phase == 2 and shortfall <= request.reclaimable:
             self._preempt_for(request, shortfall)
 
     def _ask_to_shrink(self, request: Request, shortfall: int) -> bool:
@@ -477,12 +489,14 @@ class Ledger:
 
     def _preempt_for(self, request: Request, shortfall: int) -> None:
         chosen = []
+        total = 0
         for holding in self._victims(request.priority):
             chosen.append(holding)
-            shortfall -= holding.memory
-            if shortfall <= 0:
+            total += holding.memory
+            if total >= shortfall:
                 break
-        if shortfall > 0:
+        if total < shortfall:
+            request.reclaimable = total
             return  # preempting everyone allowed would not be enough: harm no one
         for holding in chosen:
             self.stats.preemptions += 1
@@ -503,16 +517,16 @@ class Ledger:
 
     def _refresh(self, now: float) -> None:
         """Record the time-weighted averages and tell watchers whose target moved."""
-        self.stats.observe(
-            now,
-            self.pressure,
-            self.recommended(WorkloadType.LLM_INFERENCE, Priority.NORMAL)
-            if self._family_count[0]
-            else None,
-            self.recommended(WorkloadType.IMAGE_GENERATION, Priority.NORMAL)
-            if self._family_count[1]
-            else None,
-        )
+        llm_active, diffusion_active = self._family_count
+        if self.pressure < self._threshold:
+            llm = 1.0 if llm_active else None  # below the threshold every policy gives 1.0
+            diffusion = 1.0 if diffusion_active else None
+        else:
+            llm = self._policy_for(False, Priority.NORMAL, self.pressure) if llm_active else None
+            diffusion = (
+                self._policy_for(True, Priority.NORMAL, self.pressure) if diffusion_active else None
+            )
+        self.stats.observe(now, self.pressure, llm, diffusion)
         for holding in self._watched:
             quality = self.target(holding)
             if quality != holding.notified_quality:

@@ -72,35 +72,23 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[rank]
 
 
-class _TimeAverage:
-    """The time-weighted mean of a value that changes in steps."""
-
-    __slots__ = ("area", "duration", "value")
-
-    def __init__(self) -> None:
-        self.area = 0.0
-        self.duration = 0.0
-        self.value: float | None = None
-
-    def advance(self, dt: float) -> None:
-        if self.value is not None and dt > 0:
-            self.area += self.value * dt
-            self.duration += dt
-
-    def mean(self, default: float) -> float:
-        if self.duration > 0:
-            return self.area / self.duration
-        return default if self.value is None else self.value
-
-
 class StatsRecorder:
-    """Counts outcomes and integrates pressure and quality over time."""
+    """Counts outcomes and integrates pressure and quality over time.
+
+    The integrals are kept as plain floats: ``observe`` runs on every grant and release.
+    """
 
     __slots__ = (
         "_diffusion",
+        "_diffusion_area",
+        "_diffusion_time",
         "_llm",
+        "_llm_area",
+        "_llm_time",
         "_pressure",
+        "_pressure_area",
         "_since",
+        "_start",
         "_waits",
         "cancelled",
         "failed",
@@ -122,10 +110,14 @@ class StatsRecorder:
         self._waits: dict[Priority, deque[float]] = {
             p: deque(maxlen=WAIT_SAMPLES) for p in Priority
         }
-        self._pressure = _TimeAverage()
-        self._llm = _TimeAverage()
-        self._diffusion = _TimeAverage()
+        # The value of each step since `_since`, and the area under it so far.
+        self._pressure = 0.0
+        self._llm: float | None = None
+        self._diffusion: float | None = None
+        self._pressure_area = self._llm_area = self._diffusion_area = 0.0
+        self._llm_time = self._diffusion_time = 0.0
         self._since: float | None = None
+        self._start = 0.0
 
     @property
     def last_time(self) -> float:
@@ -138,22 +130,30 @@ class StatsRecorder:
     def observe(
         self, now: float, pressure: float, llm: float | None, diffusion: float | None
     ) -> None:
-        """Close the step that ran until ``now`` and open one with these values."""
-        self._advance(now)
-        self._pressure.value = pressure
-        self._llm.value = llm
-        self._diffusion.value = diffusion
+        """Close the step that ran until ``now`` and open one with these values.
 
-    def _advance(self, now: float) -> None:
-        if self._since is not None:
-            dt = now - self._since
-            self._pressure.advance(dt)
-            self._llm.advance(dt)
-            self._diffusion.advance(dt)
+        ``llm`` / ``diffusion`` are None while that family holds nothing: its
+        quality average covers only the time it was active.
+        """
+        since = self._since
+        if since is None:
+            self._start = now
+        elif now > since:
+            dt = now - since
+            self._pressure_area += self._pressure * dt
+            if self._llm is not None:
+                self._llm_area += self._llm * dt
+                self._llm_time += dt
+            if self._diffusion is not None:
+                self._diffusion_area += self._diffusion * dt
+                self._diffusion_time += dt
         self._since = now
+        self._pressure = pressure
+        self._llm = llm
+        self._diffusion = diffusion
 
     def snapshot(self, now: float) -> ArbiterStats:
-        self._advance(now)
+        self.observe(now, self._pressure, self._llm, self._diffusion)
         percentiles = {}
         for priority, waits in self._waits.items():
             ordered = sorted(waits)
@@ -164,6 +164,7 @@ class StatsRecorder:
                 p99=_percentile(ordered, 0.99),
                 max=ordered[-1] if ordered else 0.0,
             )
+        elapsed = now - self._start
         return ArbiterStats(
             total_allocations=self.successful + self.failed + self.cancelled,
             successful_allocations=self.successful,
@@ -173,8 +174,17 @@ class StatsRecorder:
             quality_reductions=self.quality_reductions,
             preemptions=self.preemptions,
             keep_alive_reclaims=self.keep_alive_reclaims,
-            avg_memory_pressure=self._pressure.mean(0.0),
-            avg_llm_quality=self._llm.mean(1.0),
-            avg_diffusion_quality=self._diffusion.mean(1.0),
+            avg_memory_pressure=self._pressure_area / elapsed if elapsed > 0 else self._pressure,
+            avg_llm_quality=_mean(self._llm_area, self._llm_time, self._llm),
+            avg_diffusion_quality=_mean(
+                self._diffusion_area, self._diffusion_time, self._diffusion
+            ),
             wait_percentiles=percentiles,
         )
+
+
+def _mean(area: float, duration: float, current: float | None) -> float:
+    """A time-weighted mean; before any time has passed, the current value (or 1.0)."""
+    if duration > 0:
+        return area / duration
+    return 1.0 if current is None else current

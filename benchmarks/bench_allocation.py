@@ -1,0 +1,159 @@
+"""Cost of the allocation queue next to the semaphores it replaces, on both backends.
+
+    python benchmarks/bench_allocation.py [--quick]
+
+Prints ns per uncontended ``allocate`` context and per ``request_allocation`` +
+``release``, beside ``anyio.Semaphore`` (and ``asyncio.Semaphore`` on asyncio)
+measured in the same run; a contended run (200 tasks, capacity for 10); and the
+per-grant cost of draining 10, 1,000 and 10,000 queued waiters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from arbiter import Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
+
+LLM = WorkloadType.LLM_INFERENCE
+NORMAL = Priority.NORMAL
+
+
+def _arbiter(gib: int = 24) -> Arbiter:
+    return Arbiter(ArbiterConfig.for_vram_gb(gib, allocation_timeout=None), probe=None)
+
+
+async def _per_op(body: Callable[[int], Awaitable[None]], n: int, repeats: int = 5) -> float:
+    """Best-of-``repeats`` nanoseconds per iteration of ``body(n)``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        await body(n)
+        best = min(best, (time.perf_counter_ns() - start) / n)
+    return best
+
+
+async def uncontended(backend: str, n: int) -> dict[str, float]:
+    arbiter = _arbiter()
+    semaphore = anyio.Semaphore(10)
+
+    async def allocate_ctx(k: int) -> None:
+        for _ in range(k):
+            async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+                pass
+
+    async def request_release(k: int) -> None:
+        for _ in range(k):
+            alloc = await arbiter.request_allocation(LLM, NORMAL, GiB)
+            alloc.release()
+
+    async def anyio_semaphore(k: int) -> None:
+        for _ in range(k):
+            async with semaphore:
+                pass
+
+    results = {
+        "anyio.Semaphore pair": await _per_op(anyio_semaphore, n),
+        "allocate() context": await _per_op(allocate_ctx, n),
+        "request_allocation + release": await _per_op(request_release, n),
+    }
+    if backend == "asyncio":
+        native = asyncio.Semaphore(10)
+
+        async def asyncio_semaphore(k: int) -> None:
+            for _ in range(k):
+                async with native:
+                    pass
+
+        results["asyncio.Semaphore pair"] = await _per_op(asyncio_semaphore, n)
+    return results
+
+
+async def contended(tasks: int = 200, rounds: int = 20) -> tuple[float, float]:
+    """ns per grant with ``tasks`` tasks cycling through room for 10, and the same
+    with an ``anyio.Semaphore(10)``."""
+    arbiter = _arbiter(10)
+    semaphore = anyio.Semaphore(10)
+
+    async def via_arbiter() -> None:
+        for _ in range(rounds):
+            async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+                await anyio.lowlevel.checkpoint()
+
+    async def via_semaphore() -> None:
+        for _ in range(rounds):
+            async with semaphore:
+                await anyio.lowlevel.checkpoint()
+
+    timings = []
+    for worker in (via_arbiter, via_semaphore):
+        start = time.perf_counter_ns()
+        async with anyio.create_task_group() as tg:
+            for _ in range(tasks):
+                tg.start_soon(worker)
+        timings.append((time.perf_counter_ns() - start) / (tasks * rounds))
+    return timings[0], timings[1]
+
+
+async def drain(waiters: int) -> float:
+    """ns per grant while ``waiters`` queued requests are handed memory one at a time."""
+    arbiter = _arbiter(1)
+    blocker = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    granted = anyio.Event()
+    done = 0
+
+    async def waiter() -> None:
+        nonlocal done
+        alloc = await arbiter.request_allocation(LLM, NORMAL, GiB)
+        done += 1
+        alloc.release()
+        if done == waiters:
+            granted.set()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(waiters):
+            tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        start = time.perf_counter_ns()
+        blocker.release()
+        await granted.wait()
+        elapsed = time.perf_counter_ns() - start
+    return elapsed / waiters
+
+
+async def run_backend(backend: str, quick: bool) -> list[tuple[str, str, str]]:
+    n = 2_000 if quick else 20_000
+    rows: list[tuple[str, str, str]] = []
+    single = await uncontended(backend, n)
+    base = single["anyio.Semaphore pair"]
+    for name, ns in single.items():
+        rows.append((name, f"{ns:,.0f}", f"{ns / base:.2f}x"))
+    arb, sem = await contended(rounds=5 if quick else 20)
+    rows.append(("contended 200 tasks / room for 10", f"{arb:,.0f}", f"{arb / sem:.2f}x"))
+    sizes = (10, 1_000, 10_000) if not quick else (10, 1_000)
+    drains = {size: await drain(size) for size in sizes}
+    for size, ns in drains.items():
+        rows.append((f"drain {size:,} waiters, per grant", f"{ns:,.0f}", f"{ns / drains[10]:.2f}x"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    args = parser.parse_args()
+    print("ratio: against anyio.Semaphore (contended: same run with a semaphore;")
+    print("       drains: against draining 10)")
+    for backend in ("asyncio", "trio"):
+        rows = anyio.run(run_backend, backend, args.quick, backend=backend)
+        print(f"\n{backend}")
+        print(f"{'case':<40} {'ns':>10} {'ratio':>8}")
+        for name, ns, ratio in rows:
+            print(f"{name:<40} {ns:>10} {ratio:>8}")
+
+
+if __name__ == "__main__":
+    main()
