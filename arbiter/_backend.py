@@ -12,7 +12,14 @@ from types import TracebackType
 from typing import Protocol
 
 import anyio
-import sniffio
+
+try:
+    from sniffio import current_async_library
+except ImportError:  # trio depends on sniffio, so without it trio is not what runs
+
+    def current_async_library() -> str:
+        return "asyncio"
+
 
 __all__ = ["CancelScopeLike", "open_cancel_scope"]
 
@@ -37,7 +44,7 @@ class CancelScopeLike(Protocol):
 
 def open_cancel_scope() -> CancelScopeLike:
     """A new, not yet entered cancel scope for the running backend."""
-    if sniffio.current_async_library() == "trio":
+    if current_async_library() == "trio":
         import trio
 
         return trio.CancelScope()
