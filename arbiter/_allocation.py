@@ -11,6 +11,7 @@ import anyio.lowlevel
 
 from ._backend import CancelScopeLike
 from ._ledger import Holding
+from ._quality import size_for_quality
 from ._types import Priority, WorkloadType, check_memory, check_timeout
 
 if TYPE_CHECKING:
@@ -105,12 +106,22 @@ class Allocation(Holding):
         Shrinking (not below ``min_memory``: ``ValueError``) returns memory at once.
         Growing (up to the budget: else `InsufficientMemory`) queues like a new request
         of this priority and may preempt like one; on `AllocationTimeout` the old size
-        is kept. Raises ``RuntimeError`` on a released allocation.
+        is kept. Raises ``RuntimeError`` when the allocation is (or, while growing,
+        becomes) released.
         """
         check_memory(memory, "memory")
         limit = self._arbiter._default_timeout if isinstance(timeout, _Default) else timeout
         limit = check_timeout(limit)
         await self._arbiter._resize(self, memory, limit)
+
+    def memory_for_quality(self, quality: float) -> int:
+        """The bytes this allocation needs to run at ``quality``: for an elastic one,
+        ``min_memory`` at its floor and its full size at 1.0, linear between; for any
+        other, its size."""
+        if self.min_memory is None:
+            return self.max_memory
+        floor = self._arbiter._ledger.floor(self)
+        return size_for_quality(quality, self.min_memory, self.max_memory, floor)
 
     def quality_changes(self) -> QualityChanges:
         """An async iterator of quality targets: the current one first, then each change.

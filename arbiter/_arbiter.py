@@ -306,6 +306,8 @@ class Arbiter:
                 if request.state is GRANTED:
                     return
                 if request.state is FAILED:
+                    if request.grow and request.holding.released:
+                        raise RuntimeError("the allocation was released while it waited to grow")
                     raise ShuttingDown("the arbiter closed while the request waited")
                 now = anyio.current_time()
                 if now >= deadline:
@@ -397,6 +399,8 @@ class Arbiter:
         request = _Waiter(alloc, delta, delta, grow=True)
         request.event = None
         await anyio.lowlevel.checkpoint()
+        if alloc.released:
+            raise RuntimeError(f"cannot resize {alloc.id}: it was released")
         now = anyio.current_time()
         if not ledger.submit(request, now):
             await self._park(request, now, timeout)

@@ -43,6 +43,7 @@ class Holding:
         "busy_spans",
         "diffusion",
         "granted_seq",
+        "growing",
         "idle_since",
         "keep_alive",
         "max_memory",
@@ -77,6 +78,7 @@ class Holding:
         self.preemptible = preemptible
         self.keep_alive = keep_alive
         self.granted_seq = -1
+        self.growing: Request | None = None  # its queued grow request, if any
         self.busy_spans = 0
         self.idle_since = 0.0
         self.preempt_requested = False
@@ -204,6 +206,10 @@ class Ledger:
                 return queue[0]
         return None
 
+    def floor(self, holding: Holding) -> float:
+        """The lowest quality target of ``holding``'s family."""
+        return self._floors[holding.diffusion]
+
     def recommended(self, workload: WorkloadType, priority: Priority) -> float:
         """The policy's target for a new request of this kind at the current pressure."""
         return self._policy_for(workload is not WorkloadType.LLM_INFERENCE, priority, self.pressure)
@@ -249,6 +255,8 @@ class Ledger:
     def submit(self, request: Request, now: float) -> bool:
         """Queue ``request``; True when it was granted at once (nothing ahead, and it fits)."""
         request.enqueued_at = now
+        if request.grow:
+            request.holding.growing = request
         if not self.waiting and request.min_quality is None:
             free = self.budget - self.granted - self.external
             if free >= request.min_size:
@@ -267,6 +275,7 @@ class Ledger:
         """
         if request.state is WAITING:
             request.state = WITHDRAWN
+            request.holding.growing = None
             self.waiting -= 1
             self._end_reclaim(request)
         elif request.state is GRANTED:
@@ -312,6 +321,13 @@ class Ledger:
         if holding.watchers:
             holding.notified_quality = self.target(holding)
         holding.released = True
+        growing = holding.growing
+        if growing is not None and growing.state is WAITING:
+            growing.state = FAILED  # nothing left to grow
+            holding.growing = None
+            self.waiting -= 1
+            self._end_reclaim(growing)
+            self._wake(growing)
         if holding.granted_seq < 0:
             return
         if holding.preempt_requested:
@@ -408,6 +424,7 @@ class Ledger:
         request.state = GRANTED
         request.size = size
         holding = request.holding
+        holding.growing = None
         self.granted += size
         self._family_granted[holding.diffusion] += size
         holding.memory += size
