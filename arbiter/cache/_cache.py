@@ -1,0 +1,440 @@
+"""FragmentCache: the async shell that ties the tiers, the origins and the flights together.
+
+Lookups and admissions are synchronous (the S3-FIFO policies decide); only reads,
+downloads, unlinks and charges wait. A get looks in RAM, then joins or starts the
+fragment's flight, which tries the disk tier, then ``source_dir``, then the CDN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import httpx
+import structlog
+
+from .._config import ArbiterConfig
+from .._errors import FragmentError, FragmentUnavailable, IntegrityError
+from ._buffer import Buffer, FragmentBuffer
+from ._config import CacheConfig
+from ._disk import CorruptFragment, read_verified
+from ._flight import Flight, ProgressCallback, ProgressTracker
+from ._http import CdnFetcher
+from ._manifest import FragmentInfo, Manifest, disk_name
+from ._sink import DownloadSink
+from ._stats import CacheStats, CacheTier, StatsRecorder
+from ._tiers import DiskTier, RamTier
+from ._vram import VramTier
+
+if TYPE_CHECKING:
+    from .._arbiter import Arbiter
+
+__all__ = ["FragmentCache"]
+
+log = structlog.get_logger("arbiter")
+
+
+def _check_tier(tier: object) -> CacheTier:
+    if not isinstance(tier, CacheTier):
+        raise TypeError(f"tier must be a CacheTier, got {tier!r}")
+    if tier is CacheTier.CDN:
+        raise ValueError("tier must be VRAM, RAM or NVME (the CDN is an origin, not a target)")
+    return tier
+
+
+class FragmentCache:
+    """Model-weight fragments in tiers VRAM <- RAM <- NVME <- CDN, verified, shared.
+
+    Use it as an async context manager: entering cleans leftover temp files, scans the
+    disk tier and opens the HTTP client; leaving closes them and releases the VRAM charge.
+
+    Args:
+        config: a `CacheConfig`; its manifest is loaded and validated here.
+        arbiter: the `Arbiter` that charges the VRAM tier; without one there is no VRAM tier.
+
+    Raises:
+        TypeError, ValueError: a bad config or manifest (an unsafe path among them).
+        OSError: the manifest file cannot be read.
+    """
+
+    __slots__ = (
+        "_arbiter",
+        "_client",
+        "_config",
+        "_disk",
+        "_fetch_limiter",
+        "_fetcher",
+        "_flights",
+        "_manifest",
+        "_ram",
+        "_state",
+        "_stats",
+        "_tg",
+        "_vram",
+    )
+
+    def __init__(self, config: CacheConfig, arbiter: Arbiter | None = None) -> None:
+        if not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig, got {config!r}")
+        self._config = config
+        self._arbiter = arbiter
+        self._manifest = Manifest.load(config.manifest)
+        ram_capacity = config.ram_capacity
+        if ram_capacity is None:
+            ram_capacity = (arbiter.config if arbiter is not None else ArbiterConfig()).ram_budget
+        self._stats = StatsRecorder(config.latency_window)
+        self._ram = RamTier(ram_capacity, config, self._stats)
+        self._disk = DiskTier(config, self._stats)
+        self._vram = VramTier(arbiter, config, self._stats) if arbiter is not None else None
+        self._flights: dict[str, Flight] = {}
+        self._fetch_limiter = anyio.CapacityLimiter(config.max_concurrent_fetches)
+        self._client: httpx.AsyncClient | None = None
+        self._fetcher: CdnFetcher | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._state = "new"
+
+    @property
+    def config(self) -> CacheConfig:
+        """The cache's configuration."""
+        return self._config
+
+    @property
+    def manifest(self) -> Manifest:
+        """The validated manifest (a mapping of id to `FragmentInfo`)."""
+        return self._manifest
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> FragmentCache:
+        if self._state != "new":
+            raise RuntimeError("a FragmentCache can be opened once")
+        self._state = "opening"
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._disk.open(self._manifest, self._tg)
+            if self._vram is not None:
+                await self._vram.open(self._tg)
+        except BaseException:
+            self._state = "closing"
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            raise
+        if self._config.cdn_url is not None:
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._config.http_timeout),
+                limits=httpx.Limits(
+                    max_connections=self._config.max_concurrent_fetches,
+                    max_keepalive_connections=self._config.max_concurrent_fetches,
+                ),
+                follow_redirects=True,
+            )
+            self._fetcher = CdnFetcher(self._client, self._config, self._stats)
+        self._state = "open"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop every load (their waiters get `FragmentUnavailable`), release the VRAM
+        charge, close the HTTP client. Idempotent."""
+        if self._state in ("closed", "new"):
+            self._state = "closed"
+            return
+        self._state = "closed"
+        try:
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+                await self._tg.__aexit__(None, None, None)
+        finally:
+            if self._vram is not None:
+                self._vram.close()
+            if self._client is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._client.aclose()
+            self._ram.clear()
+
+    def _require_open(self) -> anyio.abc.TaskGroup:
+        if self._state != "open" or self._tg is None:
+            raise RuntimeError("the FragmentCache is not open: use `async with cache:`")
+        return self._tg
+
+    # -- public API ------------------------------------------------------------------
+
+    async def get(
+        self,
+        fragment_id: str,
+        tier: CacheTier = CacheTier.RAM,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> Buffer:
+        """The verified bytes of a fragment, from the fastest tier that holds it.
+
+        Args:
+            fragment_id: a manifest id.
+            tier: the fastest tier to fill on the way up: ``RAM`` (default), ``NVME``
+                (leave RAM alone) or ``VRAM`` (also place it on the device when the
+                arbiter grants the memory; the get succeeds without it).
+            progress: called as ``progress(bytes_done, bytes_total)``.
+
+        Returns:
+            ``bytes`` or a read-only ``memoryview`` of an immutable buffer.
+
+        Raises:
+            KeyError: the id is not in the manifest.
+            IntegrityError: every copy found failed verification.
+            FragmentUnavailable: no tier or origin could deliver it.
+        """
+        info = self._manifest[fragment_id]
+        tier = _check_tier(tier)
+        self._require_open()
+        tracker = ProgressTracker(progress, info.size)
+        data, source = await self._obtain(info, tier, tracker)
+        self._stats.served(source)
+        tracker.finish()
+        return data
+
+    async def prefetch(
+        self,
+        fragment_ids: Iterable[str],
+        tier: CacheTier = CacheTier.RAM,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Bring fragments into ``tier`` (and the tiers between) without counting gets.
+
+        Args:
+            fragment_ids: manifest ids (all checked before any work starts).
+            tier: ``VRAM``, ``RAM`` or ``NVME``.
+            progress: called as ``progress(bytes_done, bytes_total)`` over all of them.
+
+        Raises:
+            KeyError: an id is not in the manifest.
+            IntegrityError, FragmentUnavailable: the first fragment that failed (the
+                others are still brought in).
+        """
+        if isinstance(fragment_ids, str):
+            raise TypeError("fragment_ids must be an iterable of ids, not a single string")
+        infos = list({i: self._manifest[i] for i in fragment_ids}.values())
+        tier = _check_tier(tier)
+        self._require_open()
+        tracker = ProgressTracker(progress, sum(info.size for info in infos))
+        failures: list[FragmentError] = []
+
+        async def bring(info: FragmentInfo) -> None:
+            try:
+                await self._obtain(info, tier, tracker, counted=False)
+            except FragmentError as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as group:
+            for info in infos:
+                group.start_soon(bring, info)
+        if failures:
+            raise failures[0]
+        tracker.finish()
+
+    @asynccontextmanager
+    async def pin(self, fragment_id: str) -> AsyncIterator[Buffer]:
+        """Load a fragment into RAM and keep it there until the block ends; yields its bytes.
+
+        A fragment larger than the RAM tier can take (beside other pinned fragments)
+        is yielded all the same, held by the block rather than by the tier.
+
+        Raises:
+            KeyError, IntegrityError, FragmentUnavailable: as `get`.
+        """
+        data = await self.get(fragment_id)
+        pinned = self._ram.admit(self._manifest[fragment_id], data)
+        if pinned:
+            self._ram.policy.pin(fragment_id)
+        else:
+            log.warning("fragment too large to pin in RAM", fragment=fragment_id)
+        try:
+            yield data
+        finally:
+            if pinned:
+                self._ram.policy.unpin(fragment_id)
+
+    def device_fragment(self, fragment_id: str) -> Any:
+        """The VRAM tier's copy of a fragment (a CUDA tensor, or the stand-in's bytes), or
+        ``None``. It may be evicted at any time; the copy stays valid while referenced."""
+        self._manifest[fragment_id]
+        return self._vram.handle(fragment_id) if self._vram is not None else None
+
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters; every dict holds every tier."""
+        held = {
+            CacheTier.VRAM: self._vram.bytes_held if self._vram is not None else 0,
+            CacheTier.RAM: self._ram.policy.bytes_held,
+            CacheTier.NVME: self._disk.policy.bytes_held,
+        }
+        return self._stats.snapshot(held)
+
+    # -- the path of a get -----------------------------------------------------------
+
+    async def _obtain(
+        self, info: FragmentInfo, tier: CacheTier, tracker: ProgressTracker, *, counted: bool = True
+    ) -> tuple[Buffer, CacheTier]:
+        vram = self._vram
+        if tier is CacheTier.VRAM and vram is not None and vram.holds(info.id, touch=counted):
+            data = self._ram.get(info.id, touch=counted)
+            if data is None:
+                data = await vram.read_back(info.id)
+            if data is not None:
+                if counted:
+                    self._stats.bytes_read[CacheTier.VRAM] += info.size
+                return data, CacheTier.VRAM
+        data = self._ram.get(info.id, touch=counted)
+        if data is not None:
+            if counted:
+                self._stats.bytes_read[CacheTier.RAM] += info.size
+            source = CacheTier.RAM
+        else:
+            want_data = counted or tier <= CacheTier.RAM
+            fetched, source = await self._load(info, tracker, want_data=want_data)
+            if fetched is None:
+                return b"", source  # a disk-only prefetch: nobody reads the bytes
+            data = fetched
+            if tier <= CacheTier.RAM:
+                self._ram.admit(info, data)
+        if tier is CacheTier.VRAM and vram is not None:
+            await vram.place(info.id, data)
+        return data, source
+
+    async def _load(
+        self, info: FragmentInfo, tracker: ProgressTracker, *, want_data: bool
+    ) -> tuple[Buffer | None, CacheTier]:
+        """Join or start the fragment's flight and wait for it to land."""
+        while True:
+            data = self._ram.get(info.id, touch=False)
+            if data is not None:
+                return data, CacheTier.RAM
+            flight = self._flights.get(info.id)
+            if flight is None:
+                flight = Flight(info, want_data=want_data)
+                self._flights[info.id] = flight
+                self._require_open().start_soon(self._fly, flight)
+            flight.listen(tracker.advance)
+            try:
+                await flight.landed.wait()
+            finally:
+                flight.unlisten(tracker.advance)
+            data, source = flight.outcome()
+            if data is not None or not want_data:
+                return data, source
+            tracker.advance(-tracker.done)  # a disk-only flight landed; now read it back
+
+    async def _fly(self, flight: Flight) -> None:
+        start = anyio.current_time()
+        try:
+            flight.data, flight.source = await self._fetch(flight)
+            self._stats.fetches += 1
+            self._stats.latencies.append(anyio.current_time() - start)
+        except FragmentError as exc:
+            flight.error = exc
+        except OSError as exc:
+            flight.error = FragmentUnavailable(f"fragment {flight.info.id!r}: {exc}")
+        except Exception as exc:  # a bug: hand it to the waiters instead of the task group
+            flight.error = exc
+        finally:
+            if flight.source is None and flight.error is None:
+                flight.error = FragmentUnavailable(
+                    f"fragment {flight.info.id!r}: the cache closed while it was loading"
+                )
+            if self._flights.get(flight.info.id) is flight:
+                del self._flights[flight.info.id]
+            flight.landed.set()
+
+    async def _fetch(self, flight: Flight) -> tuple[Buffer | None, CacheTier]:
+        """Disk tier, then ``source_dir``, then the CDN; a corrupt copy falls to the next."""
+        info, config = flight.info, self._config
+        corrupt = False
+        if self._disk.holds(info.id):
+            if not flight.want_data:
+                return None, CacheTier.NVME
+            try:
+                path = self._disk.layout.path(disk_name(info.id))
+                data = await self._read_local(path, flight)
+            except CorruptFragment as exc:
+                corrupt = True
+                self._stats.integrity_failures += 1
+                log.warning(
+                    "disk copy failed verification; dropped", fragment=info.id, error=str(exc)
+                )
+                await self._disk.forget(info.id)
+            except OSError as exc:
+                log.warning("disk copy unreadable; dropped", fragment=info.id, error=repr(exc))
+                await self._disk.forget(info.id)
+            else:
+                self._disk.policy.touch(info.id)
+                return data, CacheTier.NVME
+            flight.rewind()
+        if config.source_root is not None:
+            path = info.source_file(config.source_root)
+            if not flight.want_data and await anyio.Path(path).is_file():
+                return None, CacheTier.NVME  # a local model folder is the NVME tier already
+            try:
+                async with self._fetch_limiter:
+                    data = await self._read_local(path, flight)
+            except CorruptFragment as exc:
+                corrupt = True
+                self._stats.integrity_failures += 1
+                log.warning("source copy failed verification", fragment=info.id, error=str(exc))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("source copy unreadable", fragment=info.id, error=repr(exc))
+            else:
+                return data, CacheTier.NVME
+            flight.rewind()
+        if self._fetcher is not None and config.cdn_url is not None:
+            async with self._fetch_limiter:
+                return await self._download(info, flight), CacheTier.CDN
+        if corrupt:
+            raise IntegrityError(f"fragment {info.id!r}: every copy failed verification")
+        raise FragmentUnavailable(f"fragment {info.id!r}: no tier or origin holds it")
+
+    async def _read_local(self, path: Any, flight: Flight) -> Buffer:
+        info = flight.info
+        data = await read_verified(
+            path,
+            info.size,
+            info.sha256,
+            chunk_size=self._config.read_chunk_size,
+            parallelism=self._config.read_parallelism,
+            progress=flight.advance,
+        )
+        self._stats.bytes_read[CacheTier.NVME] += info.size
+        return data
+
+    async def _download(self, info: FragmentInfo, flight: Flight) -> Buffer | None:
+        assert self._fetcher is not None and self._config.cdn_url is not None
+        to_disk = self._disk.takes(info.size)
+        if not to_disk and not flight.want_data:
+            log.info("fragment too large for the disk tier; not prefetched", fragment=info.id)
+            return None
+        buffer = FragmentBuffer(info.size) if flight.want_data else None
+        sink = DownloadSink(info, buffer=buffer, layout=self._disk.layout if to_disk else None)
+        try:
+            await anyio.to_thread.run_sync(sink.open)
+            await self._fetcher.fetch(info.url(self._config.cdn_url), sink, flight.advance)
+            if to_disk:
+                await self._disk.wait_unlinked(info.id)  # an old unlink must not hit the new copy
+                await anyio.to_thread.run_sync(sink.commit)
+                self._disk.admit(info)
+            return sink.result()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(sink.discard)

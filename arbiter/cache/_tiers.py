@@ -1,0 +1,147 @@
+"""The RAM and disk tiers: an S3-FIFO policy each, and what the policy's choices mean.
+
+RAM keeps the frozen bytes-like objects themselves. The disk tier keeps files named
+by a hash of the fragment id (see `DiskLayout`); an evicted file is unlinked in a
+worker thread, and a new copy of the same fragment waits for that unlink before it
+replaces the file, so an old unlink can never remove a new copy.
+"""
+
+from __future__ import annotations
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from ._buffer import Buffer
+from ._config import CacheConfig
+from ._disk import DiskLayout
+from ._manifest import FragmentInfo, Manifest, disk_name
+from ._s3fifo import S3FifoPolicy
+from ._stats import StatsRecorder
+
+__all__ = ["DiskTier", "RamTier", "new_policy"]
+
+
+def new_policy(capacity: int, config: CacheConfig) -> S3FifoPolicy:
+    """An S3-FIFO policy of ``capacity`` bytes with the config's queue shares."""
+    return S3FifoPolicy(
+        capacity,
+        small_share=config.small_queue_share,
+        ghost_share=config.ghost_share,
+        max_frequency=config.max_frequency,
+    )
+
+
+class RamTier:
+    """Verified fragments in host memory, at most ``capacity`` bytes (pins included)."""
+
+    __slots__ = ("_data", "_stats", "policy")
+
+    def __init__(self, capacity: int, config: CacheConfig, stats: StatsRecorder) -> None:
+        self.policy = new_policy(capacity, config)
+        self._data: dict[str, Buffer] = {}
+        self._stats = stats
+
+    def get(self, fragment_id: str, *, touch: bool) -> Buffer | None:
+        """The fragment's bytes, or ``None``; ``touch`` counts a hit for eviction."""
+        data = self._data.get(fragment_id)
+        if data is not None and touch:
+            self.policy.touch(fragment_id)
+        return data
+
+    def admit(self, info: FragmentInfo, data: Buffer) -> bool:
+        """Keep ``data``, evicting colder fragments; False when it cannot fit (it bypasses RAM)."""
+        if info.id in self._data:
+            return True
+        evicted = self.policy.admit(info.id, info.size)
+        if evicted is None:
+            return False
+        self._stats.evictions += len(evicted)
+        for victim in evicted:
+            del self._data[victim]
+        self._data[info.id] = data
+        return True
+
+    def clear(self) -> None:
+        """Let go of every fragment (the cache is closing)."""
+        self._data.clear()
+
+
+class DiskTier:
+    """Verified fragment files under ``disk_path``, at most ``capacity`` bytes."""
+
+    __slots__ = ("_stats", "_tg", "_unlinking", "layout", "policy")
+
+    def __init__(self, config: CacheConfig, stats: StatsRecorder) -> None:
+        self.policy = new_policy(config.disk_capacity, config)
+        self.layout = DiskLayout(config.disk_root)
+        self._stats = stats
+        self._unlinking: dict[str, anyio.Event] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def open(self, manifest: Manifest, tg: anyio.abc.TaskGroup) -> None:
+        """Create the folders, clean leftover temp files, and take in the fragment files
+        (oldest first). A file of the wrong size, or one that no longer fits, is removed;
+        a file that belongs to no id of ``manifest`` is left alone."""
+        found = await anyio.to_thread.run_sync(self.layout.prepare)
+        stale = []
+        for file in sorted(found, key=lambda f: f.mtime):
+            fragment_id = manifest.id_for_disk_name(file.name)
+            if fragment_id is None:
+                continue
+            if file.size != manifest[fragment_id].size:
+                stale.append(file.name)
+                continue
+            evicted = self.policy.admit(fragment_id, file.size)
+            if evicted is None:
+                stale.append(file.name)
+            else:
+                stale.extend(disk_name(victim) for victim in evicted)
+        for name in stale:
+            await anyio.to_thread.run_sync(self.layout.remove, name)
+        self._tg = tg
+
+    def holds(self, fragment_id: str) -> bool:
+        """Whether the disk tier has a verified file of the fragment."""
+        return fragment_id in self.policy
+
+    def takes(self, size: int) -> bool:
+        """Whether a fragment of ``size`` bytes may go to disk (else it bypasses the tier)."""
+        return self.policy.capacity > 0 and self.policy.fits(size)
+
+    async def wait_unlinked(self, fragment_id: str) -> None:
+        """Return once no unlink of an older copy of the fragment is pending."""
+        pending = self._unlinking.get(fragment_id)
+        if pending is not None:
+            await pending.wait()
+
+    def admit(self, info: FragmentInfo) -> None:
+        """Account a file just committed, evicting (unlinking) colder ones."""
+        evicted = self.policy.admit(info.id, info.size)
+        if evicted is None:
+            self._unlink_later(info.id)  # no room any more (capacity taken meanwhile)
+            return
+        self._stats.evictions += len(evicted)
+        for victim in evicted:
+            self._unlink_later(victim)
+
+    async def forget(self, fragment_id: str) -> None:
+        """Drop a copy that failed verification or vanished, and its file."""
+        self.policy.remove(fragment_id)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.layout.remove, disk_name(fragment_id))
+
+    def _unlink_later(self, fragment_id: str) -> None:
+        done = anyio.Event()
+        self._unlinking[fragment_id] = done
+        assert self._tg is not None, "DiskTier.admit() before open()"
+        self._tg.start_soon(self._unlink, fragment_id, done)
+
+    async def _unlink(self, fragment_id: str, done: anyio.Event) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.layout.remove, disk_name(fragment_id))
+        finally:
+            if self._unlinking.get(fragment_id) is done:
+                del self._unlinking[fragment_id]
+            done.set()
