@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             from ._detect import run_detect
 
             return run_detect(Console(), as_json_output=args.json)
-        return _simulate(args)
+        return _run_simulate(args)
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else 0
     except (UsageError, TraceError) as exc:
@@ -69,7 +69,7 @@ def _load(args: argparse.Namespace) -> Trace:
     return builtin_trace(seed=0 if args.seed is None else args.seed, minutes=minutes)
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def _run_simulate(args: argparse.Namespace) -> int:
     from .._types import GiB
     from ._report import as_json, print_report
     from ._simulate import SCHEDULERS, simulate

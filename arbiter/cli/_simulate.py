@@ -44,8 +44,8 @@ __all__ = ["SCHEDULERS", "Scheduler", "simulate", "simulate_scheduler"]
 
 Progress = Callable[[int], None]
 
-# Elastic holders resize in steps of at least this much (a real server would not
-# reallocate for a few bytes of rounding).
+# Elastic holders grow in steps of at least this much (a real server would not
+# reallocate for a few bytes of rounding); they shrink by whatever they are asked.
 _RESIZE_STEP = 64 * MiB
 
 
@@ -207,7 +207,10 @@ class _Run:
         changes = alloc.quality_changes()
         try:
             while True:
-                below = elastic is not None and self._wanted(alloc, *elastic) > alloc.memory
+                below = (
+                    elastic is not None
+                    and self._wanted(alloc, *elastic) - alloc.memory >= _RESIZE_STEP
+                )
                 with anyio.move_on_after(self.config.poll_interval if below else math.inf):
                     try:
                         quality = await changes.__anext__()
@@ -234,11 +237,12 @@ class _Run:
         self, alloc: Allocation, holding: Holding, min_memory: int, max_memory: int
     ) -> None:
         wanted = self._wanted(alloc, min_memory, max_memory)
-        if alloc.memory - wanted >= _RESIZE_STEP:
+        if wanted < alloc.memory:
             await alloc.resize(wanted)
         elif wanted - alloc.memory >= _RESIZE_STEP:
-            # Grow only into free memory with nobody waiting: a holder that behaves well
-            # neither jumps the queue nor makes the arbiter preempt for its comfort.
+            # Grow only into memory that is free now while nobody waits: a holder that
+            # behaves well takes no memory another request is queued for, and never makes
+            # the arbiter preempt (or wait) for its comfort.
             state = self.arbiter.state()
             size = min(wanted, alloc.memory + state.vram_available)
             if state.waiting or size - alloc.memory < _RESIZE_STEP:

@@ -202,8 +202,8 @@ def builtin_trace(*, seed: int = 0, minutes: float = BUILTIN_MINUTES) -> Trace:
       1-4 GiB of KV cache for 2-20 s, giving up after 30 s;
     * image generations (one every 45 s on average) of 6-10 GiB for 5-30 s at
       ``NORMAL``, giving up after 5 min;
-    * background video renders (one every 8 min on average) of 12-20 GiB, elastic
-      down to half, for 2-6 min, never giving up;
+    * background video renders (one every 4 min on average, a render queue that keeps
+      the card busy) of 12-20 GiB, elastic down to half, for 2-6 min, never giving up;
     * another process that grabs 3-6 GiB for 1-4 min, about every 12 min.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -230,7 +230,7 @@ def builtin_trace(*, seed: int = 0, minutes: float = BUILTIN_MINUTES) -> Trace:
         rows.append(
             TraceRow(0, at, image, Priority.NORMAL, _gb(rng, 6, 10), duration, timeout=300.0)
         )
-    for at in _poisson(rng, 480.0, 30.0, end):
+    for at in _poisson(rng, 240.0, 30.0, end):
         memory = _gb(rng, 12, 20)
         duration = round(rng.uniform(120.0, 360.0), 1)
         rows.append(

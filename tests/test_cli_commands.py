@@ -1,0 +1,186 @@
+"""The real console entry point, run as a subprocess: ``python -m arbiter ...``."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from arbiter import ArbiterConfig
+
+pytest.importorskip("rich")
+pytest.importorskip("trio")
+
+TRACES = Path(__file__).parent / "traces"
+PRIORITIES = {"user_facing", "high", "normal", "background"}
+WORKLOADS = {"llm_inference", "image_generation", "video_generation"}
+GPU_KEYS = {"index", "name", "vendor", "total_vram_bytes", "free_vram_bytes", "uuid"}
+POLICY_KEYS = {
+    "wait_p50_s",
+    "wait_p99_s",
+    "completed",
+    "timeouts",
+    "rejected",
+    "preemptions",
+    "mean_quality",
+    "utilization",
+}
+
+
+def arbiter(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "arbiter", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_help_names_both_commands_and_every_simulate_option() -> None:
+    top = arbiter("--help")
+    assert top.returncode == 0 and "detect" in top.stdout and "simulate" in top.stdout
+    sim = arbiter("simulate", "--help")
+    assert sim.returncode == 0
+    for option in ("--vram-gb", "--trace", "--policies", "--plot", "--json", "--seed"):
+        assert option in sim.stdout
+
+
+def test_detect_json_has_the_documented_shape() -> None:
+    done = arbiter("detect", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert set(data) == {"method", "gpus", "total_vram_bytes", "config"}
+    assert data["method"] in {"nvml", "nvidia_smi", "rocm_smi", "none"}
+    for gpu in data["gpus"]:
+        assert set(gpu) == {
+            "index",
+            "name",
+            "vendor",
+            "total_vram_bytes",
+            "free_vram_bytes",
+            "uuid",
+        }
+    assert data["total_vram_bytes"] == sum(g["total_vram_bytes"] for g in data["gpus"])
+    assert set(data["config"]) == {f.name for f in fields(ArbiterConfig)}
+    # What auto_detect() builds: 90 % of the device, 8 GiB assumed when none is found.
+    device = data["gpus"][0]["total_vram_bytes"] if data["gpus"] else 8 * 1024**3
+    assert data["config"]["vram_budget"] == int(device * 0.9)
+
+
+def test_detect_prints_tables() -> None:
+    done = arbiter("detect")
+    assert done.returncode == 0, done.stderr
+    assert "auto_detect()" in done.stdout and "vram_budget" in done.stdout
+
+
+def test_simulate_builtin_trace_json_has_the_documented_shape() -> None:
+    done = arbiter("simulate", "--minutes", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no progress bar: --json, and stderr is not a terminal
+    data = json.loads(done.stdout)
+    assert set(data) == {"vram_gb", "policies"} and data["vram_gb"] == 24.0
+    assert list(data["policies"]) == ["fifo", "priority", "adaptive"]
+    for figures in data["policies"].values():
+        assert set(figures) == POLICY_KEYS
+        assert set(figures["wait_p50_s"]) == set(figures["wait_p99_s"]) == PRIORITIES
+        assert set(figures["mean_quality"]) == WORKLOADS
+        assert 0.0 < figures["utilization"] <= 1.0
+    top = {name: p["wait_p99_s"]["user_facing"] for name, p in data["policies"].items()}
+    assert top["adaptive"] <= 0.1 * top["fifo"]
+
+
+def test_simulate_hand_computed_trace() -> None:
+    # A background image holds 20 of 24 GiB for 100 s; a 6 GiB chat arrives at 1 s.
+    done = arbiter("simulate", "--trace", TRACES / "preempt.jsonl", "--json")
+    assert done.returncode == 0, done.stderr
+    policies = json.loads(done.stdout)["policies"]
+    assert policies["fifo"]["wait_p50_s"]["user_facing"] == pytest.approx(99.0)
+    assert policies["fifo"]["preemptions"] == 0
+    # adaptive preempts the image and serves the chat within the reclaim grace.
+    assert policies["adaptive"]["wait_p99_s"]["user_facing"] <= ArbiterConfig().reclaim_grace
+    assert policies["adaptive"]["preemptions"] == 1
+    assert all(p["completed"] == 2 for p in policies.values())
+    assert set(policies["fifo"]["wait_p50_s"]) == {"user_facing", "background"}
+
+
+def test_simulate_report_table_and_verdict() -> None:
+    done = arbiter("simulate", "--trace", TRACES / "preempt.jsonl", "--policies", "fifo,adaptive")
+    assert done.returncode == 0, done.stderr
+    assert "wait p99 user_facing (s)" in done.stdout
+    assert "adaptive wins on user_facing p99 wait" in done.stdout
+    assert "priority" not in done.stdout.split("Schedulers compared")[1].splitlines()[2]
+
+
+def test_simulate_plot_writes_a_png(tmp_path: Path) -> None:
+    out = tmp_path / "timeline.png"
+    done = arbiter("simulate", "--trace", TRACES / "elastic.jsonl", "--plot", out, "--json")
+    assert done.returncode == 0, done.stderr
+    json.loads(done.stdout)  # the plot leaves stdout pure JSON
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 1000 and height >= 600 and len(data) > 20_000
+
+
+GOOD_ROW = {
+    "at": 0,
+    "workload": "llm_inference",
+    "priority": "normal",
+    "memory_gb": 1,
+    "duration": 1,
+}
+
+
+def _trace_with_line_2(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GOOD_ROW) + "\n" + text + "\n")
+    return str(path)
+
+
+def _row(**changes: object) -> str:
+    return "<" + json.dumps({**GOOD_ROW, **changes})
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["simulate", "--trace", "{tmp}/missing.jsonl"], "trace file not found"),
+        (["simulate", "--trace", "<{not json"], "line 2: malformed JSON"),
+        (["simulate", "--trace", _row(colour=1)], "line 2: unknown key 'colour'"),
+        (["simulate", "--trace", _row(workload="audio")], "line 2: workload must be one of"),
+        (["simulate", "--trace", _row(priority="asap")], "line 2: priority must be one of"),
+        (["simulate", "--trace", _row(memory_gb=0)], "line 2: memory_gb must be > 0"),
+        (["simulate", "--trace", _row(memory_gb=-3)], "line 2: memory_gb must be > 0"),
+        (["simulate", "--trace", _row(min_memory_gb=-1)], "line 2: min_memory_gb must be > 0"),
+        (["simulate", "--policies", "fifo,lottery"], "unknown scheduler 'lottery'"),
+        (["simulate", "--vram-gb", "0"], "--vram-gb"),
+        (["simulate", "--vram-gb", "-8"], "--vram-gb"),
+        (["simulate", "--vram-gb", "lots"], "--vram-gb"),
+        (["simulate", "--colour"], "unrecognized arguments: --colour"),
+        (["launch"], "invalid choice: 'launch'"),
+        ([], "required: COMMAND"),
+        (["simulate", "--plot", "{tmp}/no/such/folder/out.png"], "cannot write plot"),
+        (["simulate", "--trace", "{tmp}/t.jsonl", "--seed", "3"], "--seed applies"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    argv = []
+    for arg in args:
+        if arg.startswith("<"):
+            arg = _trace_with_line_2(tmp_path, arg[1:])
+        argv.append(arg.replace("{tmp}", str(tmp_path)))
+    done = arbiter(*argv)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("arbiter: error: ")
+    assert expected in lines[0]
+    assert done.stdout == ""

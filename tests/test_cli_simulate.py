@@ -1,0 +1,185 @@
+"""The simulation engine, in process: traces small enough to work out by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from arbiter import GiB, Priority, WorkloadType
+from arbiter.cli._record import Recorder, SchedulerResult, percentile
+from arbiter.cli._simulate import SCHEDULERS, simulate
+from arbiter.cli._trace import ExternalStep, Trace, TraceRow, builtin_trace, load_trace
+
+pytest.importorskip("trio")
+
+TRACES = Path(__file__).parent / "traces"
+BUDGET = 24 * GiB
+LLM, IMAGE, VIDEO = (
+    WorkloadType.LLM_INFERENCE,
+    WorkloadType.IMAGE_GENERATION,
+    WorkloadType.VIDEO_GENERATION,
+)
+
+
+def run(trace: Trace, *names: str, budget: int = BUDGET) -> dict[str, SchedulerResult]:
+    return {r.name: r for r in simulate(trace, [SCHEDULERS[n] for n in names], budget)}
+
+
+def row(
+    line: int, at: float, workload: WorkloadType, priority: Priority, gb: float, **kw: Any
+) -> TraceRow:
+    return TraceRow(line, at, workload, priority, int(gb * GiB), **kw)
+
+
+def test_fifo_makes_user_facing_wait_behind_background_adaptive_preempts() -> None:
+    # 20 of 24 GiB held by a background image for 100 s; a 6 GiB chat arrives at 1 s.
+    results = run(load_trace(TRACES / "preempt.jsonl"), "fifo", "priority", "adaptive")
+    fifo, priority, adaptive = results["fifo"], results["priority"], results["adaptive"]
+    for plain in (fifo, priority):
+        assert plain.wait_p50[Priority.USER_FACING] == pytest.approx(99.0)
+        assert plain.preemptions == 0
+    # Nothing elastic could shrink, so the grace is not waited: preempted at once.
+    assert adaptive.wait_p99[Priority.USER_FACING] == pytest.approx(0.0, abs=1e-6)
+    assert adaptive.preemptions == 1
+    # The image was re-queued, waited for the chat (1 s -> 6 s) and resumed its 99 s.
+    assert sorted(adaptive.wait_p50) == [Priority.BACKGROUND, Priority.USER_FACING]
+    assert adaptive.wait_p99[Priority.BACKGROUND] == pytest.approx(4.95)
+    for result in results.values():
+        assert result.completed == 2 and result.timeouts == 0 and result.rejected == 0
+        assert result.last_completion == pytest.approx(105.0)
+        # 20 GiB for 100 s and 6 GiB for 5 s, in both orders, over 105 s of 24 GiB.
+        assert result.utilization == pytest.approx((20 * 100 + 6 * 5) / (24 * 105))
+
+
+def test_elastic_holder_shrinks_for_user_facing_and_grows_back() -> None:
+    results = run(load_trace(TRACES / "elastic.jsonl"), "fifo", "adaptive")
+    fifo, adaptive = results["fifo"], results["adaptive"]
+    # fifo: the chat waits its whole 30 s timeout behind the 20 GiB render.
+    assert fifo.timeouts == 1 and fifo.completed == 1
+    assert fifo.wait_p50[Priority.USER_FACING] == pytest.approx(30.0)
+    assert fifo.mean_quality[LLM] is None  # it never held memory
+    # adaptive: the render shrinks from 20 to 16 GiB at once, nobody is preempted.
+    assert adaptive.preemptions == 0 and adaptive.timeouts == 0 and adaptive.completed == 2
+    assert adaptive.wait_p99[Priority.USER_FACING] < 0.5
+    # Quality 1.0 for 95 s and the 16 GiB share (0.72) for the chat's 5 s.
+    assert adaptive.mean_quality[VIDEO] == pytest.approx((95 + 0.72 * 5) / 100)
+    steps = adaptive.timeline.memory[VIDEO]
+    assert (10.0, 16 * GiB) in steps and (15.0, 20 * GiB) in steps
+
+
+def test_elastic_rows_hold_for_duration_times_granted_quality() -> None:
+    # 8 GiB are taken by a resident for good; the render gets 16 of its 10..20 GiB.
+    trace = Trace(
+        rows=(
+            row(1, 0.0, LLM, Priority.HIGH, 8, duration=1000.0),
+            row(2, 1.0, VIDEO, Priority.BACKGROUND, 20, duration=100.0, min_memory=10 * GiB),
+        )
+    )
+    adaptive = run(trace, "adaptive")["adaptive"]
+    steps = adaptive.timeline.memory[VIDEO]
+    quality = 0.3 + 0.7 * 6 / 10
+    assert steps[1] == (1.0, 16 * GiB)
+    assert steps[-1][1] == 0 and steps[-1][0] == pytest.approx(1.0 + 100 * quality)
+
+
+def test_fifo_submits_everything_at_one_priority_but_reports_each_rows_own() -> None:
+    trace = Trace(
+        rows=(
+            row(1, 0.0, IMAGE, Priority.NORMAL, 20, duration=10.0),
+            row(2, 1.0, IMAGE, Priority.BACKGROUND, 15, duration=10.0),
+            row(3, 2.0, LLM, Priority.USER_FACING, 15, duration=10.0),
+        )
+    )
+    results = run(trace, "fifo", "priority")
+    # fifo serves arrival order: the background row first, the chat behind it.
+    assert results["fifo"].wait_p50[Priority.BACKGROUND] == pytest.approx(9.0)
+    assert results["fifo"].wait_p50[Priority.USER_FACING] == pytest.approx(18.0)
+    # priority serves the chat first at 10 s (8 s), the background row at 20 s (19 s).
+    assert results["priority"].wait_p50[Priority.USER_FACING] == pytest.approx(8.0)
+    assert results["priority"].wait_p50[Priority.BACKGROUND] == pytest.approx(19.0)
+    assert list(results["fifo"].wait_p50) == [
+        Priority.USER_FACING,
+        Priority.NORMAL,
+        Priority.BACKGROUND,
+    ]
+
+
+def test_rejected_rows_are_larger_than_the_budget_as_requested() -> None:
+    trace = Trace(
+        rows=(
+            row(1, 0.0, IMAGE, Priority.NORMAL, 30, duration=10.0),
+            row(2, 0.0, VIDEO, Priority.BACKGROUND, 30, duration=10.0, min_memory=12 * GiB),
+        )
+    )
+    results = run(trace, "fifo", "adaptive")
+    assert results["fifo"].rejected == 2 and results["fifo"].completed == 0
+    # adaptive asks for the elastic row's 12 GiB floor, which fits.
+    assert results["adaptive"].rejected == 1 and results["adaptive"].completed == 1
+
+
+def test_timed_out_waits_count_in_the_percentiles() -> None:
+    trace = Trace(
+        rows=(
+            row(1, 0.0, IMAGE, Priority.NORMAL, 20, duration=100.0),
+            row(2, 5.0, LLM, Priority.NORMAL, 10, duration=1.0, timeout=7.0),
+        )
+    )
+    result = run(trace, "priority")["priority"]
+    assert result.timeouts == 1 and result.completed == 1
+    assert sorted([result.wait_p50[Priority.NORMAL], result.wait_p99[Priority.NORMAL]]) == [
+        pytest.approx(3.5),
+        pytest.approx(7.0 * 0.99),
+    ]
+
+
+def test_external_use_from_the_schedule_holds_requests_back() -> None:
+    trace = Trace(
+        rows=(row(1, 1.0, IMAGE, Priority.NORMAL, 20, duration=10.0),),
+        external=(ExternalStep(0.0, 10 * GiB), ExternalStep(50.0, 0)),
+    )
+    result = run(trace, "adaptive")["adaptive"]
+    # The poller sees the external process go within one poll interval (0.5 s).
+    assert 49.0 <= result.wait_p50[Priority.NORMAL] <= 49.5 + 1e-6
+
+
+def test_builtin_trace_meets_the_user_facing_targets() -> None:
+    trace = builtin_trace(seed=1, minutes=20)
+    results = run(trace, "fifo", "priority", "adaptive")
+    fifo, priority, adaptive = results["fifo"], results["priority"], results["adaptive"]
+    top = Priority.USER_FACING
+    assert adaptive.wait_p99[top] <= 0.1 * fifo.wait_p99[top]
+    assert adaptive.wait_p99[top] <= priority.wait_p99[top]
+    assert adaptive.timeouts <= priority.timeouts
+    assert adaptive.completed >= 0.9 * fifo.completed
+    for result in results.values():
+        assert result.completed + result.timeouts + result.rejected == len(trace.rows)
+        assert 0.0 < result.utilization <= 1.0
+
+
+def test_progress_counts_every_job_of_every_run() -> None:
+    trace = load_trace(TRACES / "preempt.jsonl")
+    seen: list[int] = []
+    simulate(trace, [SCHEDULERS["fifo"], SCHEDULERS["adaptive"]], BUDGET, progress=seen.append)
+    assert sum(seen) == 4
+
+
+def test_recorder_weights_quality_by_holding_time_and_utilization_by_span() -> None:
+    recorder = Recorder(24 * GiB, [Priority.NORMAL], [LLM], first_arrival=0.0)
+    holding = recorder.grant(LLM, 12 * GiB, 1.0, now=0.0)
+    recorder.quality(holding, 0.5, now=30.0)
+    recorder.resize(holding, 6 * GiB, now=30.0)
+    recorder.release(holding, now=40.0)
+    recorder.completed(Priority.NORMAL, now=40.0)
+    result = recorder.result("x")
+    assert result.mean_quality[LLM] == pytest.approx((30 * 1.0 + 10 * 0.5) / 40)
+    assert result.utilization == pytest.approx((12 * 30 + 6 * 10) / (24 * 40))
+    assert result.wait_p50[Priority.NORMAL] is None
+
+
+def test_percentile_interpolates_and_is_none_when_empty() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([0.0, 10.0], 50) == 5.0
+    assert percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
