@@ -1,0 +1,225 @@
+"""Degrade before preempt: elastic holders are asked to shrink before anyone is preempted.
+
+DESIGN.md, "Preemption and degrade-before-preempt", step 1, and ``reclaim_grace``.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from arbiter import (
+    Allocation,
+    AllocationTimeout,
+    Arbiter,
+    ArbiterConfig,
+    GiB,
+    Priority,
+    WorkloadType,
+)
+
+pytestmark = pytest.mark.anyio
+
+LLM = WorkloadType.LLM_INFERENCE
+IMAGE = WorkloadType.IMAGE_GENERATION
+BG, NORMAL, HIGH = Priority.BACKGROUND, Priority.NORMAL, Priority.HIGH
+LLM_FLOOR = 0.4
+
+
+def make_arbiter(reclaim_grace: float) -> Arbiter:
+    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=reclaim_grace), probe=None)
+
+
+async def request_in_background(
+    tg: anyio.abc.TaskGroup, arbiter: Arbiter, priority: Priority, gib: int, **kwargs: object
+) -> list[Allocation]:
+    got: list[Allocation] = []
+
+    async def run() -> None:
+        got.append(await arbiter.request_allocation(LLM, priority, gib * GiB, **kwargs))  # type: ignore[arg-type]
+
+    tg.start_soon(run)
+    await anyio.wait_all_tasks_blocked()
+    return got
+
+
+async def read_targets(alloc: Allocation, seen: list[float], changed: anyio.Event) -> None:
+    async for quality in alloc.quality_changes():
+        seen.append(quality)
+        changed.set()
+
+
+async def test_elastic_holder_that_shrinks_spares_everyone() -> None:
+    # A long grace: the test would hang on it if the shrink did not end the wait.
+    arbiter = make_arbiter(reclaim_grace=60)
+    elastic = await arbiter.request_allocation(LLM, BG, 12 * GiB, min_memory=4 * GiB)
+    rigid = await arbiter.request_allocation(LLM, BG, 8 * GiB)
+    seen: list[float] = []
+    changed = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_targets, elastic, seen, changed)
+            await anyio.wait_all_tasks_blocked()
+            assert seen == [1.0]
+            changed = anyio.Event()
+            high = await request_in_background(tg, arbiter, HIGH, 8)  # 4 GiB short
+            assert not high
+            # Asked to give back 4 of its 8 elastic GiB: its target drops toward the floor.
+            assert len(seen) == 2 and LLM_FLOOR <= seen[1] < 1.0
+            assert elastic.quality == seen[1]
+            assert not elastic.preempted and not rigid.preempted
+            await elastic.resize(8 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert high and high[0].memory == 8 * GiB
+            assert not elastic.preempted and not rigid.preempted
+            stats = arbiter.stats()
+            assert stats.quality_reductions >= 1 and stats.preemptions == 0
+            high[0].release()
+            elastic.release()
+    assert rigid.memory == 8 * GiB
+
+
+async def test_target_asked_for_matches_the_size_that_would_cover_the_shortfall() -> None:
+    arbiter = make_arbiter(reclaim_grace=60)
+    elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            high = await request_in_background(tg, arbiter, HIGH, 8)  # 4 GiB short
+            # min_memory maps to the floor, memory to 1.0, linear between: 16 of [4, 20].
+            assert elastic.quality == pytest.approx(LLM_FLOOR + (1 - LLM_FLOOR) * 12 / 16)
+            await elastic.resize(16 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert high and arbiter.stats().preemptions == 0
+            high[0].release()
+
+
+async def test_elastic_holder_that_ignores_the_request_is_preempted_after_the_grace() -> None:
+    grace = 0.05
+    arbiter = make_arbiter(reclaim_grace=grace)
+    elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            started = anyio.current_time()
+            high = await request_in_background(tg, arbiter, HIGH, 8)
+            assert not elastic.preempted and elastic.quality < 1.0
+            await elastic.wait_preempted()
+            assert anyio.current_time() - started >= grace
+            assert elastic.preempted and not high
+            stats = arbiter.stats()
+            assert stats.quality_reductions >= 1 and stats.preemptions == 1
+            elastic.release()
+            await anyio.wait_all_tasks_blocked()
+            assert high and high[0].memory == 8 * GiB
+            high[0].release()
+
+
+async def test_allocate_body_that_ignores_the_request_is_cancelled_after_the_grace() -> None:
+    from arbiter import Preempted
+
+    grace = 0.05
+    arbiter = make_arbiter(reclaim_grace=grace)
+    entered = anyio.Event()
+    raised: list[BaseException] = []
+
+    async def elastic_body() -> None:
+        try:
+            async with arbiter.allocate(LLM, BG, memory=20 * GiB, min_memory=4 * GiB):
+                entered.set()
+                await anyio.sleep_forever()
+        except Preempted as exc:
+            raised.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(elastic_body)
+            await entered.wait()
+            started = anyio.current_time()
+            high = await arbiter.request_allocation(LLM, HIGH, 8 * GiB)
+            assert anyio.current_time() - started >= grace
+            assert raised and high.memory == 8 * GiB
+            high.release()
+
+
+async def test_no_grace_is_waited_when_no_elastic_holder_could_shrink() -> None:
+    arbiter = make_arbiter(reclaim_grace=60)
+    # One holder not elastic, one elastic but already at its minimum.
+    rigid = await arbiter.request_allocation(LLM, BG, 12 * GiB)
+    at_floor = await arbiter.request_allocation(LLM, BG, 8 * GiB, min_memory=8 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            high = await request_in_background(tg, arbiter, HIGH, 10)
+            # Asked at once, not after 60 s.
+            assert at_floor.preempted and not rigid.preempted
+            assert arbiter.stats().quality_reductions == 0
+            at_floor.release()
+            await anyio.wait_all_tasks_blocked()
+            assert high and high[0].memory == 10 * GiB
+            high[0].release()
+
+
+async def test_no_grace_when_the_only_elastic_holder_is_not_below_the_request() -> None:
+    arbiter = make_arbiter(reclaim_grace=60)
+    same = await arbiter.request_allocation(LLM, HIGH, 12 * GiB, min_memory=4 * GiB)
+    lower = await arbiter.request_allocation(LLM, BG, 10 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            high = await request_in_background(tg, arbiter, HIGH, 6)
+            assert lower.preempted and same.quality == 1.0 and not same.preempted
+            lower.release()
+            await anyio.wait_all_tasks_blocked()
+            assert high
+            high[0].release()
+
+
+async def test_non_preemptible_elastic_holder_is_not_asked_to_shrink() -> None:
+    arbiter = make_arbiter(reclaim_grace=60)
+    keep = await arbiter.request_allocation(
+        LLM, BG, 20 * GiB, min_memory=4 * GiB, preemptible=False
+    )
+    with anyio.fail_after(5), pytest.raises(AllocationTimeout):
+        await arbiter.request_allocation(LLM, HIGH, 8 * GiB, timeout=0.05)
+    assert keep.quality == 1.0 and not keep.preempted
+    assert arbiter.stats().quality_reductions == 0
+
+
+async def test_target_recovers_when_the_pressure_that_caused_it_has_passed() -> None:
+    arbiter = make_arbiter(reclaim_grace=60)
+    elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        with pytest.raises(AllocationTimeout):
+            await arbiter.request_allocation(LLM, HIGH, 8 * GiB, timeout=0.05)
+    # The waiter gave up: the shrink request is over and the target is back.
+    assert elastic.quality == 1.0 and not elastic.preempted
+    assert elastic.memory == 20 * GiB
+
+
+async def test_lowest_priority_elastic_holder_is_asked_first() -> None:
+    arbiter = make_arbiter(reclaim_grace=60)
+    normal = await arbiter.request_allocation(IMAGE, NORMAL, 10 * GiB, min_memory=2 * GiB)
+    background = await arbiter.request_allocation(LLM, BG, 10 * GiB, min_memory=2 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            high = await request_in_background(tg, arbiter, HIGH, 8)  # 4 GiB short
+            assert background.quality < 1.0 and normal.quality == 1.0
+            await background.resize(6 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert high and arbiter.stats().preemptions == 0
+            high[0].release()
+
+
+async def test_several_elastic_holders_share_a_large_shortfall() -> None:
+    arbiter = make_arbiter(reclaim_grace=60)
+    first = await arbiter.request_allocation(LLM, BG, 12 * GiB, min_memory=4 * GiB)
+    second = await arbiter.request_allocation(LLM, BG, 12 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            high = await request_in_background(tg, arbiter, HIGH, 12)  # 12 GiB short
+            assert first.quality < 1.0 and second.quality < 1.0
+            await first.resize(4 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert not high  # 8 freed, 4 more needed
+            await second.resize(8 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert high and high[0].memory == 12 * GiB
+            assert arbiter.stats().preemptions == 0
+            high[0].release()
