@@ -5,7 +5,8 @@ matplotlib is imported here, lazily, with the Agg backend: no display is needed.
 
 from __future__ import annotations
 
-import bisect
+import itertools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,54 +27,68 @@ _COLOURS = {
 _EXTERNAL_COLOUR = "#8C8C8C"
 
 
-def _value_at(steps: Sequence[tuple[float, Any]], times: list[float], t: float) -> Any:
-    index = bisect.bisect_right(times, t) - 1
-    return steps[index][1] if index >= 0 else None
+# The plot averages over this many bins across the whole run: fine enough to show
+# each render and grab, coarse enough that a second-long chat does not flicker.
+_BINS = 240
 
 
-def _grid(result: SchedulerResult, trace: Trace) -> list[float]:
-    times = {t for steps in result.timeline.memory.values() for t, _ in steps}
-    times.update(step.at for step in trace.external)
-    times.add(result.last_completion)
-    return sorted(times)
+def _binned(steps: Sequence[tuple[float, float | None]], edges: Sequence[float]) -> list[float]:
+    """The time-weighted mean of a step function over each bin; NaN where it is ``None``
+    throughout."""
+    means = []
+    index = 0
+    for low, high in itertools.pairwise(edges):
+        while index + 1 < len(steps) and steps[index + 1][0] <= low:
+            index += 1
+        area = weight = 0.0
+        j = index
+        while j < len(steps) and steps[j][0] < high:
+            start = max(low, steps[j][0])
+            stop = min(high, steps[j + 1][0]) if j + 1 < len(steps) else high
+            value = steps[j][1]
+            if value is not None and stop > start:
+                area += value * (stop - start)
+                weight += stop - start
+            j += 1
+        means.append(area / weight if weight > 0 else math.nan)
+    return means
 
 
-def _layers(
-    result: SchedulerResult, trace: Trace, grid: list[float]
-) -> list[tuple[str, str, list[float]]]:
-    """Each layer of the stack as (label, colour, GiB at each grid time)."""
-    layers = []
+def _edges(end: float) -> list[float]:
+    width = max(end, 1.0) / _BINS
+    return [i * width for i in range(_BINS + 1)]
+
+
+def _draw_memory(
+    ax: Any, result: SchedulerResult, trace: Trace, budget_gib: float, edges: list[float]
+) -> None:
+    minutes = [(a + b) / 120 for a, b in itertools.pairwise(edges)]
+    layers: list[tuple[str, str, list[float]]] = []
     for workload, steps in result.timeline.memory.items():
-        times = [t for t, _ in steps]
-        values = [(_value_at(steps, times, t) or 0) / GiB for t in grid]
-        layers.append((workload.value, _COLOURS[workload], values))
+        gib = [(t, v / GiB) for t, v in steps]
+        layers.append((workload.value, _COLOURS[workload], _binned(gib, edges)))
     if trace.external:
-        steps = [(s.at, s.used) for s in trace.external]
-        times = [t for t, _ in steps]
-        values = [(_value_at(steps, times, t) or 0) / GiB for t in grid]
-        layers.append(("external process", _EXTERNAL_COLOUR, values))
-    return layers
-
-
-def _draw_memory(ax: Any, result: SchedulerResult, trace: Trace, budget_gib: float) -> None:
-    grid = _grid(result, trace)
-    minutes = [t / 60 for t in grid]
-    base = [0.0] * len(grid)
-    for label, colour, values in _layers(result, trace, grid):
-        top = [b + v for b, v in zip(base, values, strict=True)]
-        ax.fill_between(minutes, base, top, step="post", color=colour, alpha=0.85, label=label)
-        base = top
+        gib = [(0.0, 0.0)] + [(s.at, s.used / GiB) for s in trace.external]
+        layers.append(("external process", _EXTERNAL_COLOUR, _binned(gib, edges)))
+    ax.stackplot(
+        minutes,
+        *[[0.0 if math.isnan(v) else v for v in values] for _, _, values in layers],
+        labels=[label for label, _, _ in layers],
+        colors=[colour for _, colour, _ in layers],
+        alpha=0.85,
+    )
     ax.axhline(budget_gib, color="black", linestyle="--", linewidth=1, label="budget")
     marks = result.timeline.preemptions
     if marks:
         ax.plot(
             [t / 60 for t, _ in marks],
-            [budget_gib * 1.04] * len(marks),
+            [budget_gib * 1.05] * len(marks),
             linestyle="none",
             marker="v",
             color="#C44E52",
-            markersize=6,
-            label=f"preemption ({len(marks)})",
+            markersize=5,
+            alpha=0.6,
+            label="preemption",
         )
     ax.set_ylim(0, budget_gib * 1.12)
     ax.set_ylabel("memory in use (GiB)")
@@ -85,22 +100,15 @@ def _draw_memory(ax: Any, result: SchedulerResult, trace: Trace, budget_gib: flo
     )
 
 
-def _draw_quality(ax: Any, result: SchedulerResult) -> None:
+def _draw_quality(ax: Any, result: SchedulerResult, edges: list[float]) -> None:
+    minutes = [(a + b) / 120 for a, b in itertools.pairwise(edges)]
     for workload, steps in result.timeline.quality.items():
-        minutes = [t / 60 for t, _ in steps] + [result.last_completion / 60]
-        values = [float("nan") if q is None else q for _, q in steps]
-        values.append(values[-1] if values else float("nan"))
-        ax.step(
-            minutes,
-            values,
-            where="post",
-            color=_COLOURS[workload],
-            label=workload.value,
-            linewidth=1.2,
-        )
+        mean = result.mean_quality[workload]
+        label = workload.value + ("" if mean is None else f" (mean {mean:.2f})")
+        ax.plot(minutes, _binned(steps, edges), color=_COLOURS[workload], label=label)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("quality target (mean of holders)")
-    ax.set_title(f"{result.name}: quality targets", loc="left", fontsize=10)
+    ax.set_ylabel("quality target")
+    ax.set_title(f"{result.name}: mean quality target of holders", loc="left", fontsize=10)
 
 
 def write_plot(
@@ -128,18 +136,32 @@ def write_plot(
     )
     budget_gib = budget / GiB
     try:
+        edges = _edges(max((r.last_completion for r in results), default=0.0))
         for row, result in enumerate(results):
-            _draw_memory(axes[row][0], result, trace, budget_gib)
-            _draw_quality(axes[row][1], result)
+            _draw_memory(axes[row][0], result, trace, budget_gib, edges)
+            _draw_quality(axes[row][1], result, edges)
+            axes[row][1].legend(loc="lower right", fontsize=8, framealpha=0.9)
+        width = (edges[1] - edges[0]) / 60
         for ax in axes[-1]:
-            ax.set_xlabel("time (min, virtual)")
-        for ax in axes[0]:
-            ax.legend(loc="lower left", fontsize=8, ncol=3, framealpha=0.9)
+            ax.set_xlabel(f"time (min of virtual time; means over {width:.2g} min)")
+        legend: dict[str, Any] = {}
+        for row in axes:
+            handles, labels = row[0].get_legend_handles_labels()
+            legend.update(zip(labels, handles, strict=True))
+        fig.legend(
+            legend.values(),
+            legend.keys(),
+            loc="upper center",
+            ncol=len(legend),
+            bbox_to_anchor=(0.5, 0.975),
+            fontsize=9,
+            frameon=False,
+        )
         fig.suptitle(
             f"{trace.source} on a {budget_gib:g} GiB budget: {len(trace.rows)} requests",
             fontsize=12,
         )
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.96))
         fig.savefig(Path(path), dpi=100, format="png")
     finally:
         plt.close(fig)

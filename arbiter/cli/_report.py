@@ -101,7 +101,7 @@ def print_report(
         + (f", {len(trace.external) // 2} external grabs." if trace.external else ".")
     )
     console.print(
-        "Elastic rows (adaptive) hold for duration x the quality they were granted at; "
+        "Elastic rows (adaptive) hold for duration x the quality of their first grant; "
         "preempted jobs are re-queued at their priority and resume their remaining work."
     )
     table = Table(title="Schedulers compared on the same trace", title_justify="left")

@@ -9,12 +9,13 @@ What a simulated job does (the same for every scheduler):
 
 * at its row's ``at`` it requests its memory and records how long it waited;
 * it holds the memory for ``duration`` seconds; an elastic job (``min_memory_gb``,
-  adaptive only) holds for ``duration * quality``, the quality it was granted at,
-  since a lower quality means fewer steps or pixels;
+  adaptive only) holds for ``duration * quality``, the quality of its first grant,
+  since a lower quality means fewer steps or pixels (and a job keeps them once begun);
 * while it holds, an elastic job follows its quality target: it shrinks to the
   target's size when the target drops, and grows back with ``resize`` as far as the
   arbiter grants at once (free memory, nobody waiting) when it rises;
-* when preempted it is re-queued at its priority and resumes the work it had left;
+* when preempted it is re-queued at its priority and resumes the work it had left
+  (a resident model, re-granted smaller, still stays for the rest of its duration);
   it counts as completed when it finishes, or as a timeout if a request of it waits
   its whole ``timeout``.
 """
@@ -141,11 +142,14 @@ class _Run:
         scheduler, recorder = self.scheduler, self.recorder
         priority = row.priority if scheduler.real_priorities else Priority.NORMAL
         min_memory = row.min_memory if scheduler.elastic and row.elastic else None
-        work_left = 1.0  # the share of the row's work still to do
+        # Seconds of holding the job needs, fixed at its first grant (a render keeps the
+        # steps and pixels it started with), and seconds it has held so far.
+        work: float | None = None
+        done = 0.0
         while True:
             asked = self.now()
             holding: Holding | None = None
-            granted = hold = 0.0
+            granted = 0.0
             try:
                 async with self.arbiter.allocate(
                     row.workload,
@@ -159,18 +163,19 @@ class _Run:
                     granted = self.now()
                     recorder.waited(row.priority, granted - asked)
                     holding = recorder.grant(row.workload, alloc.memory, alloc.quality, granted)
-                    # Lower quality means fewer steps or pixels: the work takes less time.
-                    hold = row.duration * (alloc.quality if min_memory is not None else 1.0)
+                    if work is None:
+                        # Lower quality means fewer steps or pixels: less time.
+                        scale = alloc.quality if min_memory is not None else 1.0
+                        work = row.duration * scale
                     elastic = None if min_memory is None else (min_memory, row.memory)
-                    await self._hold(alloc, holding, elastic, hold * work_left)
+                    await self._hold(alloc, holding, elastic, max(0.0, work - done))
             except Preempted:
                 assert holding is not None
                 now = self.now()
                 recorder.release(holding, now)
                 recorder.preempted(row.workload, now)
-                if hold > 0:
-                    work_left = max(0.0, work_left - (now - granted) / hold)
-                continue  # re-queued at its priority
+                done += now - granted
+                continue  # re-queued at its priority; it resumes where it was cut
             except AllocationTimeout:
                 if holding is not None:
                     raise  # only the request itself waits with a timeout
