@@ -162,6 +162,7 @@ def _row(**changes: object) -> str:
         (["simulate", "--vram-gb", "0"], "--vram-gb"),
         (["simulate", "--vram-gb", "-8"], "--vram-gb"),
         (["simulate", "--vram-gb", "lots"], "--vram-gb"),
+        (["simulate", "--vram-gb", "1e-12"], "--vram-gb"),
         (["simulate", "--colour"], "unrecognized arguments: --colour"),
         (["launch"], "invalid choice: 'launch'"),
         ([], "required: COMMAND"),

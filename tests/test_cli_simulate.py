@@ -158,6 +158,12 @@ def test_builtin_trace_meets_the_user_facing_targets() -> None:
         assert 0.0 < result.utilization <= 1.0
 
 
+def test_an_empty_trace_runs_and_reports_nothing() -> None:
+    result = run(Trace(rows=()), "adaptive")["adaptive"]
+    assert result.completed == 0 and result.utilization == 0.0
+    assert result.wait_p50 == {} and result.mean_quality == {}
+
+
 def test_progress_counts_every_job_of_every_run() -> None:
     trace = load_trace(TRACES / "preempt.jsonl")
     seen: list[int] = []

@@ -6,6 +6,7 @@ import argparse
 import math
 from typing import NoReturn
 
+from .._types import GiB
 from ._trace import BUILTIN_MINUTES
 
 __all__ = ["UsageError", "build_parser"]
@@ -31,6 +32,8 @@ def _positive_gb(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number of GiB, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number of GiB > 0, got {text!r}")
+    if round(value * GiB) < 1:
+        raise argparse.ArgumentTypeError(f"is less than one byte: {text!r}")
     return value
 
 

@@ -70,13 +70,14 @@ def _draw_memory(
     if trace.external:
         gib = [(0.0, 0.0)] + [(s.at, s.used / GiB) for s in trace.external]
         layers.append(("external process", _EXTERNAL_COLOUR, _binned(gib, edges)))
-    ax.stackplot(
-        minutes,
-        *[[0.0 if math.isnan(v) else v for v in values] for _, _, values in layers],
-        labels=[label for label, _, _ in layers],
-        colors=[colour for _, colour, _ in layers],
-        alpha=0.85,
-    )
+    if layers:  # an empty trace has no workload to stack
+        ax.stackplot(
+            minutes,
+            *[[0.0 if math.isnan(v) else v for v in values] for _, _, values in layers],
+            labels=[label for label, _, _ in layers],
+            colors=[colour for _, colour, _ in layers],
+            alpha=0.85,
+        )
     ax.axhline(budget_gib, color="black", linestyle="--", linewidth=1, label="budget")
     marks = result.timeline.preemptions
     if marks:
@@ -140,7 +141,8 @@ def write_plot(
         for row, result in enumerate(results):
             _draw_memory(axes[row][0], result, trace, budget_gib, edges)
             _draw_quality(axes[row][1], result, edges)
-            axes[row][1].legend(loc="lower right", fontsize=8, framealpha=0.9)
+            if result.timeline.quality:
+                axes[row][1].legend(loc="lower right", fontsize=8, framealpha=0.9)
         width = (edges[1] - edges[0]) / 60
         for ax in axes[-1]:
             ax.set_xlabel(f"time (min of virtual time; means over {width:.2g} min)")
