@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from origin_server import OriginServer
 
 from arbiter.cache import CacheConfig
-
-from origin_server import OriginServer
 
 __all__ = ["FAST", "make_config", "make_fragments", "manifest_for", "origin"]
 

@@ -14,7 +14,8 @@ It understands ``Range: bytes=N-`` / ``bytes=N-M`` and has switches to misbehave
 * ``stall``: an `threading.Event` the handler waits on before sending a body;
 * `down`: stop listening (connections are refused).
 
-Every request is recorded in ``requests`` as ``(path, range header or None, status)``.
+Every request is recorded in ``requests`` as ``(path, range header or None, status)``,
+and ``requested`` (a `threading.Event`) is set at the first.
 
 Run as a script (``python tests/origin_server.py FOLDER``) it serves FOLDER and prints
 its port on one line, for benchmarks that want the server in another process.
@@ -113,6 +114,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     origin: OriginServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-body (a cancelled or refused download) is expected.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class OriginServer:
     """A misbehaving-on-demand HTTP origin; use as a context manager.
@@ -135,6 +141,7 @@ class OriginServer:
         self.extra_bytes = 0
         self.stall: threading.Event | None = None
         self.requests: list[tuple[str, str | None, int]] = []
+        self.requested = threading.Event()  # set at the first request
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.origin = self
@@ -160,6 +167,7 @@ class OriginServer:
         """Note one request."""
         with self._lock:
             self.requests.append((path, range_header, status))
+        self.requested.set()
 
     def take_truncation(self) -> int | None:
         """The cut for this body, if one of the truncated bodies is still due."""
@@ -176,7 +184,9 @@ class OriginServer:
 
     def start(self) -> OriginServer:
         """Start serving in a daemon thread."""
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), daemon=True
+        )
         self._thread.start()
         return self
 

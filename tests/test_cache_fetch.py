@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import anyio
 import pytest
@@ -73,10 +74,12 @@ async def test_sixteen_concurrent_gets_share_one_origin_request(tmp_path, origin
 async def test_a_cancelled_waiter_does_not_stop_the_shared_fetch(tmp_path, origin) -> None:
     fragments = make_fragments(1, 100_000)
     origin.files.update(fragments)
-    origin.stall = stall = __import__("threading").Event()
+    origin.stall = stall = threading.Event()
     async with FragmentCache(make_config(tmp_path, fragments, cdn_url=origin.url)) as cache:
-        with anyio.move_on_after(0.2):
-            await cache.get("frag/00")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.get, "frag/00")
+            await anyio.to_thread.run_sync(origin.requested.wait, 10)
+            tg.cancel_scope.cancel()
         stall.set()
         assert bytes(await cache.get("frag/00")) == fragments["frag/00"]
     assert len(origin.requests) == 1

@@ -16,7 +16,6 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 import httpx
-import structlog
 
 from .._config import ArbiterConfig
 from .._errors import FragmentError, FragmentUnavailable, IntegrityError
@@ -25,6 +24,7 @@ from ._config import CacheConfig
 from ._disk import CorruptFragment, read_verified
 from ._flight import Flight, ProgressCallback, ProgressTracker
 from ._http import CdnFetcher
+from ._log import log, note
 from ._manifest import FragmentInfo, Manifest, disk_name
 from ._sink import DownloadSink
 from ._stats import CacheStats, CacheTier, StatsRecorder
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
     from .._arbiter import Arbiter
 
 __all__ = ["FragmentCache"]
-
-log = structlog.get_logger("arbiter")
 
 
 def _check_tier(tier: object) -> CacheTier:
@@ -423,7 +421,7 @@ class FragmentCache:
         assert self._fetcher is not None and self._config.cdn_url is not None
         to_disk = self._disk.takes(info.size)
         if not to_disk and not flight.want_data:
-            log.info("fragment too large for the disk tier; not prefetched", fragment=info.id)
+            note("fragment too large for the disk tier; not prefetched", fragment=info.id)
             return None
         buffer = FragmentBuffer(info.size) if flight.want_data else None
         sink = DownloadSink(info, buffer=buffer, layout=self._disk.layout if to_disk else None)

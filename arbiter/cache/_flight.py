@@ -12,15 +12,14 @@ import copy
 from collections.abc import Callable
 
 import anyio
-import structlog
 
 from ._buffer import Buffer
+from ._log import log
 from ._manifest import FragmentInfo
 from ._stats import CacheTier
 
 __all__ = ["Flight", "ProgressCallback", "ProgressTracker"]
 
-log = structlog.get_logger("arbiter")
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` from the event loop thread."""

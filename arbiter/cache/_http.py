@@ -19,17 +19,16 @@ from collections.abc import Callable
 import anyio
 import anyio.to_thread
 import httpx
-import structlog
 
 from .._errors import FragmentUnavailable, IntegrityError
 from .._types import format_bytes
 from ._config import CacheConfig
+from ._log import log, note
 from ._sink import DownloadSink
 from ._stats import CacheTier, StatsRecorder
 
 __all__ = ["CdnFetcher"]
 
-log = structlog.get_logger("arbiter")
 
 # Batches queued between the network reader and the writer thread: enough to keep both
 # busy, few enough that a slow disk holds back the network instead of filling memory.
@@ -110,7 +109,7 @@ class CdnFetcher:
                     ) from None
                 self._stats.fetch_retries += 1
                 delay = self._backoff(failures)
-                log.info(
+                note(
                     "cdn fetch retry",
                     fragment=info.id,
                     resume_at=sink.offset,
@@ -157,7 +156,7 @@ class CdnFetcher:
         if status == 200:
             if sink.offset:
                 # The server ignored the Range header: what comes is the whole body.
-                log.info("server ignored range; restarting", url=str(response.url))
+                note("server ignored range; restarting", url=str(response.url))
                 await self._restart(sink, progress)
             return
         if status == 206:

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import anyio.to_thread
-import structlog
 
 from .._errors import ArbiterError
 from .._types import Priority
 from ._buffer import Buffer
 from ._config import CacheConfig
 from ._device import DeviceStore, open_device_store
+from ._log import note
 from ._s3fifo import S3FifoPolicy
 from ._stats import StatsRecorder
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["VramTier"]
 
-log = structlog.get_logger("arbiter")
 
 # The smallest charge the allocation may shrink to (the arbiter needs min_memory > 0).
 MIN_CHARGE = 1
@@ -111,7 +110,7 @@ class VramTier:
         """Pick the device store (importing torch if it is there) and attach to ``tg``."""
         self._store = await anyio.to_thread.run_sync(open_device_store, self._arbiter.config.device)
         self._tg = tg
-        log.info("vram tier ready", store=self._store.name, capacity=self._capacity)
+        note("vram tier ready", store=self._store.name, capacity=self._capacity)
 
     def holds(self, fragment_id: str, *, touch: bool = True) -> bool:
         """Whether ``fragment_id`` is on the device (``touch``: count it as a hit)."""
@@ -193,7 +192,7 @@ class VramTier:
                 await alloc.resize(target, timeout=timeout)
         except (ArbiterError, RuntimeError) as exc:
             # Not granted now (or released meanwhile): the fragment stays out of VRAM.
-            log.debug("vram charge not granted", wanted=target, error=repr(exc))
+            note("vram charge not granted", wanted=target, error=repr(exc))
         self._drop(self._policy.resize(self.charged))
 
     async def _obey(self, alloc: Allocation) -> None:
@@ -203,7 +202,7 @@ class VramTier:
             await alloc.wait_preempted()
             tg.cancel_scope.cancel()
         if alloc.preempted and alloc is self._alloc:
-            log.info("vram tier preempted; dropping every fragment", charged=alloc.memory)
+            note("vram tier preempted; dropping every fragment", charged=alloc.memory)
             self._release()
 
     async def _follow_quality(self, alloc: Allocation) -> None:
