@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._types import Priority
+from ._simulate import SCHEDULERS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -99,6 +100,11 @@ def print_report(
         f"Simulated [bold]{trace.source}[/]: {len(trace.rows)} requests on a "
         f"{vram_gb:g} GiB budget, {end / 60:.1f} min of virtual time"
         + (f", {len(trace.external) // 2} external grabs." if trace.external else ".")
+    )
+    console.print(
+        "Schedulers: "
+        + "; ".join(f"[bold]{r.name}[/] ({SCHEDULERS[r.name].description})" for r in results)
+        + "."
     )
     console.print(
         "Elastic rows (adaptive) hold for duration x the quality of their first grant; "

@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .._arbiter import Arbiter
 from .._config import ArbiterConfig
 from .._errors import AllocationTimeout, InsufficientMemory, Preempted
 from .._quality import size_for_quality
 from .._types import MiB, Priority, WorkloadType
+from ..testing import FakeGpu
 from ._record import Holding, Recorder, SchedulerResult
 from ._trace import Trace, TraceRow
 
 if TYPE_CHECKING:
     from .._allocation import Allocation
-    from .._arbiter import Arbiter
-    from ..testing import FakeGpu
 
 __all__ = ["SCHEDULERS", "Scheduler", "simulate", "simulate_scheduler"]
 
@@ -80,8 +80,8 @@ class Scheduler:
 SCHEDULERS: dict[str, Scheduler] = {
     s.name: s
     for s in (
-        Scheduler("fifo", "one FIFO queue: a plain semaphore", False, False, False, False),
-        Scheduler("priority", "priority order, no preemption", True, False, False, False),
+        Scheduler("fifo", "one queue, no priorities: a semaphore", False, False, False, False),
+        Scheduler("priority", "no preemption, no degradation", True, False, False, False),
         Scheduler("adaptive", "the full arbiter", True, True, True, True),
     )
 }
@@ -95,14 +95,11 @@ class _Run:
     def __init__(
         self, trace: Trace, scheduler: Scheduler, budget: int, progress: Progress | None
     ) -> None:
-        from .._arbiter import Arbiter
-        from ..testing import FakeGpu
-
         self.trace = trace
         self.scheduler = scheduler
         self.config = scheduler.config(budget)
-        self.fake: FakeGpu = FakeGpu(budget)
-        self.arbiter: Arbiter = Arbiter(self.config, probe=self.fake)
+        self.fake = FakeGpu(budget)
+        self.arbiter = Arbiter(self.config, probe=self.fake)
         self.recorder = Recorder(
             budget,
             sorted({row.priority for row in trace.rows}, reverse=True),
