@@ -173,6 +173,8 @@ class Ledger:
         self._queues: dict[Priority, deque[Request]] = {p: deque() for p in Priority}
         # Per priority, in grant order: victims are picked most recent first.
         self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
+        # The elastic subset, so asking for shrinks never scans the rigid holders.
+        self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         self._family_granted = [0, 0]  # llm, diffusion
         self._family_count = [0, 0]
         self._watched: set[Holding] = set()
@@ -281,7 +283,10 @@ class Ledger:
         elif request.state is GRANTED:
             request.state = WITHDRAWN
             if request.grow:
-                self._give_back(request.holding, request.size, now)
+                # The holder may have shrunk (or released) since: undo no more than it holds.
+                holding = request.holding
+                if not holding.released:
+                    self._give_back(holding, min(request.size, holding.memory), now)
             else:
                 self.release(request.holding, now)
             return
@@ -337,6 +342,7 @@ class Ledger:
         self._family_count[holding.diffusion] -= 1
         holding.memory = 0
         del self._holders[holding.priority][holding]
+        self._elastic[holding.priority].pop(holding, None)
         self._keep_alive.pop(holding, None)
         self._watched.discard(holding)
         self._dispatch(now)
@@ -432,24 +438,29 @@ class Ledger:
             holding.granted_seq = next(self._seq)
             holding.idle_since = now
             self._holders[holding.priority][holding] = None
+            if holding.elastic:
+                self._elastic[holding.priority][holding] = None
             self._family_count[holding.diffusion] += 1
             if holding.keep_alive is not None:
                 self._keep_alive[holding] = None
         elif holding.memory > holding.max_memory:
             holding.max_memory = holding.memory
+            if holding.elastic:  # min_memory == old size: it just became elastic
+                self._elastic[holding.priority].setdefault(holding, None)
         self.stats.record_wait(request.priority, now - request.enqueued_at)
         self._end_reclaim(request)
         self._wake(request)
 
     # -- degrade before preempt ------------------------------------------------
 
-    def _victims(self, below: Priority) -> Iterator[Holding]:
-        """Preemptible holders under ``below``: lowest priority first; within one
-        priority idle before busy, then the most recently granted first."""
+    def _victims(self, below: Priority, *, elastic: bool = False) -> Iterator[Holding]:
+        """Preemptible holders under ``below`` (only elastic ones if ``elastic``): lowest
+        priority first; within one priority idle before busy, then the most recent first."""
+        registry = self._elastic if elastic else self._holders
         for priority in _PRIORITIES_LOW_FIRST:
             if priority >= below:
                 return
-            held = self._holders[priority]
+            held = registry[priority]
             busy = []
             for holding in reversed(held):
                 if not holding.preemptible or holding.preempt_requested:
@@ -482,8 +493,8 @@ class Ledger:
         """
         plan: list[tuple[Holding, int]] = []
         remaining = shortfall
-        for holding in self._victims(request.priority):
-            if not holding.elastic or holding.shrink_cap is not None:
+        for holding in self._victims(request.priority, elastic=True):
+            if holding.shrink_cap is not None:
                 continue
             assert holding.min_memory is not None
             give = min(holding.memory - holding.min_memory, remaining)
