@@ -27,6 +27,7 @@ from ._errors import (
     Preempted,
     ShuttingDown,
 )
+from ._gpu import MemoryProbe
 from ._ledger import FAILED, GRANTED, Holding, Ledger, Request
 from ._stats import ArbiterState, ArbiterStats
 from ._types import (
@@ -80,7 +81,9 @@ class Arbiter:
             ``config.device`` when NVML works, else no poller.
     """
 
-    def __init__(self, config: ArbiterConfig | None = None, *, probe: Any = None) -> None:
+    def __init__(
+        self, config: ArbiterConfig | None = None, *, probe: MemoryProbe | None = None
+    ) -> None:
         if config is None:
             config = ArbiterConfig.auto_detect()
         elif not isinstance(config, ArbiterConfig):
@@ -93,6 +96,8 @@ class Arbiter:
             preempt=self._preempt,
             quality_changed=self._quality_changed,
         )
+        if probe is not None and not callable(getattr(probe, "read", None)):
+            raise TypeError(f"probe must be a MemoryProbe (with async read()), got {probe!r}")
         self._probe = probe
         self._owns_probe = False
         self._poller: Any = None
@@ -144,7 +149,7 @@ class Arbiter:
         try:
             return await task_group.__aexit__(exc_type, exc, tb)
         finally:
-            if self._owns_probe:
+            if self._owns_probe and self._probe is not None:
                 self._owns_probe = False
                 with anyio.CancelScope(shield=True):
                     await self._probe.aclose()
