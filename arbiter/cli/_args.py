@@ -25,26 +25,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_gb(text: str) -> float:
+def _positive(text: str, unit: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of GiB, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a number of {unit}, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of GiB > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number of {unit} > 0, got {text!r}")
+    return value
+
+
+def _positive_gb(text: str) -> float:
+    value = _positive(text, "GiB")
     if round(value * GiB) < 1:
         raise argparse.ArgumentTypeError(f"is less than one byte: {text!r}")
     return value
 
 
 def _positive_minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of minutes, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of minutes > 0, got {text!r}")
-    return value
+    return _positive(text, "minutes")
 
 
 def _schedulers(text: str) -> list[str]:
