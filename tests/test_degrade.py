@@ -94,7 +94,9 @@ async def test_target_asked_for_matches_the_size_that_would_cover_the_shortfall(
 
 
 async def test_elastic_holder_that_ignores_the_request_is_preempted_after_the_grace() -> None:
-    grace = 0.05
+    # Long enough that "not yet" below holds even when wait_all_tasks_blocked polls
+    # (anyio's asyncio backend sleeps 0.1 s per poll).
+    grace = 0.5
     arbiter = make_arbiter(reclaim_grace=grace)
     elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
     with anyio.fail_after(5):

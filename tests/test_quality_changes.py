@@ -1,0 +1,220 @@
+"""Allocation.quality_changes(): the current target first, then each change, latest wins.
+
+DESIGN.md, "Allocation".
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import anyio
+import pytest
+
+from arbiter import Allocation, Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
+
+pytestmark = pytest.mark.anyio
+
+LLM = WorkloadType.LLM_INFERENCE
+IMAGE = WorkloadType.IMAGE_GENERATION
+
+
+def make_arbiter() -> Arbiter:
+    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=0.0), probe=None)
+
+
+async def collect(alloc: Allocation, seen: list[float], ended: anyio.Event) -> None:
+    async for quality in alloc.quality_changes():
+        seen.append(quality)  # noqa: PERF401 (each value must show as it comes)
+    ended.set()
+
+
+async def test_yields_the_current_target_first_then_each_change_and_ends_on_release() -> None:
+    arbiter = make_arbiter()
+    alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 10 * GiB)
+    seen: list[float] = []
+    ended = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, alloc, seen, ended)
+            await anyio.wait_all_tasks_blocked()
+            assert seen == [1.0]
+            other = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert len(seen) == 2 and seen[1] < 1.0 and seen[1] == alloc.quality
+            third = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 1 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert len(seen) == 3 and seen[2] < seen[1]
+            third.release()
+            other.release()
+            await anyio.wait_all_tasks_blocked()
+            assert seen[-1] == 1.0 and not ended.is_set()
+            alloc.release()
+            await ended.wait()
+    # Each change appears once: no repeats of an unchanged target.
+    assert all(a != b for a, b in itertools.pairwise(seen))
+
+
+async def test_first_value_is_the_current_target_when_it_is_already_lowered() -> None:
+    arbiter = make_arbiter()
+    await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
+    alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 11 * GiB)
+    changes = alloc.quality_changes()
+    with anyio.fail_after(5):
+        first = await changes.__anext__()
+    assert first == alloc.quality < 1.0
+    await changes.aclose()
+
+
+async def test_slow_reader_gets_the_latest_value_and_no_backlog() -> None:
+    arbiter = make_arbiter()
+    alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 10 * GiB)
+    changes = alloc.quality_changes()
+    with anyio.fail_after(5):
+        assert await changes.__anext__() == 1.0
+        # Three changes while nobody reads.
+        a = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 11 * GiB)
+        first_change = alloc.quality
+        b = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 1 * GiB)
+        second_change = alloc.quality
+        c = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 1 * GiB)
+        latest = alloc.quality
+        assert 1.0 > first_change > second_change > latest
+        assert await changes.__anext__() == latest
+        # Nothing else is pending: the next read waits for a new change.
+        async with anyio.create_task_group() as tg:
+            got: list[float] = []
+
+            async def read_next() -> None:
+                got.append(await changes.__anext__())
+
+            tg.start_soon(read_next)
+            await anyio.wait_all_tasks_blocked()
+            assert got == []
+            c.release()
+            b.release()
+            await anyio.wait_all_tasks_blocked()
+            assert got == [first_change]
+            a.release()
+    await changes.aclose()
+
+
+async def test_change_and_change_back_while_not_reading_is_no_change() -> None:
+    arbiter = make_arbiter()
+    alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 10 * GiB)
+    changes = alloc.quality_changes()
+    with anyio.fail_after(5):
+        assert await changes.__anext__() == 1.0
+        (await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)).release()
+        async with anyio.create_task_group() as tg:
+            got: list[float] = []
+
+            async def read_next() -> None:
+                try:
+                    got.append(await changes.__anext__())
+                except StopAsyncIteration:
+                    got.append(-1.0)
+
+            tg.start_soon(read_next)
+            await anyio.wait_all_tasks_blocked()
+            assert got == []  # latest value wins, and it equals what was last seen
+            alloc.release()
+            await anyio.wait_all_tasks_blocked()
+            assert got == [-1.0]  # ended, with no stale value before the end
+    with pytest.raises(StopAsyncIteration):
+        await changes.__anext__()
+
+
+async def test_iterating_a_released_allocation_ends_at_once() -> None:
+    arbiter = make_arbiter()
+    alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, GiB)
+    alloc.release()
+    with anyio.fail_after(5):
+        assert [q async for q in alloc.quality_changes()] == []
+
+
+async def test_several_readers_each_see_every_change() -> None:
+    arbiter = make_arbiter()
+    alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 10 * GiB)
+    seen: tuple[list[float], list[float]] = ([], [])
+    ended = (anyio.Event(), anyio.Event())
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for i in range(2):
+                tg.start_soon(collect, alloc, seen[i], ended[i])
+            await anyio.wait_all_tasks_blocked()
+            other = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            other.release()
+            await anyio.wait_all_tasks_blocked()
+            alloc.release()
+    assert seen[0] == seen[1] and len(seen[0]) == 3 and seen[0][1] < 1.0
+
+
+async def test_closed_reader_stops_and_others_keep_going() -> None:
+    arbiter = make_arbiter()
+    alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 10 * GiB)
+    early = alloc.quality_changes()
+    with anyio.fail_after(5):
+        assert await early.__anext__() == 1.0
+        await early.aclose()
+        await early.aclose()  # idempotent
+        seen: list[float] = []
+        ended = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, alloc, seen, ended)
+            await anyio.wait_all_tasks_blocked()
+            other = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert len(seen) == 2
+            other.release()
+            alloc.release()
+
+
+async def test_release_by_preemption_ends_the_iteration_of_an_allocate_body() -> None:
+    arbiter = make_arbiter()
+    seen: list[float] = []
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            from arbiter import Preempted
+
+            async def body() -> None:
+                with pytest.raises(Preempted):
+                    async with arbiter.allocate(LLM, Priority.BACKGROUND, memory=20 * GiB) as a:
+                        async for quality in a.quality_changes():
+                            seen.append(quality)  # noqa: PERF401
+
+            tg.start_soon(body)
+            await anyio.wait_all_tasks_blocked()
+            high = await arbiter.request_allocation(LLM, Priority.HIGH, 10 * GiB)
+            high.release()
+    assert seen == [1.0]
+
+
+async def test_shrink_request_lowers_the_target_and_it_comes_back() -> None:
+    arbiter = Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=60), probe=None)
+    elastic = await arbiter.request_allocation(
+        LLM, Priority.BACKGROUND, 20 * GiB, min_memory=4 * GiB
+    )
+    seen: list[float] = []
+    ended = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, elastic, seen, ended)
+            await anyio.wait_all_tasks_blocked()
+
+            gave_up = anyio.Event()
+
+            async def impatient() -> None:
+                with pytest.raises(TimeoutError):
+                    await arbiter.request_allocation(LLM, Priority.HIGH, 8 * GiB, timeout=0.5)
+                gave_up.set()
+
+            tg.start_soon(impatient)
+            await anyio.wait_all_tasks_blocked()
+            assert len(seen) == 2 and seen[1] < 1.0
+            # The waiter gives up: the pressure that caused the request has passed.
+            await gave_up.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert seen[-1] == 1.0 and elastic.memory == 20 * GiB
+            elastic.release()
+    assert seen == [1.0, seen[1], 1.0]
