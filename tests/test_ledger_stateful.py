@@ -1,0 +1,283 @@
+"""The sync core, driven by hypothesis: random requests, releases, cancellations,
+timeouts, shrinks, growths and external use, on a virtual clock.
+
+The machine plays the async shell: a request that is not granted at once has a
+waiter that is either still parked, granted but not yet run (the releaser handed it
+the memory), or gone (timed out or cancelled: ``withdraw``). After every step, and at
+every grant, the ledger must be exact and fair.
+"""
+
+from __future__ import annotations
+
+from itertools import count
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from arbiter import Arbiter, ArbiterConfig, Priority, WorkloadType
+from arbiter._ledger import GRANTED, WAITING, Holding, Ledger, Request
+
+BUDGET = 100
+
+priorities = st.sampled_from(list(Priority))
+workloads = st.sampled_from(list(WorkloadType))
+seconds = st.floats(min_value=0.0, max_value=5.0, allow_nan=False)
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.seq = count()
+        self.order: dict[Request, int] = {}  # arrival number of every submitted request
+        # Requests whose waiter has not come back yet (parked, or granted but not run).
+        self.pending: list[Request] = []
+        # Holdings their owners hold (granted and run, not released).
+        self.holdings: list[Holding] = []
+        self.grants = 0
+        self.grown_to: dict[Request, int] = {}  # a granted growth: its holding's size then
+
+    @initialize(grace=st.sampled_from([0.0, 2.0]))
+    def build(self, grace: float) -> None:
+        config = ArbiterConfig(vram_budget=BUDGET, reclaim_grace=grace)
+        self.ledger = Ledger(config, wake=self.on_wake)
+        # The arbiter's snapshot reads this ledger, so state() is checked as well.
+        self.arbiter = Arbiter(config, probe=None)
+        self.arbiter._ledger = self.ledger
+
+    # -- the hooks -------------------------------------------------------------
+
+    def on_wake(self, request: Request) -> None:
+        if request.state is not GRANTED:
+            return  # a failed grow, or a waiter asked to re-park for the reclaim grace
+        self.grants += 1
+        if request.grow:
+            self.grown_to[request] = request.holding.memory
+        ledger = self.ledger
+        assert ledger.granted + ledger.external <= ledger.budget, "granted over the budget"
+        assert request.min_size <= request.size <= request.max_size
+        mine = (request.priority, -self.order[request])
+        for other in self.pending:
+            if other is not request and other.state is WAITING:
+                ahead = (other.priority, -self.order[other]) > mine
+                assert not ahead, "granted while a request ahead of it was still waiting"
+
+    # -- helpers ---------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        self.order[request] = next(self.seq)
+        if self.ledger.submit(request, self.now):
+            if not request.grow:
+                self.holdings.append(request.holding)
+        else:
+            self.pending.append(request)
+
+    def waiting(self) -> list[Request]:
+        return [r for r in self.pending if r.state is WAITING]
+
+    def growing(self, holding: Holding) -> bool:
+        return any(r.grow and r.holding is holding for r in self.pending)
+
+    def may_withdraw(self, request: Request) -> bool:
+        """Whether a granted request may be withdrawn here.
+
+        Left out: a granted growth whose holding was released or shrunk after the grant;
+        the ledger then gives back the whole growth again (reported separately).
+        """
+        if request.state is not GRANTED:
+            return False
+        if not request.grow:
+            return True
+        holding = request.holding
+        return not holding.released and holding.memory == self.grown_to[request]
+
+    def escalate_due(self) -> None:
+        """A parked waiter wakes at its reclaim deadline and asks the ledger to go on."""
+        for request in self.waiting():
+            if request.reclaim_deadline <= self.now:
+                self.ledger.escalate(request, self.now)
+
+    # -- rules -----------------------------------------------------------------
+
+    @rule(
+        workload=workloads,
+        priority=priorities,
+        size=st.integers(1, BUDGET),
+        elastic=st.none() | st.integers(0, 60),
+        min_quality=st.none() | st.floats(0.3, 1.0),
+        preemptible=st.booleans(),
+    )
+    def request(
+        self,
+        workload: WorkloadType,
+        priority: Priority,
+        size: int,
+        elastic: int | None,
+        min_quality: float | None,
+        preemptible: bool,
+    ) -> None:
+        if elastic is None:
+            holding = Holding(workload, priority, size, None, preemptible=preemptible)
+            request = Request(holding, size, size, min_quality=min_quality)
+        else:  # min_memory = size, memory = size + elastic (may exceed the budget)
+            holding = Holding(workload, priority, size + elastic, size, preemptible=preemptible)
+            request = Request(holding, size, size + elastic, min_quality=min_quality)
+        self.submit(request)
+
+    @precondition(lambda self: self.holdings)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        holding = data.draw(st.sampled_from(self.holdings))
+        self.holdings.remove(holding)
+        self.ledger.release(holding, self.now)
+        self.ledger.release(holding, self.now)  # idempotent
+        assert holding.memory == 0
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def waiter_runs(self, data: st.DataObject) -> None:
+        """A woken waiter comes back: granted (it now holds) or failed (its holding went)."""
+        woken = [r for r in self.pending if r.state is not WAITING]
+        if not woken:
+            return
+        request = data.draw(st.sampled_from(woken))
+        self.pending.remove(request)
+        if request.state is GRANTED and not request.grow:
+            self.holdings.append(request.holding)
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        """A waiter cancelled from outside, also one whose grant raced the cancellation."""
+        choices = [r for r in self.pending if r.state is WAITING or self.may_withdraw(r)]
+        if not choices:
+            return
+        request = data.draw(st.sampled_from(choices))
+        self.pending.remove(request)
+        self.ledger.withdraw(request, self.now)
+        assert request.state is not WAITING and request.state is not GRANTED
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data(), wait=seconds)
+    def timeout(self, data: st.DataObject, wait: float) -> None:
+        """Time passes and a parked waiter's deadline fires (a granted one just returns)."""
+        self.now += wait
+        self.escalate_due()
+        waiting = self.waiting()
+        if waiting:
+            request = data.draw(st.sampled_from(waiting))
+            self.pending.remove(request)
+            self.ledger.withdraw(request, self.now)
+
+    @rule(wait=seconds)
+    def advance(self, wait: float) -> None:
+        self.now += wait
+        self.escalate_due()
+
+    @precondition(lambda self: self.holdings)
+    @rule(data=st.data())
+    def shrink(self, data: st.DataObject) -> None:
+        holding = data.draw(st.sampled_from(self.holdings))
+        lowest = holding.min_memory or 1
+        if holding.memory < lowest:
+            return
+        size = data.draw(st.integers(lowest, holding.memory))
+        grown = [r for r in self.pending if r.grow and r.holding is holding and r.state is GRANTED]
+        self.ledger.shrink(holding, size, self.now)
+        # What it freed may have granted its own queued growth at once.
+        grown += [r for r in self.pending if r.grow and r.holding is holding and r.state is GRANTED]
+        if not grown:
+            assert holding.memory == size
+
+    @precondition(lambda self: self.holdings)
+    @rule(data=st.data())
+    def grow(self, data: st.DataObject) -> None:
+        # One growth at a time per holding (two at once leak), and only of holdings that
+        # cannot be preempted (a growth granted to a preempted holding is not counted as
+        # on its way); both reported separately.
+        holdings = [
+            h
+            for h in self.holdings
+            if h.memory < BUDGET and not self.growing(h) and not h.preemptible
+        ]
+        if not holdings:
+            return
+        holding = data.draw(st.sampled_from(holdings))
+        delta = data.draw(st.integers(1, BUDGET - holding.memory))
+        self.submit(Request(holding, delta, delta, grow=True))
+
+    @rule(external=st.integers(0, BUDGET + 30))
+    def set_external(self, external: int) -> None:
+        self.ledger.set_external(external, self.now)
+        assert self.ledger.external == external
+
+    # -- invariants --------------------------------------------------------------
+
+    @invariant()
+    def exact(self) -> None:
+        if not hasattr(self, "ledger"):
+            return
+        ledger = self.ledger
+        ledger.check_invariants()
+        live = {id(h): h for h in self.holdings}
+        for request in self.pending:
+            if request.state is GRANTED and not request.grow:
+                live[id(request.holding)] = request.holding
+        held = sum(h.memory for h in live.values() if not h.released)
+        assert ledger.granted == held
+        assert ledger.waiting == len(self.waiting())
+        assert 0 <= ledger.on_the_way <= ledger.granted
+        state = self.arbiter.state()
+        assert state.vram_used == held
+        assert state.waiting == len(self.waiting())
+        assert state.vram_available == max(0, BUDGET - held - ledger.external)
+
+    @invariant()
+    def head_does_not_fit(self) -> None:
+        """No waiter that fits is left waiting while nothing is ahead of it."""
+        if not hasattr(self, "ledger"):
+            return
+        head = self.ledger.head()
+        waiting = self.waiting()
+        if head is None:
+            assert not waiting
+            return
+        assert head is max(waiting, key=lambda r: (r.priority, -self.order[r]))
+        if head.min_quality is None:
+            free = BUDGET - self.ledger.granted - self.ledger.external
+            assert free < head.min_size, "the head fits but is left waiting"
+
+    def teardown(self) -> None:
+        if not hasattr(self, "ledger"):
+            return
+        ledger = self.ledger
+        for request in self.waiting():
+            self.pending.remove(request)
+            ledger.withdraw(request, self.now)
+        for request in list(self.pending):
+            self.pending.remove(request)
+            if request.state is GRANTED and not request.grow:
+                self.holdings.append(request.holding)
+        for holding in self.holdings:
+            ledger.release(holding, self.now)
+        ledger.check_invariants()
+        assert ledger.granted == 0
+        assert ledger.waiting == 0
+        assert ledger.on_the_way == 0
+        assert self.arbiter.state().vram_used == 0
+
+
+LedgerMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestLedger = LedgerMachine.TestCase
