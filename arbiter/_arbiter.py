@@ -290,6 +290,7 @@ class Arbiter:
         )
         request = _Waiter(alloc, smallest, size, min_quality=quality)
         request.event = None
+        request.may_reclaim = limit != 0
         return alloc, request, limit
 
     async def _park(self, request: _Waiter, now: float, limit: float | None) -> None:
@@ -325,7 +326,8 @@ class Arbiter:
             ledger.withdraw(request, anyio.current_time())
             raise
         ledger.withdraw(request, now)
-        ledger.stats.timeouts += 1
+        if not request.grow:  # a grow is no allocation: stats count requests only
+            ledger.stats.timeouts += 1
         holding = request.holding
         _debug("allocation timed out", id=getattr(holding, "id", None), timeout=limit)
         assert limit is not None
@@ -403,7 +405,8 @@ class Arbiter:
         delta = memory - alloc.memory
         request = _Waiter(alloc, delta, delta, grow=True)
         request.event = None
-        await anyio.lowlevel.checkpoint()
+        request.may_reclaim = timeout != 0
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if alloc.released:
             raise RuntimeError(f"cannot resize {alloc.id}: it was released")
         now = anyio.current_time()

@@ -102,6 +102,7 @@ class Request:
         "grow",
         "holding",
         "max_size",
+        "may_reclaim",
         "min_quality",
         "min_size",
         "priority",
@@ -133,6 +134,8 @@ class Request:
         self.enqueued_at = 0.0
         # The best quality it could have had while blocked only by min_quality.
         self.best_quality: float | None = None
+        # False for a request that will not wait (timeout 0): it must not disturb anyone.
+        self.may_reclaim = True
         self.reclaim_phase = 0  # 0: none yet, 1: asked elastic holders to shrink, 2: preempting
         self.reclaim_deadline = float("inf")
         # What all its victims held when preempting them could not cover the shortfall.
@@ -177,7 +180,7 @@ class Ledger:
         self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         self._family_granted = [0, 0]  # llm, diffusion
         self._family_count = [0, 0]
-        self._watched: set[Holding] = set()
+        self._watched: dict[Holding, None] = {}  # a dict: notified in a stable order
         self._keep_alive: dict[Holding, None] = {}
         self._seq = count()
 
@@ -344,7 +347,7 @@ class Ledger:
         del self._holders[holding.priority][holding]
         self._elastic[holding.priority].pop(holding, None)
         self._keep_alive.pop(holding, None)
-        self._watched.discard(holding)
+        self._watched.pop(holding, None)
         self._dispatch(now)
 
     def shrink(self, holding: Holding, size: int, now: float) -> None:
@@ -369,9 +372,9 @@ class Ledger:
         """Count a reader of ``holding``'s quality changes in (+1) or out (-1)."""
         holding.watchers += delta
         if holding.watchers > 0 and not holding.released:
-            self._watched.add(holding)
+            self._watched[holding] = None
         else:
-            self._watched.discard(holding)
+            self._watched.pop(holding, None)
 
     def set_busy(self, holding: Holding, busy: bool, now: float) -> None:
         holding.busy_spans += 1 if busy else -1
@@ -474,61 +477,56 @@ class Ledger:
     def _reclaim_for(self, request: Request, now: float) -> None:
         shortfall = request.min_size - (self.budget - self.granted - self.external)
         shortfall -= self.on_the_way
-        if shortfall <= 0:
+        if shortfall <= 0 or not request.may_reclaim:
             return
         if request.reclaim_phase == 0:
             request.reclaim_phase = 2
+            if self._choose_victims(request, shortfall) is None:
+                return  # even preempting everyone allowed would not be enough: harm no one
             if self._ask_to_shrink(request, shortfall) and self.config.reclaim_grace > 0:
                 request.reclaim_phase = 1
                 request.reclaim_deadline = now + self.config.reclaim_grace
                 self._wake(request)  # it re-parks with the grace as its next deadline
                 return
         if request.reclaim_phase == 2 and shortfall <= request.reclaimable:
-            self._preempt_for(request, shortfall)
+            for holding in self._choose_victims(request, shortfall) or ():
+                self.stats.preemptions += 1
+                self._request_preemption(holding)
 
     def _ask_to_shrink(self, request: Request, shortfall: int) -> bool:
-        """Lower elastic victims' targets until their shrinking would cover ``shortfall``.
-
-        Asks nothing (and returns False) when shrinking alone could not cover it.
-        """
-        plan: list[tuple[Holding, int]] = []
+        """Lower elastic victims' targets, in victim order, until their shrinking would
+        cover ``shortfall`` or none is left; False when there was none to ask."""
         remaining = shortfall
         for holding in self._victims(request.priority, elastic=True):
             if holding.shrink_cap is not None:
                 continue
             assert holding.min_memory is not None
             give = min(holding.memory - holding.min_memory, remaining)
-            if give > 0:
-                plan.append((holding, holding.memory - give))
-                remaining -= give
-                if remaining <= 0:
-                    break
-        if remaining > 0:
-            return False
-        for holding, size in plan:
-            assert holding.min_memory is not None
+            if give <= 0:
+                continue
             floor = self._floors[holding.diffusion]
             holding.shrink_cap = elastic_share_quality(
-                size, holding.min_memory, holding.max_memory, floor
+                holding.memory - give, holding.min_memory, holding.max_memory, floor
             )
             request.shrunk.append(holding)
             self.stats.quality_reductions += 1
-        return True
+            remaining -= give
+            if remaining <= 0:
+                break
+        return bool(request.shrunk)
 
-    def _preempt_for(self, request: Request, shortfall: int) -> None:
+    def _choose_victims(self, request: Request, shortfall: int) -> list[Holding] | None:
+        """The holders to preempt, in order, until ``shortfall`` will be freed; None
+        (remembering what they hold) when all of them together would not free it."""
         chosen = []
         total = 0
         for holding in self._victims(request.priority):
             chosen.append(holding)
             total += holding.memory
             if total >= shortfall:
-                break
-        if total < shortfall:
-            request.reclaimable = total
-            return  # preempting everyone allowed would not be enough: harm no one
-        for holding in chosen:
-            self.stats.preemptions += 1
-            self._request_preemption(holding)
+                return chosen
+        request.reclaimable = total
+        return None
 
     def _request_preemption(self, holding: Holding) -> None:
         holding.preempt_requested = True

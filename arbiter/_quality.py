@@ -12,6 +12,7 @@ Whatever the policy, three properties hold (and are tested with hypothesis):
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 from ._types import Priority
@@ -23,7 +24,9 @@ class QualityPolicy(StrEnum):
     """How quality targets respond to memory pressure.
 
     ``ADAPTIVE``: past the pressure threshold, targets fall toward their floors as
-    pressure rises toward 1.0, lower priorities first and faster, ``USER_FACING`` last.
+    pressure rises toward 1.0, lower priorities first and faster, ``USER_FACING`` last:
+    at full pressure BACKGROUND and NORMAL sit at the floor, HIGH a quarter and
+    USER_FACING half of the way above it.
     ``PROPORTIONAL``: past the threshold, each family's targets fall in proportion to
     the share of granted memory the *other* family holds, so at full pressure a family
     holding a fraction ``s`` of the memory sits at ``floor + (1 - floor) * s``.
@@ -35,13 +38,15 @@ class QualityPolicy(StrEnum):
     FIXED = "fixed"
 
 
-# How fast each priority's target falls once past the threshold: the drop is
-# excess ** exponent, so a larger exponent stays near 1.0 longer (falls last).
-_FALL_EXPONENT = {
-    Priority.BACKGROUND: 0.5,
-    Priority.NORMAL: 1.0,
-    Priority.HIGH: 2.0,
-    Priority.USER_FACING: 4.0,
+# How each priority's target falls once past the threshold: the drop toward the
+# floor is reach * excess ** exponent. A larger exponent stays near 1.0 longer and
+# a smaller reach stops short of the floor, so a full card (which is the normal
+# state under contention) still leaves high priorities well above their floors.
+_FALL = {
+    Priority.BACKGROUND: (0.5, 1.0),
+    Priority.NORMAL: (1.0, 1.0),
+    Priority.HIGH: (2.0, 0.75),
+    Priority.USER_FACING: (4.0, 0.5),
 }
 
 
@@ -73,7 +78,8 @@ def policy_target(
     excess = _excess(pressure, threshold)
     if excess == 0.0:
         return 1.0
-    drop: float = excess ** _FALL_EXPONENT[priority]
+    exponent, reach = _FALL[priority]
+    drop: float = reach * excess**exponent
     if policy is QualityPolicy.PROPORTIONAL:
         drop *= 1.0 - min(1.0, max(0.0, family_share))
     return max(floor, 1.0 - (1.0 - floor) * drop)
@@ -89,8 +95,16 @@ def elastic_share_quality(memory: int, min_memory: int, max_memory: int, floor: 
 
 
 def size_for_quality(quality: float, min_memory: int, max_memory: int, floor: float) -> int:
-    """The smallest size in ``[min_memory, max_memory]`` whose share reaches ``quality``."""
+    """The smallest size in ``[min_memory, max_memory]`` whose share reaches ``quality``.
+
+    The inverse of `elastic_share_quality`: a size's own share maps back to that size
+    (float rounding is absorbed, or a holder obeying a shrink request would keep a byte
+    too many and leave the waiter it shrank for short).
+    """
     if quality >= 1.0 or max_memory <= min_memory or floor >= 1.0:
         return max_memory
-    share = max(0.0, (quality - floor) / (1.0 - floor))
-    return min(max_memory, min_memory + int(-(-share * (max_memory - min_memory) // 1)))
+    span = max_memory - min_memory
+    exact = max(0.0, (quality - floor) / (1.0 - floor)) * span
+    # Float error in the round trip is ~1e-16 of the span per step: far below a byte.
+    size = min_memory + math.ceil(exact - max(1e-6, span * 1e-13))
+    return max(min_memory, min(max_memory, size))
