@@ -495,25 +495,32 @@ class Ledger:
 
     def _ask_to_shrink(self, request: Request, shortfall: int) -> bool:
         """Lower elastic victims' targets, in victim order, until their shrinking would
-        cover ``shortfall`` or none is left; False when there was none to ask."""
+        cover ``shortfall``. Asks no one (False) when shrinking alone could not cover
+        it: preemption is needed then anyway, and waiting the grace would only delay it.
+        """
+        plan: list[tuple[Holding, int]] = []
         remaining = shortfall
         for holding in self._victims(request.priority, elastic=True):
             if holding.shrink_cap is not None:
                 continue
             assert holding.min_memory is not None
             give = min(holding.memory - holding.min_memory, remaining)
-            if give <= 0:
-                continue
+            if give > 0:
+                plan.append((holding, holding.memory - give))
+                remaining -= give
+                if remaining <= 0:
+                    break
+        if remaining > 0:
+            return False
+        for holding, size in plan:
+            assert holding.min_memory is not None
             floor = self._floors[holding.diffusion]
             holding.shrink_cap = elastic_share_quality(
-                holding.memory - give, holding.min_memory, holding.max_memory, floor
+                size, holding.min_memory, holding.max_memory, floor
             )
             request.shrunk.append(holding)
             self.stats.quality_reductions += 1
-            remaining -= give
-            if remaining <= 0:
-                break
-        return bool(request.shrunk)
+        return True
 
     def _choose_victims(self, request: Request, shortfall: int) -> list[Holding] | None:
         """The holders to preempt, in order, until ``shortfall`` will be freed; None
