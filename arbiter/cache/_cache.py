@@ -18,15 +18,14 @@ import anyio.to_thread
 import httpx
 
 from .._config import ArbiterConfig
-from .._errors import FragmentError, FragmentUnavailable, IntegrityError
-from ._buffer import Buffer, FragmentBuffer
+from .._errors import FragmentError, FragmentUnavailable
+from ._buffer import Buffer
 from ._config import CacheConfig
-from ._disk import CorruptFragment, read_verified
 from ._flight import Flight, ProgressCallback, ProgressTracker
 from ._http import CdnFetcher
-from ._log import log, note
-from ._manifest import FragmentInfo, Manifest, disk_name
-from ._sink import DownloadSink
+from ._loader import Loader
+from ._log import log
+from ._manifest import FragmentInfo, Manifest
 from ._stats import CacheStats, CacheTier, StatsRecorder
 from ._tiers import DiskTier, RamTier
 from ._vram import VramTier
@@ -65,9 +64,8 @@ class FragmentCache:
         "_client",
         "_config",
         "_disk",
-        "_fetch_limiter",
-        "_fetcher",
         "_flights",
+        "_loader",
         "_manifest",
         "_ram",
         "_state",
@@ -90,9 +88,8 @@ class FragmentCache:
         self._disk = DiskTier(config, self._stats)
         self._vram = VramTier(arbiter, config, self._stats) if arbiter is not None else None
         self._flights: dict[str, Flight] = {}
-        self._fetch_limiter = anyio.CapacityLimiter(config.max_concurrent_fetches)
         self._client: httpx.AsyncClient | None = None
-        self._fetcher: CdnFetcher | None = None
+        self._loader: Loader | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._state = "new"
 
@@ -123,6 +120,7 @@ class FragmentCache:
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
             raise
+        fetcher = None
         if self._config.cdn_url is not None:
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self._config.http_timeout),
@@ -132,7 +130,8 @@ class FragmentCache:
                 ),
                 follow_redirects=True,
             )
-            self._fetcher = CdnFetcher(self._client, self._config, self._stats)
+            fetcher = CdnFetcher(self._client, self._config, self._stats)
+        self._loader = Loader(self._config, self._disk, self._stats, fetcher)
         self._state = "open"
         return self
 
@@ -324,7 +323,8 @@ class FragmentCache:
                 flight = Flight(info, want_data=want_data)
                 self._flights[info.id] = flight
                 self._require_open().start_soon(self._fly, flight)
-            flight.listen(tracker.advance)
+            if tracker.reports:
+                flight.listen(tracker.advance)
             try:
                 await flight.landed.wait()
             finally:
@@ -337,7 +337,8 @@ class FragmentCache:
     async def _fly(self, flight: Flight) -> None:
         start = anyio.current_time()
         try:
-            flight.data, flight.source = await self._fetch(flight)
+            assert self._loader is not None
+            flight.data, flight.source = await self._loader.load(flight)
             self._stats.fetches += 1
             self._stats.latencies.append(anyio.current_time() - start)
         except FragmentError as exc:
@@ -354,85 +355,3 @@ class FragmentCache:
             if self._flights.get(flight.info.id) is flight:
                 del self._flights[flight.info.id]
             flight.landed.set()
-
-    async def _fetch(self, flight: Flight) -> tuple[Buffer | None, CacheTier]:
-        """Disk tier, then ``source_dir``, then the CDN; a corrupt copy falls to the next."""
-        info, config = flight.info, self._config
-        corrupt = False
-        if self._disk.holds(info.id):
-            if not flight.want_data:
-                return None, CacheTier.NVME
-            try:
-                path = self._disk.layout.path(disk_name(info.id))
-                data = await self._read_local(path, flight)
-            except CorruptFragment as exc:
-                corrupt = True
-                self._stats.integrity_failures += 1
-                log.warning(
-                    "disk copy failed verification; dropped", fragment=info.id, error=str(exc)
-                )
-                await self._disk.forget(info.id)
-            except OSError as exc:
-                log.warning("disk copy unreadable; dropped", fragment=info.id, error=repr(exc))
-                await self._disk.forget(info.id)
-            else:
-                self._disk.policy.touch(info.id)
-                return data, CacheTier.NVME
-            flight.rewind()
-        if config.source_root is not None:
-            path = info.source_file(config.source_root)
-            if not flight.want_data and await anyio.Path(path).is_file():
-                return None, CacheTier.NVME  # a local model folder is the NVME tier already
-            try:
-                async with self._fetch_limiter:
-                    data = await self._read_local(path, flight)
-            except CorruptFragment as exc:
-                corrupt = True
-                self._stats.integrity_failures += 1
-                log.warning("source copy failed verification", fragment=info.id, error=str(exc))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("source copy unreadable", fragment=info.id, error=repr(exc))
-            else:
-                return data, CacheTier.NVME
-            flight.rewind()
-        if self._fetcher is not None and config.cdn_url is not None:
-            async with self._fetch_limiter:
-                return await self._download(info, flight), CacheTier.CDN
-        if corrupt:
-            raise IntegrityError(f"fragment {info.id!r}: every copy failed verification")
-        raise FragmentUnavailable(f"fragment {info.id!r}: no tier or origin holds it")
-
-    async def _read_local(self, path: Any, flight: Flight) -> Buffer:
-        info = flight.info
-        data = await read_verified(
-            path,
-            info.size,
-            info.sha256,
-            chunk_size=self._config.read_chunk_size,
-            parallelism=self._config.read_parallelism,
-            progress=flight.advance,
-        )
-        self._stats.bytes_read[CacheTier.NVME] += info.size
-        return data
-
-    async def _download(self, info: FragmentInfo, flight: Flight) -> Buffer | None:
-        assert self._fetcher is not None and self._config.cdn_url is not None
-        to_disk = self._disk.takes(info.size)
-        if not to_disk and not flight.want_data:
-            note("fragment too large for the disk tier; not prefetched", fragment=info.id)
-            return None
-        buffer = FragmentBuffer(info.size) if flight.want_data else None
-        sink = DownloadSink(info, buffer=buffer, layout=self._disk.layout if to_disk else None)
-        try:
-            await anyio.to_thread.run_sync(sink.open)
-            await self._fetcher.fetch(info.url(self._config.cdn_url), sink, flight.advance)
-            if to_disk:
-                await self._disk.wait_unlinked(info.id)  # an old unlink must not hit the new copy
-                await anyio.to_thread.run_sync(sink.commit)
-                self._disk.admit(info)
-            return sink.result()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(sink.discard)

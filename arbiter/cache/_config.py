@@ -76,6 +76,8 @@ class CacheConfig:
         read_chunk_size: bytes per disk read (at least 1 MiB).
         read_parallelism: disk reads of one fragment in flight at once.
         write_chunk_size: bytes gathered from the network before a write (>= 64 KiB).
+        writeback_step: bytes of a download between two starts of its writeback to disk,
+            so that the fsync before the commit is short (0: leave it all to the fsync).
         small_queue_share: S3-FIFO small queue's share of a tier, in (0, 1).
         ghost_share: bytes of evicted ids remembered by S3-FIFO, as a share of a tier.
         max_frequency: S3-FIFO frequency cap (re-insertions a popular entry may earn).
@@ -104,6 +106,7 @@ class CacheConfig:
     read_chunk_size: int = 4 * MiB
     read_parallelism: int = 4
     write_chunk_size: int = 1 * MiB
+    writeback_step: int = 16 * MiB
     small_queue_share: float = 0.1
     ghost_share: float = 0.9
     max_frequency: int = 3
@@ -152,6 +155,7 @@ class CacheConfig:
         _check_count("read_chunk_size", self.read_chunk_size, minimum=MIN_READ_CHUNK)
         _check_count("read_parallelism", self.read_parallelism, minimum=1)
         _check_count("write_chunk_size", self.write_chunk_size, minimum=MIN_WRITE_CHUNK)
+        _check_count("writeback_step", self.writeback_step, minimum=0)
         _check_ratio("small_queue_share", self.small_queue_share, low_open=True, high_open=True)
         if isinstance(self.ghost_share, bool) or not isinstance(self.ghost_share, int | float):
             raise TypeError(f"ghost_share must be a number, got {self.ghost_share!r}")

@@ -17,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 
 from ._buffer import Buffer, FragmentBuffer
@@ -136,6 +138,74 @@ def _read_small(path: Path, size: int, sha256: str) -> bytes:
     return data
 
 
+class _OrderedHash:
+    """Hashes a buffer's chunks in order while readers fill them out of order.
+
+    Whichever reader thread completes the next chunk in order hashes it, and every
+    chunk after it that is already there; the other readers go on reading. No thread
+    ever waits for another, so the readers cannot deadlock on a full thread pool.
+    """
+
+    __slots__ = ("_busy", "_chunk", "_done", "_hasher", "_lock", "_next", "_report", "_view")
+
+    def __init__(self, view: memoryview, chunk: int, report: Progress | None) -> None:
+        self._view = view
+        self._chunk = chunk
+        self._report = report
+        self._hasher = hashlib.sha256()
+        self._lock = threading.Lock()
+        self._done: set[int] = set()
+        self._next = 0
+        self._busy = False
+
+    def chunk_read(self, index: int) -> None:
+        """Record that chunk ``index`` is in the buffer; hash what is now in order."""
+        with self._lock:
+            self._done.add(index)
+            if self._busy:
+                return  # the thread hashing now will find it
+            self._busy = True
+        while True:
+            with self._lock:
+                if self._next not in self._done:
+                    self._busy = False
+                    return
+                start = self._next * self._chunk
+            # hashlib lets go of the GIL for large updates: the other readers go on.
+            with self._view[start : start + self._chunk] as part:
+                self._hasher.update(part)
+                done = len(part)
+            with self._lock:
+                self._done.discard(self._next)
+                self._next += 1
+            if self._report is not None:
+                anyio.from_thread.run_sync(self._report, done)
+
+    def hexdigest(self) -> str:
+        """The sha256 of the whole buffer (call once every chunk was hashed)."""
+        return self._hasher.hexdigest()
+
+
+def _read_stripe(
+    fd: int, view: memoryview, chunk: int, first: int, step: int, hasher: _OrderedHash
+) -> None:
+    """Read chunks ``first, first + step, ...`` into ``view``, handing each to ``hasher``."""
+    for index in range(first, -(-len(view) // chunk), step):
+        start = index * chunk
+        with view[start : start + chunk] as part:
+            _pread_into(fd, part, start)
+        hasher.chunk_read(index)
+
+
+def _open_with_buffer(path: Path, size: int) -> tuple[int, FragmentBuffer]:
+    fd = _open_checked(path, size)
+    try:
+        return fd, FragmentBuffer(size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 async def read_verified(
     path: Path,
     size: int,
@@ -148,7 +218,8 @@ async def read_verified(
     """Read a local fragment file and check its size and sha256.
 
     Fragments of up to two chunks are read by one worker thread; larger ones by up to
-    ``parallelism`` threads reading chunks ahead while another hashes them in order.
+    ``parallelism`` threads, each reading every ``parallelism``-th chunk, while the
+    sha256 follows the chunks in order.
 
     Raises:
         CorruptFragment: the size or the sha256 differs.
@@ -159,60 +230,38 @@ async def read_verified(
         if progress is not None:
             progress(size)
         return data
-    fd = await anyio.to_thread.run_sync(_open_checked, path, size)
-    buffer: FragmentBuffer | None = None
+    fd, buffer = await anyio.to_thread.run_sync(_open_with_buffer, path, size)
     try:
-        buffer = await anyio.to_thread.run_sync(FragmentBuffer, size)
         with buffer.view() as view:
-            digest = await _read_chunks(fd, view, chunk_size, parallelism, progress)
-        if digest != sha256:
+            hasher = _OrderedHash(view, chunk_size, progress)
+            stripes = min(parallelism, -(-size // chunk_size))
+            # Its own limiter: a read never waits for threads that other reads hold.
+            limiter = anyio.CapacityLimiter(stripes)
+            async with anyio.create_task_group() as tg:
+                for first in range(stripes):
+                    tg.start_soon(
+                        _run_stripe, fd, view, chunk_size, first, stripes, hasher, limiter
+                    )
+        if hasher.hexdigest() != sha256:
             raise CorruptFragment(f"{path} does not match its sha256")
         return buffer.freeze()
+    except BaseExceptionGroup as group:
+        # A task group wraps what a stripe raised; the caller wants the error itself.
+        raise group.exceptions[0] from None
     finally:
-        if buffer is not None:
-            buffer.close()
+        buffer.close()
         os.close(fd)
 
 
-async def _read_chunks(
-    fd: int, view: memoryview, chunk_size: int, parallelism: int, progress: Progress | None
-) -> str:
-    offsets = range(0, len(view), chunk_size)
-    ready = [anyio.Event() for _ in offsets]
-    failures: list[Exception] = []
-    next_chunk = 0
-
-    async def reader() -> None:
-        nonlocal next_chunk
-        while next_chunk < len(offsets) and not failures:
-            index = next_chunk
-            next_chunk += 1
-            start = offsets[index]
-            try:
-                with view[start : start + chunk_size] as part:
-                    await anyio.to_thread.run_sync(_pread_into, fd, part, start)
-            except Exception as exc:
-                # Stop every reader and wake the hasher, wherever it waits.
-                failures.append(exc)
-                for event in ready:
-                    event.set()
-                return
-            ready[index].set()
-
-    hasher = hashlib.sha256()
-    async with anyio.create_task_group() as tg:
-        for _ in range(min(parallelism, len(offsets))):
-            tg.start_soon(reader)
-        for index, start in enumerate(offsets):
-            await ready[index].wait()
-            if failures:
-                break
-            with view[start : start + chunk_size] as part:
-                # hashlib lets go of the GIL for large updates: the readers keep going.
-                await anyio.to_thread.run_sync(hasher.update, part)
-                done = len(part)
-            if progress is not None:
-                progress(done)
-    if failures:
-        raise failures[0]
-    return hasher.hexdigest()
+async def _run_stripe(
+    fd: int,
+    view: memoryview,
+    chunk: int,
+    first: int,
+    step: int,
+    hasher: _OrderedHash,
+    limiter: anyio.CapacityLimiter,
+) -> None:
+    await anyio.to_thread.run_sync(
+        _read_stripe, fd, view, chunk, first, step, hasher, limiter=limiter
+    )

@@ -36,6 +36,11 @@ class ProgressTracker:
         self.total = total
         self.done = 0
 
+    @property
+    def reports(self) -> bool:
+        """Whether there is a callback to report to."""
+        return self._callback is not None
+
     def advance(self, delta: int) -> None:
         """Add ``delta`` bytes (negative when a download starts over) and report."""
         self.done += delta
@@ -82,6 +87,11 @@ class Flight:
         self._listeners.append(listener)
         if self.bytes_done:
             listener(self.bytes_done)
+
+    @property
+    def watched(self) -> bool:
+        """Whether anyone listens to the progress now."""
+        return bool(self._listeners)
 
     def unlisten(self, listener: Callable[[int], None]) -> None:
         """Stop sending deltas to ``listener``."""

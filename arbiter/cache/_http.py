@@ -1,8 +1,8 @@
 """CdnFetcher: download one fragment from the CDN with retries, resumption and checks.
 
 A try streams the body with the shared ``httpx.AsyncClient``; the bytes are handed in
-batches to a writer task that hashes and stores them in a worker thread, so the event
-loop only moves references. A broken try is retried after an exponential backoff with
+batches to one writer thread that hashes and stores them, so the event loop only moves
+references. A broken try is retried after an exponential backoff with
 jitter, resuming with a ``Range`` request from the last byte stored; a server that
 answers ``200`` to a ``Range`` request is followed from byte 0. A body longer than
 the manifest's size is cut off and refused, and so is a body whose sha256 differs:
@@ -12,8 +12,10 @@ such a body counts as an integrity failure and is fetched afresh at most
 
 from __future__ import annotations
 
+import queue
 import random
 import re
+import threading
 from collections.abc import Callable
 
 import anyio
@@ -31,7 +33,7 @@ __all__ = ["CdnFetcher"]
 
 
 # Batches queued between the network reader and the writer thread: enough to keep both
-# busy, few enough that a slow disk holds back the network instead of filling memory.
+# busy, few enough that a slow disk holds the network back instead of filling memory.
 WRITE_QUEUE_DEPTH = 4
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -146,7 +148,7 @@ class CdnFetcher:
             await self._pump(response, sink, progress)
         if sink.offset < size:
             raise _Retryable(f"body ended at {format_bytes(sink.offset)} of {format_bytes(size)}")
-        if not await anyio.to_thread.run_sync(sink.matches):
+        if not sink.matches():
             raise _Corrupt("sha256 differs")
 
     async def _check_response(
@@ -177,54 +179,78 @@ class CdnFetcher:
     async def _pump(
         self, response: httpx.Response, sink: DownloadSink, progress: Progress | None
     ) -> None:
+        """Stream the body into ``sink``: the loop only gathers references into batches,
+        one writer thread (fed through a bounded queue, so a slow disk holds the network
+        back) hashes and stores them."""
         due = sink.info.size - sink.offset
         batch_size = self._config.write_chunk_size
         received = self._stats.bytes_read
-        send, receive = anyio.create_memory_object_stream[list[bytes]](WRITE_QUEUE_DEPTH)
+        batches: queue.Queue[list[bytes] | None] = queue.Queue(WRITE_QUEUE_DEPTH)
+        writer_failed = threading.Event()
         read_error: Exception | None = None
         write_error: Exception | None = None
 
+        async def put(batch: list[bytes] | None) -> None:
+            try:
+                batches.put_nowait(batch)
+            except queue.Full:  # the writer is behind: wait for room off the loop
+                await anyio.to_thread.run_sync(batches.put, batch, limiter=anyio.CapacityLimiter(1))
+
         async def writer() -> None:
             nonlocal write_error
-            async with receive:
-                async for batch in receive:
-                    try:
-                        await anyio.to_thread.run_sync(sink.write, batch)
-                    except Exception as exc:
-                        write_error = exc
-                        return  # closing `receive` stops the reader
-                    if progress is not None:
-                        progress(sum(len(c) for c in batch))
+            try:
+                await anyio.to_thread.run_sync(
+                    _write_batches, sink, batches, writer_failed, limiter=anyio.CapacityLimiter(1)
+                )
+            except Exception as exc:
+                write_error = exc
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer)
-            async with send:
-                batch: list[bytes] = []
-                pending = 0
-                try:
-                    async for chunk in response.aiter_raw():
-                        received[CacheTier.CDN] += len(chunk)
-                        if len(chunk) > due:
-                            raise _Corrupt(f"body runs past the manifest's {sink.info.size} bytes")
-                        batch.append(chunk)
-                        pending += len(chunk)
-                        due -= len(chunk)
-                        if pending >= batch_size:
-                            await send.send(batch)
-                            batch, pending = [], 0
-                    if batch:
-                        await send.send(batch)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass  # the writer failed; its error is raised below
-                except Exception as exc:
-                    # Stored bytes stay stored: the next try resumes after them.
-                    read_error = exc
-                    if batch and not isinstance(exc, _Corrupt):
-                        try:
-                            await send.send(batch)
-                        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                            pass
+            batch: list[bytes] = []
+            pending = 0
+            try:
+                async for chunk in response.aiter_raw():
+                    received[CacheTier.CDN] += len(chunk)
+                    if len(chunk) > due:
+                        raise _Corrupt(f"body runs past the manifest's {sink.info.size} bytes")
+                    due -= len(chunk)
+                    batch.append(chunk)
+                    pending += len(chunk)
+                    if pending >= batch_size:
+                        if writer_failed.is_set():
+                            break
+                        await put(batch)
+                        if progress is not None:
+                            progress(pending)
+                        batch, pending = [], 0
+            except Exception as exc:
+                # Stored bytes stay stored: the next try resumes after them.
+                read_error = exc
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if batch and not isinstance(read_error, _Corrupt):
+                        await put(batch)
+                        if progress is not None:
+                            progress(pending)
+                    await put(None)  # ends the writer thread, whatever happened
         if write_error is not None:
             raise write_error
         if read_error is not None:
             raise read_error
+
+
+def _write_batches(
+    sink: DownloadSink, batches: queue.Queue[list[bytes] | None], failed: threading.Event
+) -> None:
+    """The writer thread: store each batch until ``None``; after a failure, only drain."""
+    error: Exception | None = None
+    while (batch := batches.get()) is not None:
+        if error is None:
+            try:
+                sink.write(batch)
+            except Exception as exc:
+                error = exc
+                failed.set()
+    if error is not None:
+        raise error

@@ -29,21 +29,29 @@ class DownloadSink:
         info: the manifest entry being downloaded.
         buffer: where the bytes go in memory, or ``None``.
         layout: the disk tier to download into (through a temp file), or ``None``.
+        writeback_step: bytes of the temp file between two starts of writeback (0: none).
     """
 
     __slots__ = (
         "_buffer",
         "_committed",
+        "_flushed",
         "_hasher",
         "_layout",
         "_temp_fd",
         "_temp_path",
+        "_writeback_step",
         "info",
         "offset",
     )
 
     def __init__(
-        self, info: FragmentInfo, *, buffer: FragmentBuffer | None, layout: DiskLayout | None
+        self,
+        info: FragmentInfo,
+        *,
+        buffer: FragmentBuffer | None,
+        layout: DiskLayout | None,
+        writeback_step: int = 0,
     ) -> None:
         self.info = info
         self.offset = 0
@@ -53,6 +61,8 @@ class DownloadSink:
         self._temp_fd = -1
         self._temp_path: str | None = None
         self._committed = False
+        self._flushed = 0
+        self._writeback_step = writeback_step if hasattr(os, "posix_fadvise") else 0
 
     @property
     def to_disk(self) -> bool:
@@ -75,11 +85,19 @@ class DownloadSink:
         if self._temp_fd >= 0:
             _pwrite_all(self._temp_fd, chunks, self.offset)
         self.offset += sum(len(c) for c in chunks)
+        step = self._writeback_step
+        if step and self._temp_fd >= 0 and self.offset - self._flushed >= step:
+            # DONTNEED starts writing the range back without waiting for it (Linux): the
+            # fsync before the commit then finds little left to do.
+            length = self.offset - self._flushed
+            os.posix_fadvise(self._temp_fd, self._flushed, length, os.POSIX_FADV_DONTNEED)
+            self._flushed = self.offset
 
     def restart(self) -> None:
         """Forget every byte received: the next byte is byte 0 again."""
         self._hasher = hashlib.sha256()
         self.offset = 0
+        self._flushed = 0
         if self._temp_fd >= 0:
             os.ftruncate(self._temp_fd, 0)
 

@@ -1,0 +1,383 @@
+"""Fragment cache benchmarks: each figure is a ratio to a baseline measured in the same run.
+
+    python benchmarks/bench_cache.py [--quick] [--backend asyncio|trio]
+
+1. Disk tier: `get` of fragments not in RAM (verified, as every disk read is), cold
+   (``posix_fadvise(DONTNEED)`` first) and warm, against a plain synchronous
+   ``readinto`` of the same files into a fresh buffer, and against ``readinto`` +
+   ``sha256`` (the same work done serially).
+2. CDN tier: `get` of a fragment from a local origin (another process), which hashes,
+   writes, fsyncs and commits it, against a plain single-stream httpx download to a file
+   and against ``curl -o`` (skipped when curl is missing).
+3. Hit ratio: a two-tenant trace (LLM fragments by Zipf(1.0), diffusion scans of whole
+   models chosen by Zipf) replayed by size only through the cache's S3-FIFO policy and
+   through an LRU of the same byte capacity; the figure is missed bytes.
+4. Event-loop lag: the worst lateness of a 1 ms ticker while a 1 GiB fragment (256 MiB
+   with --quick) streams in from the local origin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from arbiter import GiB, MiB
+from arbiter.cache import CacheConfig, CacheTier, FragmentCache
+from arbiter.cache._manifest import disk_name
+from arbiter.cache._s3fifo import S3FifoPolicy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def write_fragment(path: Path, size: int) -> str:
+    """Write ``size`` random bytes to ``path`` (fsynced); return their sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    block = os.urandom(4 * MiB)
+    with open(path, "wb") as file:
+        left = size
+        while left:
+            piece = block[: min(left, len(block))]
+            file.write(piece)
+            digest.update(piece)
+            left -= len(piece)
+        file.flush()
+        os.fsync(file.fileno())
+    return digest.hexdigest()
+
+
+def drop_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def plain_readinto(path: Path, size: int, verify: bool) -> None:
+    buffer = bytearray(size)
+    with open(path, "rb", buffering=0) as file:
+        view = memoryview(buffer)
+        done = 0
+        while done < size:
+            done += file.readinto(view[done:])
+    if verify:
+        hashlib.sha256(buffer).hexdigest()
+
+
+def gbps(size: int, seconds: float) -> float:
+    return size / seconds / 1e9
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def add(self, name: str, ours: str, baseline: str, ratio: str) -> None:
+        self.rows.append((name, ours, baseline, ratio))
+        print(f"  {name}: {ours} vs {baseline} -> {ratio}", flush=True)
+
+    def show(self) -> None:
+        header = ("benchmark", "cache", "baseline", "ratio / result")
+        widths = [max(len(r[i]) for r in [header, *self.rows]) for i in range(4)]
+        line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+        print("\n" + line + "\n" + "-" * len(line))
+        for row in self.rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+# -- 1. disk tier ----------------------------------------------------------------------
+
+
+async def bench_disk(table: Table, work: Path, size: int, count: int, rounds: int) -> None:
+    disk = work / "disk"
+    manifest: dict[str, Any] = {"fragments": {}}
+    paths = []
+    for i in range(count):
+        fragment_id = f"disk/{i}"
+        path = disk / "fragments" / disk_name(fragment_id)
+        manifest["fragments"][fragment_id] = {"size": size, "sha256": write_fragment(path, size)}
+        paths.append((fragment_id, path))
+    config = CacheConfig(manifest, disk_path=disk, ram_capacity=0, disk_capacity=count * size)
+    async with FragmentCache(config) as cache:
+        for temperature in ("cold", "warm"):
+            timings: dict[str, list[float]] = {"cache": [], "readinto": [], "readinto+sha": []}
+            for _ in range(rounds):
+                for name in ("readinto", "cache", "readinto+sha"):
+                    for fragment_id, path in paths:
+                        if temperature == "cold":
+                            await anyio.to_thread.run_sync(drop_page_cache, path)
+                        else:
+                            plain_readinto(path, size, verify=False)
+                        start = time.perf_counter()
+                        if name == "cache":
+                            await cache.get(fragment_id, CacheTier.NVME)
+                        else:
+                            plain_readinto(path, size, verify=name == "readinto+sha")
+                        timings[name].append(time.perf_counter() - start)
+            ours = statistics.median(timings["cache"])
+            plain = statistics.median(timings["readinto"])
+            serial = statistics.median(timings["readinto+sha"])
+            label = f"disk get {size // MiB} MiB {temperature}"
+            table.add(
+                label,
+                f"{gbps(size, ours):.2f} GB/s",
+                f"{gbps(size, plain):.2f} GB/s readinto",
+                f"{plain / ours:.2f}x (target >= 0.9)",
+            )
+            table.add(
+                label + " (same work)",
+                f"{gbps(size, ours):.2f} GB/s",
+                f"{gbps(size, serial):.2f} GB/s readinto+sha256",
+                f"{serial / ours:.2f}x",
+            )
+        assert cache.stats().integrity_failures == 0
+
+
+# -- 2. CDN tier -----------------------------------------------------------------------
+
+
+def start_origin(directory: Path) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "origin_server.py"), str(directory)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    port = int(process.stdout.readline())
+    return process, f"http://127.0.0.1:{port}/"
+
+
+async def plain_httpx(client: httpx.AsyncClient, url: str, target: Path) -> None:
+    async with client.stream("GET", url) as response:
+        response.raise_for_status()
+        with open(target, "wb") as file:  # noqa: ASYNC230 - the naive baseline, on purpose
+            async for chunk in response.aiter_bytes():
+                file.write(chunk)
+
+
+async def bench_cdn(
+    table: Table, work: Path, url: str, served: Path, size: int, rounds: int
+) -> None:
+    digest = write_fragment(served / "cdn.bin", size)
+    manifest = {"fragments": {"cdn": {"size": size, "sha256": digest, "path": "cdn.bin"}}}
+    timings: dict[str, list[float]] = {"cache": [], "httpx": [], "curl": []}
+    curl = shutil.which("curl")
+    async with httpx.AsyncClient(timeout=60) as client:
+        for round_ in range(rounds):
+            target = work / "plain.bin"
+            start = time.perf_counter()
+            await plain_httpx(client, url + "cdn.bin", target)
+            timings["httpx"].append(time.perf_counter() - start)
+            target.unlink()
+            config = CacheConfig(
+                manifest, disk_path=work / f"cdn-cache-{round_}", cdn_url=url, ram_capacity=GiB * 4
+            )
+            async with FragmentCache(config) as cache:
+                start = time.perf_counter()
+                await cache.get("cdn")
+                timings["cache"].append(time.perf_counter() - start)
+            shutil.rmtree(work / f"cdn-cache-{round_}")
+            if curl:
+                start = time.perf_counter()
+                await anyio.run_process([curl, "-sSf", "-o", str(target), url + "cdn.bin"])
+                timings["curl"].append(time.perf_counter() - start)
+                target.unlink()
+    ours = statistics.median(timings["cache"])
+    plain = statistics.median(timings["httpx"])
+    table.add(
+        f"cdn get {size // MiB} MiB",
+        f"{gbps(size, ours):.2f} GB/s",
+        f"{gbps(size, plain):.2f} GB/s httpx",
+        f"{plain / ours:.2f}x (target >= 1.0)",
+    )
+    if timings["curl"]:
+        with_curl = statistics.median(timings["curl"])
+        table.add(
+            f"cdn get {size // MiB} MiB",
+            f"{gbps(size, ours):.2f} GB/s",
+            f"{gbps(size, with_curl):.2f} GB/s curl",
+            f"{with_curl / ours:.2f}x",
+        )
+    else:
+        table.add("cdn vs curl", "-", "curl not found", "skipped")
+
+
+# -- 3. hit ratio ----------------------------------------------------------------------
+
+
+def zipf_weights(n: int, alpha: float) -> list[float]:
+    return [1.0 / (rank**alpha) for rank in range(1, n + 1)]
+
+
+def two_tenant_trace(seed: int, requests: int) -> tuple[list[tuple[str, int]], int]:
+    """Fragment sizes 1 MiB .. 512 MiB (log-uniform). LLM: 3 checkpoints, requests pick a
+    fragment by Zipf(1.0); diffusion: 8 models, a request picks a model by Zipf(1.0)
+    and reads every fragment of it in order. Returns the trace and its unique bytes."""
+    rng = random.Random(seed)
+
+    def size() -> int:
+        return int(2 ** rng.uniform(0, 9) * MiB)
+
+    llm = [(f"llm{m}/{f}", size()) for m in range(3) for f in range(40)]
+    rng.shuffle(llm)
+    diffusion = [[(f"diff{m}/{f}", size()) for f in range(rng.randint(6, 16))] for m in range(8)]
+    llm_weights = zipf_weights(len(llm), 1.0)
+    model_weights = zipf_weights(len(diffusion), 1.0)
+    trace: list[tuple[str, int]] = []
+    while len(trace) < requests:
+        if rng.random() < 0.8:
+            trace.append(rng.choices(llm, llm_weights)[0])
+        else:
+            trace.extend(rng.choices(diffusion, model_weights)[0])
+    unique = sum(s for _, s in llm) + sum(s for model in diffusion for _, s in model)
+    return trace, unique
+
+
+def missed_bytes_s3fifo(trace: list[tuple[str, int]], capacity: int) -> int:
+    policy = S3FifoPolicy(capacity)  # CacheConfig's defaults
+    missed = 0
+    for key, size in trace:
+        if not policy.touch(key):
+            missed += size
+            policy.admit(key, size)
+    return missed
+
+
+def missed_bytes_lru(trace: list[tuple[str, int]], capacity: int) -> int:
+    held: OrderedDict[str, int] = OrderedDict()
+    total = missed = 0
+    for key, size in trace:
+        if key in held:
+            held.move_to_end(key)
+            continue
+        missed += size
+        if size > capacity:
+            continue
+        held[key] = size
+        total += size
+        while total > capacity:
+            total -= held.popitem(last=False)[1]
+    return missed
+
+
+def bench_hit_ratio(table: Table, requests: int) -> None:
+    results = []
+    for seed in range(3):
+        trace, unique = two_tenant_trace(seed, requests)
+        for share in (0.1, 0.2, 0.3):
+            capacity = int(unique * share)
+            ours = missed_bytes_s3fifo(trace, capacity)
+            lru = missed_bytes_lru(trace, capacity)
+            results.append((share, 1 - ours / lru))
+    for share in (0.1, 0.2, 0.3):
+        savings = [s for c, s in results if c == share]
+        table.add(
+            f"hit ratio, capacity {share:.0%} of bytes",
+            "S3-FIFO",
+            "LRU",
+            f"{statistics.mean(savings):.1%} fewer missed bytes "
+            f"(min {min(savings):.1%} over 3 traces; target >= 10%)",
+        )
+
+
+# -- 4. event-loop lag -----------------------------------------------------------------
+
+
+async def bench_lag(table: Table, work: Path, url: str, served: Path, size: int) -> None:
+    digest = write_fragment(served / "lag.bin", size)
+    manifest = {"fragments": {"lag": {"size": size, "sha256": digest, "path": "lag.bin"}}}
+    config = CacheConfig(
+        manifest, disk_path=work / "lag-cache", cdn_url=url, ram_capacity=2 * size
+    )
+    lags: list[float] = []
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            await anyio.sleep(0.001)
+            lags.append(time.perf_counter() - start - 0.001)
+
+    async with FragmentCache(config) as cache, anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        start = time.perf_counter()
+        data = await cache.get("lag")
+        elapsed = time.perf_counter() - start
+        done.set()
+    assert len(data) == size
+    lags.sort()
+    table.add(
+        f"loop lag, {size // MiB} MiB streaming in",
+        f"max {max(lags) * 1e3:.1f} ms, p99 {lags[int(len(lags) * 0.99)] * 1e3:.2f} ms",
+        f"{len(lags)} ticks in {elapsed:.1f} s",
+        "target max < 10 ms",
+    )
+
+
+# -- main --------------------------------------------------------------------------------
+
+
+async def main(args: argparse.Namespace) -> None:
+    quick = args.quick
+    table = Table()
+    with tempfile.TemporaryDirectory(prefix="bench-cache-", dir=args.dir) as tmp:
+        work = Path(tmp)
+        served = work / "served"
+        served.mkdir()
+        print("disk tier ...", flush=True)
+        await bench_disk(
+            table,
+            work,
+            size=(16 if quick else 64) * MiB,
+            count=2 if quick else 4,
+            rounds=1 if quick else 3,
+        )
+        process, url = start_origin(served)
+        try:
+            print("cdn tier ...", flush=True)
+            await bench_cdn(
+                table, work, url, served, (64 if quick else 256) * MiB, 1 if quick else 3
+            )
+            print("event-loop lag ...", flush=True)
+            await bench_lag(table, work, url, served, (256 if quick else 1024) * MiB)
+        finally:
+            process.terminate()
+            process.wait()
+    print("hit ratio ...", flush=True)
+    bench_hit_ratio(table, 3_000 if quick else 20_000)
+    table.show()
+
+
+def run(entry: Callable[[argparse.Namespace], Awaitable[None]]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="much smaller sizes and rounds")
+    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
+    parser.add_argument("--dir", default=None, help="where to put the files (default: /tmp)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    anyio.run(entry, args, backend=args.backend)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    run(main)
