@@ -25,6 +25,7 @@ __all__ = [
     "list_gpus",
     "nvml_session",
     "open_device",
+    "per_process_usage",
     "read_memory",
 ]
 
