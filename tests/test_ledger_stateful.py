@@ -42,7 +42,6 @@ class LedgerMachine(RuleBasedStateMachine):
         # Holdings their owners hold (granted and run, not released).
         self.holdings: list[Holding] = []
         self.grants = 0
-        self.grown_to: dict[Request, int] = {}  # a granted growth: its holding's size then
 
     @initialize(grace=st.sampled_from([0.0, 2.0]))
     def build(self, grace: float) -> None:
@@ -58,8 +57,6 @@ class LedgerMachine(RuleBasedStateMachine):
         if request.state is not GRANTED:
             return  # a failed grow, or a waiter asked to re-park for the reclaim grace
         self.grants += 1
-        if request.grow:
-            self.grown_to[request] = request.holding.memory
         ledger = self.ledger
         assert ledger.granted + ledger.external <= ledger.budget, "granted over the budget"
         assert request.min_size <= request.size <= request.max_size
@@ -84,19 +81,6 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def growing(self, holding: Holding) -> bool:
         return any(r.grow and r.holding is holding for r in self.pending)
-
-    def may_withdraw(self, request: Request) -> bool:
-        """Whether a granted request may be withdrawn here.
-
-        Left out: a granted growth whose holding was released or shrunk after the grant;
-        the ledger then gives back the whole growth again (reported separately).
-        """
-        if request.state is not GRANTED:
-            return False
-        if not request.grow:
-            return True
-        holding = request.holding
-        return not holding.released and holding.memory == self.grown_to[request]
 
     def escalate_due(self) -> None:
         """A parked waiter wakes at its reclaim deadline and asks the ledger to go on."""
@@ -156,7 +140,8 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         """A waiter cancelled from outside, also one whose grant raced the cancellation."""
-        choices = [r for r in self.pending if r.state is WAITING or self.may_withdraw(r)]
+        # A granted growth may meanwhile have been shrunk, or its holding released.
+        choices = [r for r in self.pending if r.state is WAITING or r.state is GRANTED]
         if not choices:
             return
         request = data.draw(st.sampled_from(choices))
