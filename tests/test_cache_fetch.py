@@ -203,3 +203,23 @@ async def test_progress_reports_bytes_done_up_to_the_total(tmp_path, origin) -> 
     assert seen[-1] == (5 * MiB, 5 * MiB)
     assert len(seen) > 2
     assert all(total == 5 * MiB and 0 <= done <= total for done, total in seen)
+
+
+async def test_a_failing_disk_write_ends_the_get_cleanly(tmp_path, origin, monkeypatch) -> None:
+    import errno
+
+    from arbiter.cache._sink import DownloadSink
+
+    fragments = make_fragments(1, 3 * MiB)
+    origin.files.update(fragments)
+
+    def full_disk(self: DownloadSink, chunks: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DownloadSink, "write", full_disk)
+    async with FragmentCache(make_config(tmp_path, fragments, cdn_url=origin.url)) as cache:
+        with pytest.raises(FragmentUnavailable, match="No space left"):
+            await cache.get("frag/00")
+        monkeypatch.undo()
+        assert bytes(await cache.get("frag/00")) == fragments["frag/00"]
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []

@@ -19,7 +19,7 @@ import httpx
 
 from .._config import ArbiterConfig
 from .._errors import FragmentError, FragmentUnavailable
-from ._buffer import Buffer
+from ._buffer import Buffer, Reaper
 from ._config import CacheConfig
 from ._flight import Flight, ProgressCallback, ProgressTracker
 from ._http import CdnFetcher
@@ -68,6 +68,7 @@ class FragmentCache:
         "_loader",
         "_manifest",
         "_ram",
+        "_reaper",
         "_state",
         "_stats",
         "_tg",
@@ -84,9 +85,12 @@ class FragmentCache:
         if ram_capacity is None:
             ram_capacity = (arbiter.config if arbiter is not None else ArbiterConfig()).ram_budget
         self._stats = StatsRecorder(config.latency_window)
-        self._ram = RamTier(ram_capacity, config, self._stats)
+        self._reaper = Reaper()
+        self._ram = RamTier(ram_capacity, config, self._stats, self._reaper)
         self._disk = DiskTier(config, self._stats)
-        self._vram = VramTier(arbiter, config, self._stats) if arbiter is not None else None
+        self._vram = (
+            VramTier(arbiter, config, self._stats, self._reaper) if arbiter is not None else None
+        )
         self._flights: dict[str, Flight] = {}
         self._client: httpx.AsyncClient | None = None
         self._loader: Loader | None = None
@@ -111,14 +115,16 @@ class FragmentCache:
         self._state = "opening"
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        self._reaper.attach(self._tg)
         try:
             await self._disk.open(self._manifest, self._tg)
             if self._vram is not None:
                 await self._vram.open(self._tg)
         except BaseException:
-            self._state = "closing"
+            self._state = "closed"
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
+            self._reaper.attach(None)
             raise
         fetcher = None
         if self._config.cdn_url is not None:
@@ -151,16 +157,18 @@ class FragmentCache:
             return
         self._state = "closed"
         try:
+            # Buried in the task group, so that its exit waits for the buffers to be dropped.
+            if self._vram is not None:
+                self._vram.close()
+            self._ram.clear()
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
                 await self._tg.__aexit__(None, None, None)
         finally:
-            if self._vram is not None:
-                self._vram.close()
+            self._reaper.attach(None)
             if self._client is not None:
                 with anyio.CancelScope(shield=True):
                     await self._client.aclose()
-            self._ram.clear()
 
     def _require_open(self) -> anyio.abc.TaskGroup:
         if self._state != "open" or self._tg is None:

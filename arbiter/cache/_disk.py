@@ -244,13 +244,18 @@ async def read_verified(
                     )
         if hasher.hexdigest() != sha256:
             raise CorruptFragment(f"{path} does not match its sha256")
-        return buffer.freeze()
+        return await anyio.to_thread.run_sync(buffer.freeze)
     except BaseExceptionGroup as group:
         # A task group wraps what a stripe raised; the caller wants the error itself.
         raise group.exceptions[0] from None
     finally:
-        buffer.close()
-        os.close(fd)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_close_both, buffer, fd)
+
+
+def _close_both(buffer: FragmentBuffer, fd: int) -> None:
+    buffer.close()
+    os.close(fd)
 
 
 async def _run_stripe(

@@ -128,7 +128,7 @@ class Loader:
         if not to_disk and not flight.want_data:
             note("fragment too large for the disk tier; not prefetched", fragment=info.id)
             return None
-        buffer = FragmentBuffer(info.size) if flight.want_data else None
+        buffer = FragmentBuffer(info.size) if flight.want_data else None  # no mapping yet
         sink = DownloadSink(
             info,
             buffer=buffer,
@@ -142,7 +142,7 @@ class Loader:
                 await self._disk.wait_unlinked(info.id)  # an old unlink must not hit the new copy
                 await anyio.to_thread.run_sync(sink.commit)
                 self._disk.admit(info)
-            return sink.result()
+            return await anyio.to_thread.run_sync(sink.result)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(sink.discard)

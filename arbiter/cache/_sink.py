@@ -78,13 +78,18 @@ class DownloadSink:
         """Hash ``chunks`` and store them at the current offset."""
         if len(chunks) > IOV_LIMIT:
             chunks = [b"".join(chunks)]
-        for chunk in chunks:
-            self._hasher.update(chunk)
+        length = sum(len(c) for c in chunks)
         if self._buffer is not None:
             self._buffer.pwritev(chunks, self.offset)
+            # One large update instead of one per network chunk: each update lets go of
+            # the GIL and takes it back, and every take can keep the event loop waiting.
+            self._buffer.digest_into(self._hasher, self.offset, length)
+        else:
+            for chunk in chunks:
+                self._hasher.update(chunk)
         if self._temp_fd >= 0:
             _pwrite_all(self._temp_fd, chunks, self.offset)
-        self.offset += sum(len(c) for c in chunks)
+        self.offset += length
         step = self._writeback_step
         if step and self._temp_fd >= 0 and self.offset - self._flushed >= step:
             # DONTNEED starts writing the range back without waiting for it (Linux): the

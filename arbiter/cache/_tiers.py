@@ -12,7 +12,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ._buffer import Buffer
+from ._buffer import Buffer, Reaper
 from ._config import CacheConfig
 from ._disk import DiskLayout
 from ._manifest import FragmentInfo, Manifest, disk_name
@@ -35,12 +35,15 @@ def new_policy(capacity: int, config: CacheConfig) -> S3FifoPolicy:
 class RamTier:
     """Verified fragments in host memory, at most ``capacity`` bytes (pins included)."""
 
-    __slots__ = ("_data", "_stats", "policy")
+    __slots__ = ("_data", "_reaper", "_stats", "policy")
 
-    def __init__(self, capacity: int, config: CacheConfig, stats: StatsRecorder) -> None:
+    def __init__(
+        self, capacity: int, config: CacheConfig, stats: StatsRecorder, reaper: Reaper
+    ) -> None:
         self.policy = new_policy(capacity, config)
         self._data: dict[str, Buffer] = {}
         self._stats = stats
+        self._reaper = reaper
 
     def get(self, fragment_id: str, *, touch: bool) -> Buffer | None:
         """The fragment's bytes, or ``None``; ``touch`` counts a hit for eviction."""
@@ -57,13 +60,13 @@ class RamTier:
         if evicted is None:
             return False
         self._stats.evictions += len(evicted)
-        for victim in evicted:
-            del self._data[victim]
+        self._reaper.bury([self._data.pop(victim) for victim in evicted])
         self._data[info.id] = data
         return True
 
     def clear(self) -> None:
         """Let go of every fragment (the cache is closing)."""
+        self._reaper.bury(list(self._data.values()))
         self._data.clear()
 
 

@@ -23,7 +23,7 @@ import anyio.to_thread
 
 from .._errors import ArbiterError
 from .._types import Priority
-from ._buffer import Buffer
+from ._buffer import Buffer, Reaper
 from ._config import CacheConfig
 from ._device import DeviceStore, open_device_store
 from ._log import note
@@ -48,6 +48,7 @@ class VramTier:
         arbiter: the arbiter that charges the tier's memory.
         config: ``vram_capacity``, ``vram_workload``, ``vram_grow_timeout`` and S3-FIFO policy.
         stats: where evictions are counted.
+        reaper: where evicted device copies are dropped (off the event loop).
     """
 
     __slots__ = (
@@ -59,13 +60,17 @@ class VramTier:
         "_floor",
         "_handles",
         "_policy",
+        "_reaper",
         "_stats",
         "_store",
         "_tg",
     )
 
-    def __init__(self, arbiter: Arbiter, config: CacheConfig, stats: StatsRecorder) -> None:
+    def __init__(
+        self, arbiter: Arbiter, config: CacheConfig, stats: StatsRecorder, reaper: Reaper
+    ) -> None:
         self._arbiter = arbiter
+        self._reaper = reaper
         self._config = config
         self._stats = stats
         budget = arbiter.config.vram_budget
@@ -223,9 +228,8 @@ class VramTier:
 
     def _drop(self, evicted: list[str]) -> None:
         self._stats.evictions += len(evicted)
-        for fragment_id in evicted:
-            # Dropping the last reference frees the device memory (torch's allocator).
-            self._handles.pop(fragment_id, None)
+        # Dropping the last reference frees the device memory (torch's allocator).
+        self._reaper.bury([self._handles.pop(i, None) for i in evicted])
 
     def _release(self) -> None:
         """Evict everything and give the whole charge back (sync: release never blocks)."""
