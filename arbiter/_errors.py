@@ -9,6 +9,7 @@ ours and raise ``TypeError`` or ``ValueError`` at the call instead.
   * AllocationTimeout (also a ``TimeoutError``) - the request waited its whole timeout
   * Preempted - a higher priority took this allocation's memory
   * ShuttingDown - the arbiter is closing or closed
+  * GpuProbeError - the GPU could not be read (NVML failed, the device is gone)
   * FragmentError
     * IntegrityError - a fragment's bytes do not match its manifest entry
     * FragmentUnavailable - no tier or origin could deliver a fragment
@@ -23,6 +24,7 @@ __all__ = [
     "ArbiterError",
     "FragmentError",
     "FragmentUnavailable",
+    "GpuProbeError",
     "InsufficientMemory",
     "InsufficientQuality",
     "IntegrityError",
@@ -76,6 +78,10 @@ class Preempted(ArbiterError):
 
 class ShuttingDown(ArbiterError):
     """The arbiter is closing or closed."""
+
+
+class GpuProbeError(ArbiterError):
+    """A GPU could not be read (NVML failed, the device is gone). The cause is chained."""
 
 
 class FragmentError(ArbiterError):

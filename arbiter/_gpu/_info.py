@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from .._errors import ArbiterError
+from .._errors import GpuProbeError
 
 __all__ = [
     "DetectionMethod",
@@ -32,10 +32,6 @@ class GpuVendor(StrEnum):
     NVIDIA = "nvidia"
     AMD = "amd"
     UNKNOWN = "unknown"
-
-
-class GpuProbeError(ArbiterError):
-    """A GPU could not be read (NVML failed, the device is gone). The cause is chained."""
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
