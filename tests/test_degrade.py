@@ -225,3 +225,63 @@ async def test_several_elastic_holders_share_a_large_shortfall() -> None:
             assert high and high[0].memory == 12 * GiB
             assert arbiter.stats().preemptions == 0
             high[0].release()
+
+
+async def test_waiter_that_becomes_head_later_asks_then_escalates_after_the_grace() -> None:
+    grace = 0.3
+    arbiter = make_arbiter(reclaim_grace=grace)
+    fixed = await arbiter.request_allocation(LLM, NORMAL, 4 * GiB, preemptible=False)
+    elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            left = anyio.Event()
+
+            async def hopeless() -> None:
+                # Needs the whole budget while 4 GiB cannot be taken: nobody can help it.
+                with pytest.raises(AllocationTimeout):
+                    await arbiter.request_allocation(
+                        LLM, Priority.USER_FACING, 24 * GiB, timeout=0.05
+                    )
+                left.set()
+
+            started = anyio.current_time()
+            tg.start_soon(hopeless)
+            await anyio.wait_all_tasks_blocked()
+            assert elastic.quality == 1.0 and not elastic.preempted
+            high = await request_in_background(tg, arbiter, HIGH, 8)
+            assert not high and elastic.quality == 1.0  # behind the hopeless one
+            await left.wait()
+            # Once head, it asks for a shrink ...
+            assert elastic.quality < 1.0 and not elastic.preempted
+            # ... waits the grace, then preempts the holder that ignored it.
+            await elastic.wait_preempted()
+            # It became head when the other timed out (0.05 s after it started at the
+            # earliest), and the grace runs from there.
+            assert anyio.current_time() - started >= 0.05 + grace
+            assert arbiter.stats().quality_reductions >= 1
+            elastic.release()
+            await anyio.wait_all_tasks_blocked()
+            assert high and high[0].memory == 8 * GiB
+            high[0].release()
+    fixed.release()
+
+
+async def test_growing_holder_asks_elastic_holders_first_then_preempts_after_the_grace() -> None:
+    grace = 0.05
+    arbiter = make_arbiter(reclaim_grace=grace)
+    holder = await arbiter.request_allocation(LLM, HIGH, 4 * GiB)
+    elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            started = anyio.current_time()
+
+            async def give_back_when_asked() -> None:
+                await elastic.wait_preempted()
+                elastic.release()
+
+            tg.start_soon(give_back_when_asked)
+            await holder.resize(12 * GiB)
+            assert anyio.current_time() - started >= grace
+            assert elastic.preempted and holder.memory == 12 * GiB
+            stats = arbiter.stats()
+            assert stats.quality_reductions >= 1 and stats.preemptions == 1

@@ -1,0 +1,330 @@
+"""The sync core under preemption, driven by hypothesis on a virtual clock.
+
+The machine plays the async shell and well-behaved holders: victims unwind and
+release when they like, elastic holders asked to shrink comply (or not), parked
+waiters escalate when their reclaim grace has passed, and the keep_alive timer
+fires. After every step the ledger's books must be exact; at every preemption
+request the victim must be fair game: strictly below the waiter it is taken for,
+preemptible, chosen in DESIGN.md's order, only after the grace when elastic holders
+were asked to shrink, and only when enough will then be freed.
+"""
+
+from __future__ import annotations
+
+from itertools import count
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from arbiter import ArbiterConfig, Priority, WorkloadType
+from arbiter._ledger import GRANTED, WAITING, Holding, Ledger, Request
+from arbiter._quality import size_for_quality
+
+BUDGET = 100
+
+priorities = st.sampled_from(list(Priority))
+workloads = st.sampled_from(list(WorkloadType))
+
+
+def victim_key(holding: Holding) -> tuple[int, bool, int]:
+    """DESIGN.md's preemption order: lowest priority, idle before busy, most recent."""
+    return (holding.priority, holding.busy_spans > 0, -holding.granted_seq)
+
+
+class PreemptionMachine(RuleBasedStateMachine):
+    # Whether grows may be queued by holders that can be asked to give back. A grow
+    # granted to a holder already asked is not counted as on its way (reported), so
+    # the committed machine keeps grows to holders that are never asked.
+    GROW_ANY = False
+    # Whether a waiter must ask elastic holders already asked by another waiter for
+    # more before preempting (reported: it preempts them at once instead).
+    ASK_ASKED_AGAIN = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.seq = count()
+        self.pending: list[Request] = []  # parked, or granted and not yet run
+        self.holdings: list[Holding] = []  # held by their owners
+        self.asked_at: dict[Request, float] = {}  # when a waiter asked for shrinks
+        self.in_timer = False
+        self.batch: list[Holding] = []  # victims chosen by the current ledger call
+        self.batch_for: Request | None = None
+        self.preempted_total = 0
+
+    @initialize(grace=st.sampled_from([1.0, 0.0]))
+    def build(self, grace: float) -> None:
+        self.grace = grace
+        config = ArbiterConfig(vram_budget=BUDGET, reclaim_grace=grace)
+        self.ledger = Ledger(config, wake=self.on_wake, preempt=self.on_preempt)
+
+    # -- the hooks ---------------------------------------------------------------
+
+    def on_wake(self, request: Request) -> None:
+        if request.state is GRANTED:
+            ledger = self.ledger
+            assert ledger.granted + ledger.external <= ledger.budget
+
+    def on_preempt(self, holding: Holding) -> None:
+        assert not holding.released and holding.preempt_requested
+        self.preempted_total += 1
+        if self.in_timer:  # keep_alive: any priority, but never a busy holder
+            assert holding.keep_alive is not None and holding.busy_spans == 0
+            assert holding.idle_since + holding.keep_alive <= self.now
+            return
+        waiter = self.ledger.head()  # preemption is only ever for the head of the queue
+        assert waiter is not None and waiter.state is WAITING
+        assert holding.priority < waiter.priority, "equal or higher priority asked"
+        assert holding.preemptible, "a preemptible=False holder asked"
+        if waiter in self.asked_at:
+            assert self.now >= self.asked_at[waiter] + self.grace, "preempted within the grace"
+        if self.batch_for is not waiter:
+            self.batch, self.batch_for = [], waiter
+        self.batch.append(holding)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def call(self, fn: object, *args: object) -> None:
+        """Run one ledger operation, then check the victims it chose as one batch."""
+        self.batch, self.batch_for = [], None
+        fn(*args, self.now)  # type: ignore[operator]
+        if self.batch_for is not None:
+            self.check_batch(self.batch_for, self.batch)
+        self.note_asks()
+        self.adopt_grants()
+
+    def eligible(self, waiter: Request) -> list[Holding]:
+        return [
+            h
+            for h in self.live()
+            if h.preemptible and not h.preempt_requested and h.priority < waiter.priority
+        ]
+
+    def check_batch(self, waiter: Request, chosen: list[Holding]) -> None:
+        ledger = self.ledger
+        # Enough will be freed (else nobody should have been harmed).
+        free = ledger.budget - ledger.granted - ledger.external
+        assert free + ledger.on_the_way >= waiter.min_size, "preempted without covering it"
+        # The chosen ones come first in the order, and none is superfluous at its end.
+        if chosen:
+            worst = max(victim_key(h) for h in chosen)
+            for other in self.eligible(waiter):
+                assert victim_key(other) > worst, "a victim was skipped"
+            last = max(chosen, key=victim_key)
+            assert free + ledger.on_the_way - last.memory < waiter.min_size, "one too many"
+        if self.grace > 0 and waiter not in self.asked_at:
+            # No grace was waited: then shrinking alone could not have covered it.
+            shrinkable = sum(
+                h.memory - (h.min_memory or h.memory)
+                for h in self.eligible(waiter) + chosen
+                if h.elastic and (self.ASK_ASKED_AGAIN or h.shrink_cap is None)
+            )
+            short = waiter.min_size - free - (ledger.on_the_way - sum(h.memory for h in chosen))
+            assert shrinkable < short, "preempted with no grace though shrinking could do"
+
+    def note_asks(self) -> None:
+        for request in self.pending:
+            if request.state is WAITING and request.reclaim_phase == 1:
+                self.asked_at.setdefault(request, self.now)
+
+    def adopt_grants(self) -> None:
+        """Granted waiters run; failed grows (their holder released) go away."""
+        for request in list(self.pending):
+            if request.state is GRANTED:
+                self.pending.remove(request)
+                if not request.grow:
+                    self.holdings.append(request.holding)
+            elif request.state is not WAITING:
+                self.pending.remove(request)
+
+    def live(self) -> list[Holding]:
+        return [h for h in self.ledger.holdings() if not h.released]
+
+    def waiting(self) -> list[Request]:
+        return [r for r in self.pending if r.state is WAITING]
+
+    def submit(self, request: Request) -> None:
+        self.pending.append(request)
+        self.call(self.ledger.submit, request)
+
+    # -- rules -----------------------------------------------------------------------
+
+    @rule(
+        workload=workloads,
+        priority=priorities,
+        size=st.integers(1, 50),
+        elastic=st.none() | st.integers(1, 50),
+        preemptible=st.booleans(),
+        keep_alive=st.none() | st.sampled_from([0.0, 0.5, 3.0]),
+    )
+    def request(
+        self,
+        workload: WorkloadType,
+        priority: Priority,
+        size: int,
+        elastic: int | None,
+        preemptible: bool,
+        keep_alive: float | None,
+    ) -> None:
+        top = size if elastic is None else min(BUDGET, size + elastic)
+        holding = Holding(
+            workload,
+            priority,
+            top,
+            None if elastic is None else size,
+            preemptible=preemptible,
+            keep_alive=keep_alive,
+        )
+        self.submit(Request(holding, size, top))
+
+    @precondition(lambda self: self.holdings)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        """Any holder lets go (a victim that finished unwinding, or one done early)."""
+        asked = [h for h in self.holdings if h.preempt_requested]
+        pool = asked if asked and data.draw(st.booleans()) else self.holdings
+        holding = data.draw(st.sampled_from(pool))
+        self.holdings.remove(holding)
+        self.call(self.ledger.release, holding)
+        assert holding.memory == 0 and holding.released
+
+    @precondition(lambda self: any(h.shrink_cap is not None for h in self.holdings))
+    @rule(data=st.data())
+    def comply(self, data: st.DataObject) -> None:
+        """An elastic holder asked to shrink resizes to what its target allows."""
+        asked = [h for h in self.holdings if h.shrink_cap is not None]
+        holding = data.draw(st.sampled_from(asked))
+        assert holding.min_memory is not None
+        target = self.ledger.target(holding)
+        size = size_for_quality(
+            target, holding.min_memory, holding.max_memory, self.ledger.floor(holding)
+        )
+        size = max(holding.min_memory, min(size, holding.memory))
+        self.call(self.ledger.shrink, holding, size)
+
+    @precondition(lambda self: self.holdings)
+    @rule(data=st.data())
+    def shrink(self, data: st.DataObject) -> None:
+        elastic = [h for h in self.holdings if h.min_memory is not None]
+        if not elastic:
+            return
+        holding = data.draw(st.sampled_from(elastic))
+        assert holding.min_memory is not None
+        if holding.memory > holding.min_memory:
+            size = data.draw(st.integers(holding.min_memory, holding.memory))
+            self.call(self.ledger.shrink, holding, size)
+
+    @precondition(lambda self: self.holdings)
+    @rule(data=st.data())
+    def grow(self, data: st.DataObject) -> None:
+        growing = {id(r.holding) for r in self.pending if r.grow}
+        pool = [
+            h
+            for h in self.holdings
+            if h.memory < BUDGET
+            and id(h) not in growing
+            and (self.GROW_ANY or (not h.preemptible and h.keep_alive is None))
+        ]
+        if not pool:
+            return
+        holding = data.draw(st.sampled_from(pool))
+        delta = data.draw(st.integers(1, BUDGET - holding.memory))
+        self.submit(Request(holding, delta, delta, grow=True))
+
+    @precondition(lambda self: self.waiting())
+    @rule(data=st.data())
+    def give_up(self, data: st.DataObject) -> None:
+        """A parked waiter times out or is cancelled."""
+        request = data.draw(st.sampled_from(self.waiting()))
+        self.call(self.ledger.withdraw, request)
+        assert request.state is not WAITING and request not in self.pending
+
+    @rule(wait=st.sampled_from([0.1, 0.6, 1.0, 2.5]))
+    def time_passes(self, wait: float) -> None:
+        """Parked waiters whose grace has passed escalate; the keep_alive timer looks."""
+        self.now += wait
+        for request in self.waiting():
+            if request.reclaim_deadline <= self.now:
+                self.call(self.ledger.escalate, request)
+        self.in_timer = True
+        try:
+            self.call(self.ledger.reclaim_idle)
+        finally:
+            self.in_timer = False
+
+    @precondition(lambda self: self.holdings)
+    @rule(data=st.data())
+    def toggle_busy(self, data: st.DataObject) -> None:
+        holding = data.draw(st.sampled_from(self.holdings))
+        self.ledger.set_busy(holding, holding.busy_spans == 0, self.now)
+
+    @rule(external=st.integers(0, BUDGET // 4))
+    def set_external(self, external: int) -> None:
+        self.call(self.ledger.set_external, external)
+
+    # -- invariants ------------------------------------------------------------------
+
+    @invariant()
+    def books_are_exact(self) -> None:
+        if not hasattr(self, "ledger"):
+            return
+        ledger = self.ledger
+        ledger.check_invariants()
+        assert 0 <= ledger.on_the_way <= ledger.granted
+        for holding in self.live():
+            assert 0 < holding.memory <= holding.max_memory
+            if holding.min_memory is not None:
+                assert holding.memory >= holding.min_memory
+            floor = ledger.floor(holding)
+            assert floor <= ledger.target(holding) <= 1.0
+
+    @invariant()
+    def shrink_requests_come_from_a_higher_waiter(self) -> None:
+        if not hasattr(self, "ledger"):
+            return
+        for holding in self.live():
+            if holding.shrink_cap is None:
+                continue
+            assert holding.elastic and holding.preemptible
+            askers = [r for r in self.waiting() if holding in r.shrunk]
+            assert askers, "a shrink request outlived its waiter"
+            assert all(r.priority > holding.priority for r in askers)
+
+    @invariant()
+    def a_waiter_short_of_memory_is_doing_something_about_it(self) -> None:
+        """The head that does not fit has asked for shrinks (and waits the grace), or
+        enough is on its way, or preempting everyone allowed would not be enough."""
+        if not hasattr(self, "ledger"):
+            return
+        ledger = self.ledger
+        head = ledger.head()
+        if head is None:
+            return
+        free = ledger.budget - ledger.granted - ledger.external
+        short = head.min_size - free - ledger.on_the_way
+        if short <= 0 or head.reclaim_phase == 1:
+            return
+        assert sum(h.memory for h in self.eligible(head)) < short, "a waiter stalls"
+
+    def teardown(self) -> None:
+        if not hasattr(self, "ledger"):
+            return
+        ledger = self.ledger
+        for request in self.waiting():
+            ledger.withdraw(request, self.now)
+        self.adopt_grants()
+        for holding in self.holdings:
+            ledger.release(holding, self.now)
+        ledger.check_invariants()
+        assert ledger.granted == 0 and ledger.waiting == 0 and ledger.on_the_way == 0
+        assert ledger.stats.preemptions + ledger.stats.keep_alive_reclaims == self.preempted_total
+
+
+PreemptionMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestPreemption = PreemptionMachine.TestCase
