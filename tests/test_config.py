@@ -11,7 +11,12 @@ import pytest
 from arbiter import (
     Arbiter,
     ArbiterConfig,
+    DetectionMethod,
     GiB,
+    GpuDetectionResult,
+    GpuDetector,
+    GpuInfo,
+    GpuVendor,
     MiB,
     Priority,
     QualityPolicy,
@@ -198,25 +203,21 @@ def test_for_vram_gb_rejects_bad_sizes(gb: Any, error: type[Exception]) -> None:
 # -- from_detection and auto_detect ----------------------------------------------
 
 
-def _gpu_module() -> Any:
-    return pytest.importorskip("arbiter._gpu", reason="GPU detection is not written yet")
-
-
-def _result(*totals: int) -> Any:
-    gpu = _gpu_module()
+def _result(*totals: int) -> GpuDetectionResult:
+    """A detection result built by hand: one NVIDIA GPU per total, in index order."""
     gpus = [
-        gpu.GpuInfo(
+        GpuInfo(
             index=i,
             name=f"NVIDIA Test {i}",
-            vendor=gpu.GpuVendor.NVIDIA,
+            vendor=GpuVendor.NVIDIA,
             total_vram_bytes=total,
             free_vram_bytes=total // 2,
             uuid=f"GPU-{i:08x}",
         )
         for i, total in enumerate(totals)
     ]
-    method = gpu.DetectionMethod.NVML if gpus else gpu.DetectionMethod.NONE
-    return gpu.GpuDetectionResult(method, gpus, sum(totals))
+    method = DetectionMethod.NVML if gpus else DetectionMethod.NONE
+    return GpuDetectionResult(method, gpus, sum(totals))
 
 
 def test_from_detection_budgets_90_percent_of_the_device() -> None:
@@ -253,7 +254,6 @@ def test_from_detection_takes_overrides() -> None:
 
 
 def test_auto_detect_and_arbiter_without_config_agree_with_detection() -> None:
-    gpu = _gpu_module()
-    expected = ArbiterConfig.from_detection(gpu.GpuDetector().detect())
+    expected = ArbiterConfig.from_detection(GpuDetector().detect())
     assert ArbiterConfig.auto_detect() == expected
     assert Arbiter(probe=None).config == expected

@@ -95,6 +95,21 @@ async def test_state_counts_each_family_memory_and_waiters() -> None:
 
 
 @pytest.mark.anyio
+async def test_state_waiting_counts_growing_resizes() -> None:
+    arbiter = make_arbiter()
+    alloc = await arbiter.request_allocation(LLM, NORMAL, 4 * GiB)
+    other = await arbiter.request_allocation(IMAGE, NORMAL, 6 * GiB)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(alloc.resize, 6 * GiB)
+        await anyio.wait_all_tasks_blocked()
+        assert arbiter.state().waiting == 1
+        assert arbiter.state().vram_used == 10 * GiB
+        other.release()
+    state = arbiter.state()
+    assert (state.waiting, state.vram_used, alloc.memory) == (0, 6 * GiB, 6 * GiB)
+
+
+@pytest.mark.anyio
 async def test_pressure_level_rises_with_pressure() -> None:
     arbiter = make_arbiter(100)
     levels = list(MemoryPressure)
