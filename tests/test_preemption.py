@@ -377,3 +377,29 @@ async def test_wait_preempted_returns_at_once_when_already_preempted() -> None:
             holder.release()
             await anyio.wait_all_tasks_blocked()
             tg.cancel_scope.cancel()
+
+
+async def test_preempted_body_waiting_to_grow_stops_waiting_and_leaks_nothing() -> None:
+    arbiter = make_arbiter()
+    fixed = await arbiter.request_allocation(LLM, NORMAL, 12 * GiB, preemptible=False)
+    raised: list[BaseException] = []
+
+    async def growing_body() -> None:
+        try:
+            async with arbiter.allocate(LLM, BG, memory=8 * GiB) as alloc:
+                await alloc.resize(16 * GiB)  # 8 more, 4 free: parks
+        except Preempted as exc:
+            raised.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(growing_body)
+            await anyio.wait_all_tasks_blocked()
+            assert arbiter.state().waiting == 1
+            high = await arbiter.request_allocation(LLM, HIGH, 12 * GiB)
+            assert raised and high.memory == 12 * GiB
+            assert arbiter.state().waiting == 0
+            assert arbiter.state().vram_used == 24 * GiB
+            high.release()
+    fixed.release()
+    assert arbiter.state().vram_used == 0
