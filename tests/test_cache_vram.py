@@ -160,6 +160,24 @@ async def test_vram_tier_gives_way_to_external_pressure(tmp_path) -> None:
             assert arbiter.state().vram_used <= 3 * MiB
 
 
+async def test_a_failed_device_copy_leaves_the_get_served_and_nothing_charged(
+    tmp_path, monkeypatch
+) -> None:
+    from arbiter.cache._device import HostDeviceStore
+
+    def out_of_memory(self: HostDeviceStore, data: object) -> bytes:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(HostDeviceStore, "place", out_of_memory)
+    fragments = make_fragments(1, 2 * MiB)
+    arbiter = arbiter_of(16 * MiB)
+    async with vram_cache(tmp_path, fragments, arbiter) as cache:
+        assert bytes(await cache.get("frag/00", CacheTier.VRAM)) == fragments["frag/00"]
+        assert cache.stats().bytes_held[CacheTier.VRAM] == 0
+        assert cache.device_fragment("frag/00") is None
+        assert arbiter.state().vram_used == 0  # the charge taken for it was given back
+
+
 async def test_without_an_arbiter_a_vram_get_is_a_ram_get(tmp_path) -> None:
     fragments = make_fragments(1, 1000)
     source = model_folder(tmp_path, fragments)

@@ -331,16 +331,23 @@ class FragmentCache:
                 flight = Flight(info, want_data=want_data)
                 self._flights[info.id] = flight
                 self._require_open().start_soon(self._fly, flight)
+            contributed = 0
+
+            def listener(delta: int) -> None:
+                nonlocal contributed
+                contributed += delta
+                tracker.advance(delta)
+
             if tracker.reports:
-                flight.listen(tracker.advance)
+                flight.listen(listener)
             try:
                 await flight.landed.wait()
             finally:
-                flight.unlisten(tracker.advance)
+                flight.unlisten(listener)
             data, source = flight.outcome()
             if data is not None or not want_data:
                 return data, source
-            tracker.advance(-tracker.done)  # a disk-only flight landed; now read it back
+            tracker.advance(-contributed)  # a disk-only flight landed; now read it back
 
     async def _fly(self, flight: Flight) -> None:
         start = anyio.current_time()

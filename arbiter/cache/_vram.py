@@ -26,7 +26,7 @@ from .._types import Priority
 from ._buffer import Buffer, Reaper
 from ._config import CacheConfig
 from ._device import DeviceStore, open_device_store
-from ._log import note
+from ._log import log, note
 from ._s3fifo import S3FifoPolicy
 from ._stats import StatsRecorder
 
@@ -155,11 +155,18 @@ class VramTier:
             if evicted is None:
                 return False
             self._drop(evicted)
-        handle = await anyio.to_thread.run_sync(store.place, data)
+        try:
+            handle = await anyio.to_thread.run_sync(store.place, data)
+        except Exception as exc:  # e.g. a CUDA out-of-memory the arbiter could not see
+            log.warning("vram placement failed", fragment=fragment_id, error=repr(exc))
+            self._policy.remove(fragment_id)
+            await self._give_back_unused()
+            return False
         if fragment_id in self._policy:
             self._handles[fragment_id] = handle
             return True
-        return False  # shrunk away while it was copied; the copy is dropped
+        self._reaper.bury([handle])  # shrunk away while it was copied
+        return False
 
     async def _make_room(self, size: int) -> None:
         """Grow the charge toward ``held + size`` as far as the arbiter and the target allow."""
@@ -200,6 +207,20 @@ class VramTier:
             note("vram charge not granted", wanted=target, error=repr(exc))
         self._drop(self._policy.resize(self.charged))
 
+    async def _give_back_unused(self) -> None:
+        """Shrink the charge to what the tier holds (release it when that is nothing)."""
+        async with self._charge_lock:
+            alloc = self._alloc
+            if alloc is None:
+                return
+            held = self._policy.bytes_held
+            if held == 0:
+                self._release()
+            elif held < alloc.memory:
+                await alloc.resize(held)
+                if alloc is self._alloc:
+                    self._drop(self._policy.resize(alloc.memory))
+
     async def _obey(self, alloc: Allocation) -> None:
         """Follow ``alloc``'s quality target and preemption until it is released."""
         async with anyio.create_task_group() as tg:
@@ -226,19 +247,21 @@ class VramTier:
                 if alloc is self._alloc:
                     self._drop(self._policy.resize(alloc.memory))
 
-    def _drop(self, evicted: list[str]) -> None:
-        self._stats.evictions += len(evicted)
+    def _drop(self, evicted: list[str], *, to_make_room: bool = True) -> None:
+        if to_make_room:
+            self._stats.evictions += len(evicted)
         # Dropping the last reference frees the device memory (torch's allocator).
         self._reaper.bury([self._handles.pop(i, None) for i in evicted])
 
-    def _release(self) -> None:
+    def _release(self, *, closing: bool = False) -> None:
         """Evict everything and give the whole charge back (sync: release never blocks)."""
-        self._drop(self._policy.resize(0))  # nothing is pinned in VRAM: all of it goes
+        # Nothing is pinned in VRAM: all of it goes.
+        self._drop(self._policy.resize(0), to_make_room=not closing)
         alloc, self._alloc = self._alloc, None
         if alloc is not None:
             alloc.release()
 
     def close(self) -> None:
         """Drop every device copy and release the allocation (idempotent)."""
-        self._release()
+        self._release(closing=True)
         self._handles.clear()
