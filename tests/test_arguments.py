@@ -210,5 +210,5 @@ def test_release_allocation_rejects_what_is_not_its_allocation() -> None:
     foreign = anyio.run(other_arbiters_allocation)
     for bad in (None, "alloc-1", foreign):
         with pytest.raises(TypeError, match="alloc"):
-            arbiter.release_allocation(bad)
+            arbiter.release_allocation(bad)  # type: ignore[arg-type]
     assert foreign.released is False

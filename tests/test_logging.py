@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import anyio
@@ -18,10 +18,11 @@ from structlog.testing import capture_logs
 from arbiter import AllocationTimeout, Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
 
 LLM = WorkloadType.LLM_INFERENCE
+Logs = list[MutableMapping[str, Any]]
 
 
 @pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
+def logs() -> Iterator[Logs]:
     was_configured = structlog.is_configured()
     with capture_logs() as entries:
         yield entries
@@ -30,12 +31,12 @@ def logs() -> Iterator[list[dict[str, Any]]]:
         structlog.reset_defaults()
 
 
-def _events(logs: list[dict[str, Any]], alloc_id: str) -> list[dict[str, Any]]:
+def _events(logs: Logs, alloc_id: str) -> Logs:
     return [entry for entry in logs if entry.get("id") == alloc_id]
 
 
 @pytest.mark.anyio
-async def test_one_debug_event_per_grant_and_per_release(logs: list[dict[str, Any]]) -> None:
+async def test_one_debug_event_per_grant_and_per_release(logs: Logs) -> None:
     arbiter = Arbiter(ArbiterConfig.for_vram_gb(10), probe=None)
     alloc = await arbiter.request_allocation(LLM, Priority.HIGH, 3 * GiB, label="chat")
     alloc.release()
@@ -52,7 +53,7 @@ async def test_one_debug_event_per_grant_and_per_release(logs: list[dict[str, An
 
 
 @pytest.mark.anyio
-async def test_grant_after_a_wait_logs_the_wait(logs: list[dict[str, Any]]) -> None:
+async def test_grant_after_a_wait_logs_the_wait(logs: Logs) -> None:
     arbiter = Arbiter(ArbiterConfig.for_vram_gb(10), probe=None)
     holder = await arbiter.request_allocation(LLM, Priority.NORMAL, 10 * GiB, preemptible=False)
     got = []
@@ -72,7 +73,7 @@ async def test_grant_after_a_wait_logs_the_wait(logs: list[dict[str, Any]]) -> N
 
 
 @pytest.mark.anyio
-async def test_one_debug_event_per_timeout(logs: list[dict[str, Any]]) -> None:
+async def test_one_debug_event_per_timeout(logs: Logs) -> None:
     arbiter = Arbiter(ArbiterConfig.for_vram_gb(10), probe=None)
     await arbiter.request_allocation(LLM, Priority.NORMAL, 10 * GiB)
     before = len(logs)
@@ -89,7 +90,7 @@ async def test_one_debug_event_per_timeout(logs: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.anyio
-async def test_ids_in_events_are_the_allocation_ids(logs: list[dict[str, Any]]) -> None:
+async def test_ids_in_events_are_the_allocation_ids(logs: Logs) -> None:
     arbiter = Arbiter(ArbiterConfig.for_vram_gb(10), probe=None)
     allocs = [await arbiter.request_allocation(LLM, "normal", GiB) for _ in range(3)]
     for alloc in allocs:

@@ -37,7 +37,7 @@ NORMAL = Priority.NORMAL
 
 
 def make_arbiter(gb: float = 10, **overrides: object) -> Arbiter:
-    return Arbiter(ArbiterConfig.for_vram_gb(gb, **overrides), probe=None)  # type: ignore[arg-type]
+    return Arbiter(ArbiterConfig.for_vram_gb(gb, **overrides), probe=None)
 
 
 # -- state() -------------------------------------------------------------------
@@ -195,7 +195,7 @@ async def test_stats_identity_holds_with_every_kind_of_outcome() -> None:
         scope.cancel()
         await arbiter.request_allocation(LLM, NORMAL, 1 * GiB)
     # Successful after a wait.
-    got = []
+    got: list[object] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_take, arbiter, got)
         await anyio.wait_all_tasks_blocked()

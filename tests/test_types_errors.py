@@ -44,7 +44,8 @@ def test_workload_type_is_a_str_enum_with_its_values() -> None:
         "VIDEO_GENERATION": "video_generation",
     }
     assert WorkloadType("llm_inference") is WorkloadType.LLM_INFERENCE
-    assert WorkloadType.IMAGE_GENERATION == "image_generation"
+    assert str(WorkloadType.IMAGE_GENERATION) == "image_generation"
+    assert isinstance(WorkloadType.IMAGE_GENERATION, str)
 
 
 def test_image_and_video_generation_are_the_diffusion_family() -> None:
