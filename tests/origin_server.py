@@ -11,7 +11,8 @@ It understands ``Range: bytes=N-`` / ``bytes=N-M`` and has switches to misbehave
 * ``ignore_range``: answer ``200`` with the whole body to a ``Range`` request;
 * ``status``: answer every request with this status and no body (``500``, ``404`` ...);
 * ``extra_bytes``: append bytes to every body (longer than the manifest says);
-* ``stall``: an `threading.Event` the handler waits on before sending a body;
+* ``stall``: a `threading.Event` the handler waits on before sending a body, or after
+  its first ``stall_after`` bytes when that is set;
 * `down`: stop listening (connections are refused).
 
 Every request is recorded in ``requests`` as ``(path, range header or None, status)``,
@@ -76,10 +77,15 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
-        if origin.stall is not None:
+        if origin.stall is not None and origin.stall_after is None:
             origin.stall.wait()
         cut = origin.take_truncation()
         limit = end if cut is None else min(end, start + cut)
+        if origin.stall is not None and origin.stall_after is not None:
+            pause = min(limit, start + origin.stall_after)
+            self._send_body(source[0], start, pause, corrupt=origin.corrupt)
+            origin.stall.wait()
+            start = pause
         self._send_body(source[0], start, limit, corrupt=origin.corrupt)
         if cut is not None and limit < end:
             self.close_connection = True
@@ -140,6 +146,7 @@ class OriginServer:
         self.status: int | None = None
         self.extra_bytes = 0
         self.stall: threading.Event | None = None
+        self.stall_after: int | None = None
         self.requests: list[tuple[str, str | None, int]] = []
         self.requested = threading.Event()  # set at the first request
         self._lock = threading.Lock()

@@ -94,6 +94,52 @@ async def test_a_kill_mid_write_leaves_nothing_visible_and_start_cleans_it(
     assert fragment_file(tmp_path, "frag/00").read_bytes() == fragments["frag/00"]
 
 
+KILLED_CHILD = """
+import sys, anyio
+from arbiter.cache import CacheConfig, FragmentCache
+manifest, disk, url = sys.argv[1], sys.argv[2], sys.argv[3]
+config = CacheConfig(manifest, disk_path=disk, cdn_url=url, write_chunk_size=65536)
+
+async def main():
+    async with FragmentCache(config) as cache:
+        await cache.get("frag/00")
+
+anyio.run(main)
+"""
+
+
+async def test_a_process_killed_mid_download_leaves_no_fragment(tmp_path, origin) -> None:
+    import json
+    import signal
+    import sys
+
+    fragments = make_fragments(1, 4 * MiB)
+    origin.files.update(fragments)
+    origin.stall, origin.stall_after = threading.Event(), 1 * MiB + 5
+    config = make_config(tmp_path, fragments, cdn_url=origin.url)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(config.manifest))
+    tmp = tmp_path / "cache" / "tmp"
+    child = await anyio.open_process(
+        [sys.executable, "-c", KILLED_CHILD, str(manifest), str(tmp_path / "cache"), origin.url]
+    )
+    try:
+        await anyio.to_thread.run_sync(origin.requested.wait, 20)
+        with anyio.fail_after(20):
+            # The child writes on its own schedule: nothing to wait on but the file.
+            while not any(p.stat().st_size for p in tmp.glob("*.part")):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    origin.stall.set()
+    assert list((tmp_path / "cache" / "fragments").iterdir()) == []  # nothing visible
+    async with FragmentCache(config) as cache:
+        assert list(tmp.iterdir()) == []  # the remains were cleaned at start
+        assert cache.stats().bytes_held[CacheTier.NVME] == 0
+        assert bytes(await cache.get("frag/00")) == fragments["frag/00"]
+
+
 async def test_a_download_cancelled_midway_leaves_no_partial_file(tmp_path, origin) -> None:
     fragments = make_fragments(1, 2 * MiB)
     origin.files.update(fragments)
