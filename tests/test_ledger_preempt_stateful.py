@@ -183,7 +183,9 @@ class PreemptionMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         """Any holder lets go (a victim that finished unwinding, or one done early)."""
         asked = [h for h in self.holdings if h.preempt_requested]
-        pool = asked if asked and data.draw(st.booleans()) else self.holdings
+        pool = self.holdings
+        if asked and data.draw(st.booleans()):
+            pool = asked
         holding = data.draw(st.sampled_from(pool))
         self.holdings.remove(holding)
         self.call(self.ledger.release, holding)
