@@ -10,8 +10,8 @@ import anyio
 import anyio.lowlevel
 
 from ._backend import CancelScopeLike
-from ._ledger import Holding
 from ._quality import size_for_quality
+from ._records import Holding
 from ._types import Priority, WorkloadType, check_memory, check_timeout
 
 if TYPE_CHECKING:

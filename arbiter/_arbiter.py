@@ -28,7 +28,8 @@ from ._errors import (
     ShuttingDown,
 )
 from ._gpu import MemoryProbe
-from ._ledger import FAILED, GRANTED, Holding, Ledger, Request
+from ._ledger import Ledger
+from ._records import FAILED, GRANTED, Holding, Request
 from ._stats import ArbiterState, ArbiterStats
 from ._types import (
     MemoryPressure,
@@ -104,6 +105,7 @@ class Arbiter:
         self._ids = count(1)
         self._closed = False
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._services: anyio.CancelScope | None = None
         self._keep_alive_changed: anyio.Event | None = None
 
     @property
@@ -125,14 +127,16 @@ class Arbiter:
             raise ShuttingDown("this arbiter is closed")
         if self._task_group is not None:
             raise RuntimeError("this arbiter is already running")
+        self._ledger.observe(anyio.current_time())
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
         try:
-            await self._start_services(task_group)
-        except BaseException as exc:
+            await task_group.start(self._serve, name="arbiter services")
+        except BaseException:
             self._close()
-            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            self._task_group = None
+            await task_group.__aexit__(None, None, None)
             raise
         return self
 
@@ -141,18 +145,13 @@ class Arbiter:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> None:
         self._close()
         task_group, self._task_group = self._task_group, None
-        if task_group is None:
-            return None
-        try:
-            return await task_group.__aexit__(exc_type, exc, tb)
-        finally:
-            if self._owns_probe and self._probe is not None:
-                self._owns_probe = False
-                with anyio.CancelScope(shield=True):
-                    await self._probe.aclose()
+        if task_group is not None:
+            # The body's own exception (or cancellation) passes through untouched:
+            # the task group only ever holds our services, which are cancelled now.
+            await task_group.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
         """Close: every waiting and every later request raises `ShuttingDown`, the
@@ -164,13 +163,24 @@ class Arbiter:
         if not self._closed:
             self._closed = True
             self._ledger.fail_waiting(self._now())
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
+        if self._services is not None:
+            self._services.cancel()
 
-    async def _start_services(self, task_group: anyio.abc.TaskGroup) -> None:
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Run the poller and the keep_alive timer until the arbiter closes."""
         from ._services import start_services
 
-        await start_services(self, task_group)
+        try:
+            with anyio.CancelScope() as self._services:
+                async with anyio.create_task_group() as services:
+                    await start_services(self, services)
+                    task_status.started()
+        finally:
+            self._services = None
+            if self._owns_probe and self._probe is not None:
+                self._owns_probe = False
+                with anyio.CancelScope(shield=True):
+                    await self._probe.aclose()
 
     # -- requesting memory -----------------------------------------------------
 
@@ -326,13 +336,21 @@ class Arbiter:
             ledger.withdraw(request, anyio.current_time())
             raise
         ledger.withdraw(request, now)
-        if not request.grow:  # a grow is no allocation: stats count requests only
-            ledger.stats.timeouts += 1
         holding = request.holding
-        _debug("allocation timed out", id=getattr(holding, "id", None), timeout=limit)
-        assert limit is not None
+        assert limit is not None and isinstance(holding, Allocation)
+        _debug(
+            "allocation timed out",
+            id=holding.id,
+            memory=request.max_size,
+            min_memory=request.min_size,
+            priority=holding.priority.name.lower(),
+            waited=now - request.enqueued_at,
+            grow=request.grow,
+        )
         if request.best_quality is not None and request.min_quality is not None:
             raise InsufficientQuality(request.min_quality, request.best_quality)
+        if not request.grow:  # a grow is no allocation: stats count requests only
+            ledger.stats.timeouts += 1
         raise AllocationTimeout(limit)
 
     def allocate(

@@ -24,125 +24,16 @@ from collections.abc import Callable, Iterator
 from itertools import count
 
 from ._config import ArbiterConfig
+from ._preemption import choose_victims, plan_shrinks
 from ._quality import elastic_share_quality, policy_target
+from ._records import FAILED, GRANTED, WAITING, WITHDRAWN, Holding, Request
 from ._stats import StatsRecorder
 from ._types import Priority, WorkloadType
 
-__all__ = ["Holding", "Ledger", "Request"]
+# The records and their states are part of the ledger's interface.
+__all__ = ["FAILED", "GRANTED", "WAITING", "WITHDRAWN", "Holding", "Ledger", "Request"]
 
 _PRIORITIES_HIGH_FIRST = sorted(Priority, reverse=True)
-_PRIORITIES_LOW_FIRST = sorted(Priority)
-
-WAITING, GRANTED, WITHDRAWN, FAILED = "waiting", "granted", "withdrawn", "failed"
-
-
-class Holding:
-    """The ledger's record of one allocation, waiting or held. `Allocation` extends it."""
-
-    __slots__ = (
-        "busy_spans",
-        "diffusion",
-        "granted_seq",
-        "growing",
-        "idle_since",
-        "keep_alive",
-        "max_memory",
-        "memory",
-        "min_memory",
-        "notified_quality",
-        "preempt_requested",
-        "preemptible",
-        "priority",
-        "released",
-        "shrink_cap",
-        "watchers",
-        "workload",
-    )
-
-    def __init__(
-        self,
-        workload: WorkloadType,
-        priority: Priority,
-        max_memory: int,
-        min_memory: int | None,
-        *,
-        preemptible: bool = True,
-        keep_alive: float | None = None,
-    ) -> None:
-        self.workload = workload
-        self.diffusion = workload is not WorkloadType.LLM_INFERENCE
-        self.priority = priority
-        self.max_memory = max_memory
-        self.min_memory = min_memory
-        self.memory = 0
-        self.preemptible = preemptible
-        self.keep_alive = keep_alive
-        self.granted_seq = -1
-        self.growing: Request | None = None  # its queued grow request, if any
-        self.busy_spans = 0
-        self.idle_since = 0.0
-        self.preempt_requested = False
-        self.released = False
-        # Set while a higher-priority waiter needs this elastic holder to shrink.
-        self.shrink_cap: float | None = None
-        self.watchers = 0
-        self.notified_quality = 1.0
-
-    @property
-    def elastic(self) -> bool:
-        return self.min_memory is not None and self.min_memory < self.max_memory
-
-
-class Request:
-    """A queued demand for memory: a new allocation, or the growth of one (``grow``)."""
-
-    __slots__ = (
-        "best_quality",
-        "enqueued_at",
-        "grow",
-        "holding",
-        "max_size",
-        "may_reclaim",
-        "min_quality",
-        "min_size",
-        "priority",
-        "reclaim_deadline",
-        "reclaim_phase",
-        "reclaimable",
-        "shrunk",
-        "size",
-        "state",
-    )
-
-    def __init__(
-        self,
-        holding: Holding,
-        min_size: int,
-        max_size: int,
-        *,
-        min_quality: float | None = None,
-        grow: bool = False,
-    ) -> None:
-        self.holding = holding
-        self.priority = holding.priority
-        self.min_size = min_size
-        self.max_size = max_size
-        self.min_quality = min_quality
-        self.grow = grow
-        self.state = WAITING
-        self.size = 0
-        self.enqueued_at = 0.0
-        # The best quality it could have had while blocked only by min_quality.
-        self.best_quality: float | None = None
-        # False for a request that will not wait (timeout 0): it must not disturb anyone.
-        self.may_reclaim = True
-        self.reclaim_phase = 0  # 0: none yet, 1: asked elastic holders to shrink, 2: preempting
-        self.reclaim_deadline = float("inf")
-        # What all its victims held when preempting them could not cover the shortfall.
-        # While it is head no victim can appear or grow (only the head is granted), so
-        # a shortfall above this needs no new scan.
-        self.reclaimable = float("inf")
-        self.shrunk: list[Holding] = []
 
 
 def _noop(_: object) -> None:
@@ -261,7 +152,7 @@ class Ledger:
         """Queue ``request``; True when it was granted at once (nothing ahead, and it fits)."""
         request.enqueued_at = now
         if request.grow:
-            request.holding.growing = request
+            request.holding.growing.append(request)
         if not self.waiting and request.min_quality is None:
             free = self.budget - self.granted - self.external
             if free >= request.min_size:
@@ -280,7 +171,8 @@ class Ledger:
         """
         if request.state is WAITING:
             request.state = WITHDRAWN
-            request.holding.growing = None
+            if request.grow:
+                request.holding.growing.remove(request)
             self.waiting -= 1
             self._end_reclaim(request)
         elif request.state is GRANTED:
@@ -296,6 +188,10 @@ class Ledger:
         else:
             return
         self._dispatch(now)
+
+    def observe(self, now: float) -> None:
+        """Start (or continue) the time-weighted averages at ``now``."""
+        self._refresh(now)
 
     def fail_waiting(self, now: float) -> list[Request]:
         """Fail every waiting request (the arbiter is closing); returns them."""
@@ -329,13 +225,14 @@ class Ledger:
         if holding.watchers:
             holding.notified_quality = self.target(holding)
         holding.released = True
-        growing = holding.growing
-        if growing is not None and growing.state is WAITING:
-            growing.state = FAILED  # nothing left to grow
-            holding.growing = None
+        for growing in holding.growing:  # nothing is left to grow
+            if growing.state is not WAITING:
+                continue
+            growing.state = FAILED
             self.waiting -= 1
             self._end_reclaim(growing)
             self._wake(growing)
+        holding.growing.clear()
         if holding.granted_seq < 0:
             return
         if holding.preempt_requested:
@@ -415,9 +312,13 @@ class Ledger:
             return None
         size = min(request.max_size, free)
         if request.min_quality is not None:
+            # The target it would hold right after the grant, as `target` computes it.
             holding = request.holding
-            quality = self._policy_for(holding.diffusion, holding.priority, self.pressure)
-            if holding.elastic and not request.grow:
+            elastic = holding.elastic and not request.grow
+            counted = holding.min_memory if elastic and holding.min_memory else size
+            pressure = (self.granted + self.external + counted) / self.budget
+            quality = self._policy_for(holding.diffusion, holding.priority, pressure)
+            if elastic:
                 assert holding.min_memory is not None
                 floor = self._floors[holding.diffusion]
                 share = elastic_share_quality(size, holding.min_memory, holding.max_memory, floor)
@@ -433,7 +334,10 @@ class Ledger:
         request.state = GRANTED
         request.size = size
         holding = request.holding
-        holding.growing = None
+        if request.grow:
+            holding.growing.remove(request)
+            if holding.preempt_requested:  # it all goes back with the holder
+                self.on_the_way += size
         self.granted += size
         self._family_granted[holding.diffusion] += size
         holding.memory += size
@@ -456,32 +360,17 @@ class Ledger:
 
     # -- degrade before preempt ------------------------------------------------
 
-    def _victims(self, below: Priority, *, elastic: bool = False) -> Iterator[Holding]:
-        """Preemptible holders under ``below`` (only elastic ones if ``elastic``): lowest
-        priority first; within one priority idle before busy, then the most recent first."""
-        registry = self._elastic if elastic else self._holders
-        for priority in _PRIORITIES_LOW_FIRST:
-            if priority >= below:
-                return
-            held = registry[priority]
-            busy = []
-            for holding in reversed(held):
-                if not holding.preemptible or holding.preempt_requested:
-                    continue
-                if holding.busy_spans:
-                    busy.append(holding)
-                else:
-                    yield holding
-            yield from busy
-
     def _reclaim_for(self, request: Request, now: float) -> None:
+        """Degrade before preempt, for the head of the queue that does not fit."""
         shortfall = request.min_size - (self.budget - self.granted - self.external)
         shortfall -= self.on_the_way
         if shortfall <= 0 or not request.may_reclaim:
             return
         if request.reclaim_phase == 0:
             request.reclaim_phase = 2
-            if self._choose_victims(request, shortfall) is None:
+            chosen, total = choose_victims(self._holders, request.priority, shortfall)
+            if chosen is None:
+                request.reclaimable = total
                 return  # even preempting everyone allowed would not be enough: harm no one
             if self._ask_to_shrink(request, shortfall) and self.config.reclaim_grace > 0:
                 request.reclaim_phase = 1
@@ -489,28 +378,18 @@ class Ledger:
                 self._wake(request)  # it re-parks with the grace as its next deadline
                 return
         if request.reclaim_phase == 2 and shortfall <= request.reclaimable:
-            for holding in self._choose_victims(request, shortfall) or ():
+            chosen, total = choose_victims(self._holders, request.priority, shortfall)
+            if chosen is None:
+                request.reclaimable = total
+                return
+            for holding in chosen:
                 self.stats.preemptions += 1
                 self._request_preemption(holding)
 
     def _ask_to_shrink(self, request: Request, shortfall: int) -> bool:
-        """Lower elastic victims' targets, in victim order, until their shrinking would
-        cover ``shortfall``. Asks no one (False) when shrinking alone could not cover
-        it: preemption is needed then anyway, and waiting the grace would only delay it.
-        """
-        plan: list[tuple[Holding, int]] = []
-        remaining = shortfall
-        for holding in self._victims(request.priority, elastic=True):
-            if holding.shrink_cap is not None:
-                continue
-            assert holding.min_memory is not None
-            give = min(holding.memory - holding.min_memory, remaining)
-            if give > 0:
-                plan.append((holding, holding.memory - give))
-                remaining -= give
-                if remaining <= 0:
-                    break
-        if remaining > 0:
+        """Cap the targets of elastic victims so that their shrinking covers ``shortfall``."""
+        plan = plan_shrinks(self._elastic, request.priority, shortfall)
+        if plan is None:
             return False
         for holding, size in plan:
             assert holding.min_memory is not None
@@ -521,19 +400,6 @@ class Ledger:
             request.shrunk.append(holding)
             self.stats.quality_reductions += 1
         return True
-
-    def _choose_victims(self, request: Request, shortfall: int) -> list[Holding] | None:
-        """The holders to preempt, in order, until ``shortfall`` will be freed; None
-        (remembering what they hold) when all of them together would not free it."""
-        chosen = []
-        total = 0
-        for holding in self._victims(request.priority):
-            chosen.append(holding)
-            total += holding.memory
-            if total >= shortfall:
-                return chosen
-        request.reclaimable = total
-        return None
 
     def _request_preemption(self, holding: Holding) -> None:
         holding.preempt_requested = True

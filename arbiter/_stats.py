@@ -42,7 +42,8 @@ class WaitPercentiles:
 
 @dataclass(frozen=True, slots=True)
 class ArbiterStats:
-    """Counters since the arbiter was built.
+    """Counters since the arbiter was built; averages since it started (its ``async
+    with`` or its first request, whichever came first: it has no clock before).
 
     ``total_allocations == successful_allocations + failed_allocations + cancelled``;
     failures include timeouts, ``InsufficientMemory``, ``InsufficientQuality`` and
