@@ -37,6 +37,7 @@ from ._gpu import (
 from ._quality import QualityPolicy
 from ._stats import ArbiterState, ArbiterStats, WaitPercentiles
 from ._types import GiB, KiB, MemoryPressure, MiB, Priority, WorkloadType
+from .cache import CacheConfig, CacheStats, CacheTier, FragmentCache
 
 __all__ = [
     "Allocation",
@@ -47,8 +48,12 @@ __all__ = [
     "ArbiterError",
     "ArbiterState",
     "ArbiterStats",
+    "CacheConfig",
+    "CacheStats",
+    "CacheTier",
     "DetectionMethod",
     "FragmentError",
+    "FragmentCache",
     "FragmentUnavailable",
     "GiB",
     "GpuDetectionResult",
