@@ -9,8 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ._allocation import Allocation, QualityChanges
-from ._arbiter import AllocationContext, Arbiter
+from ._allocation import Allocation, AllocationContext, QualityChanges
+from ._arbiter import Arbiter
 from ._config import ArbiterConfig
 from ._errors import (
     AllocationTimeout,

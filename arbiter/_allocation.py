@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
 
-from ._backend import CancelScopeLike
+from ._arguments import DEFAULT, Default, RequestArgs
+from ._backend import CancelScopeLike, open_cancel_scope
+from ._errors import Preempted
 from ._quality import size_for_quality
 from ._records import Holding
 from ._types import Priority, WorkloadType, check_memory, check_timeout
@@ -17,17 +20,7 @@ from ._types import Priority, WorkloadType, check_memory, check_timeout
 if TYPE_CHECKING:
     from ._arbiter import Arbiter
 
-__all__ = ["Allocation", "QualityChanges"]
-
-
-class _Default:
-    """Marks an argument left out, where ``None`` already means something."""
-
-    def __repr__(self) -> str:
-        return "<default>"
-
-
-DEFAULT = _Default()
+__all__ = ["Allocation", "AllocationContext", "QualityChanges"]
 
 
 class Allocation(Holding):
@@ -100,7 +93,7 @@ class Allocation(Holding):
         """Return the memory at once and hand it to waiters. Idempotent; never blocks."""
         self._arbiter.release_allocation(self)
 
-    async def resize(self, memory: int, *, timeout: float | _Default | None = DEFAULT) -> None:
+    async def resize(self, memory: int, *, timeout: float | Default | None = DEFAULT) -> None:
         """Change the held memory to ``memory`` bytes.
 
         Shrinking (not below ``min_memory``: ``ValueError``) returns memory at once.
@@ -110,7 +103,7 @@ class Allocation(Holding):
         becomes) released.
         """
         check_memory(memory, "memory")
-        limit = self._arbiter._default_timeout if isinstance(timeout, _Default) else timeout
+        limit = self._arbiter._default_timeout if isinstance(timeout, Default) else timeout
         limit = check_timeout(limit)
         await self._arbiter._resize(self, memory, limit)
 
@@ -213,3 +206,44 @@ class QualityChanges:
         """Stop reading; safe to call more than once."""
         self._stop_watching()
         await anyio.lowlevel.checkpoint()
+
+
+class AllocationContext:
+    """What `Arbiter.allocate` returns: an async context manager around an allocation.
+
+    Its body runs in a cancel scope owned by the allocation; see `Arbiter.allocate`.
+    """
+
+    __slots__ = ("_alloc", "_arbiter", "_args")
+
+    def __init__(self, arbiter: Arbiter, args: RequestArgs) -> None:
+        self._arbiter = arbiter
+        self._args = args
+        self._alloc: Allocation | None = None
+
+    async def __aenter__(self) -> Allocation:
+        if self._alloc is not None:
+            raise RuntimeError("this allocate() context was already entered")
+        alloc = await self._arbiter._request(self._args)
+        self._alloc = alloc
+        scope = alloc._scope = open_cancel_scope()
+        if alloc.preempt_requested:
+            scope.cancel()
+        scope.__enter__()
+        return alloc
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        alloc = self._alloc
+        assert alloc is not None and alloc._scope is not None
+        try:
+            swallowed = alloc._scope.__exit__(exc_type, exc, tb)
+        finally:
+            alloc.release()
+        if alloc._scope.cancelled_caught:
+            raise Preempted(f"{alloc.id} was preempted by a higher priority")
+        return swallowed

@@ -17,14 +17,13 @@ import anyio.abc
 import anyio.lowlevel
 import structlog
 
-from ._allocation import DEFAULT, Allocation, _Default
-from ._backend import open_cancel_scope
+from ._allocation import Allocation, AllocationContext
+from ._arguments import DEFAULT, Default, RequestArgs, check_request
 from ._config import ArbiterConfig
 from ._errors import (
     AllocationTimeout,
     InsufficientMemory,
     InsufficientQuality,
-    Preempted,
     ShuttingDown,
 )
 from ._gpu import MemoryProbe
@@ -35,8 +34,6 @@ from ._types import (
     MemoryPressure,
     Priority,
     WorkloadType,
-    check_memory,
-    check_timeout,
     coerce_priority,
     coerce_workload,
 )
@@ -57,16 +54,6 @@ def _debug(event: str, **fields: Any) -> None:
 class _Waiter(Request):
     __slots__ = ("event",)
     event: anyio.Event | None
-
-
-def _check_quality(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"min_quality must be None or a number in (0, 1], got {value!r}")
-    if math.isnan(value) or not 0 < value <= 1:
-        raise ValueError(f"min_quality must be in (0, 1], got {value!r}")
-    return float(value)
 
 
 class Arbiter:
@@ -191,7 +178,7 @@ class Arbiter:
         memory: int,
         *,
         min_memory: int | None = None,
-        timeout: float | _Default | None = DEFAULT,
+        timeout: float | Default | None = DEFAULT,
         min_quality: float | None = None,
         preemptible: bool = True,
         keep_alive: float | None = None,
@@ -210,11 +197,16 @@ class Arbiter:
                 ``min_quality`` could have been granted.
             ShuttingDown: the arbiter is closing or closed.
         """
-        now = anyio.current_time()
-        alloc, request, limit = self._prepare(
+        args = check_request(
             workload, priority, memory, min_memory, timeout, min_quality, preemptible,
-            keep_alive, label, now,
+            keep_alive, label,
         )  # fmt: skip
+        return await self._request(args)
+
+    async def _request(self, args: RequestArgs) -> Allocation:
+        """Admit checked arguments: fail at once, grant at once, or wait in the queue."""
+        now = anyio.current_time()
+        alloc, request, limit = self._admit(args, now)
         stats = self._ledger.stats
         try:
             # Like anyio's Semaphore(fast_acquire=True): a cancellation point, but no
@@ -246,59 +238,30 @@ class Arbiter:
             )
         return alloc
 
-    def _prepare(
-        self,
-        workload: object,
-        priority: object,
-        memory: object,
-        min_memory: object,
-        timeout: object,
-        min_quality: object,
-        preemptible: object,
-        keep_alive: object,
-        label: object,
-        now: float,
-    ) -> tuple[Allocation, _Waiter, float | None]:
-        """Check every argument, then build the allocation and its queued request."""
-        # The exact-type tests are fast paths; the coercions raise the errors.
-        if type(workload) is not WorkloadType:
-            workload = coerce_workload(workload)
-        if type(priority) is not Priority:
-            priority = coerce_priority(priority)
-        size = memory if type(memory) is int and memory > 0 else check_memory(memory, "memory")
-        floor = None
-        if min_memory is not None:
-            floor = check_memory(min_memory, "min_memory")
-            if floor > size:
-                raise ValueError(f"min_memory must be <= memory ({size}), got {floor}")
-        limit = self._default_timeout if timeout is DEFAULT else check_timeout(timeout)
-        quality = None if min_quality is None else _check_quality(min_quality)
-        if preemptible is not True and preemptible is not False:
-            raise TypeError(f"preemptible must be a bool, got {preemptible!r}")
-        alive = None if keep_alive is None else check_timeout(keep_alive, "keep_alive")
-        if label is not None and not isinstance(label, str):
-            raise TypeError(f"label must be None or a str, got {label!r}")
+    def _admit(self, args: RequestArgs, now: float) -> tuple[Allocation, _Waiter, float | None]:
+        """Build the allocation and its request, or raise what must be raised at once."""
         ledger = self._ledger
-        smallest = size if floor is None else floor
+        smallest = args.memory if args.min_memory is None else args.min_memory
         if smallest > ledger.budget:
             ledger.stats.failed += 1
             raise InsufficientMemory(smallest, ledger.budget)
         if self._closed:
             ledger.stats.failed += 1
             raise ShuttingDown("the arbiter is closed")
+        limit = self._default_timeout if isinstance(args.timeout, Default) else args.timeout
         alloc = Allocation(
             self,
             f"alloc-{next(self._ids)}",
-            workload,
-            priority,
-            size,
-            floor,
-            preemptible=preemptible,
-            keep_alive=alive,
-            label=label,
+            args.workload,
+            args.priority,
+            args.memory,
+            args.min_memory,
+            preemptible=args.preemptible,
+            keep_alive=args.keep_alive,
+            label=args.label,
             created_at=now,
         )
-        request = _Waiter(alloc, smallest, size, min_quality=quality)
+        request = _Waiter(alloc, smallest, args.memory, min_quality=args.min_quality)
         request.event = None
         request.may_reclaim = limit != 0
         return alloc, request, limit
@@ -360,7 +323,7 @@ class Arbiter:
         *,
         memory: int,
         min_memory: int | None = None,
-        timeout: float | _Default | None = DEFAULT,
+        timeout: float | Default | None = DEFAULT,
         min_quality: float | None = None,
         preemptible: bool = True,
         keep_alive: float | None = None,
@@ -372,18 +335,11 @@ class Arbiter:
         the memory returns once the body has unwound, and the ``async with`` raises
         `Preempted` if the body was cut short. Same arguments as `request_allocation`.
         """
-        return AllocationContext(
-            self,
-            (workload, priority, memory),
-            {
-                "min_memory": min_memory,
-                "timeout": timeout,
-                "min_quality": min_quality,
-                "preemptible": preemptible,
-                "keep_alive": keep_alive,
-                "label": label,
-            },
-        )
+        args = check_request(
+            workload, priority, memory, min_memory, timeout, min_quality, preemptible,
+            keep_alive, label,
+        )  # fmt: skip
+        return AllocationContext(self, args)
 
     def release_allocation(self, alloc: Allocation) -> None:
         """Return ``alloc``'s memory at once; the same as ``alloc.release()``."""
@@ -492,42 +448,3 @@ class Arbiter:
     def stats(self) -> ArbiterStats:
         """Counters, time-weighted averages and wait percentiles since construction."""
         return self._ledger.stats.snapshot(self._now())
-
-
-class AllocationContext:
-    """What `Arbiter.allocate` returns: an async context manager around an allocation."""
-
-    __slots__ = ("_alloc", "_arbiter", "_args", "_kwargs")
-
-    def __init__(self, arbiter: Arbiter, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._arbiter = arbiter
-        self._args = args
-        self._kwargs = kwargs
-        self._alloc: Allocation | None = None
-
-    async def __aenter__(self) -> Allocation:
-        if self._alloc is not None:
-            raise RuntimeError("this allocate() context was already entered")
-        alloc = await self._arbiter.request_allocation(*self._args, **self._kwargs)
-        self._alloc = alloc
-        scope = alloc._scope = open_cancel_scope()
-        if alloc.preempt_requested:
-            scope.cancel()
-        scope.__enter__()
-        return alloc
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        alloc = self._alloc
-        assert alloc is not None and alloc._scope is not None
-        try:
-            swallowed = alloc._scope.__exit__(exc_type, exc, tb)
-        finally:
-            alloc.release()
-        if alloc._scope.cancelled_caught:
-            raise Preempted(f"{alloc.id} was preempted by a higher priority")
-        return swallowed

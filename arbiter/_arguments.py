@@ -1,0 +1,93 @@
+"""The arguments of a memory request, checked once at the call."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from ._types import (
+    Priority,
+    WorkloadType,
+    check_memory,
+    check_timeout,
+    coerce_priority,
+    coerce_workload,
+)
+
+__all__ = ["DEFAULT", "Default", "RequestArgs", "check_request"]
+
+
+class Default:
+    """Marks an argument left out, where ``None`` already means something."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+DEFAULT = Default()
+
+
+class RequestArgs(NamedTuple):
+    """A request's arguments, checked and normalised."""
+
+    workload: WorkloadType
+    priority: Priority
+    memory: int
+    min_memory: int | None
+    timeout: float | Default | None
+    min_quality: float | None
+    preemptible: bool
+    keep_alive: float | None
+    label: str | None
+
+
+def _check_quality(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"min_quality must be None or a number in (0, 1], got {value!r}")
+    if math.isnan(value) or not 0 < value <= 1:
+        raise ValueError(f"min_quality must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_request(
+    workload: object,
+    priority: object,
+    memory: object,
+    min_memory: object,
+    timeout: object,
+    min_quality: object,
+    preemptible: object,
+    keep_alive: object,
+    label: object,
+) -> RequestArgs:
+    """``TypeError``/``ValueError`` naming the first bad argument, else the normalised ones."""
+    # The exact-type tests are fast paths; the coercions raise the errors.
+    if type(workload) is not WorkloadType:
+        workload = coerce_workload(workload)
+    if type(priority) is not Priority:
+        priority = coerce_priority(priority)
+    size = memory if type(memory) is int and memory > 0 else check_memory(memory, "memory")
+    floor = None
+    if min_memory is not None:
+        floor = check_memory(min_memory, "min_memory")
+        if floor > size:
+            raise ValueError(f"min_memory must be <= memory ({size}), got {floor}")
+    if timeout is not DEFAULT:
+        timeout = check_timeout(timeout)
+    quality = None if min_quality is None else _check_quality(min_quality)
+    if preemptible is not True and preemptible is not False:
+        raise TypeError(f"preemptible must be a bool, got {preemptible!r}")
+    alive = None if keep_alive is None else check_timeout(keep_alive, "keep_alive")
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label must be None or a str, got {label!r}")
+    return RequestArgs(
+        workload,
+        priority,
+        size,
+        floor,
+        timeout,
+        quality,
+        preemptible,
+        alive,
+        label,
+    )
