@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._gpu import MemoryProbe
 from ._ledger import Ledger
+from ._log import debug, log
 from ._records import FAILED, GRANTED, Holding, Request
 from ._stats import ArbiterState, ArbiterStats
 from ._types import (
@@ -39,16 +40,6 @@ from ._types import (
 )
 
 __all__ = ["Arbiter"]
-
-_logger = structlog.get_logger("arbiter")
-
-
-def _debug(event: str, **fields: Any) -> None:
-    # An unconfigured structlog prints every level; a library must print nothing
-    # unless its user configured logging, so debug events wait for that. (The hot
-    # paths test is_configured() themselves, before building their fields.)
-    if structlog.is_configured():
-        _logger.debug(event, **fields)
 
 
 class _Waiter(Request):
@@ -228,7 +219,7 @@ class Arbiter:
         if alloc.keep_alive is not None:
             self._keep_alive_touched(alloc)
         if structlog.is_configured():
-            _logger.debug(
+            log.debug(
                 "allocation granted",
                 id=alloc.id,
                 workload=alloc.workload.value,
@@ -301,7 +292,7 @@ class Arbiter:
         ledger.withdraw(request, now)
         holding = request.holding
         assert limit is not None and isinstance(holding, Allocation)
-        _debug(
+        debug(
             "allocation timed out",
             id=holding.id,
             memory=request.max_size,
@@ -354,7 +345,7 @@ class Arbiter:
         if alloc.keep_alive is not None:
             self._keep_alive_touched(alloc)
         if structlog.is_configured():
-            _logger.debug(
+            log.debug(
                 "allocation released",
                 id=alloc.id,
                 priority=alloc.priority.name.lower(),
@@ -398,7 +389,7 @@ class Arbiter:
     @staticmethod
     def _preempt(holding: Holding) -> None:
         assert isinstance(holding, Allocation)
-        _debug("allocation preempted", id=holding.id, memory=holding.memory)
+        debug("allocation preempted", id=holding.id, memory=holding.memory)
         holding._on_preempt()
 
     @staticmethod

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
-import structlog
 
 from ._gpu import GpuReading, MemoryProbe
+from ._log import log, note
 
 __all__ = ["MemoryPoller", "PollerStatistics", "backoff_delay"]
 
-logger = structlog.get_logger("arbiter")
 
 _T = TypeVar("_T")
 
@@ -176,7 +175,7 @@ class MemoryPoller:
 
     def _succeeded(self, reading: GpuReading, now: float) -> None:
         if self._consecutive_failures:
-            logger.info(
+            note(
                 "gpu probe recovered",
                 failures=self._consecutive_failures,
                 outage_s=round(now - self._outage_started_at, 3),
@@ -192,7 +191,7 @@ class MemoryPoller:
         self._consecutive_failures += 1
         if self._consecutive_failures == 1:
             self._outage_started_at = started
-            logger.warning(
+            log.warning(
                 "gpu probe failed",
                 error=f"{type(exc).__name__}: {exc}",
                 retry_s=backoff_delay(self._interval, self._max_backoff, 1),
@@ -209,6 +208,6 @@ class MemoryPoller:
             # flood the log, so only the first of a streak is reported.
             if not self._callback_failing:
                 self._callback_failing = True
-                logger.error("gpu poller callback failed", callback=name, exc_info=exc)
+                log.error("gpu poller callback failed", callback=name, exc_info=exc)
             return
         self._callback_failing = False

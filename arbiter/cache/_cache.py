@@ -19,12 +19,12 @@ import httpx
 
 from .._config import ArbiterConfig
 from .._errors import FragmentError, FragmentUnavailable
+from .._log import log
 from ._buffer import Buffer, Reaper
 from ._config import CacheConfig
 from ._flight import Flight, ProgressCallback, ProgressTracker
 from ._http import CdnFetcher
 from ._loader import Loader
-from ._log import log
 from ._manifest import FragmentInfo, Manifest
 from ._stats import CacheStats, CacheTier, StatsRecorder
 from ._tiers import DiskTier, RamTier

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import anyio
 
+from .._log import log
 from ._buffer import Buffer
-from ._log import log
 from ._manifest import FragmentInfo
 from ._stats import CacheTier
 

@@ -23,9 +23,9 @@ import anyio.to_thread
 import httpx
 
 from .._errors import FragmentUnavailable, IntegrityError
+from .._log import log, note
 from .._types import format_bytes
 from ._config import CacheConfig
-from ._log import log, note
 from ._sink import DownloadSink
 from ._stats import CacheTier, StatsRecorder
 

@@ -15,12 +15,12 @@ import anyio
 import anyio.to_thread
 
 from .._errors import FragmentUnavailable, IntegrityError
+from .._log import log, note
 from ._buffer import Buffer, FragmentBuffer
 from ._config import CacheConfig
 from ._disk import CorruptFragment, read_verified
 from ._flight import Flight
 from ._http import CdnFetcher
-from ._log import log, note
 from ._manifest import FragmentInfo, disk_name
 from ._sink import DownloadSink
 from ._stats import CacheTier, StatsRecorder

@@ -22,11 +22,11 @@ import anyio.abc
 import anyio.to_thread
 
 from .._errors import ArbiterError
+from .._log import log, note
 from .._types import Priority
 from ._buffer import Buffer, Reaper
 from ._config import CacheConfig
 from ._device import DeviceStore, open_device_store
-from ._log import log, note
 from ._s3fifo import S3FifoPolicy
 from ._stats import StatsRecorder
 
