@@ -49,20 +49,12 @@ class Allocation(Holding):
         priority: Priority,
         memory: int,
         min_memory: int | None,
-        *,
         preemptible: bool,
         keep_alive: float | None,
         label: str | None,
         created_at: float,
     ) -> None:
-        super().__init__(
-            workload,
-            priority,
-            memory,
-            min_memory,
-            preemptible=preemptible,
-            keep_alive=keep_alive,
-        )
+        super().__init__(workload, priority, memory, min_memory, preemptible, keep_alive)
         self._arbiter = arbiter
         self.id = id
         self.label = label

@@ -197,8 +197,9 @@ class Arbiter:
     async def _request(self, args: RequestArgs) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue."""
         now = anyio.current_time()
-        alloc, request, limit = self._admit(args, now)
-        stats = self._ledger.stats
+        alloc, smallest, limit = self._admit(args, now)
+        ledger = self._ledger
+        stats = ledger.stats
         try:
             # Like anyio's Semaphore(fast_acquire=True): a cancellation point, but no
             # schedule point when the memory is there; a wait is a full checkpoint.
@@ -206,15 +207,19 @@ class Arbiter:
         except BaseException:
             stats.cancelled += 1
             raise
-        if not self._ledger.submit(request, now):
-            try:
-                await self._park(request, now, limit)
-            except BaseException as exc:
-                if isinstance(exc, ShuttingDown | AllocationTimeout | InsufficientQuality):
-                    stats.failed += 1
-                else:
-                    stats.cancelled += 1
-                raise
+        if args.min_quality is not None or not ledger.grant_now(alloc, smallest, args.memory, now):
+            request = _Waiter(alloc, smallest, args.memory, min_quality=args.min_quality)
+            request.event = None
+            request.may_reclaim = limit != 0
+            if not ledger.submit(request, now):
+                try:
+                    await self._park(request, now, limit)
+                except BaseException as exc:
+                    if isinstance(exc, ShuttingDown | AllocationTimeout | InsufficientQuality):
+                        stats.failed += 1
+                    else:
+                        stats.cancelled += 1
+                    raise
         stats.successful += 1
         if alloc.keep_alive is not None:
             self._keep_alive_touched(alloc)
@@ -229,8 +234,9 @@ class Arbiter:
             )
         return alloc
 
-    def _admit(self, args: RequestArgs, now: float) -> tuple[Allocation, _Waiter, float | None]:
-        """Build the allocation and its request, or raise what must be raised at once."""
+    def _admit(self, args: RequestArgs, now: float) -> tuple[Allocation, int, float | None]:
+        """Build the allocation, its smallest acceptable size and its timeout, or raise
+        what must be raised at once."""
         ledger = self._ledger
         smallest = args.memory if args.min_memory is None else args.min_memory
         if smallest > ledger.budget:
@@ -247,15 +253,12 @@ class Arbiter:
             args.priority,
             args.memory,
             args.min_memory,
-            preemptible=args.preemptible,
-            keep_alive=args.keep_alive,
-            label=args.label,
-            created_at=now,
+            args.preemptible,
+            args.keep_alive,
+            args.label,
+            now,
         )
-        request = _Waiter(alloc, smallest, args.memory, min_quality=args.min_quality)
-        request.event = None
-        request.may_reclaim = limit != 0
-        return alloc, request, limit
+        return alloc, smallest, limit
 
     async def _park(self, request: _Waiter, now: float, limit: float | None) -> None:
         """Wait until the ledger grants ``request``, taking it back on timeout or cancel."""

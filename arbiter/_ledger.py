@@ -148,17 +148,24 @@ class Ledger:
 
     # -- requests --------------------------------------------------------------
 
+    def grant_now(self, holding: Holding, min_size: int, max_size: int, now: float) -> bool:
+        """The fast path of a new allocation: grant it at once if nothing waits and it
+        fits, without queueing a request; False (and nothing changed) otherwise."""
+        if self.waiting:
+            return False
+        free = self.budget - self.granted - self.external
+        if free < min_size:
+            return False
+        self._hold(holding, min(max_size, free), now)
+        self.stats.record_wait(holding.priority, 0.0)
+        self._refresh(now)
+        return True
+
     def submit(self, request: Request, now: float) -> bool:
         """Queue ``request``; True when it was granted at once (nothing ahead, and it fits)."""
         request.enqueued_at = now
         if request.grow:
             request.holding.growing.append(request)
-        if not self.waiting and request.min_quality is None:
-            free = self.budget - self.granted - self.external
-            if free >= request.min_size:
-                self._grant(request, min(request.max_size, free), now)
-                self._refresh(now)
-                return True
         self._queues[request.priority].append(request)
         self.waiting += 1
         self._dispatch(now)
@@ -338,25 +345,32 @@ class Ledger:
             holding.growing.remove(request)
             if holding.preempt_requested:  # it all goes back with the holder
                 self.on_the_way += size
-        self.granted += size
-        self._family_granted[holding.diffusion] += size
-        holding.memory += size
-        if not request.grow:
-            holding.granted_seq = next(self._seq)
-            holding.idle_since = now
-            self._holders[holding.priority][holding] = None
-            if holding.elastic:
-                self._elastic[holding.priority][holding] = None
-            self._family_count[holding.diffusion] += 1
-            if holding.keep_alive is not None:
-                self._keep_alive[holding] = None
-        elif holding.memory > holding.max_memory:
-            holding.max_memory = holding.memory
-            if holding.elastic:  # min_memory == old size: it just became elastic
-                self._elastic[holding.priority].setdefault(holding, None)
+            self.granted += size
+            self._family_granted[holding.diffusion] += size
+            holding.memory += size
+            if holding.memory > holding.max_memory:
+                holding.max_memory = holding.memory
+                if holding.elastic:  # min_memory == old size: it just became elastic
+                    self._elastic[holding.priority].setdefault(holding, None)
+        else:
+            self._hold(holding, size, now)
         self.stats.record_wait(request.priority, now - request.enqueued_at)
         self._end_reclaim(request)
         self._wake(request)
+
+    def _hold(self, holding: Holding, size: int, now: float) -> None:
+        """Register a new holding of ``size`` bytes."""
+        self.granted += size
+        self._family_granted[holding.diffusion] += size
+        self._family_count[holding.diffusion] += 1
+        holding.memory = size
+        holding.granted_seq = next(self._seq)
+        holding.idle_since = now
+        self._holders[holding.priority][holding] = None
+        if holding.elastic:
+            self._elastic[holding.priority][holding] = None
+        if holding.keep_alive is not None:
+            self._keep_alive[holding] = None
 
     # -- degrade before preempt ------------------------------------------------
 
@@ -417,20 +431,22 @@ class Ledger:
     def _refresh(self, now: float) -> None:
         """Record the time-weighted averages and tell watchers whose target moved."""
         llm_active, diffusion_active = self._family_count
-        if self.pressure < self._threshold:
+        pressure = (self.granted + self.external) / self.budget
+        if pressure < self._threshold:
             llm = 1.0 if llm_active else None  # below the threshold every policy gives 1.0
             diffusion = 1.0 if diffusion_active else None
         else:
-            llm = self._policy_for(False, Priority.NORMAL, self.pressure) if llm_active else None
+            llm = self._policy_for(False, Priority.NORMAL, pressure) if llm_active else None
             diffusion = (
-                self._policy_for(True, Priority.NORMAL, self.pressure) if diffusion_active else None
+                self._policy_for(True, Priority.NORMAL, pressure) if diffusion_active else None
             )
-        self.stats.observe(now, self.pressure, llm, diffusion)
-        for holding in self._watched:
-            quality = self.target(holding)
-            if quality != holding.notified_quality:
-                holding.notified_quality = quality
-                self._quality_changed(holding)
+        self.stats.observe(now, pressure, llm, diffusion)
+        if self._watched:
+            for holding in self._watched:
+                quality = self.target(holding)
+                if quality != holding.notified_quality:
+                    holding.notified_quality = quality
+                    self._quality_changed(holding)
 
     def check_invariants(self) -> None:
         """Assert the invariants written at the top of this module (for tests)."""

@@ -39,7 +39,6 @@ class Holding:
         priority: Priority,
         max_memory: int,
         min_memory: int | None,
-        *,
         preemptible: bool = True,
         keep_alive: float | None = None,
     ) -> None:
