@@ -91,7 +91,6 @@ async def chat(request: Request) -> JSONResponse:
     """Generate a reply: ``{"prompt", "memory_gb": 4, "max_tokens": 64, "timeout": 10}``."""
     body = await _body(request)
     arbiter: Arbiter = request.app.state.arbiter
-    asked = anyio.current_time()
     async with arbiter.allocate(
         WorkloadType.LLM_INFERENCE,
         Priority.USER_FACING,
@@ -99,7 +98,7 @@ async def chat(request: Request) -> JSONResponse:
         timeout=_number(body, "timeout", 10.0),
         label="chat",
     ) as alloc:
-        waited = anyio.current_time() - asked
+        waited = anyio.current_time() - alloc.created_at  # created at the request
         quality = alloc.quality
         await anyio.sleep(_number(body, "max_tokens", 64) * SECONDS_PER_TOKEN)
     reply = f"you said {body.get('prompt', '')!r}"
@@ -112,7 +111,6 @@ async def image(request: Request) -> JSONResponse:
     body = await _body(request)
     arbiter: Arbiter = request.app.state.arbiter
     memory = _gib(body, "memory_gb", 10)
-    asked = anyio.current_time()
     async with arbiter.allocate(
         WorkloadType.IMAGE_GENERATION,
         Priority.NORMAL,
@@ -121,7 +119,7 @@ async def image(request: Request) -> JSONResponse:
         timeout=_number(body, "timeout", 30.0),
         label="image",
     ) as alloc:
-        waited = anyio.current_time() - asked
+        waited = anyio.current_time() - alloc.created_at  # created at the request
         quality, held = alloc.quality, alloc.memory
         # Lower quality, fewer denoising steps: the share we got decides the cost.
         steps = max(1, round(_number(body, "steps", 30) * quality))
