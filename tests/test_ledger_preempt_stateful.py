@@ -32,11 +32,17 @@ def victim_key(holding: Holding) -> tuple[int, bool, int]:
     return (holding.priority, holding.busy_spans > 0, -holding.granted_seq)
 
 
+class DispatchCountingLedger(Ledger):
+    """Counts grant-loop runs: the head is only judged after one has run."""
+
+    dispatches = 0
+
+    def _dispatch(self, now: float) -> None:
+        self.dispatches += 1
+        super()._dispatch(now)
+
+
 class PreemptionMachine(RuleBasedStateMachine):
-    # Whether grows may be queued by holders that can be asked to give back. A grow
-    # granted to a holder already asked is not counted as on its way (reported), so
-    # the committed machine keeps grows to holders that are never asked.
-    GROW_ANY = False
     # Whether a waiter must ask elastic holders already asked by another waiter for
     # more before preempting (reported: it preempts them at once instead).
     ASK_ASKED_AGAIN = False
@@ -52,12 +58,15 @@ class PreemptionMachine(RuleBasedStateMachine):
         self.batch: list[Holding] = []  # victims chosen by the current ledger call
         self.batch_for: Request | None = None
         self.preempted_total = 0
+        # The grant loop has run since the keep_alive timer last asked someone (the
+        # timer does not re-run it, so until then the head may count on less).
+        self.judged = True
 
     @initialize(grace=st.sampled_from([1.0, 0.0]))
     def build(self, grace: float) -> None:
         self.grace = grace
         config = ArbiterConfig(vram_budget=BUDGET, reclaim_grace=grace)
-        self.ledger = Ledger(config, wake=self.on_wake, preempt=self.on_preempt)
+        self.ledger = DispatchCountingLedger(config, wake=self.on_wake, preempt=self.on_preempt)
 
     # -- the hooks ---------------------------------------------------------------
 
@@ -88,7 +97,10 @@ class PreemptionMachine(RuleBasedStateMachine):
     def call(self, fn: object, *args: object) -> None:
         """Run one ledger operation, then check the victims it chose as one batch."""
         self.batch, self.batch_for = [], None
+        before = self.ledger.dispatches
         fn(*args, self.now)  # type: ignore[operator]
+        if self.ledger.dispatches > before:
+            self.judged = True
         if self.batch_for is not None:
             self.check_batch(self.batch_for, self.batch)
         self.note_asks()
@@ -183,9 +195,8 @@ class PreemptionMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         """Any holder lets go (a victim that finished unwinding, or one done early)."""
         asked = [h for h in self.holdings if h.preempt_requested]
-        pool = self.holdings
-        if asked and data.draw(st.booleans()):
-            pool = asked
+        prefer_asked: bool = data.draw(st.booleans())
+        pool = asked if asked and prefer_asked else self.holdings
         holding = data.draw(st.sampled_from(pool))
         self.holdings.remove(holding)
         self.call(self.ledger.release, holding)
@@ -221,13 +232,7 @@ class PreemptionMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def grow(self, data: st.DataObject) -> None:
         growing = {id(r.holding) for r in self.pending if r.grow}
-        pool = [
-            h
-            for h in self.holdings
-            if h.memory < BUDGET
-            and id(h) not in growing
-            and (self.GROW_ANY or (not h.preemptible and h.keep_alive is None))
-        ]
+        pool = [h for h in self.holdings if h.memory < BUDGET and id(h) not in growing]
         if not pool:
             return
         holding = data.draw(st.sampled_from(pool))
@@ -250,10 +255,13 @@ class PreemptionMachine(RuleBasedStateMachine):
             if request.reclaim_deadline <= self.now:
                 self.call(self.ledger.escalate, request)
         self.in_timer = True
+        asked_before = self.preempted_total
         try:
             self.call(self.ledger.reclaim_idle)
         finally:
             self.in_timer = False
+        if self.preempted_total > asked_before:
+            self.judged = False
 
     @precondition(lambda self: self.holdings)
     @rule(data=st.data())
@@ -301,7 +309,7 @@ class PreemptionMachine(RuleBasedStateMachine):
             return
         ledger = self.ledger
         head = ledger.head()
-        if head is None:
+        if head is None or not self.judged:
             return
         free = ledger.budget - ledger.granted - ledger.external
         short = head.min_size - free - ledger.on_the_way
