@@ -23,9 +23,12 @@ def _config(**overrides: object) -> ArbiterConfig:
 
 
 async def _until(condition: Callable[[], bool], limit: float = 5.0) -> None:
-    """Wait (generously) until ``condition`` holds; fail if it never does."""
+    """Wait (generously) until ``condition`` holds; fail if it never does.
+
+    The poller changes state on its own clock and signals no one: polling is the test.
+    """
     with anyio.fail_after(limit):
-        while not condition():
+        while not condition():  # noqa: ASYNC110
             await anyio.sleep(INTERVAL / 2)
 
 
