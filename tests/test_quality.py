@@ -355,6 +355,30 @@ async def test_min_quality_that_can_be_met_is_granted() -> None:
     assert alloc.memory == 12 * GiB and alloc.quality >= 0.7
 
 
+@pytest.mark.parametrize("elastic", [False, True])
+@pytest.mark.anyio
+async def test_min_quality_counts_the_requests_own_memory(elastic: bool) -> None:
+    # Nothing else is held, but the request itself would push the pressure past the
+    # threshold: its target would then be below min_quality.
+    arbiter = make_arbiter()
+    min_memory = 22 * GiB if elastic else None
+    with anyio.fail_after(5):
+        try:
+            alloc = await arbiter.request_allocation(
+                LLM,
+                Priority.NORMAL,
+                23 * GiB,
+                min_memory=min_memory,
+                min_quality=0.9,
+                timeout=0.05,
+            )
+        except InsufficientQuality as exc:
+            assert exc.minimum == 0.9 and exc.available < 0.9
+            assert arbiter.state().vram_used == 0
+        else:
+            assert alloc.quality >= 0.9, "granted below its min_quality"
+
+
 @pytest.mark.anyio
 async def test_min_quality_waits_for_memory_then_is_granted() -> None:
     arbiter = make_arbiter()

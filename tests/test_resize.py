@@ -262,3 +262,33 @@ async def test_release_while_growing_ends_the_grow_and_leaks_nothing() -> None:
             assert arbiter.state().waiting == 0
             blocker.release()
     assert holder.memory == 0 and arbiter.state().vram_used == 0
+
+
+async def test_grow_granted_to_a_preempted_holder_does_not_cause_later_over_preemption() -> None:
+    arbiter = make_arbiter()
+    other = await arbiter.request_allocation(LLM, NORMAL, 12 * GiB, preemptible=False)
+    holder = await arbiter.request_allocation(LLM, BG, 8 * GiB)
+    filler = await arbiter.request_allocation(LLM, NORMAL, 4 * GiB, preemptible=False)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            grown = await resize_in_background(tg, holder, 12)  # +4, none free: parks
+            high = await request_in_background(tg, arbiter, HIGH, 8)  # the holder is asked
+            assert holder.preempted and not grown
+            other.release()  # HIGH takes 8; the grow (+4) goes to the asked holder
+            await anyio.wait_all_tasks_blocked()
+            assert high and grown == [None] and holder.memory == 12 * GiB
+            holder.release()
+            filler.release()
+            high[0].release()
+            assert arbiter.state().vram_used == 0
+            # Nothing is held or asked for now. 4 GiB free; a HIGH request of 9 is 5
+            # short, and the newest BACKGROUND holder (6) covers that alone.
+            older = await arbiter.request_allocation(LLM, BG, 14 * GiB)
+            newer = await arbiter.request_allocation(LLM, BG, 6 * GiB)
+            late = await request_in_background(tg, arbiter, HIGH, 9)
+            assert newer.preempted and not older.preempted
+            newer.release()
+            await anyio.wait_all_tasks_blocked()
+            assert late and late[0].memory == 9 * GiB
+            late[0].release()
+            older.release()
