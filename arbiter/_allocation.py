@@ -73,7 +73,8 @@ class Allocation(Holding):
 
     @property
     def quality(self) -> float:
-        """The current quality target, in ``[min_quality(workload), 1.0]``."""
+        """The current quality target, in ``[min_quality(workload), 1.0]``; after
+        `release`, the target it had when released."""
         return self._arbiter._ledger.target(self)
 
     @property

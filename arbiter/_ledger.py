@@ -111,7 +111,7 @@ class Ledger:
         return self._policy_for(workload is not WorkloadType.LLM_INFERENCE, priority, self.pressure)
 
     def target(self, holding: Holding) -> float:
-        """A holding's current quality target."""
+        """A holding's current quality target (after release: the last one it had)."""
         if holding.released:
             return holding.notified_quality
         if not holding.elastic:
@@ -134,6 +134,8 @@ class Ledger:
         return max(floor, quality)
 
     def _policy_for(self, diffusion: bool, priority: Priority, pressure: float) -> float:
+        if pressure < self._threshold:
+            return 1.0  # every policy's answer below the threshold
         llm, diff = self._family_granted
         mine, other = (diff, llm) if diffusion else (llm, diff)
         share = mine / (mine + other) if other else 1.0
@@ -229,8 +231,7 @@ class Ledger:
         """Return all of ``holding``'s memory; idempotent."""
         if holding.released:
             return
-        if holding.watchers:
-            holding.notified_quality = self.target(holding)
+        holding.notified_quality = self.target(holding)  # what `quality` reads from now on
         holding.released = True
         for growing in holding.growing:  # nothing is left to grow
             if growing.state is not WAITING:
