@@ -71,6 +71,7 @@ class Ledger:
         self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         self._family_granted = [0, 0]  # llm, diffusion
         self._family_count = [0, 0]
+        self._asked: dict[Holding, None] = {}  # holders with shrink requests pending
         self._watched: dict[Holding, None] = {}  # a dict: notified in a stable order
         self._keep_alive: dict[Holding, None] = {}
         self._seq = count()
@@ -114,24 +115,29 @@ class Ledger:
         """A holding's current quality target (after release: the last one it had)."""
         if holding.released:
             return holding.notified_quality
-        if not holding.elastic:
-            return self._policy_for(holding.diffusion, holding.priority, self.pressure)
-        assert holding.min_memory is not None
-        # An elastic holder's own elastic part does not count toward the pressure it
-        # answers to, or shrinking would lower pressure, raise its target and regrow it.
-        elastic_part = holding.memory - holding.min_memory
-        pressure = (self.granted + self.external - max(0, elastic_part)) / self.budget
-        quality = self._policy_for(holding.diffusion, holding.priority, pressure)
-        floor = self._floors[holding.diffusion]
-        reachable = min(
-            holding.max_memory, holding.memory + self.budget - self.granted - self.external
-        )
-        quality = min(
-            quality, elastic_share_quality(reachable, holding.min_memory, holding.max_memory, floor)
-        )
+        quality = self._target_at(holding, holding.memory, self.granted)
         if holding.shrink_cap is not None:
-            quality = min(quality, holding.shrink_cap)
-        return max(floor, quality)
+            quality = max(self._floors[holding.diffusion], min(quality, holding.shrink_cap))
+        return quality
+
+    def _target_at(self, holding: Holding, memory: int, granted: int) -> float:
+        """The target ``holding`` has holding ``memory`` bytes when ``granted`` bytes are
+        granted in all: its policy value, capped for an elastic one by its share."""
+        used = granted + self.external
+        quality = self._policy_for(holding.diffusion, holding.priority, used / self.budget)
+        if not holding.elastic:
+            return quality
+        assert holding.min_memory is not None
+        # The share counts the memory it could grow into without pushing pressure past
+        # the point where its own policy value starts to fall: a holder that follows its
+        # target then settles there, instead of shrinking and regrowing forever.
+        limit = self.budget
+        if self._policy_for(holding.diffusion, holding.priority, 1.0) < 1.0:
+            limit = int(self._threshold * self.budget)
+        reachable = min(holding.max_memory, memory + max(0, limit - used))
+        floor = self._floors[holding.diffusion]
+        share = elastic_share_quality(reachable, holding.min_memory, holding.max_memory, floor)
+        return max(floor, min(quality, share))
 
     def _policy_for(self, diffusion: bool, priority: Priority, pressure: float) -> float:
         if pressure < self._threshold:
@@ -190,6 +196,9 @@ class Ledger:
                 # The holder may have shrunk (or released) since: undo no more than it holds.
                 holding = request.holding
                 if not holding.released:
+                    holding.max_memory = max(request.max_before, holding.memory - request.size)
+                    if not holding.elastic:
+                        self._elastic[holding.priority].pop(holding, None)
                     self._give_back(holding, min(request.size, holding.memory), now)
             else:
                 self.release(request.holding, now)
@@ -250,6 +259,7 @@ class Ledger:
         self._family_count[holding.diffusion] -= 1
         holding.memory = 0
         del self._holders[holding.priority][holding]
+        self._asked.pop(holding, None)
         self._elastic[holding.priority].pop(holding, None)
         self._keep_alive.pop(holding, None)
         self._watched.pop(holding, None)
@@ -320,17 +330,12 @@ class Ledger:
             return None
         size = min(request.max_size, free)
         if request.min_quality is not None:
-            # The target it would hold right after the grant, as `target` computes it.
+            # The target it would have right after the grant.
             holding = request.holding
-            elastic = holding.elastic and not request.grow
-            counted = holding.min_memory if elastic and holding.min_memory else size
-            pressure = (self.granted + self.external + counted) / self.budget
-            quality = self._policy_for(holding.diffusion, holding.priority, pressure)
-            if elastic:
-                assert holding.min_memory is not None
-                floor = self._floors[holding.diffusion]
-                share = elastic_share_quality(size, holding.min_memory, holding.max_memory, floor)
-                quality = min(quality, share)
+            if request.grow:
+                quality = self._target_at(holding, holding.memory + size, self.granted + size)
+            else:
+                quality = self._target_at(holding, size, self.granted + size)
             if quality < request.min_quality:
                 if request.best_quality is None or quality > request.best_quality:
                     request.best_quality = quality
@@ -349,6 +354,7 @@ class Ledger:
             self.granted += size
             self._family_granted[holding.diffusion] += size
             holding.memory += size
+            request.max_before = holding.max_memory
             if holding.memory > holding.max_memory:
                 holding.max_memory = holding.memory
                 if holding.elastic:  # min_memory == old size: it just became elastic
@@ -376,23 +382,37 @@ class Ledger:
     # -- degrade before preempt ------------------------------------------------
 
     def _reclaim_for(self, request: Request, now: float) -> None:
-        """Degrade before preempt, for the head of the queue that does not fit."""
+        """Degrade before preempt, for the head of the queue that does not fit.
+
+        Phase 1 asks elastic victims to shrink (on top of what other waiters asked:
+        whatever they free goes to the head) and waits up to the grace; phase 2
+        preempts victims until enough will be freed, counting no promised shrink.
+        """
         shortfall = request.min_size - (self.budget - self.granted - self.external)
         shortfall -= self.on_the_way
         if shortfall <= 0 or not request.may_reclaim:
             return
+        grace = self.config.reclaim_grace
         if request.reclaim_phase == 0:
-            request.reclaim_phase = 2
             chosen, total = choose_victims(self._holders, request.priority, shortfall)
             if chosen is None:
+                request.reclaim_phase = 2
                 request.reclaimable = total
                 return  # even preempting everyone allowed would not be enough: harm no one
-            if self._ask_to_shrink(request, shortfall) and self.config.reclaim_grace > 0:
-                request.reclaim_phase = 1
-                request.reclaim_deadline = now + self.config.reclaim_grace
+            request.reclaim_phase = 1
+            request.reclaim_deadline = now + grace
+            if grace > 0:
                 self._wake(request)  # it re-parks with the grace as its next deadline
-                return
-        if request.reclaim_phase == 2 and shortfall <= request.reclaimable:
+        if request.reclaim_phase == 1:
+            if now < request.reclaim_deadline:
+                missing = shortfall - self._promised()
+                if missing > 0:
+                    self._ask_to_shrink(request, missing)
+                if self._promised() > 0:
+                    return  # wait for the shrinks, up to the grace
+            request.reclaim_phase = 2  # the grace is over, or no elastic holder could shrink
+            request.reclaim_deadline = float("inf")
+        if shortfall <= request.reclaimable:
             chosen, total = choose_victims(self._holders, request.priority, shortfall)
             if chosen is None:
                 request.reclaimable = total
@@ -401,20 +421,36 @@ class Ledger:
                 self.stats.preemptions += 1
                 self._request_preemption(holding)
 
-    def _ask_to_shrink(self, request: Request, shortfall: int) -> bool:
-        """Cap the targets of elastic victims so that their shrinking covers ``shortfall``."""
-        plan = plan_shrinks(self._elastic, request.priority, shortfall)
-        if plan is None:
-            return False
-        for holding, size in plan:
-            assert holding.min_memory is not None
-            floor = self._floors[holding.diffusion]
-            holding.shrink_cap = elastic_share_quality(
-                size, holding.min_memory, holding.max_memory, floor
-            )
-            request.shrunk.append(holding)
+    def _promised(self) -> int:
+        """Bytes that holders asked to shrink have yet to give back."""
+        return sum(
+            max(0, holding.memory - min(holding.shrink_asks.values())) for holding in self._asked
+        )
+
+    def _ask_to_shrink(self, request: Request, shortfall: int) -> None:
+        """Cap the targets of elastic victims so that their shrinking covers ``shortfall``
+        (or as much of it as they can)."""
+        for holding, size in plan_shrinks(self._elastic, request.priority, shortfall):
+            previous = holding.shrink_asks.get(request)
+            holding.shrink_asks[request] = size if previous is None else min(size, previous)
+            self._asked[holding] = None
+            self._cap(holding)
+            if previous is None:
+                request.shrunk.append(holding)
             self.stats.quality_reductions += 1
-        return True
+
+    def _cap(self, holding: Holding) -> None:
+        """Cap ``holding``'s target at the share of the least size it is asked to shrink to."""
+        if not holding.shrink_asks:
+            holding.shrink_cap = None
+            return
+        assert holding.min_memory is not None
+        holding.shrink_cap = elastic_share_quality(
+            min(holding.shrink_asks.values()),
+            holding.min_memory,
+            holding.max_memory,
+            self._floors[holding.diffusion],
+        )
 
     def _request_preemption(self, holding: Holding) -> None:
         holding.preempt_requested = True
@@ -424,7 +460,10 @@ class Ledger:
     def _end_reclaim(self, request: Request) -> None:
         """The pressure that caused ``request``'s shrink requests has passed."""
         for holding in request.shrunk:
-            holding.shrink_cap = None
+            del holding.shrink_asks[request]
+            if not holding.shrink_asks:
+                self._asked.pop(holding, None)
+            self._cap(holding)
         request.shrunk.clear()
 
     # -- quality targets -------------------------------------------------------

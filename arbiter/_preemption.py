@@ -36,26 +36,22 @@ def victims(registry: Registry, below: Priority) -> Iterator[Holding]:
         yield from busy
 
 
-def plan_shrinks(
-    elastic: Registry, below: Priority, shortfall: int
-) -> list[tuple[Holding, int]] | None:
+def plan_shrinks(elastic: Registry, below: Priority, shortfall: int) -> list[tuple[Holding, int]]:
     """The elastic candidates to shrink and the size each is to shrink to, in victim
-    order, until ``shortfall`` is covered; None when shrinking alone could not cover
-    it (preemption is needed then anyway, and waiting for shrinks would only delay it).
-    Holders already asked to shrink for another request are left out."""
+    order, until ``shortfall`` is covered or no candidate has more to give. What a
+    holder was already asked to give is promised to other waiters: this asks on top."""
     plan = []
     remaining = shortfall
     for holding in victims(elastic, below):
-        if holding.shrink_cap is not None:
-            continue
         assert holding.min_memory is not None
-        give = min(holding.memory - holding.min_memory, remaining)
+        start = min(holding.memory, min(holding.shrink_asks.values(), default=holding.memory))
+        give = min(start - holding.min_memory, remaining)
         if give > 0:
-            plan.append((holding, holding.memory - give))
+            plan.append((holding, start - give))
             remaining -= give
             if remaining <= 0:
-                return plan
-    return None
+                break
+    return plan
 
 
 def choose_victims(

@@ -28,6 +28,7 @@ class Holding:
         "preemptible",
         "priority",
         "released",
+        "shrink_asks",
         "shrink_cap",
         "watchers",
         "workload",
@@ -58,6 +59,8 @@ class Holding:
         self.released = False
         # Set while a higher-priority waiter needs this elastic holder to shrink.
         self.shrink_cap: float | None = None
+        # The size each waiter that needs it to shrink asked for; the cap follows the least.
+        self.shrink_asks: dict[Request, int] = {}
         self.watchers = 0
         self.notified_quality = 1.0
 
@@ -74,6 +77,7 @@ class Request:
         "enqueued_at",
         "grow",
         "holding",
+        "max_before",
         "max_size",
         "may_reclaim",
         "min_quality",
@@ -104,6 +108,7 @@ class Request:
         self.grow = grow
         self.state = WAITING
         self.size = 0
+        self.max_before = 0  # a granted grow's holder's max_memory before it
         self.enqueued_at = 0.0
         # The best quality it could have had while blocked only by min_quality.
         self.best_quality: float | None = None

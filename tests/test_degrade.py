@@ -166,7 +166,9 @@ async def test_no_grace_when_the_only_elastic_holder_is_not_below_the_request() 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             high = await request_in_background(tg, arbiter, HIGH, 6)
-            assert lower.preempted and same.quality == 1.0 and not same.preempted
+            # Not asked to shrink: its target is the policy's for the pressure, no lower.
+            assert lower.preempted and not same.preempted
+            assert same.quality == arbiter.recommended_quality(LLM, HIGH)
             lower.release()
             await anyio.wait_all_tasks_blocked()
             assert high
@@ -230,14 +232,15 @@ async def test_several_elastic_holders_share_a_large_shortfall() -> None:
 async def test_waiter_that_becomes_head_later_asks_then_escalates_after_the_grace() -> None:
     grace = 0.3
     arbiter = make_arbiter(reclaim_grace=grace)
-    fixed = await arbiter.request_allocation(LLM, NORMAL, 4 * GiB, preemptible=False)
-    elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
+    # 20 of 24 GiB: below the pressure threshold, so targets start at 1.0.
+    fixed = await arbiter.request_allocation(LLM, NORMAL, 2 * GiB, preemptible=False)
+    elastic = await arbiter.request_allocation(LLM, BG, 18 * GiB, min_memory=4 * GiB)
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             left = anyio.Event()
 
             async def hopeless() -> None:
-                # Needs the whole budget while 4 GiB cannot be taken: nobody can help it.
+                # Needs the whole budget while 2 GiB cannot be taken: nobody can help it.
                 with pytest.raises(AllocationTimeout):
                     await arbiter.request_allocation(
                         LLM, Priority.USER_FACING, 24 * GiB, timeout=0.05
@@ -285,3 +288,28 @@ async def test_growing_holder_asks_elastic_holders_first_then_preempts_after_the
             assert elastic.preempted and holder.memory == 12 * GiB
             stats = arbiter.stats()
             assert stats.quality_reductions >= 1 and stats.preemptions == 1
+
+
+async def test_second_waiter_counts_promised_shrinks_and_the_next_head_asks_for_more() -> None:
+    arbiter = make_arbiter(reclaim_grace=60)
+    elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            high = await request_in_background(tg, arbiter, HIGH, 8)  # 4 GiB short
+            asked_once = elastic.quality
+            assert asked_once < 1.0
+            # 4 GiB short too, and the 4 GiB already promised go to it first: no new ask.
+            top = await request_in_background(tg, arbiter, Priority.USER_FACING, 8)
+            assert not elastic.preempted and arbiter.stats().preemptions == 0
+            await elastic.resize(16 * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert top and not high
+            # The HIGH request, head now, asks for more instead of preempting.
+            assert elastic.quality < asked_once and not elastic.preempted
+            await elastic.resize(elastic.memory_for_quality(elastic.quality))
+            await anyio.wait_all_tasks_blocked()
+            assert high and elastic.memory <= 8 * GiB  # a full card: its policy value fell too
+            assert arbiter.stats().preemptions == 0
+            high[0].release()
+            top[0].release()
+    elastic.release()

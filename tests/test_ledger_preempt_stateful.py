@@ -43,8 +43,9 @@ class DispatchCountingLedger(Ledger):
 
 
 class PreemptionMachine(RuleBasedStateMachine):
-    # Whether a waiter must ask elastic holders already asked by another waiter for
-    # more before preempting (reported: it preempts them at once instead).
+    # Whether the no-grace check counts what holders already asked by another waiter
+    # could still give. It does not: what they promised counts toward the head's need
+    # (see test_degrade's promised-shrinks test), so they are asked only on top of that.
     ASK_ASKED_AGAIN = False
 
     def __init__(self) -> None:

@@ -320,7 +320,9 @@ async def test_adaptive_targets_recover_to_what_the_pressure_allows() -> None:
 async def test_elastic_grant_target_is_capped_by_its_share(
     held_gib: int, expected_share: float
 ) -> None:
-    arbiter = make_arbiter()
+    # FIXED: no pressure-driven drop, so the target is the share cap alone (a full card
+    # is past the threshold, where ADAPTIVE would lower it too).
+    arbiter = make_arbiter(adaptive_quality=False)
     if held_gib:
         await arbiter.request_allocation(IMAGE, Priority.USER_FACING, held_gib * GiB)
     elastic = await arbiter.request_allocation(LLM, Priority.NORMAL, 24 * GiB, min_memory=16 * GiB)
@@ -331,7 +333,7 @@ async def test_elastic_grant_target_is_capped_by_its_share(
 
 @pytest.mark.anyio
 async def test_min_quality_blocks_until_the_timeout_then_insufficient_quality() -> None:
-    arbiter = make_arbiter()
+    arbiter = make_arbiter(adaptive_quality=False)  # the share alone decides
     await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
     floor = arbiter.config.llm_min_quality
     with anyio.fail_after(5), pytest.raises(InsufficientQuality) as caught:
@@ -347,7 +349,7 @@ async def test_min_quality_blocks_until_the_timeout_then_insufficient_quality() 
 
 @pytest.mark.anyio
 async def test_min_quality_that_can_be_met_is_granted() -> None:
-    arbiter = make_arbiter()
+    arbiter = make_arbiter(adaptive_quality=False)  # the share alone decides
     await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
     alloc = await arbiter.request_allocation(
         LLM, Priority.NORMAL, 16 * GiB, min_memory=8 * GiB, min_quality=0.7, timeout=0.05
