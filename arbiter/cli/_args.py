@@ -7,7 +7,7 @@ import math
 from typing import NoReturn
 
 from .._types import GiB
-from ._trace import BUILTIN_MINUTES
+from ._trace import BUILTIN_MINUTES, MAX_GIB, MAX_SECONDS
 
 __all__ = ["UsageError", "build_parser"]
 
@@ -37,13 +37,18 @@ def _positive(text: str, unit: str) -> float:
 
 def _positive_gb(text: str) -> float:
     value = _positive(text, "GiB")
+    if value > MAX_GIB:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_GIB} GiB, got {text!r}")
     if round(value * GiB) < 1:
         raise argparse.ArgumentTypeError(f"is less than one byte: {text!r}")
     return value
 
 
 def _positive_minutes(text: str) -> float:
-    return _positive(text, "minutes")
+    value = _positive(text, "minutes")
+    if value * 60 > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SECONDS / 60:.0f} minutes (a week)")
+    return value
 
 
 def _schedulers(text: str) -> list[str]:

@@ -80,6 +80,12 @@ class Trace:
         return self.rows[0].at if self.rows else 0.0
 
 
+# Sanity bounds of a trace: beyond them a number is a typo, and a simulation in
+# virtual time still pays for every poll of its virtual GPU.
+MAX_GIB = 1 << 20  # 1 PiB
+MAX_SECONDS = 7 * 24 * 3600.0  # a week
+
+
 def _number(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number, got {value!r}")
@@ -90,6 +96,8 @@ def _gib(value: object, key: str) -> int:
     gb = _number(value, key)
     if gb <= 0:
         raise ValueError(f"{key} must be > 0, got {value!r}")
+    if gb > MAX_GIB:
+        raise ValueError(f"{key} must be at most {MAX_GIB} GiB, got {value!r}")
     size = round(gb * GiB)
     if size <= 0:
         raise ValueError(f"{key} is smaller than one byte: {value!r}")
@@ -100,6 +108,8 @@ def _seconds(value: object, key: str) -> float:
     seconds = _number(value, key)
     if seconds < 0:
         raise ValueError(f"{key} must be >= 0 seconds, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{key} must be at most {MAX_SECONDS:.0f} seconds (a week), got {value!r}")
     return seconds
 
 
