@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._checks import check_bytes, check_fraction, check_seconds
 from ._quality import QualityPolicy
 from ._types import GiB, check_timeout
 
@@ -20,28 +21,6 @@ ASSUMED_VRAM = 8 * GiB
 BUDGET_SHARE = 0.9
 # Host RAM budget for the fragment cache, as a multiple of the device's VRAM.
 RAM_PER_VRAM = 4
-
-
-def _check_bytes(name: str, value: object, *, allow_zero: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int number of bytes, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} bytes, got {value!r}")
-
-
-def _check_fraction(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if math.isnan(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-
-
-def _check_seconds(name: str, value: object, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if math.isnan(value) or value < 0 or (positive and value == 0) or math.isinf(value):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound} seconds, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,17 +46,17 @@ class ArbiterConfig:
     poll_backoff_max: float = 5.0
 
     def __post_init__(self) -> None:
-        _check_bytes("vram_budget", self.vram_budget, allow_zero=False)
-        _check_bytes("ram_budget", self.ram_budget, allow_zero=True)
-        _check_fraction("llm_min_quality", self.llm_min_quality)
-        _check_fraction("diffusion_min_quality", self.diffusion_min_quality)
-        _check_fraction("pressure_threshold", self.pressure_threshold)
+        check_bytes("vram_budget", self.vram_budget, allow_zero=False)
+        check_bytes("ram_budget", self.ram_budget, allow_zero=True)
+        check_fraction("llm_min_quality", self.llm_min_quality)
+        check_fraction("diffusion_min_quality", self.diffusion_min_quality)
+        check_fraction("pressure_threshold", self.pressure_threshold)
         if not isinstance(self.adaptive_quality, bool):
             raise TypeError(f"adaptive_quality must be a bool, got {self.adaptive_quality!r}")
         check_timeout(self.allocation_timeout, "allocation_timeout")
-        _check_seconds("poll_interval", self.poll_interval, positive=True)
-        _check_seconds("reclaim_grace", self.reclaim_grace, positive=False)
-        _check_seconds("poll_backoff_max", self.poll_backoff_max, positive=True)
+        check_seconds("poll_interval", self.poll_interval, positive=True)
+        check_seconds("reclaim_grace", self.reclaim_grace, positive=False)
+        check_seconds("poll_backoff_max", self.poll_backoff_max, positive=True)
         if isinstance(self.quality_policy, str) and not isinstance(
             self.quality_policy, QualityPolicy
         ):

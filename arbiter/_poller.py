@@ -6,13 +6,13 @@ when readings resume) and stops only when its task is cancelled.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
 
+from ._checks import check_seconds
 from ._gpu import GpuReading, MemoryProbe
 from ._log import log, note
 
@@ -50,14 +50,6 @@ def backoff_delay(interval: float, max_backoff: float, consecutive_failures: int
         return interval
     # Capping the exponent keeps the float finite however long the outage lasts.
     return min(interval * 2.0 ** min(consecutive_failures, 64), max_backoff)
-
-
-def _check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0 seconds, got {value!r}")
-    return float(value)
 
 
 class MemoryPoller:
@@ -107,8 +99,8 @@ class MemoryPoller:
     ) -> None:
         if not callable(getattr(probe, "read", None)):
             raise TypeError(f"probe must have an async read() method, got {probe!r}")
-        self._interval = _check_seconds("interval", interval)
-        self._max_backoff = _check_seconds("max_backoff", max_backoff)
+        self._interval = check_seconds("interval", interval)
+        self._max_backoff = check_seconds("max_backoff", max_backoff)
         if self._max_backoff < self._interval:
             raise ValueError(
                 f"max_backoff must be >= interval ({interval!r} s), got {max_backoff!r}"

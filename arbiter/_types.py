@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from enum import IntEnum, StrEnum
 
+from ._checks import check_bytes
+
 __all__ = [
     "GiB",
     "KiB",
@@ -100,11 +102,7 @@ def coerce_priority(value: object, name: str = "priority") -> Priority:
 
 def check_memory(value: object, name: str) -> int:
     """A byte count: an ``int`` (not ``bool``) greater than zero."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int number of bytes, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
-    return value
+    return check_bytes(name, value, allow_zero=False)
 
 
 def check_timeout(value: object, name: str = "timeout") -> float | None:

@@ -20,17 +20,10 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 
+from ._checks import check_bytes
 from ._gpu import GpuProbeError, GpuReading
 
 __all__ = ["FakeGpu"]
-
-
-def _check_bytes(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int number of bytes, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 bytes, got {value!r}")
-    return value
 
 
 class FakeGpu:
@@ -72,7 +65,7 @@ class FakeGpu:
         ours: int = 0,
         per_process: bool = True,
     ) -> None:
-        self._total = _check_bytes("total", total)
+        self._total = check_bytes("total", total)
         if total == 0:
             raise ValueError("total must be > 0 bytes, got 0")
         self._external_used = 0
@@ -108,7 +101,7 @@ class FakeGpu:
 
     @external_used.setter
     def external_used(self, value: int) -> None:
-        _check_bytes("external_used", value)
+        check_bytes("external_used", value)
         if value + self._ours > self._total:
             raise ValueError(
                 f"external_used {value} + ours {self._ours} exceeds total {self._total}"
@@ -126,7 +119,7 @@ class FakeGpu:
 
     @ours.setter
     def ours(self, value: int) -> None:
-        _check_bytes("ours", value)
+        check_bytes("ours", value)
         if value + self._external_used > self._total:
             raise ValueError(
                 f"ours {value} + external_used {self._external_used} exceeds total {self._total}"

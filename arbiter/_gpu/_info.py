@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from .._checks import check_count
 from .._errors import GpuProbeError
 
 __all__ = [
@@ -34,13 +35,6 @@ class GpuVendor(StrEnum):
     UNKNOWN = "unknown"
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-
-
 @dataclass(frozen=True, slots=True)
 class GpuInfo:
     """One detected GPU.
@@ -66,7 +60,7 @@ class GpuInfo:
     uuid: str | None = None
 
     def __post_init__(self) -> None:
-        _check_int("index", self.index, minimum=0)
+        check_count("index", self.index, minimum=0)
         if not isinstance(self.name, str):
             raise TypeError(f"name must be a str, got {self.name!r}")
         if not isinstance(self.vendor, GpuVendor):
@@ -77,9 +71,9 @@ class GpuInfo:
             except ValueError:
                 choices = ", ".join(v.value for v in GpuVendor)
                 raise ValueError(f"vendor must be one of {choices}, got {self.vendor!r}") from None
-        _check_int("total_vram_bytes", self.total_vram_bytes, minimum=1)
+        check_count("total_vram_bytes", self.total_vram_bytes, minimum=1)
         if self.free_vram_bytes is not None:
-            _check_int("free_vram_bytes", self.free_vram_bytes, minimum=0)
+            check_count("free_vram_bytes", self.free_vram_bytes, minimum=0)
             if self.free_vram_bytes > self.total_vram_bytes:
                 raise ValueError(
                     f"free_vram_bytes {self.free_vram_bytes} exceeds "
@@ -123,7 +117,7 @@ class GpuDetectionResult:
             raise TypeError(f"method must be a DetectionMethod, got {self.method!r}")
         if not isinstance(self.gpus, list) or not all(isinstance(g, GpuInfo) for g in self.gpus):
             raise TypeError(f"gpus must be a list of GpuInfo, got {self.gpus!r}")
-        _check_int("total_vram_bytes", self.total_vram_bytes, minimum=0)
+        check_count("total_vram_bytes", self.total_vram_bytes, minimum=0)
         expected = sum(g.total_vram_bytes for g in self.gpus)
         if self.total_vram_bytes != expected:
             raise ValueError(

@@ -15,17 +15,11 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 import anyio.to_thread
 
+from .._checks import check_bytes
 from ._info import GpuProbeError
 from ._nvml import LIBRARY, LOCK_TIMEOUT, NvmlUnavailable, describe_error, open_device, read_memory
 
 __all__ = ["GpuReading", "MemoryProbe", "NvmlProbe", "open_default_probe"]
-
-
-def _check_bytes(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int number of bytes, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 bytes, got {value!r}")
 
 
 def check_device(device: object) -> int | str:
@@ -60,12 +54,12 @@ class GpuReading:
     external: int | None = None
 
     def __post_init__(self) -> None:
-        _check_bytes("total", self.total)
-        _check_bytes("used", self.used)
+        check_bytes("total", self.total)
+        check_bytes("used", self.used)
         if self.ours is not None:
-            _check_bytes("ours", self.ours)
+            check_bytes("ours", self.ours)
         if self.external is not None:
-            _check_bytes("external", self.external)
+            check_bytes("external", self.external)
 
     @property
     def free(self) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .._config import _check_bytes, _check_seconds
+from .._checks import check_bytes, check_count, check_seconds
 from .._types import GiB, KiB, MiB, WorkloadType, coerce_workload
 
 __all__ = ["CacheConfig"]
@@ -19,13 +19,6 @@ __all__ = ["CacheConfig"]
 MIN_READ_CHUNK = 1 * MiB
 # Network bytes are handed to the writer thread in batches of at least this many bytes.
 MIN_WRITE_CHUNK = 64 * KiB
-
-
-def _check_count(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 def _check_ratio(name: str, value: object, *, low_open: bool, high_open: bool) -> None:
@@ -121,10 +114,10 @@ class CacheConfig:
         else:
             raise TypeError(f"manifest must be a path or a mapping, got {self.manifest!r}")
         if self.ram_capacity is not None:
-            _check_bytes("ram_capacity", self.ram_capacity, allow_zero=True)
+            check_bytes("ram_capacity", self.ram_capacity, allow_zero=True)
         disk_path = _check_path("disk_path", self.disk_path, optional=False)
         object.__setattr__(self, "disk_path", disk_path)
-        _check_bytes("disk_capacity", self.disk_capacity, allow_zero=True)
+        check_bytes("disk_capacity", self.disk_capacity, allow_zero=True)
         if self.cdn_url is not None:
             if not isinstance(self.cdn_url, str):
                 raise TypeError(f"cdn_url must be None or a URL string, got {self.cdn_url!r}")
@@ -136,33 +129,33 @@ class CacheConfig:
         source_dir = _check_path("source_dir", self.source_dir, optional=True)
         object.__setattr__(self, "source_dir", source_dir)
         if self.vram_capacity is not None:
-            _check_bytes("vram_capacity", self.vram_capacity, allow_zero=True)
+            check_bytes("vram_capacity", self.vram_capacity, allow_zero=True)
         workload = coerce_workload(self.vram_workload, "vram_workload")
         object.__setattr__(self, "vram_workload", workload)
-        _check_seconds("vram_grow_timeout", self.vram_grow_timeout, positive=False)
-        _check_count("max_concurrent_fetches", self.max_concurrent_fetches, minimum=1)
-        _check_count("fetch_retries", self.fetch_retries, minimum=0)
-        _check_count("integrity_retries", self.integrity_retries, minimum=0)
-        _check_seconds("retry_backoff_base", self.retry_backoff_base, positive=False)
-        _check_seconds("retry_backoff_cap", self.retry_backoff_cap, positive=False)
+        check_seconds("vram_grow_timeout", self.vram_grow_timeout, positive=False)
+        check_count("max_concurrent_fetches", self.max_concurrent_fetches, minimum=1)
+        check_count("fetch_retries", self.fetch_retries, minimum=0)
+        check_count("integrity_retries", self.integrity_retries, minimum=0)
+        check_seconds("retry_backoff_base", self.retry_backoff_base, positive=False)
+        check_seconds("retry_backoff_cap", self.retry_backoff_cap, positive=False)
         if self.retry_backoff_cap < self.retry_backoff_base:
             raise ValueError(
                 f"retry_backoff_cap must be >= retry_backoff_base ({self.retry_backoff_base!r}), "
                 f"got {self.retry_backoff_cap!r}"
             )
         _check_ratio("retry_jitter", self.retry_jitter, low_open=False, high_open=False)
-        _check_seconds("http_timeout", self.http_timeout, positive=True)
-        _check_count("read_chunk_size", self.read_chunk_size, minimum=MIN_READ_CHUNK)
-        _check_count("read_parallelism", self.read_parallelism, minimum=1)
-        _check_count("write_chunk_size", self.write_chunk_size, minimum=MIN_WRITE_CHUNK)
-        _check_count("writeback_step", self.writeback_step, minimum=0)
+        check_seconds("http_timeout", self.http_timeout, positive=True)
+        check_count("read_chunk_size", self.read_chunk_size, minimum=MIN_READ_CHUNK)
+        check_count("read_parallelism", self.read_parallelism, minimum=1)
+        check_count("write_chunk_size", self.write_chunk_size, minimum=MIN_WRITE_CHUNK)
+        check_count("writeback_step", self.writeback_step, minimum=0)
         _check_ratio("small_queue_share", self.small_queue_share, low_open=True, high_open=True)
         if isinstance(self.ghost_share, bool) or not isinstance(self.ghost_share, int | float):
             raise TypeError(f"ghost_share must be a number, got {self.ghost_share!r}")
         if math.isnan(self.ghost_share) or math.isinf(self.ghost_share) or self.ghost_share < 0:
             raise ValueError(f"ghost_share must be a finite number >= 0, got {self.ghost_share!r}")
-        _check_count("max_frequency", self.max_frequency, minimum=1)
-        _check_count("latency_window", self.latency_window, minimum=1)
+        check_count("max_frequency", self.max_frequency, minimum=1)
+        check_count("latency_window", self.latency_window, minimum=1)
 
     @property
     def disk_root(self) -> Path:
