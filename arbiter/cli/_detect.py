@@ -27,22 +27,7 @@ def detect_report() -> tuple[GpuDetectionResult, ArbiterConfig]:
 
 def as_json(result: GpuDetectionResult, config: ArbiterConfig) -> dict[str, Any]:
     """``{"method", "gpus": [...], "total_vram_bytes", "config": {field: value}}``."""
-    return {
-        "method": result.method.value,
-        "gpus": [
-            {
-                "index": gpu.index,
-                "name": gpu.name,
-                "vendor": gpu.vendor.value,
-                "total_vram_bytes": gpu.total_vram_bytes,
-                "free_vram_bytes": gpu.free_vram_bytes,
-                "uuid": gpu.uuid,
-            }
-            for gpu in result.gpus
-        ],
-        "total_vram_bytes": result.total_vram_bytes,
-        "config": config.as_dict(),
-    }
+    return {**result.as_dict(), "config": config.as_dict()}
 
 
 def _config_value(name: str, value: object) -> str:

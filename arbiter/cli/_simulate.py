@@ -32,7 +32,6 @@ import anyio
 from .._arbiter import Arbiter
 from .._config import ArbiterConfig
 from .._errors import AllocationTimeout, InsufficientMemory, Preempted
-from .._quality import size_for_quality
 from .._types import MiB, Priority, WorkloadType
 from ..testing import FakeGpu
 from ._record import Holding, Recorder, SchedulerResult
@@ -211,7 +210,7 @@ class _Run:
             while True:
                 below = (
                     elastic is not None
-                    and self._wanted(alloc, *elastic) - alloc.memory >= _RESIZE_STEP
+                    and alloc.memory_for_quality(alloc.quality) - alloc.memory >= _RESIZE_STEP
                 )
                 with anyio.move_on_after(self.config.poll_interval if below else math.inf):
                     try:
@@ -220,25 +219,13 @@ class _Run:
                         return
                     self.recorder.quality(holding, quality, self.now())
                 if elastic is not None:
-                    await self._fit(alloc, holding, *elastic)
+                    await self._fit(alloc, holding)
         finally:
             with anyio.CancelScope(shield=True):
                 await changes.aclose()
 
-    def _floor(self, workload: WorkloadType) -> float:
-        if workload is WorkloadType.LLM_INFERENCE:
-            return self.config.llm_min_quality
-        return self.config.diffusion_min_quality
-
-    def _wanted(self, alloc: Allocation, min_memory: int, max_memory: int) -> int:
-        """The size the holder's current target calls for."""
-        floor = self._floor(alloc.workload)
-        return size_for_quality(alloc.quality, min_memory, max_memory, floor)
-
-    async def _fit(
-        self, alloc: Allocation, holding: Holding, min_memory: int, max_memory: int
-    ) -> None:
-        wanted = self._wanted(alloc, min_memory, max_memory)
+    async def _fit(self, alloc: Allocation, holding: Holding) -> None:
+        wanted = alloc.memory_for_quality(alloc.quality)
         if wanted < alloc.memory:
             await alloc.resize(wanted)
         elif wanted - alloc.memory >= _RESIZE_STEP:
