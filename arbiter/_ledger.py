@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from itertools import count
 
 from ._config import ArbiterConfig
-from ._preemption import choose_victims, plan_shrinks
+from ._preemption import DegradeBeforePreempt
 from ._quality import elastic_share_quality, policy_target
 from ._records import FAILED, GRANTED, WAITING, WITHDRAWN, Holding, Request
 from ._stats import StatsRecorder
@@ -40,7 +40,7 @@ def _noop(_: object) -> None:
     pass
 
 
-class Ledger:
+class Ledger(DegradeBeforePreempt):
     """Accounting and grant decisions for one GPU budget."""
 
     def __init__(
@@ -378,93 +378,6 @@ class Ledger:
             self._elastic[holding.priority][holding] = None
         if holding.keep_alive is not None:
             self._keep_alive[holding] = None
-
-    # -- degrade before preempt ------------------------------------------------
-
-    def _reclaim_for(self, request: Request, now: float) -> None:
-        """Degrade before preempt, for the head of the queue that does not fit.
-
-        Phase 1 asks elastic victims to shrink (on top of what other waiters asked:
-        whatever they free goes to the head) and waits up to the grace; phase 2
-        preempts victims until enough will be freed, counting no promised shrink.
-        """
-        shortfall = request.min_size - (self.budget - self.granted - self.external)
-        shortfall -= self.on_the_way
-        if shortfall <= 0 or not request.may_reclaim:
-            return
-        grace = self.config.reclaim_grace
-        if request.reclaim_phase == 0:
-            chosen, total = choose_victims(self._holders, request.priority, shortfall)
-            if chosen is None:
-                request.reclaim_phase = 2
-                request.reclaimable = total
-                return  # even preempting everyone allowed would not be enough: harm no one
-            request.reclaim_phase = 1
-            request.reclaim_deadline = now + grace
-            if grace > 0:
-                self._wake(request)  # it re-parks with the grace as its next deadline
-        if request.reclaim_phase == 1:
-            if now < request.reclaim_deadline:
-                missing = shortfall - self._promised()
-                if missing > 0:
-                    self._ask_to_shrink(request, missing)
-                if self._promised() > 0:
-                    return  # wait for the shrinks, up to the grace
-            request.reclaim_phase = 2  # the grace is over, or no elastic holder could shrink
-            request.reclaim_deadline = float("inf")
-        if shortfall <= request.reclaimable:
-            chosen, total = choose_victims(self._holders, request.priority, shortfall)
-            if chosen is None:
-                request.reclaimable = total
-                return
-            for holding in chosen:
-                self.stats.preemptions += 1
-                self._request_preemption(holding)
-
-    def _promised(self) -> int:
-        """Bytes that holders asked to shrink have yet to give back."""
-        return sum(
-            max(0, holding.memory - min(holding.shrink_asks.values())) for holding in self._asked
-        )
-
-    def _ask_to_shrink(self, request: Request, shortfall: int) -> None:
-        """Cap the targets of elastic victims so that their shrinking covers ``shortfall``
-        (or as much of it as they can)."""
-        for holding, size in plan_shrinks(self._elastic, request.priority, shortfall):
-            previous = holding.shrink_asks.get(request)
-            holding.shrink_asks[request] = size if previous is None else min(size, previous)
-            self._asked[holding] = None
-            self._cap(holding)
-            if previous is None:
-                request.shrunk.append(holding)
-            self.stats.quality_reductions += 1
-
-    def _cap(self, holding: Holding) -> None:
-        """Cap ``holding``'s target at the share of the least size it is asked to shrink to."""
-        if not holding.shrink_asks:
-            holding.shrink_cap = None
-            return
-        assert holding.min_memory is not None
-        holding.shrink_cap = elastic_share_quality(
-            min(holding.shrink_asks.values()),
-            holding.min_memory,
-            holding.max_memory,
-            self._floors[holding.diffusion],
-        )
-
-    def _request_preemption(self, holding: Holding) -> None:
-        holding.preempt_requested = True
-        self.on_the_way += holding.memory
-        self._preempt(holding)
-
-    def _end_reclaim(self, request: Request) -> None:
-        """The pressure that caused ``request``'s shrink requests has passed."""
-        for holding in request.shrunk:
-            del holding.shrink_asks[request]
-            if not holding.shrink_asks:
-                self._asked.pop(holding, None)
-            self._cap(holding)
-        request.shrunk.clear()
 
     # -- quality targets -------------------------------------------------------
 
