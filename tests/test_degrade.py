@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from arbiter_helpers import request_in_background
 
 from arbiter import (
     Allocation,
@@ -28,19 +29,6 @@ LLM_FLOOR = 0.4
 
 def make_arbiter(reclaim_grace: float) -> Arbiter:
     return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=reclaim_grace), probe=None)
-
-
-async def request_in_background(
-    tg: anyio.abc.TaskGroup, arbiter: Arbiter, priority: Priority, gib: int, **kwargs: object
-) -> list[Allocation]:
-    got: list[Allocation] = []
-
-    async def run() -> None:
-        got.append(await arbiter.request_allocation(LLM, priority, gib * GiB, **kwargs))  # type: ignore[arg-type]
-
-    tg.start_soon(run)
-    await anyio.wait_all_tasks_blocked()
-    return got
 
 
 async def read_targets(alloc: Allocation, seen: list[float], changed: anyio.Event) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from arbiter_helpers import request_in_background
 
 from arbiter import (
     Allocation,
@@ -27,20 +28,6 @@ BG, NORMAL, HIGH, TOP = Priority.BACKGROUND, Priority.NORMAL, Priority.HIGH, Pri
 
 def make_arbiter(reclaim_grace: float = 0.0) -> Arbiter:
     return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=reclaim_grace), probe=None)
-
-
-async def request_in_background(
-    tg: anyio.abc.TaskGroup, arbiter: Arbiter, priority: Priority, gib: int, **kwargs: object
-) -> list[Allocation]:
-    """Start a request in its own task; the returned list receives the allocation."""
-    got: list[Allocation] = []
-
-    async def run() -> None:
-        got.append(await arbiter.request_allocation(LLM, priority, gib * GiB, **kwargs))  # type: ignore[arg-type]
-
-    tg.start_soon(run)
-    await anyio.wait_all_tasks_blocked()
-    return got
 
 
 # -- allocate(): the body runs in a cancel scope -------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from arbiter_helpers import request_in_background
 
 from arbiter import (
     Allocation,
@@ -27,19 +28,6 @@ BG, NORMAL, HIGH, TOP = Priority.BACKGROUND, Priority.NORMAL, Priority.HIGH, Pri
 
 def make_arbiter() -> Arbiter:
     return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=0.0), probe=None)
-
-
-async def request_in_background(
-    tg: anyio.abc.TaskGroup, arbiter: Arbiter, priority: Priority, gib: int
-) -> list[Allocation]:
-    got: list[Allocation] = []
-
-    async def run() -> None:
-        got.append(await arbiter.request_allocation(LLM, priority, gib * GiB))
-
-    tg.start_soon(run)
-    await anyio.wait_all_tasks_blocked()
-    return got
 
 
 async def resize_in_background(
