@@ -267,9 +267,7 @@ class Arbiter:
         try:
             while True:
                 wake_at = min(deadline, request.reclaim_deadline)
-                if wake_at <= anyio.current_time():
-                    pass
-                else:
+                if wake_at > anyio.current_time():
                     event = request.event = anyio.Event()
                     if wake_at == math.inf:
                         await event.wait()

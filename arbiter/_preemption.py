@@ -39,10 +39,13 @@ def victims(registry: Registry, below: Priority) -> Iterator[Holding]:
         yield from busy
 
 
-def plan_shrinks(elastic: Registry, below: Priority, shortfall: int) -> list[tuple[Holding, int]]:
-    """The elastic candidates to shrink and the size each is to shrink to, in victim
-    order, until ``shortfall`` is covered or no candidate has more to give. What a
-    holder was already asked to give is promised to other waiters: this asks on top."""
+def plan_shrinks(
+    elastic: Registry, below: Priority, shortfall: int
+) -> list[tuple[Holding, int, int]]:
+    """The elastic candidates to shrink, each with the size to shrink to and the bytes
+    that newly promises, in victim order, until ``shortfall`` is covered or no candidate
+    has more to give. What a holder was already asked to give is promised to other
+    waiters: this asks on top."""
     plan = []
     remaining = shortfall
     for holding in victims(elastic, below):
@@ -50,7 +53,7 @@ def plan_shrinks(elastic: Registry, below: Priority, shortfall: int) -> list[tup
         start = min(holding.memory, min(holding.shrink_asks.values(), default=holding.memory))
         give = min(start - holding.min_memory, remaining)
         if give > 0:
-            plan.append((holding, start - give))
+            plan.append((holding, start - give, give))
             remaining -= give
             if remaining <= 0:
                 break
@@ -113,10 +116,10 @@ class DegradeBeforePreempt:
                 self._wake(request)  # it re-parks with the grace as its next deadline
         if request.reclaim_phase == 1:
             if now < request.reclaim_deadline:
-                missing = shortfall - self._promised()
-                if missing > 0:
-                    self._ask_to_shrink(request, missing)
-                if self._promised() > 0:
+                promised = self._promised()
+                if promised < shortfall:
+                    promised += self._ask_to_shrink(request, shortfall - promised)
+                if promised > 0:
                     return  # wait for the shrinks, up to the grace
             request.reclaim_phase = 2  # the grace is over, or no elastic holder could shrink
             request.reclaim_deadline = float("inf")
@@ -135,10 +138,12 @@ class DegradeBeforePreempt:
             max(0, holding.memory - min(holding.shrink_asks.values())) for holding in self._asked
         )
 
-    def _ask_to_shrink(self, request: Request, shortfall: int) -> None:
+    def _ask_to_shrink(self, request: Request, shortfall: int) -> int:
         """Cap the targets of elastic victims so that their shrinking covers ``shortfall``
-        (or as much of it as they can)."""
-        for holding, size in plan_shrinks(self._elastic, request.priority, shortfall):
+        (or as much of it as they can); the bytes newly promised."""
+        asked = 0
+        for holding, size, give in plan_shrinks(self._elastic, request.priority, shortfall):
+            asked += give
             previous = holding.shrink_asks.get(request)
             holding.shrink_asks[request] = size if previous is None else min(size, previous)
             self._asked[holding] = None
@@ -146,6 +151,7 @@ class DegradeBeforePreempt:
             if previous is None:
                 request.shrunk.append(holding)
             self.stats.quality_reductions += 1
+        return asked
 
     def _cap(self, holding: Holding) -> None:
         """Cap ``holding``'s target at the share of the least size it is asked to shrink to."""
