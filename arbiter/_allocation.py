@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 
 from ._arguments import DEFAULT, Default, RequestArgs
-from ._backend import CancelScopeLike, open_cancel_scope
+from ._backend import CancelScopeLike, current_backend
 from ._errors import Preempted
 from ._quality import size_for_quality
 from ._records import Holding
@@ -217,9 +217,10 @@ class AllocationContext:
     async def __aenter__(self) -> Allocation:
         if self._alloc is not None:
             raise RuntimeError("this allocate() context was already entered")
-        alloc = await self._arbiter._request(self._args)
+        backend = current_backend()
+        alloc = await self._arbiter._request(self._args, backend)
         self._alloc = alloc
-        scope = alloc._scope = open_cancel_scope()
+        scope = alloc._scope = backend.cancel_scope()
         if alloc.preempt_requested:
             scope.cancel()
         scope.__enter__()

@@ -19,6 +19,7 @@ import structlog
 
 from ._allocation import Allocation, AllocationContext
 from ._arguments import DEFAULT, Default, RequestArgs, check_request
+from ._backend import Backend, current_backend, current_time
 from ._config import ArbiterConfig
 from ._errors import (
     AllocationTimeout,
@@ -192,18 +193,18 @@ class Arbiter:
             workload, priority, memory, min_memory, timeout, min_quality, preemptible,
             keep_alive, label,
         )  # fmt: skip
-        return await self._request(args)
+        return await self._request(args, current_backend())
 
-    async def _request(self, args: RequestArgs) -> Allocation:
+    async def _request(self, args: RequestArgs, backend: Backend) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue."""
-        now = anyio.current_time()
+        now = backend.current_time()
         alloc, smallest, limit = self._admit(args, now)
         ledger = self._ledger
         stats = ledger.stats
         try:
             # Like anyio's Semaphore(fast_acquire=True): a cancellation point, but no
             # schedule point when the memory is there; a wait is a full checkpoint.
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            await backend.checkpoint_if_cancelled()
         except BaseException:
             stats.cancelled += 1
             raise
@@ -230,7 +231,7 @@ class Arbiter:
                 workload=alloc.workload.value,
                 priority=alloc.priority.name.lower(),
                 memory=alloc.memory,
-                waited=anyio.current_time() - now,
+                waited=backend.current_time() - now,
             )
         return alloc
 
@@ -410,7 +411,7 @@ class Arbiter:
 
     def _now(self) -> float:
         try:
-            return anyio.current_time()
+            return current_time()
         except RuntimeError:  # no event loop: pure accounting from sync code
             return self._ledger.stats.last_time
 

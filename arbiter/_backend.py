@@ -1,17 +1,28 @@
 """The one adapter that knows which event loop runs: everything else speaks anyio.
 
-anyio's ``CancelScope`` on trio wraps a native ``trio.CancelScope`` and costs
-several times as much to enter and leave; an ``allocate()`` body is entered on
-every grant, so on trio we open the native scope, which anyio's own task groups
-and scopes nest with (they are trio's underneath).
+An uncontended grant is a handful of dictionary updates, so the few primitives it
+needs (the clock, the cancellation check, a cancel scope for an ``allocate()``
+body) cost more than the accounting when taken through anyio's per-call backend
+lookup. `current_backend` resolves them once per event-loop library:
+
+* trio: its native ``CancelScope``, clock and ``checkpoint_if_cancelled``; anyio's
+  scopes on trio are trio's underneath, so they nest with ours.
+* asyncio: the loop's clock; anyio's own cancel scope class, built directly (the
+  public constructor looks the backend up and runs ``__init__`` twice); and the
+  cancellation check reads ``current_effective_deadline`` (sync, public) and only
+  awaits when the task is cancelled, which is what ``checkpoint_if_cancelled``
+  does with a coroutine more.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Protocol
 
 import anyio
+import anyio.lowlevel
 
 try:
     from sniffio import current_async_library
@@ -21,7 +32,7 @@ except ImportError:  # trio depends on sniffio, so without it trio is not what r
         return "asyncio"
 
 
-__all__ = ["CancelScopeLike", "open_cancel_scope"]
+__all__ = ["Backend", "CancelScopeLike", "current_backend", "current_time"]
 
 
 class CancelScopeLike(Protocol):
@@ -42,10 +53,76 @@ class CancelScopeLike(Protocol):
     ) -> bool: ...
 
 
-def open_cancel_scope() -> CancelScopeLike:
-    """A new, not yet entered cancel scope for the running backend."""
-    if current_async_library() == "trio":
-        import trio
+class Backend:
+    """The hot path's primitives, bound to one event-loop library."""
 
-        return trio.CancelScope()
-    return anyio.CancelScope()
+    __slots__ = ("cancel_scope", "checkpoint_if_cancelled", "current_time", "name")
+
+    def __init__(
+        self,
+        name: str,
+        current_time: Callable[[], float],
+        checkpoint_if_cancelled: Callable[[], Awaitable[None]],
+        cancel_scope: Callable[[], CancelScopeLike],
+    ) -> None:
+        self.name = name
+        self.current_time = current_time
+        self.checkpoint_if_cancelled = checkpoint_if_cancelled
+        self.cancel_scope = cancel_scope
+
+
+async def _asyncio_checkpoint_if_cancelled() -> None:
+    if anyio.current_effective_deadline() == -math.inf:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+
+def _asyncio_backend() -> Backend:
+    import asyncio
+
+    get_running_loop = asyncio.get_running_loop
+
+    def current_time() -> float:
+        return get_running_loop().time()
+
+    return Backend(
+        "asyncio",
+        current_time,
+        _asyncio_checkpoint_if_cancelled,
+        type(anyio.CancelScope()),  # called in the loop: anyio needs it to pick the class
+    )
+
+
+def _trio_backend() -> Backend:
+    import trio
+
+    return Backend(
+        "trio", trio.current_time, trio.lowlevel.checkpoint_if_cancelled, trio.CancelScope
+    )
+
+
+_backends: dict[str, Backend] = {}
+
+
+def current_backend() -> Backend:
+    """The primitives of the running event loop's library.
+
+    Raises ``RuntimeError`` (sniffio's ``AsyncLibraryNotFoundError``) outside one.
+    """
+    name = current_async_library()
+    backend = _backends.get(name)
+    if backend is None:
+        if name == "trio":
+            backend = _trio_backend()
+        elif name == "asyncio":
+            backend = _asyncio_backend()
+        else:  # whatever else anyio learns to run on: its public API
+            backend = Backend(
+                name, anyio.current_time, anyio.lowlevel.checkpoint_if_cancelled, anyio.CancelScope
+            )
+        _backends[name] = backend
+    return backend
+
+
+def current_time() -> float:
+    """The running event loop's clock, as ``anyio.current_time`` reads it."""
+    return current_backend().current_time()
