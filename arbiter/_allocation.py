@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 
 from ._arguments import DEFAULT, Default, RequestArgs
-from ._backend import CancelScopeLike, current_backend
+from ._backend import Backend, CancelScopeLike, current_backend
 from ._errors import Preempted
 from ._quality import size_for_quality
 from ._records import Holding
@@ -33,18 +33,20 @@ class Allocation(Holding):
 
     __slots__ = (
         "_arbiter",
+        "_backend",
+        "_number",
         "_preempt_event",
         "_quality_event",
         "_scope",
         "created_at",
-        "id",
         "label",
     )
 
     def __init__(
         self,
         arbiter: Arbiter,
-        id: str,
+        backend: Backend,
+        number: int,
         workload: WorkloadType,
         priority: Priority,
         memory: int,
@@ -54,9 +56,10 @@ class Allocation(Holding):
         label: str | None,
         created_at: float,
     ) -> None:
-        super().__init__(workload, priority, memory, min_memory, preemptible, keep_alive)
+        Holding.__init__(self, workload, priority, memory, min_memory, preemptible, keep_alive)
         self._arbiter = arbiter
-        self.id = id
+        self._backend = backend  # of the event loop it was requested in
+        self._number = number
         self.label = label
         self.created_at = created_at
         # The cancel scope of an `Arbiter.allocate` body; preemption cancels it.
@@ -70,6 +73,11 @@ class Allocation(Holding):
             f"memory={self.memory} quality={self.quality:.2f}"
             f"{' preempted' if self.preempted else ''}{' released' if self.released else ''}>"
         )
+
+    @property
+    def id(self) -> str:
+        """Unique within its arbiter: ``alloc-1``, ``alloc-2``, ... in request order."""
+        return f"alloc-{self._number}"
 
     @property
     def quality(self) -> float:
@@ -237,7 +245,7 @@ class AllocationContext:
         try:
             swallowed = alloc._scope.__exit__(exc_type, exc, tb)
         finally:
-            alloc.release()
+            self._arbiter._release(alloc, alloc._backend.current_time())
         if alloc._scope.cancelled_caught:
             raise Preempted(f"{alloc.id} was preempted by a higher priority")
         return swallowed

@@ -197,10 +197,22 @@ class Arbiter:
 
     async def _request(self, args: RequestArgs, backend: Backend) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue."""
-        now = backend.current_time()
-        alloc, smallest, limit = self._admit(args, now)
+        (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
+         label) = args  # fmt: skip
         ledger = self._ledger
         stats = ledger.stats
+        smallest = memory if min_memory is None else min_memory
+        if smallest > ledger.budget:
+            stats.failed += 1
+            raise InsufficientMemory(smallest, ledger.budget)
+        if self._closed:
+            stats.failed += 1
+            raise ShuttingDown("the arbiter is closed")
+        now = backend.current_time()
+        alloc = Allocation(
+            self, backend, next(self._ids), workload, priority, memory, min_memory, preemptible,
+            keep_alive, label, now,
+        )  # fmt: skip
         try:
             # Like anyio's Semaphore(fast_acquire=True): a cancellation point, but no
             # schedule point when the memory is there; a wait is a full checkpoint.
@@ -208,8 +220,9 @@ class Arbiter:
         except BaseException:
             stats.cancelled += 1
             raise
-        if args.min_quality is not None or not ledger.grant_now(alloc, smallest, args.memory, now):
-            request = _Waiter(alloc, smallest, args.memory, min_quality=args.min_quality)
+        if min_quality is not None or not ledger.grant_now(alloc, smallest, memory, now):
+            limit = self._default_timeout if isinstance(timeout, Default) else timeout
+            request = _Waiter(alloc, smallest, memory, min_quality=min_quality)
             request.event = None
             request.may_reclaim = limit != 0
             if not ledger.submit(request, now):
@@ -222,44 +235,18 @@ class Arbiter:
                         stats.cancelled += 1
                     raise
         stats.successful += 1
-        if alloc.keep_alive is not None:
+        if keep_alive is not None:
             self._keep_alive_touched(alloc)
         if structlog.is_configured():
             log.debug(
                 "allocation granted",
                 id=alloc.id,
-                workload=alloc.workload.value,
-                priority=alloc.priority.name.lower(),
+                workload=workload.value,
+                priority=priority.name.lower(),
                 memory=alloc.memory,
                 waited=backend.current_time() - now,
             )
         return alloc
-
-    def _admit(self, args: RequestArgs, now: float) -> tuple[Allocation, int, float | None]:
-        """Build the allocation, its smallest acceptable size and its timeout, or raise
-        what must be raised at once."""
-        ledger = self._ledger
-        smallest = args.memory if args.min_memory is None else args.min_memory
-        if smallest > ledger.budget:
-            ledger.stats.failed += 1
-            raise InsufficientMemory(smallest, ledger.budget)
-        if self._closed:
-            ledger.stats.failed += 1
-            raise ShuttingDown("the arbiter is closed")
-        limit = self._default_timeout if isinstance(args.timeout, Default) else args.timeout
-        alloc = Allocation(
-            self,
-            f"alloc-{next(self._ids)}",
-            args.workload,
-            args.priority,
-            args.memory,
-            args.min_memory,
-            args.preemptible,
-            args.keep_alive,
-            args.label,
-            now,
-        )
-        return alloc, smallest, limit
 
     async def _park(self, request: _Waiter, now: float, limit: float | None) -> None:
         """Wait until the ledger grants ``request``, taking it back on timeout or cancel."""
@@ -338,12 +325,20 @@ class Arbiter:
         """Return ``alloc``'s memory at once; the same as ``alloc.release()``."""
         if not isinstance(alloc, Allocation) or alloc._arbiter is not self:
             raise TypeError(f"alloc must be an Allocation of this arbiter, got {alloc!r}")
+        try:
+            now = alloc._backend.current_time()
+        except RuntimeError:  # from sync code outside the event loop
+            now = self._ledger.stats.last_time
+        self._release(alloc, now)
+
+    def _release(self, alloc: Allocation, now: float) -> None:
         if alloc.released:
             return
         memory = alloc.memory
-        self._ledger.release(alloc, self._now())
-        alloc._signal_preempt()
-        alloc._signal_quality()
+        self._ledger.release(alloc, now)
+        if alloc._preempt_event is not None or alloc._quality_event is not None:
+            alloc._signal_preempt()
+            alloc._signal_quality()
         if alloc.keep_alive is not None:
             self._keep_alive_touched(alloc)
         if structlog.is_configured():

@@ -40,6 +40,16 @@ def _noop(_: object) -> None:
     pass
 
 
+class _Family:
+    """What one workload family (LLM or diffusion) holds."""
+
+    __slots__ = ("count", "granted")
+
+    def __init__(self) -> None:
+        self.granted = 0
+        self.count = 0
+
+
 class Ledger(DegradeBeforePreempt):
     """Accounting and grant decisions for one GPU budget."""
 
@@ -69,8 +79,7 @@ class Ledger(DegradeBeforePreempt):
         self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         # The elastic subset, so asking for shrinks never scans the rigid holders.
         self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
-        self._family_granted = [0, 0]  # llm, diffusion
-        self._family_count = [0, 0]
+        self._families = (_Family(), _Family())  # llm, diffusion: index by `diffusion`
         self._asked: dict[Holding, None] = {}  # holders with shrink requests pending
         self._watched: dict[Holding, None] = {}  # a dict: notified in a stable order
         self._keep_alive: dict[Holding, None] = {}
@@ -87,7 +96,7 @@ class Ledger(DegradeBeforePreempt):
         return (self.granted + self.external) / self.budget
 
     def active(self, diffusion: bool) -> int:
-        return self._family_count[diffusion]
+        return self._families[diffusion].count
 
     def holdings(self) -> Iterator[Holding]:
         for held in self._holders.values():
@@ -115,6 +124,8 @@ class Ledger(DegradeBeforePreempt):
         """A holding's current quality target (after release: the last one it had)."""
         if holding.released:
             return holding.notified_quality
+        if holding.min_memory is None and self.pressure < self._threshold:
+            return 1.0  # the common case, without the policy's arithmetic
         quality = self._target_at(holding, holding.memory, self.granted)
         if holding.shrink_cap is not None:
             quality = max(self._floors[holding.diffusion], min(quality, holding.shrink_cap))
@@ -142,8 +153,7 @@ class Ledger(DegradeBeforePreempt):
     def _policy_for(self, diffusion: bool, priority: Priority, pressure: float) -> float:
         if pressure < self._threshold:
             return 1.0  # every policy's answer below the threshold
-        llm, diff = self._family_granted
-        mine, other = (diff, llm) if diffusion else (llm, diff)
+        mine, other = self._families[diffusion].granted, self._families[not diffusion].granted
         share = mine / (mine + other) if other else 1.0
         return policy_target(
             self._policy,
@@ -189,6 +199,9 @@ class Ledger(DegradeBeforePreempt):
             if request.grow:
                 request.holding.growing.remove(request)
             self.waiting -= 1
+            if not self.waiting:  # only withdrawn entries are left: drop them now
+                for queue in self._queues.values():
+                    queue.clear()
             self._end_reclaim(request)
         elif request.state is GRANTED:
             request.state = WITHDRAWN
@@ -242,7 +255,33 @@ class Ledger(DegradeBeforePreempt):
             return
         holding.notified_quality = self.target(holding)  # what `quality` reads from now on
         holding.released = True
-        for growing in holding.growing:  # nothing is left to grow
+        if holding.growing:
+            self._fail_growing(holding)
+        if holding.granted_seq < 0:
+            return
+        memory = holding.memory
+        if holding.preempt_requested:
+            self.on_the_way -= memory
+        self.granted -= memory
+        family = self._families[holding.diffusion]
+        family.granted -= memory
+        family.count -= 1
+        holding.memory = 0
+        del self._holders[holding.priority][holding]
+        # Membership tests first: most holders are in none of these registries.
+        if holding.shrink_asks:
+            self._asked.pop(holding, None)
+        if holding.min_memory is not None:
+            self._elastic[holding.priority].pop(holding, None)
+        if holding.keep_alive is not None:
+            self._keep_alive.pop(holding, None)
+        if holding.watchers:
+            self._watched.pop(holding, None)
+        self._dispatch(now)
+
+    def _fail_growing(self, holding: Holding) -> None:
+        """``holding`` is released: nothing is left to grow."""
+        for growing in holding.growing:
             if growing.state is not WAITING:
                 continue
             growing.state = FAILED
@@ -250,20 +289,6 @@ class Ledger(DegradeBeforePreempt):
             self._end_reclaim(growing)
             self._wake(growing)
         holding.growing.clear()
-        if holding.granted_seq < 0:
-            return
-        if holding.preempt_requested:
-            self.on_the_way -= holding.memory
-        self.granted -= holding.memory
-        self._family_granted[holding.diffusion] -= holding.memory
-        self._family_count[holding.diffusion] -= 1
-        holding.memory = 0
-        del self._holders[holding.priority][holding]
-        self._asked.pop(holding, None)
-        self._elastic[holding.priority].pop(holding, None)
-        self._keep_alive.pop(holding, None)
-        self._watched.pop(holding, None)
-        self._dispatch(now)
 
     def shrink(self, holding: Holding, size: int, now: float) -> None:
         """Lower ``holding`` to ``size`` bytes at once, waking whoever now fits."""
@@ -272,7 +297,7 @@ class Ledger(DegradeBeforePreempt):
     def _give_back(self, holding: Holding, amount: int, now: float) -> None:
         holding.memory -= amount
         self.granted -= amount
-        self._family_granted[holding.diffusion] -= amount
+        self._families[holding.diffusion].granted -= amount
         if holding.preempt_requested:
             self.on_the_way -= amount
         self._dispatch(now)
@@ -314,7 +339,7 @@ class Ledger(DegradeBeforePreempt):
     # -- the grant loop --------------------------------------------------------
 
     def _dispatch(self, now: float) -> None:
-        while (request := self.head()) is not None:
+        while self.waiting and (request := self.head()) is not None:
             size = self._fit(request)
             if size is None:
                 self._reclaim_for(request, now)
@@ -352,7 +377,7 @@ class Ledger(DegradeBeforePreempt):
             if holding.preempt_requested:  # it all goes back with the holder
                 self.on_the_way += size
             self.granted += size
-            self._family_granted[holding.diffusion] += size
+            self._families[holding.diffusion].granted += size
             holding.memory += size
             request.max_before = holding.max_memory
             if holding.memory > holding.max_memory:
@@ -368,30 +393,33 @@ class Ledger(DegradeBeforePreempt):
     def _hold(self, holding: Holding, size: int, now: float) -> None:
         """Register a new holding of ``size`` bytes."""
         self.granted += size
-        self._family_granted[holding.diffusion] += size
-        self._family_count[holding.diffusion] += 1
+        family = self._families[holding.diffusion]
+        family.granted += size
+        family.count += 1
         holding.memory = size
         holding.granted_seq = next(self._seq)
-        holding.idle_since = now
         self._holders[holding.priority][holding] = None
-        if holding.elastic:
+        if holding.min_memory is not None and holding.elastic:
             self._elastic[holding.priority][holding] = None
         if holding.keep_alive is not None:
+            holding.idle_since = now
             self._keep_alive[holding] = None
 
     # -- quality targets -------------------------------------------------------
 
     def _refresh(self, now: float) -> None:
         """Record the time-weighted averages and tell watchers whose target moved."""
-        llm_active, diffusion_active = self._family_count
         pressure = (self.granted + self.external) / self.budget
-        if pressure < self._threshold:
-            llm = 1.0 if llm_active else None  # below the threshold every policy gives 1.0
-            diffusion = 1.0 if diffusion_active else None
+        llm_family, diffusion_family = self._families
+        if pressure < self._threshold:  # every policy gives 1.0
+            llm = 1.0 if llm_family.count else None
+            diffusion = 1.0 if diffusion_family.count else None
         else:
-            llm = self._policy_for(False, Priority.NORMAL, pressure) if llm_active else None
+            llm = self._policy_for(False, Priority.NORMAL, pressure) if llm_family.count else None
             diffusion = (
-                self._policy_for(True, Priority.NORMAL, pressure) if diffusion_active else None
+                self._policy_for(True, Priority.NORMAL, pressure)
+                if diffusion_family.count
+                else None
             )
         self.stats.observe(now, pressure, llm, diffusion)
         if self._watched:
