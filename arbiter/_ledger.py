@@ -124,7 +124,8 @@ class Ledger(DegradeBeforePreempt):
         """A holding's current quality target (after release: the last one it had)."""
         if holding.released:
             return holding.notified_quality
-        if holding.min_memory is None and self.pressure < self._threshold:
+        used = self.granted + self.external
+        if holding.min_memory is None and used / self.budget < self._threshold:
             return 1.0  # the common case, without the policy's arithmetic
         quality = self._target_at(holding, holding.memory, self.granted)
         if holding.shrink_cap is not None:
@@ -174,7 +175,7 @@ class Ledger(DegradeBeforePreempt):
         free = self.budget - self.granted - self.external
         if free < min_size:
             return False
-        self._hold(holding, min(max_size, free), now)
+        self._hold(holding, max_size if max_size < free else free, now)
         self.stats.record_wait(holding.priority, 0.0)
         self._refresh(now)
         return True

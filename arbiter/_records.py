@@ -6,6 +6,9 @@ from ._types import Priority, WorkloadType
 
 __all__ = ["FAILED", "GRANTED", "WAITING", "WITHDRAWN", "Holding", "Request"]
 
+# Enum members are looked up through the metaclass; a grant should not pay for it.
+_LLM = WorkloadType.LLM_INFERENCE
+
 # A request's states; it is queued only while WAITING.
 WAITING, GRANTED, WITHDRAWN, FAILED = "waiting", "granted", "withdrawn", "failed"
 
@@ -44,7 +47,7 @@ class Holding:
         keep_alive: float | None = None,
     ) -> None:
         self.workload = workload
-        self.diffusion = workload is not WorkloadType.LLM_INFERENCE
+        self.diffusion = workload is not _LLM
         self.priority = priority
         self.max_memory = max_memory
         self.min_memory = min_memory
