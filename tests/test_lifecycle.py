@@ -57,9 +57,10 @@ def test_one_arbiter_serves_successive_event_loops_as_pure_accounting() -> None:
     first = anyio.run(take, backend="asyncio")
     second = anyio.run(take, backend="trio")
     assert arbiter.state().vram_used == 8 * GiB
-    first.release()  # sync, outside any loop
+    first.release()  # sync, outside any loop: the last clock reading stands in
     second.release()
     assert arbiter.state().vram_used == 0
+    assert (first.id, second.id) == ("alloc-1", "alloc-2")
 
 
 @pytest.mark.anyio

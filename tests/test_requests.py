@@ -498,6 +498,22 @@ def test_ledger_withdraw_after_a_raced_grant_gives_the_memory_to_the_next_waiter
     ledger.check_invariants()
 
 
+def test_ledger_drops_withdrawn_entries_once_nothing_waits() -> None:
+    """A withdrawn request stays queued until the queue is next looked at; once nothing
+    waits, nothing holds on to it (and to its holder) any longer."""
+    ledger = Ledger(ArbiterConfig(vram_budget=100))
+    holder = Holding(LLM, NORMAL, 100, None)
+    assert ledger.submit(Request(holder, 100, 100), now=0.0)
+    waiters = [Request(Holding(LLM, priority, 50, None), 50, 50) for priority in (NORMAL, HIGH)]
+    for request in waiters:
+        assert not ledger.submit(request, now=1.0)
+    ledger.withdraw(waiters[0], now=2.0)
+    assert any(ledger._queues.values())  # HIGH still waits
+    ledger.withdraw(waiters[1], now=3.0)
+    assert ledger.waiting == 0 and not any(ledger._queues.values())
+    ledger.check_invariants()
+
+
 # -- rule 2: the impossible request ------------------------------------------------
 
 
