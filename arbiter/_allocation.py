@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 
 from ._arguments import DEFAULT, Default, RequestArgs
-from ._backend import Backend, CancelScopeLike, current_backend
+from ._backend import CancelScopeLike, current_backend
 from ._errors import Preempted
 from ._quality import size_for_quality
 from ._records import Holding
@@ -33,7 +33,7 @@ class Allocation(Holding):
 
     __slots__ = (
         "_arbiter",
-        "_backend",
+        "_clock",
         "_number",
         "_preempt_event",
         "_quality_event",
@@ -45,7 +45,7 @@ class Allocation(Holding):
     def __init__(
         self,
         arbiter: Arbiter,
-        backend: Backend,
+        clock: Callable[[], float],
         number: int,
         workload: WorkloadType,
         priority: Priority,
@@ -58,7 +58,7 @@ class Allocation(Holding):
     ) -> None:
         Holding.__init__(self, workload, priority, memory, min_memory, preemptible, keep_alive)
         self._arbiter = arbiter
-        self._backend = backend  # of the event loop it was requested in
+        self._clock = clock  # of the event loop it was requested in
         self._number = number
         self.label = label
         self.created_at = created_at
@@ -245,7 +245,7 @@ class AllocationContext:
         try:
             swallowed = alloc._scope.__exit__(exc_type, exc, tb)
         finally:
-            self._arbiter._release(alloc, alloc._backend.current_time())
+            self._arbiter._release(alloc, alloc._clock())
         if alloc._scope.cancelled_caught:
             raise Preempted(f"{alloc.id} was preempted by a higher priority")
         return swallowed

@@ -208,9 +208,10 @@ class Arbiter:
         if self._closed:
             stats.failed += 1
             raise ShuttingDown("the arbiter is closed")
-        now = backend.current_time()
+        clock = backend.clock()
+        now = clock()
         alloc = Allocation(
-            self, backend, next(self._ids), workload, priority, memory, min_memory, preemptible,
+            self, clock, next(self._ids), workload, priority, memory, min_memory, preemptible,
             keep_alive, label, now,
         )  # fmt: skip
         try:
@@ -244,7 +245,7 @@ class Arbiter:
                 workload=workload.value,
                 priority=priority.name.lower(),
                 memory=alloc.memory,
-                waited=backend.current_time() - now,
+                waited=clock() - now,
             )
         return alloc
 
@@ -325,11 +326,7 @@ class Arbiter:
         """Return ``alloc``'s memory at once; the same as ``alloc.release()``."""
         if not isinstance(alloc, Allocation) or alloc._arbiter is not self:
             raise TypeError(f"alloc must be an Allocation of this arbiter, got {alloc!r}")
-        try:
-            now = alloc._backend.current_time()
-        except RuntimeError:  # from sync code outside the event loop
-            now = self._ledger.stats.last_time
-        self._release(alloc, now)
+        self._release(alloc, alloc._clock())
 
     def _release(self, alloc: Allocation, now: float) -> None:
         if alloc.released:

@@ -54,19 +54,25 @@ class CancelScopeLike(Protocol):
 
 
 class Backend:
-    """The hot path's primitives, bound to one event-loop library."""
+    """The hot path's primitives, bound to one event-loop library.
 
-    __slots__ = ("cancel_scope", "checkpoint_if_cancelled", "current_time", "name")
+    ``clock()`` returns the running loop's clock as a function that stays valid (and
+    callable from sync code) for the life of that loop: an allocation keeps it, so
+    its release reads the same clock without looking the loop up again.
+    """
+
+    __slots__ = ("cancel_scope", "checkpoint_if_cancelled", "clock", "current_time", "name")
 
     def __init__(
         self,
         name: str,
-        current_time: Callable[[], float],
+        clock: Callable[[], Callable[[], float]],
         checkpoint_if_cancelled: Callable[[], Awaitable[None]],
         cancel_scope: Callable[[], CancelScopeLike],
     ) -> None:
         self.name = name
-        self.current_time = current_time
+        self.clock = clock
+        self.current_time: Callable[[], float] = lambda: clock()()
         self.checkpoint_if_cancelled = checkpoint_if_cancelled
         self.cancel_scope = cancel_scope
 
@@ -81,12 +87,12 @@ def _asyncio_backend() -> Backend:
 
     get_running_loop = asyncio.get_running_loop
 
-    def current_time() -> float:
-        return get_running_loop().time()
+    def clock() -> Callable[[], float]:
+        return get_running_loop().time
 
     return Backend(
         "asyncio",
-        current_time,
+        clock,
         _asyncio_checkpoint_if_cancelled,
         type(anyio.CancelScope()),  # called in the loop: anyio needs it to pick the class
     )
@@ -95,9 +101,12 @@ def _asyncio_backend() -> Backend:
 def _trio_backend() -> Backend:
     import trio
 
-    return Backend(
-        "trio", trio.current_time, trio.lowlevel.checkpoint_if_cancelled, trio.CancelScope
-    )
+    current_clock = trio.lowlevel.current_clock
+
+    def clock() -> Callable[[], float]:
+        return current_clock().current_time
+
+    return Backend("trio", clock, trio.lowlevel.checkpoint_if_cancelled, trio.CancelScope)
 
 
 _backends: dict[str, Backend] = {}
@@ -117,7 +126,10 @@ def current_backend() -> Backend:
             backend = _asyncio_backend()
         else:  # whatever else anyio learns to run on: its public API
             backend = Backend(
-                name, anyio.current_time, anyio.lowlevel.checkpoint_if_cancelled, anyio.CancelScope
+                name,
+                lambda: anyio.current_time,
+                anyio.lowlevel.checkpoint_if_cancelled,
+                anyio.CancelScope,
             )
         _backends[name] = backend
     return backend
