@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from functools import cache
 from types import TracebackType
 from typing import Protocol
 
@@ -109,7 +110,16 @@ def _trio_backend() -> Backend:
     return Backend("trio", clock, trio.lowlevel.checkpoint_if_cancelled, trio.CancelScope)
 
 
-_backends: dict[str, Backend] = {}
+@cache
+def _backend_for(name: str) -> Backend:
+    if name == "trio":
+        return _trio_backend()
+    if name == "asyncio":
+        return _asyncio_backend()
+    # Whatever else anyio learns to run on: its public API.
+    return Backend(
+        name, lambda: anyio.current_time, anyio.lowlevel.checkpoint_if_cancelled, anyio.CancelScope
+    )
 
 
 def current_backend() -> Backend:
@@ -117,22 +127,7 @@ def current_backend() -> Backend:
 
     Raises ``RuntimeError`` (sniffio's ``AsyncLibraryNotFoundError``) outside one.
     """
-    name = current_async_library()
-    backend = _backends.get(name)
-    if backend is None:
-        if name == "trio":
-            backend = _trio_backend()
-        elif name == "asyncio":
-            backend = _asyncio_backend()
-        else:  # whatever else anyio learns to run on: its public API
-            backend = Backend(
-                name,
-                lambda: anyio.current_time,
-                anyio.lowlevel.checkpoint_if_cancelled,
-                anyio.CancelScope,
-            )
-        _backends[name] = backend
-    return backend
+    return _backend_for(current_async_library())
 
 
 def current_time() -> float:

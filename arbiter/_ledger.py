@@ -25,10 +25,10 @@ from itertools import count
 
 from ._config import ArbiterConfig
 from ._preemption import DegradeBeforePreempt
-from ._quality import elastic_share_quality, policy_target
-from ._records import FAILED, GRANTED, WAITING, WITHDRAWN, Holding, Request
+from ._records import FAILED, GRANTED, WAITING, WITHDRAWN, FamilyTally, Holding, Request
 from ._stats import StatsRecorder
-from ._types import Priority, WorkloadType
+from ._targets import QualityTargets
+from ._types import Priority
 
 # The records and their states are part of the ledger's interface.
 __all__ = ["FAILED", "GRANTED", "WAITING", "WITHDRAWN", "Holding", "Ledger", "Request"]
@@ -40,17 +40,7 @@ def _noop(_: object) -> None:
     pass
 
 
-class _Family:
-    """What one workload family (LLM or diffusion) holds."""
-
-    __slots__ = ("count", "granted")
-
-    def __init__(self) -> None:
-        self.granted = 0
-        self.count = 0
-
-
-class Ledger(DegradeBeforePreempt):
+class Ledger(QualityTargets, DegradeBeforePreempt):
     """Accounting and grant decisions for one GPU budget."""
 
     def __init__(
@@ -79,7 +69,7 @@ class Ledger(DegradeBeforePreempt):
         self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         # The elastic subset, so asking for shrinks never scans the rigid holders.
         self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
-        self._families = (_Family(), _Family())  # llm, diffusion: index by `diffusion`
+        self._families = (FamilyTally(), FamilyTally())  # llm, diffusion: index by `diffusion`
         self._asked: dict[Holding, None] = {}  # holders with shrink requests pending
         self._watched: dict[Holding, None] = {}  # a dict: notified in a stable order
         self._keep_alive: dict[Holding, None] = {}
@@ -111,59 +101,6 @@ class Ledger(DegradeBeforePreempt):
             if queue:
                 return queue[0]
         return None
-
-    def floor(self, holding: Holding) -> float:
-        """The lowest quality target of ``holding``'s family."""
-        return self._floors[holding.diffusion]
-
-    def recommended(self, workload: WorkloadType, priority: Priority) -> float:
-        """The policy's target for a new request of this kind at the current pressure."""
-        return self._policy_for(workload is not WorkloadType.LLM_INFERENCE, priority, self.pressure)
-
-    def target(self, holding: Holding) -> float:
-        """A holding's current quality target (after release: the last one it had)."""
-        if holding.released:
-            return holding.notified_quality
-        used = self.granted + self.external
-        if holding.min_memory is None and used / self.budget < self._threshold:
-            return 1.0  # the common case, without the policy's arithmetic
-        quality = self._target_at(holding, holding.memory, self.granted)
-        if holding.shrink_cap is not None:
-            quality = max(self._floors[holding.diffusion], min(quality, holding.shrink_cap))
-        return quality
-
-    def _target_at(self, holding: Holding, memory: int, granted: int) -> float:
-        """The target ``holding`` has holding ``memory`` bytes when ``granted`` bytes are
-        granted in all: its policy value, capped for an elastic one by its share."""
-        used = granted + self.external
-        quality = self._policy_for(holding.diffusion, holding.priority, used / self.budget)
-        if not holding.elastic:
-            return quality
-        assert holding.min_memory is not None
-        # The share counts the memory it could grow into without pushing pressure past
-        # the point where its own policy value starts to fall: a holder that follows its
-        # target then settles there, instead of shrinking and regrowing forever.
-        limit = self.budget
-        if self._policy_for(holding.diffusion, holding.priority, 1.0) < 1.0:
-            limit = int(self._threshold * self.budget)
-        reachable = min(holding.max_memory, memory + max(0, limit - used))
-        floor = self._floors[holding.diffusion]
-        share = elastic_share_quality(reachable, holding.min_memory, holding.max_memory, floor)
-        return max(floor, min(quality, share))
-
-    def _policy_for(self, diffusion: bool, priority: Priority, pressure: float) -> float:
-        if pressure < self._threshold:
-            return 1.0  # every policy's answer below the threshold
-        mine, other = self._families[diffusion].granted, self._families[not diffusion].granted
-        share = mine / (mine + other) if other else 1.0
-        return policy_target(
-            self._policy,
-            priority,
-            pressure,
-            threshold=self._threshold,
-            floor=self._floors[diffusion],
-            family_share=share,
-        )
 
     # -- requests --------------------------------------------------------------
 
@@ -200,9 +137,7 @@ class Ledger(DegradeBeforePreempt):
             if request.grow:
                 request.holding.growing.remove(request)
             self.waiting -= 1
-            if not self.waiting:  # only withdrawn entries are left: drop them now
-                for queue in self._queues.values():
-                    queue.clear()
+            self._drop_stale()
             self._end_reclaim(request)
         elif request.state is GRANTED:
             request.state = WITHDRAWN
@@ -290,6 +225,14 @@ class Ledger(DegradeBeforePreempt):
             self._end_reclaim(growing)
             self._wake(growing)
         holding.growing.clear()
+        self._drop_stale()
+
+    def _drop_stale(self) -> None:
+        """Once nothing waits, the queues hold only requests that left early: let them go
+        now (``_dispatch`` looks at the queues only while something waits)."""
+        if not self.waiting:
+            for queue in self._queues.values():
+                queue.clear()
 
     def shrink(self, holding: Holding, size: int, now: float) -> None:
         """Lower ``holding`` to ``size`` bytes at once, waking whoever now fits."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._types import Priority, WorkloadType
 
-__all__ = ["FAILED", "GRANTED", "WAITING", "WITHDRAWN", "Holding", "Request"]
+__all__ = ["FAILED", "GRANTED", "WAITING", "WITHDRAWN", "FamilyTally", "Holding", "Request"]
 
 # Enum members are looked up through the metaclass; a grant should not pay for it.
 _LLM = WorkloadType.LLM_INFERENCE
@@ -124,3 +124,13 @@ class Request:
         # a shortfall above this needs no new scan.
         self.reclaimable = float("inf")
         self.shrunk: list[Holding] = []
+
+
+class FamilyTally:
+    """What one workload family (LLM or diffusion) holds, kept by the ledger."""
+
+    __slots__ = ("count", "granted")
+
+    def __init__(self) -> None:
+        self.granted = 0
+        self.count = 0

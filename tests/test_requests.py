@@ -514,6 +514,18 @@ def test_ledger_drops_withdrawn_entries_once_nothing_waits() -> None:
     ledger.check_invariants()
 
 
+def test_ledger_drops_a_failed_growth_once_nothing_waits() -> None:
+    """Releasing a holder fails its queued growth; the queue lets go of it (and of the
+    released holder) at once, not when the next request happens to queue."""
+    ledger = Ledger(ArbiterConfig(vram_budget=100))
+    big, small = Holding(LLM, NORMAL, 60, None), Holding(LLM, NORMAL, 20, None)
+    assert ledger.grant_now(big, 60, 60, now=0.0) and ledger.grant_now(small, 20, 20, now=0.0)
+    assert not ledger.submit(Request(small, 40, 40, grow=True), now=1.0)
+    ledger.release(small, now=2.0)
+    assert ledger.waiting == 0 and not any(ledger._queues.values())
+    ledger.check_invariants()
+
+
 # -- rule 2: the impossible request ------------------------------------------------
 
 
