@@ -8,10 +8,10 @@ lookup. `current_backend` resolves them once per event-loop library:
 * trio: its native ``CancelScope``, clock and ``checkpoint_if_cancelled``; anyio's
   scopes on trio are trio's underneath, so they nest with ours.
 * asyncio: the loop's clock; anyio's own cancel scope class, built directly (the
-  public constructor looks the backend up and runs ``__init__`` twice); and the
-  cancellation check reads ``current_effective_deadline`` (sync, public) and only
-  awaits when the task is cancelled, which is what ``checkpoint_if_cancelled``
-  does with a coroutine more.
+  public constructor looks the backend up and runs ``__init__`` twice); and a
+  cancellation check that reads ``current_effective_deadline`` (sync, public) and
+  awaits only when the task is cancelled: the test anyio's ``checkpoint_if_cancelled``
+  makes, without its second backend lookup and coroutine.
 """
 
 from __future__ import annotations
@@ -62,16 +62,14 @@ class Backend:
     its release reads the same clock without looking the loop up again.
     """
 
-    __slots__ = ("cancel_scope", "checkpoint_if_cancelled", "clock", "current_time", "name")
+    __slots__ = ("cancel_scope", "checkpoint_if_cancelled", "clock", "current_time")
 
     def __init__(
         self,
-        name: str,
         clock: Callable[[], Callable[[], float]],
         checkpoint_if_cancelled: Callable[[], Awaitable[None]],
         cancel_scope: Callable[[], CancelScopeLike],
     ) -> None:
-        self.name = name
         self.clock = clock
         self.current_time: Callable[[], float] = lambda: clock()()
         self.checkpoint_if_cancelled = checkpoint_if_cancelled
@@ -92,7 +90,6 @@ def _asyncio_backend() -> Backend:
         return get_running_loop().time
 
     return Backend(
-        "asyncio",
         clock,
         _asyncio_checkpoint_if_cancelled,
         type(anyio.CancelScope()),  # called in the loop: anyio needs it to pick the class
@@ -107,7 +104,7 @@ def _trio_backend() -> Backend:
     def clock() -> Callable[[], float]:
         return current_clock().current_time
 
-    return Backend("trio", clock, trio.lowlevel.checkpoint_if_cancelled, trio.CancelScope)
+    return Backend(clock, trio.lowlevel.checkpoint_if_cancelled, trio.CancelScope)
 
 
 @cache
@@ -118,7 +115,7 @@ def _backend_for(name: str) -> Backend:
         return _asyncio_backend()
     # Whatever else anyio learns to run on: its public API.
     return Backend(
-        name, lambda: anyio.current_time, anyio.lowlevel.checkpoint_if_cancelled, anyio.CancelScope
+        lambda: anyio.current_time, anyio.lowlevel.checkpoint_if_cancelled, anyio.CancelScope
     )
 
 

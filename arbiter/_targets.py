@@ -13,8 +13,6 @@ from ._types import Priority, WorkloadType
 
 __all__ = ["QualityTargets"]
 
-_LLM = WorkloadType.LLM_INFERENCE
-
 
 class QualityTargets:
     """Quality targets for the `Ledger` (a mixin: the attributes below are the ledger's)."""
@@ -33,9 +31,8 @@ class QualityTargets:
 
     def recommended(self, workload: WorkloadType, priority: Priority) -> float:
         """The policy's target for a new request of this kind at the current pressure."""
-        return self._policy_for(
-            workload is not _LLM, priority, (self.granted + self.external) / self.budget
-        )
+        pressure = (self.granted + self.external) / self.budget
+        return self._policy_for(workload.is_diffusion, priority, pressure)
 
     def target(self, holding: Holding) -> float:
         """A holding's current quality target (after release: the last one it had)."""
