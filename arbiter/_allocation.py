@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-import anyio
 import anyio.lowlevel
 
 from ._arguments import DEFAULT, Default, RequestArgs
-from ._backend import CancelScopeLike, current_backend
+from ._backend import CancelScopeLike, LoopEntry, Parker, current_backend
 from ._errors import Preempted
 from ._quality import size_for_quality
 from ._records import Holding
@@ -34,9 +34,10 @@ class Allocation(Holding):
     __slots__ = (
         "_arbiter",
         "_clock",
+        "_entry",
         "_number",
-        "_preempt_event",
-        "_quality_event",
+        "_preempt_waiters",
+        "_quality_waiters",
         "_scope",
         "created_at",
         "label",
@@ -46,6 +47,7 @@ class Allocation(Holding):
         self,
         arbiter: Arbiter,
         clock: Callable[[], float],
+        entry: LoopEntry,
         number: int,
         workload: WorkloadType,
         priority: Priority,
@@ -59,13 +61,16 @@ class Allocation(Holding):
         Holding.__init__(self, workload, priority, memory, min_memory, preemptible, keep_alive)
         self._arbiter = arbiter
         self._clock = clock  # of the event loop it was requested in
+        self._entry = entry  # how to reach that loop from another thread
         self._number = number
         self.label = label
         self.created_at = created_at
         # The cancel scope of an `Arbiter.allocate` body; preemption cancels it.
         self._scope: CancelScopeLike | None = None
-        self._preempt_event: anyio.Event | None = None
-        self._quality_event: anyio.Event | None = None
+        # Tasks sleeping in `wait_preempted` and `quality_changes` (any loop). These
+        # three fields are guarded by the arbiter's lock.
+        self._preempt_waiters: list[Parker] | None = None
+        self._quality_waiters: list[Parker] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -83,7 +88,9 @@ class Allocation(Holding):
     def quality(self) -> float:
         """The current quality target, in ``[min_quality(workload), 1.0]``; after
         `release`, the target it had when released."""
-        return self._arbiter._ledger.target(self)
+        arbiter = self._arbiter
+        with arbiter._lock:
+            return arbiter._ledger.target(self)
 
     @property
     def preempted(self) -> bool:
@@ -127,12 +134,20 @@ class Allocation(Holding):
 
     async def wait_preempted(self) -> None:
         """Return when preemption is requested or the allocation is released."""
-        if self.preempt_requested or self.released:
-            await anyio.lowlevel.checkpoint()
-            return
-        if self._preempt_event is None:
-            self._preempt_event = anyio.Event()
-        await self._preempt_event.wait()
+        backend = current_backend()
+        with self._arbiter._lock:
+            if self.preempt_requested or self.released:
+                parker = None
+            else:
+                parker = backend.parker()
+                parker.arm()
+                if self._preempt_waiters is None:
+                    self._preempt_waiters = []
+                self._preempt_waiters.append(parker)
+        if parker is None:
+            await backend.checkpoint()
+        else:
+            await self._sleep(parker, self._preempt_waiters)
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -144,26 +159,37 @@ class Allocation(Holding):
         finally:
             self._arbiter._set_busy(self, False)
 
-    # Hooks the arbiter calls when the ledger decides something about this holder.
+    async def _sleep(self, parker: Parker, waiters: list[Parker] | None) -> None:
+        """Park until woken; a cancelled sleeper takes itself off ``waiters``."""
+        try:
+            await parker.park(math.inf)
+        except BaseException:
+            with self._arbiter._lock:
+                if waiters is not None and parker in waiters:
+                    waiters.remove(parker)
+            raise
+
+    # Hooks the arbiter calls, under its lock, when the ledger decides something
+    # about this holder. They only schedule: the body's scope is cancelled in the
+    # loop that runs it.
 
     def _on_preempt(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
+        scope = self._scope
+        if scope is not None:
+            self._entry.call(scope.cancel)
         self._signal_preempt()
 
     def _signal_preempt(self) -> None:
-        if self._preempt_event is not None:
-            self._preempt_event.set()
+        waiters, self._preempt_waiters = self._preempt_waiters, None
+        if waiters:
+            for parker in waiters:
+                parker.wake()
 
     def _signal_quality(self) -> None:
-        event, self._quality_event = self._quality_event, None
-        if event is not None:
-            event.set()
-
-    def _quality_signal(self) -> anyio.Event:
-        if self._quality_event is None:
-            self._quality_event = anyio.Event()
-        return self._quality_event
+        waiters, self._quality_waiters = self._quality_waiters, None
+        if waiters:
+            for parker in waiters:
+                parker.wake()
 
 
 class QualityChanges:
@@ -181,27 +207,40 @@ class QualityChanges:
 
     async def __anext__(self) -> float:
         alloc = self._alloc
+        arbiter = alloc._arbiter
+        backend = current_backend()
         if self._last is None:
-            await anyio.lowlevel.checkpoint()
-            if alloc.released:
-                raise StopAsyncIteration
-            self._watching = True
-            alloc._arbiter._ledger.watch(alloc, +1)
-            self._last = alloc.quality
-            return self._last
-        while not alloc.released:
-            quality = alloc.quality
-            if quality != self._last:
-                self._last = quality
-                return quality
-            await alloc._quality_signal().wait()
+            await backend.checkpoint()
+            with arbiter._lock:
+                if alloc.released:
+                    raise StopAsyncIteration
+                self._watching = True
+                arbiter._ledger.watch(alloc, +1)
+                self._last = quality = arbiter._ledger.target(alloc)
+            return quality
+        while True:
+            with arbiter._lock:
+                if alloc.released:
+                    break
+                quality = arbiter._ledger.target(alloc)
+                if quality != self._last:
+                    self._last = quality
+                    return quality
+                parker = backend.parker()
+                parker.arm()
+                if alloc._quality_waiters is None:
+                    alloc._quality_waiters = []
+                alloc._quality_waiters.append(parker)
+            await alloc._sleep(parker, alloc._quality_waiters)
         self._stop_watching()
         raise StopAsyncIteration
 
     def _stop_watching(self) -> None:
         if self._watching:
             self._watching = False
-            self._alloc._arbiter._ledger.watch(self._alloc, -1)
+            arbiter = self._alloc._arbiter
+            with arbiter._lock:
+                arbiter._ledger.watch(self._alloc, -1)
 
     async def aclose(self) -> None:
         """Stop reading; safe to call more than once."""
@@ -226,11 +265,14 @@ class AllocationContext:
         if self._alloc is not None:
             raise RuntimeError("this allocate() context was already entered")
         backend = current_backend()
-        alloc = await self._arbiter._request(self._args, backend)
+        arbiter = self._arbiter
+        alloc = await arbiter._request(self._args, backend)
         self._alloc = alloc
-        scope = alloc._scope = backend.cancel_scope()
-        if alloc.preempt_requested:
-            scope.cancel()
+        scope = backend.cancel_scope()
+        with arbiter._lock:  # a preemption from another thread sees the scope, or we see it
+            alloc._scope = scope
+            if alloc.preempt_requested:
+                scope.cancel()
         scope.__enter__()
         return alloc
 
@@ -245,7 +287,7 @@ class AllocationContext:
         try:
             swallowed = alloc._scope.__exit__(exc_type, exc, tb)
         finally:
-            self._arbiter._release(alloc, alloc._clock())
+            self._arbiter._release(alloc)
         if alloc._scope.cancelled_caught:
             raise Preempted(f"{alloc.id} was preempted by a higher priority")
         return swallowed

@@ -1,16 +1,25 @@
 """The async shell: argument checks, parking waiters, lifecycle, the background tasks.
 
-Decisions are the ledger's; this module only turns them into events, cancel
-scopes and log lines. A waiter parks on an event that the releaser sets after
+Decisions are the ledger's; this module only turns them into wake-ups, cancel
+scopes and log lines. A waiter parks on a `Parker` that the releaser wakes after
 the ledger has already handed it the memory.
+
+One arbiter may serve tasks of several event loops in several threads: every call
+into the ledger is made under ``Arbiter._lock`` (see `Ledger` for what it guards),
+never across an ``await``, and wake-ups reach another loop through its thread-safe
+entry. The ledger reads one clock, the arbiter's: that of the loop that entered
+``async with arbiter``, else of the loop that last found it idle. A request's own
+timeout is measured on its own loop's clock.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from itertools import count
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import anyio
 import anyio.abc
@@ -19,7 +28,7 @@ import structlog
 
 from ._allocation import Allocation, AllocationContext
 from ._arguments import DEFAULT, Default, RequestArgs, check_request
-from ._backend import Backend, current_backend, current_time
+from ._backend import Backend, LoopEntry, Parker, current_backend
 from ._config import ArbiterConfig
 from ._errors import (
     AllocationTimeout,
@@ -44,8 +53,10 @@ __all__ = ["Arbiter"]
 
 
 class _Waiter(Request):
-    __slots__ = ("event",)
-    event: anyio.Event | None
+    """A queued request and the place its task sleeps until the ledger decides."""
+
+    __slots__ = ("parker",)
+    parker: Parker
 
 
 class Arbiter:
@@ -80,10 +91,13 @@ class Arbiter:
             raise TypeError(f"probe must be a MemoryProbe (with async read()), got {probe!r}")
         self._probe = probe
         self._owns_probe = False
-        self._poller: Any = None
+        self._lock = threading.Lock()
+        self._clock: Callable[[], float] | None = None  # the ledger's clock; see the module
         self._ids = count(1)
         self._closed = False
         self._task_group: anyio.abc.TaskGroup | None = None
+        # The loop that runs the services, and how to reach it from another thread.
+        self._home: LoopEntry | None = None
         self._services: anyio.CancelScope | None = None
         self._keep_alive_changed: anyio.Event | None = None
 
@@ -106,7 +120,11 @@ class Arbiter:
             raise ShuttingDown("this arbiter is closed")
         if self._task_group is not None:
             raise RuntimeError("this arbiter is already running")
-        self._ledger.observe(anyio.current_time())
+        backend = current_backend()
+        self._home = backend.entry()
+        self._clock = backend.clock()
+        with self._lock:
+            self._ledger.observe(self._clock())
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -139,11 +157,13 @@ class Arbiter:
         await anyio.lowlevel.checkpoint()
 
     def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._ledger.fail_waiting(self._now())
-        if self._services is not None:
-            self._services.cancel()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._ledger.fail_waiting(self._now())
+        services, home = self._services, self._home
+        if services is not None and home is not None:
+            home.call(services.cancel)
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Run the poller and the keep_alive timer until the arbiter closes."""
@@ -196,46 +216,67 @@ class Arbiter:
         return await self._request(args, current_backend())
 
     async def _request(self, args: RequestArgs, backend: Backend) -> Allocation:
-        """Admit checked arguments: fail at once, grant at once, or wait in the queue."""
+        """Admit checked arguments: fail at once, grant at once, or wait in the queue.
+
+        A checkpoint on every path (rule 8): it checks for cancellation and yields
+        before anything is decided, so nothing is granted that the yield could cancel,
+        and a task that allocates in a loop lets the others run.
+        """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
         ledger = self._ledger
         stats = ledger.stats
-        smallest = memory if min_memory is None else min_memory
-        if smallest > ledger.budget:
-            stats.failed += 1
-            raise InsufficientMemory(smallest, ledger.budget)
-        if self._closed:
-            stats.failed += 1
-            raise ShuttingDown("the arbiter is closed")
-        clock = backend.clock()
-        now = clock()
-        alloc = Allocation(
-            self, clock, next(self._ids), workload, priority, memory, min_memory, preemptible,
-            keep_alive, label, now,
-        )  # fmt: skip
         try:
-            # Like anyio's Semaphore(fast_acquire=True): a cancellation point, but no
-            # schedule point when the memory is there; a wait is a full checkpoint.
-            await backend.checkpoint_if_cancelled()
+            await backend.checkpoint()
         except BaseException:
-            stats.cancelled += 1
+            with self._lock:
+                stats.cancelled += 1
             raise
-        if min_quality is not None or not ledger.grant_now(alloc, smallest, memory, now):
-            limit = self._default_timeout if isinstance(timeout, Default) else timeout
-            request = _Waiter(alloc, smallest, memory, min_quality=min_quality)
-            request.event = None
-            request.may_reclaim = limit != 0
-            if not ledger.submit(request, now):
-                try:
-                    await self._park(request, now, limit)
-                except BaseException as exc:
+        smallest = memory if min_memory is None else min_memory
+        limit = self._default_timeout if isinstance(timeout, Default) else timeout
+        clock = backend.clock()
+        started = clock()
+        alloc = Allocation(
+            self, clock, backend.entry(), next(self._ids), workload, priority, memory,
+            min_memory, preemptible, keep_alive, label, started,
+        )  # fmt: skip
+        with self._lock:
+            if smallest > ledger.budget or self._closed:
+                stats.failed += 1
+                refused = True
+            else:
+                refused = False
+                if not ledger.waiting and not ledger.granted:
+                    self._adopt_clock(clock)
+                now = self._now()
+                if min_quality is None and ledger.grant_now(alloc, smallest, memory, now):
+                    request = None
+                else:
+                    request = _Waiter(alloc, smallest, memory, min_quality=min_quality)
+                    request.may_reclaim = limit != 0
+                    if ledger.submit(request, now):
+                        request = None
+                    else:
+                        request.parker = backend.parker()
+                        request.parker.arm()
+                if request is None:
+                    stats.successful += 1
+        if refused:
+            if smallest > ledger.budget:
+                raise InsufficientMemory(smallest, ledger.budget)
+            raise ShuttingDown("the arbiter is closed")
+        if request is not None:
+            try:
+                await self._park(request, clock, started, limit)
+            except BaseException as exc:
+                with self._lock:
                     if isinstance(exc, ShuttingDown | AllocationTimeout | InsufficientQuality):
                         stats.failed += 1
                     else:
                         stats.cancelled += 1
-                    raise
-        stats.successful += 1
+                raise
+            with self._lock:
+                stats.successful += 1
         if keep_alive is not None:
             self._keep_alive_touched(alloc)
         if structlog.is_configured():
@@ -245,41 +286,56 @@ class Arbiter:
                 workload=workload.value,
                 priority=priority.name.lower(),
                 memory=alloc.memory,
-                waited=clock() - now,
+                waited=clock() - started,
             )
         return alloc
 
-    async def _park(self, request: _Waiter, now: float, limit: float | None) -> None:
-        """Wait until the ledger grants ``request``, taking it back on timeout or cancel."""
+    async def _park(
+        self,
+        request: _Waiter,
+        clock: Callable[[], float],
+        started: float,
+        limit: float | None,
+    ) -> None:
+        """Sleep until the ledger grants ``request``; take it back on timeout or cancel.
+
+        The waiter never re-checks whether it fits: it only learns what the ledger
+        decided. It wakes by itself for its deadline (on its own loop's clock) and
+        for the end of the reclaim grace the ledger set (on the arbiter's clock).
+        """
         ledger = self._ledger
-        deadline = math.inf if limit is None else now + limit
+        parker = request.parker
+        deadline = math.inf if limit is None else started + limit
+        with self._lock:  # the ledger may already have set a reclaim deadline
+            wake_at = self._wake_at(request, deadline, clock(), self._now())
         try:
             while True:
-                wake_at = min(deadline, request.reclaim_deadline)
-                if wake_at > anyio.current_time():
-                    event = request.event = anyio.Event()
-                    if wake_at == math.inf:
-                        await event.wait()
-                    else:
-                        with anyio.CancelScope(deadline=wake_at):
-                            await event.wait()
-                if request.state is GRANTED:
-                    return
-                if request.state is FAILED:
-                    if request.grow and request.holding.released:
-                        raise RuntimeError("the allocation was released while it waited to grow")
-                    raise ShuttingDown("the arbiter closed while the request waited")
-                now = anyio.current_time()
-                if now >= deadline:
-                    break
-                if now >= request.reclaim_deadline:
-                    ledger.escalate(request, now)
-                    if request.state is GRANTED:
+                await parker.park(wake_at)
+                with self._lock:
+                    state = request.state
+                    if state is GRANTED:
                         return
+                    if state is FAILED:
+                        break
+                    own_now = clock()
+                    now = self._now()
+                    if own_now >= deadline:
+                        ledger.withdraw(request, now)
+                        break
+                    if request.reclaim_deadline <= now:
+                        ledger.escalate(request, now)
+                        if request.state is GRANTED:
+                            return
+                    wake_at = self._wake_at(request, deadline, own_now, now)
+                    parker.arm()
         except BaseException:
-            ledger.withdraw(request, anyio.current_time())
+            with self._lock:
+                ledger.withdraw(request, self._now())  # gives back a grant that raced it
             raise
-        ledger.withdraw(request, now)
+        if request.state is FAILED:
+            if request.grow and request.holding.released:
+                raise RuntimeError("the allocation was released while it waited to grow")
+            raise ShuttingDown("the arbiter closed while the request waited")
         holding = request.holding
         assert limit is not None and isinstance(holding, Allocation)
         debug(
@@ -288,14 +344,16 @@ class Arbiter:
             memory=request.max_size,
             min_memory=request.min_size,
             priority=holding.priority.name.lower(),
-            waited=now - request.enqueued_at,
+            waited=clock() - started,
             grow=request.grow,
         )
         if request.best_quality is not None and request.min_quality is not None:
             raise InsufficientQuality(request.min_quality, request.best_quality)
         if not request.grow:  # a grow is no allocation: stats count requests only
-            ledger.stats.timeouts += 1
+            with self._lock:
+                ledger.stats.timeouts += 1
         raise AllocationTimeout(limit)
+
 
     def allocate(
         self,
@@ -322,18 +380,27 @@ class Arbiter:
         )  # fmt: skip
         return AllocationContext(self, args)
 
+    @staticmethod
+    def _wake_at(request: Request, deadline: float, own_now: float, now: float) -> float:
+        """When a waiter must wake by itself, on its own clock: at its deadline, or at
+        the reclaim deadline the ledger set on the arbiter's clock, if that is sooner."""
+        due = request.reclaim_deadline
+        if due == math.inf:
+            return deadline
+        return min(deadline, own_now + (due - now))
+
     def release_allocation(self, alloc: Allocation) -> None:
-        """Return ``alloc``'s memory at once; the same as ``alloc.release()``."""
+        """Return ``alloc``'s memory at once; the same as ``alloc.release()``. Any thread."""
         if not isinstance(alloc, Allocation) or alloc._arbiter is not self:
             raise TypeError(f"alloc must be an Allocation of this arbiter, got {alloc!r}")
-        self._release(alloc, alloc._clock())
+        self._release(alloc)
 
-    def _release(self, alloc: Allocation, now: float) -> None:
-        if alloc.released:
-            return
-        memory = alloc.memory
-        self._ledger.release(alloc, now)
-        if alloc._preempt_event is not None or alloc._quality_event is not None:
+    def _release(self, alloc: Allocation) -> None:
+        with self._lock:
+            if alloc.released:
+                return
+            memory = alloc.memory
+            self._ledger.release(alloc, self._now())
             alloc._signal_preempt()
             alloc._signal_quality()
         if alloc.keep_alive is not None:
@@ -348,37 +415,49 @@ class Arbiter:
             )
 
     async def _resize(self, alloc: Allocation, memory: int, timeout: float | None) -> None:
-        if alloc.released:
-            raise RuntimeError(f"cannot resize {alloc.id}: it is released")
+        if alloc.min_memory is not None and memory < alloc.min_memory:
+            raise ValueError(f"memory must be >= min_memory ({alloc.min_memory}), got {memory}")
         ledger = self._ledger
-        if memory <= alloc.memory:
-            if alloc.min_memory is not None and memory < alloc.min_memory:
-                raise ValueError(f"memory must be >= min_memory ({alloc.min_memory}), got {memory}")
-            ledger.shrink(alloc, memory, self._now())
-            await anyio.lowlevel.checkpoint()
+        backend = current_backend()
+        with self._lock:
+            if not alloc.released and memory <= alloc.memory:
+                ledger.shrink(alloc, memory, self._now())
+                shrunk = True
+            else:
+                shrunk = False
+        if shrunk:
+            await backend.checkpoint()
             return
-        if memory > ledger.budget:
-            raise InsufficientMemory(memory, ledger.budget)
-        if self._closed:
-            raise ShuttingDown("the arbiter is closed")
-        delta = memory - alloc.memory
-        request = _Waiter(alloc, delta, delta, grow=True)
-        request.event = None
-        request.may_reclaim = timeout != 0
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        if alloc.released:
-            raise RuntimeError(f"cannot resize {alloc.id}: it was released")
-        now = anyio.current_time()
-        if not ledger.submit(request, now):
-            await self._park(request, now, timeout)
+        # Growing is a request: a checkpoint first, on every path (rule 8).
+        await backend.checkpoint()
+        clock = backend.clock()
+        started = clock()
+        with self._lock:
+            if alloc.released:
+                raise RuntimeError(f"cannot resize {alloc.id}: it is released")
+            if memory > ledger.budget:
+                raise InsufficientMemory(memory, ledger.budget)
+            if self._closed:
+                raise ShuttingDown("the arbiter is closed")
+            delta = memory - alloc.memory
+            if delta <= 0:  # it shrank meanwhile (preemption or its own resize)
+                ledger.shrink(alloc, memory, self._now())
+                return
+            request = _Waiter(alloc, delta, delta, grow=True)
+            request.may_reclaim = timeout != 0
+            if ledger.submit(request, self._now()):
+                return
+            request.parker = backend.parker()
+            request.parker.arm()
+        await self._park(request, clock, started, timeout)
 
-    # -- hooks called by the ledger --------------------------------------------
+    # -- hooks called by the ledger (under the lock) ---------------------------
 
     @staticmethod
     def _wake(request: Request) -> None:
-        event = request.event  # type: ignore[attr-defined]
-        if event is not None:
-            event.set()
+        parker = getattr(request, "parker", None)
+        if parker is not None:
+            parker.wake()
 
     @staticmethod
     def _preempt(holding: Holding) -> None:
@@ -392,44 +471,59 @@ class Arbiter:
         holding._signal_quality()
 
     def _set_busy(self, alloc: Allocation, busy: bool) -> None:
-        self._ledger.set_busy(alloc, busy, self._now())
+        with self._lock:
+            self._ledger.set_busy(alloc, busy, self._now())
         self._keep_alive_touched(alloc)
 
     def _keep_alive_touched(self, alloc: Allocation) -> None:
-        if alloc.keep_alive is not None and self._keep_alive_changed is not None:
-            self._keep_alive_changed.set()
+        # Read after the ledger changed: the timer replaces the event before it reads
+        # the ledger, so whichever event this finds, the timer sees the change.
+        changed, home = self._keep_alive_changed, self._home
+        if alloc.keep_alive is not None and changed is not None and home is not None:
+            home.call(changed.set)
 
-    # -- snapshots -------------------------------------------------------------
+    # -- the clock and snapshots (any thread) ----------------------------------
+
+    def _adopt_clock(self, clock: Callable[[], float]) -> None:
+        """Read ``clock`` from now on, unless the services' loop owns the arbiter."""
+        if self._task_group is None:
+            self._clock = clock
 
     def _now(self) -> float:
-        try:
-            return current_time()
-        except RuntimeError:  # no event loop: pure accounting from sync code
+        clock = self._clock
+        if clock is None:  # never used in a loop: pure accounting from sync code
             return self._ledger.stats.last_time
+        return clock()
 
     def recommended_quality(
         self, workload: WorkloadType | str, priority: Priority | str = Priority.NORMAL
     ) -> float:
         """The quality target a new request of this workload and priority would get now."""
-        return self._ledger.recommended(coerce_workload(workload), coerce_priority(priority))
+        workload, priority = coerce_workload(workload), coerce_priority(priority)
+        with self._lock:
+            return self._ledger.recommended(workload, priority)
 
     def state(self) -> ArbiterState:
         """A snapshot of what is held, used and waiting now."""
         ledger = self._ledger
-        pressure = ledger.pressure
-        return ArbiterState(
-            active_llm_workloads=ledger.active(False),
-            active_diffusion_workloads=ledger.active(True),
-            llm_quality=ledger.recommended(WorkloadType.LLM_INFERENCE, Priority.NORMAL),
-            diffusion_quality=ledger.recommended(WorkloadType.IMAGE_GENERATION, Priority.NORMAL),
-            memory_pressure=pressure,
-            pressure_level=MemoryPressure.from_ratio(pressure),
-            vram_used=ledger.granted,
-            external_used=ledger.external,
-            vram_available=ledger.available,
-            waiting=ledger.waiting,
-        )
+        with self._lock:
+            pressure = ledger.pressure
+            return ArbiterState(
+                active_llm_workloads=ledger.active(False),
+                active_diffusion_workloads=ledger.active(True),
+                llm_quality=ledger.recommended(WorkloadType.LLM_INFERENCE, Priority.NORMAL),
+                diffusion_quality=ledger.recommended(
+                    WorkloadType.IMAGE_GENERATION, Priority.NORMAL
+                ),
+                memory_pressure=pressure,
+                pressure_level=MemoryPressure.from_ratio(pressure),
+                vram_used=ledger.granted,
+                external_used=ledger.external,
+                vram_available=ledger.available,
+                waiting=ledger.waiting,
+            )
 
     def stats(self) -> ArbiterStats:
         """Counters, time-weighted averages and wait percentiles since construction."""
-        return self._ledger.stats.snapshot(self._now())
+        with self._lock:
+            return self._ledger.stats.snapshot(self._now())

@@ -1,17 +1,20 @@
 """The one adapter that knows which event loop runs: everything else speaks anyio.
 
-An uncontended grant is a handful of dictionary updates, so the few primitives it
-needs (the clock, the cancellation check, a cancel scope for an ``allocate()``
-body) cost more than the accounting when taken through anyio's per-call backend
-lookup. `current_backend` resolves them once per event-loop library:
+Two things here cannot be had from anyio's public API:
 
-* trio: its native ``CancelScope``, clock and ``checkpoint_if_cancelled``; anyio's
-  scopes on trio are trio's underneath, so they nest with ours.
-* asyncio: the loop's clock; anyio's own cancel scope class, built directly (the
-  public constructor looks the backend up and runs ``__init__`` twice); and a
-  cancellation check that reads ``current_effective_deadline`` (sync, public) and
-  awaits only when the task is cancelled: the test anyio's ``checkpoint_if_cancelled``
-  makes, without its second backend lookup and coroutine.
+* **Parking across threads.** One arbiter serves tasks of several event loops in
+  several threads. A waiter parks on a `Parker` of its own loop; whoever grants it
+  (a release in any thread) wakes it through that loop's thread-safe entry
+  (asyncio's ``call_soon_threadsafe``, trio's ``TrioToken.run_sync_soon``), or
+  directly when it runs in the same thread. The handover is a bare future on
+  asyncio and ``wait_task_rescheduled`` on trio, as anyio's and trio's own
+  semaphores hand over: no event to re-check, no re-park.
+* **A cheap hot path.** An uncontended grant is a handful of dictionary updates, so
+  the few primitives it needs (the clock, the checkpoint, a cancel scope for an
+  ``allocate()`` body) are resolved once per event-loop library instead of
+  through anyio's per-call backend lookup. On asyncio the cancellation check reads
+  ``current_effective_deadline`` (public) and awaits only when the task is
+  cancelled; anyio's scope class is taken from one public construction.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from functools import cache
+from threading import get_ident
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -33,7 +37,14 @@ except ImportError:  # trio depends on sniffio, so without it trio is not what r
         return "asyncio"
 
 
-__all__ = ["Backend", "CancelScopeLike", "current_backend", "current_time"]
+__all__ = [
+    "Backend",
+    "CancelScopeLike",
+    "LoopEntry",
+    "Parker",
+    "current_backend",
+    "current_time",
+]
 
 
 class CancelScopeLike(Protocol):
@@ -54,57 +65,247 @@ class CancelScopeLike(Protocol):
     ) -> bool: ...
 
 
-class Backend:
-    """The hot path's primitives, bound to one event-loop library.
+class LoopEntry:
+    """Runs a callable in one event loop's thread, from any thread.
 
-    ``clock()`` returns the running loop's clock as a function that stays valid (and
-    callable from sync code) for the life of that loop: an allocation keeps it, so
-    its release reads the same clock without looking the loop up again.
+    In the loop's own thread the call is direct; from another it goes through the
+    loop's thread-safe entry. A loop that has already finished has nobody left to
+    tell, so such a call is dropped.
     """
 
-    __slots__ = ("cancel_scope", "checkpoint_if_cancelled", "clock", "current_time")
+    __slots__ = ("_call_soon", "thread")
+
+    def __init__(self, call_soon: Callable[..., object]) -> None:
+        self._call_soon = call_soon
+        self.thread = get_ident()
+
+    def call(self, function: Callable[..., object], *args: Any) -> None:
+        if get_ident() == self.thread:
+            function(*args)
+            return
+        try:
+            self._call_soon(function, *args)
+        except RuntimeError:  # the loop is closed (trio: RunFinishedError)
+            pass
+
+
+class Parker(Protocol):
+    """One waiter's place to sleep until someone wakes it.
+
+    ``arm()`` (in the waiter's task, under the arbiter's lock) prepares a sleep, so a
+    ``wake()`` that comes before ``park()`` is not lost. ``wake()`` may be called from
+    any thread, any number of times. ``park(deadline)`` sleeps until woken (True) or
+    until ``deadline`` on the waiter's own clock (False); a cancellation propagates.
+    """
+
+    def arm(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    async def park(self, deadline: float) -> bool: ...
+
+
+class Backend:
+    """The primitives of one event-loop library.
+
+    ``clock()`` returns the running loop's clock as a function that stays valid (and
+    callable from any thread) for the life of that loop: an allocation keeps it.
+    ``checkpoint()`` checks for cancellation and yields to the loop once.
+    """
+
+    __slots__ = (
+        "cancel_scope",
+        "checkpoint",
+        "checkpoint_if_cancelled",
+        "clock",
+        "current_time",
+        "entry",
+        "parker",
+    )
 
     def __init__(
         self,
         clock: Callable[[], Callable[[], float]],
+        checkpoint: Callable[[], Awaitable[None]],
         checkpoint_if_cancelled: Callable[[], Awaitable[None]],
         cancel_scope: Callable[[], CancelScopeLike],
+        entry: Callable[[], LoopEntry],
+        parker: Callable[[], Parker],
     ) -> None:
         self.clock = clock
         self.current_time: Callable[[], float] = lambda: clock()()
+        self.checkpoint = checkpoint
         self.checkpoint_if_cancelled = checkpoint_if_cancelled
         self.cancel_scope = cancel_scope
+        self.entry = entry
+        self.parker = parker
 
 
-async def _asyncio_checkpoint_if_cancelled() -> None:
-    if anyio.current_effective_deadline() == -math.inf:
-        await anyio.lowlevel.checkpoint_if_cancelled()
+# -- asyncio -------------------------------------------------------------------
 
 
 def _asyncio_backend() -> Backend:
     import asyncio
 
     get_running_loop = asyncio.get_running_loop
+    sleep = asyncio.sleep
+    entries: list[tuple[object, LoopEntry]] = []  # the last loop's entry, for reuse
+
+    async def checkpoint_if_cancelled() -> None:
+        if anyio.current_effective_deadline() == -math.inf:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+
+    async def checkpoint() -> None:
+        if anyio.current_effective_deadline() == -math.inf:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        await sleep(0)
 
     def clock() -> Callable[[], float]:
         return get_running_loop().time
 
+    def entry() -> LoopEntry:
+        loop = get_running_loop()
+        if entries and entries[0][0] is loop:
+            return entries[0][1]
+        made = LoopEntry(loop.call_soon_threadsafe)
+        entries[:] = [(loop, made)]
+        return made
+
+    class AsyncioParker:
+        __slots__ = ("_future", "_loop", "_thread")
+
+        def __init__(self) -> None:
+            self._loop = get_running_loop()
+            self._thread = get_ident()
+            self._future: asyncio.Future[bool] | None = None
+
+        def arm(self) -> None:
+            self._future = self._loop.create_future()
+
+        def wake(self) -> None:
+            if get_ident() == self._thread:
+                self._resolve(True)
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._resolve, True)
+            except RuntimeError:  # the loop is closed: its waiter is gone
+                pass
+
+        def _resolve(self, woken: bool) -> None:
+            future = self._future
+            if future is not None and not future.done():
+                future.set_result(woken)
+
+        async def park(self, deadline: float) -> bool:
+            future = self._future
+            assert future is not None, "park() without arm()"
+            if future.done():
+                return future.result()
+            if deadline == math.inf:
+                return await future
+            timer = self._loop.call_at(deadline, self._resolve, False)
+            try:
+                return await future
+            finally:
+                timer.cancel()
+
     return Backend(
         clock,
-        _asyncio_checkpoint_if_cancelled,
+        checkpoint,
+        checkpoint_if_cancelled,
         type(anyio.CancelScope()),  # called in the loop: anyio needs it to pick the class
+        entry,
+        AsyncioParker,
     )
+
+
+# -- trio ----------------------------------------------------------------------
 
 
 def _trio_backend() -> Backend:
     import trio
+    from outcome import Value
 
-    current_clock = trio.lowlevel.current_clock
+    lowlevel = trio.lowlevel
+    current_clock = lowlevel.current_clock
+    current_task = lowlevel.current_task
+    current_trio_token = lowlevel.current_trio_token
+    reschedule = lowlevel.reschedule
+    wait_task_rescheduled = lowlevel.wait_task_rescheduled
+    abort_succeeded = lowlevel.Abort.SUCCEEDED
+    entries: list[tuple[object, LoopEntry]] = []
 
     def clock() -> Callable[[], float]:
         return current_clock().current_time
 
-    return Backend(clock, trio.lowlevel.checkpoint_if_cancelled, trio.CancelScope)
+    def entry() -> LoopEntry:
+        token = current_trio_token()
+        if entries and entries[0][0] is token:
+            return entries[0][1]
+        made = LoopEntry(token.run_sync_soon)
+        entries[:] = [(token, made)]
+        return made
+
+    # A parker's states; every transition happens in the trio thread.
+    idle, armed, parked, woken = 0, 1, 2, 3
+
+    class TrioParker:
+        __slots__ = ("_state", "_task", "_thread", "_token")
+
+        def __init__(self) -> None:
+            self._task = current_task()
+            self._token = current_trio_token()
+            self._thread = get_ident()
+            self._state = idle
+
+        def arm(self) -> None:
+            self._state = armed
+
+        def wake(self) -> None:
+            if get_ident() == self._thread:
+                self._wake_here()
+                return
+            try:
+                self._token.run_sync_soon(self._wake_here)
+            except RuntimeError:  # the run has finished: its waiter is gone
+                pass
+
+        def _wake_here(self) -> None:
+            if self._state == parked:
+                self._state = woken
+                reschedule(self._task, Value(True))
+            elif self._state == armed:
+                self._state = woken
+
+        def _abort(self, _: object) -> trio.lowlevel.Abort:
+            self._state = idle
+            return abort_succeeded
+
+        async def park(self, deadline: float) -> bool:
+            if self._state == woken:
+                self._state = idle
+                return True
+            self._state = parked
+            if deadline == math.inf:
+                woke: bool = await wait_task_rescheduled(self._abort)
+                self._state = idle
+                return woke
+            with trio.CancelScope(deadline=deadline) as timer:
+                woke = await wait_task_rescheduled(self._abort)
+                self._state = idle
+                return woke
+            # The deadline cancelled the sleep (a wake in the same instant loses).
+            self._state = idle
+            return not timer.cancelled_caught
+
+    return Backend(
+        clock,
+        lowlevel.checkpoint,
+        lowlevel.checkpoint_if_cancelled,
+        trio.CancelScope,
+        entry,
+        TrioParker,
+    )
 
 
 @cache
@@ -113,10 +314,7 @@ def _backend_for(name: str) -> Backend:
         return _trio_backend()
     if name == "asyncio":
         return _asyncio_backend()
-    # Whatever else anyio learns to run on: its public API.
-    return Backend(
-        lambda: anyio.current_time, anyio.lowlevel.checkpoint_if_cancelled, anyio.CancelScope
-    )
+    raise RuntimeError(f"gpu-arbiter runs on asyncio or trio, not {name!r}")
 
 
 def current_backend() -> Backend:

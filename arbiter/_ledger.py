@@ -15,11 +15,20 @@ Invariants (checked by ``check_invariants`` and the stateful tests):
   memory over, waiters never re-check for themselves.
 * ``on_the_way`` is the memory of holdings asked to give everything back
   (preempted or reclaimed for keep_alive) that have not released yet.
+* The queues hold exactly the ``WAITING`` requests: a request that leaves (granted,
+  withdrawn, failed) leaves its queue at once, so what the ledger keeps grows with
+  the live holders and waiters, never with past requests (trio#548).
+
+Threads: the ledger is not thread-safe by itself. Its owner (`Arbiter`) calls every
+method under one ``threading.Lock`` (``Arbiter._lock``), which guards all of the
+ledger's state, the records' fields it writes (`Holding`, `Request`) and its stats.
+No method awaits, so the lock is never held across an ``await``; the hooks run under
+it and only schedule wake-ups (they never call back into the ledger).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from itertools import count
 
@@ -64,7 +73,10 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self._policy = config.effective_policy
         self._threshold = config.pressure_threshold
         self._floors = (config.llm_min_quality, config.diffusion_min_quality)
-        self._queues: dict[Priority, deque[Request]] = {p: deque() for p in Priority}
+        # Per priority, in arrival order; an OrderedDict so a request leaves in O(1).
+        self._queues: dict[Priority, OrderedDict[Request, None]] = {
+            p: OrderedDict() for p in Priority
+        }
         # Per priority, in grant order: victims are picked most recent first.
         self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         # The elastic subset, so asking for shrinks never scans the rigid holders.
@@ -93,13 +105,11 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             yield from held
 
     def head(self) -> Request | None:
-        """The next request to be granted; cancelled entries are dropped lazily."""
+        """The next request to be granted."""
         for priority in _PRIORITIES_HIGH_FIRST:
             queue = self._queues[priority]
-            while queue and queue[0].state is not WAITING:
-                queue.popleft()
             if queue:
-                return queue[0]
+                return next(iter(queue))
         return None
 
     # -- requests --------------------------------------------------------------
@@ -122,7 +132,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         request.enqueued_at = now
         if request.grow:
             request.holding.growing.append(request)
-        self._queues[request.priority].append(request)
+        self._queues[request.priority][request] = None
         self.waiting += 1
         self._dispatch(now)
         return request.state is GRANTED
@@ -136,8 +146,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             request.state = WITHDRAWN
             if request.grow:
                 request.holding.growing.remove(request)
-            self.waiting -= 1
-            self._drop_stale()
+            self._dequeue(request)
             self._end_reclaim(request)
         elif request.state is GRANTED:
             request.state = WITHDRAWN
@@ -160,21 +169,19 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         """Start (or continue) the time-weighted averages at ``now``."""
         self._refresh(now)
 
-    def fail_waiting(self, now: float) -> list[Request]:
-        """Fail every waiting request (the arbiter is closing); returns them."""
+    def fail_waiting(self, now: float) -> None:
+        """Fail every waiting request (the arbiter is closing)."""
         failed = []
         for queue in self._queues.values():
             for request in queue:
-                if request.state is WAITING:
-                    request.state = FAILED
-                    self._end_reclaim(request)
-                    failed.append(request)
+                request.state = FAILED
+                self._end_reclaim(request)
+                failed.append(request)
             queue.clear()
         self.waiting = 0
         for request in failed:
             self._wake(request)
         self._refresh(now)
-        return failed
 
     def escalate(self, request: Request, now: float) -> None:
         """The reclaim grace of ``request`` has passed: preempt if shrinking was not enough."""
@@ -221,18 +228,14 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             if growing.state is not WAITING:
                 continue
             growing.state = FAILED
-            self.waiting -= 1
+            self._dequeue(growing)
             self._end_reclaim(growing)
             self._wake(growing)
         holding.growing.clear()
-        self._drop_stale()
 
-    def _drop_stale(self) -> None:
-        """Once nothing waits, the queues hold only requests that left early: let them go
-        now (``_dispatch`` looks at the queues only while something waits)."""
-        if not self.waiting:
-            for queue in self._queues.values():
-                queue.clear()
+    def _dequeue(self, request: Request) -> None:
+        del self._queues[request.priority][request]
+        self.waiting -= 1
 
     def shrink(self, holding: Holding, size: int, now: float) -> None:
         """Lower ``holding`` to ``size`` bytes at once, waking whoever now fits."""
@@ -288,8 +291,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             if size is None:
                 self._reclaim_for(request, now)
                 break
-            self._queues[request.priority].popleft()
-            self.waiting -= 1
+            self._dequeue(request)
             self._grant(request, size, now)
         self._refresh(now)
 
@@ -378,9 +380,8 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         live = list(self.holdings())
         assert self.granted == sum(h.memory for h in live), "granted != sum of holdings"
         assert self.on_the_way == sum(h.memory for h in live if h.preempt_requested)
-        assert self.waiting == sum(
-            1 for q in self._queues.values() for r in q if r.state is WAITING
-        )
+        assert self.waiting == sum(len(q) for q in self._queues.values())
+        assert all(r.state is WAITING for q in self._queues.values() for r in q)
         head = self.head()
         if head is not None:
             assert self._fit(head) is None, "the head fits but was left waiting"

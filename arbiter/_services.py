@@ -33,13 +33,14 @@ async def start_services(arbiter: Arbiter, task_group: anyio.abc.TaskGroup) -> N
     ledger = arbiter._ledger
 
     def on_reading(reading: GpuReading) -> None:
-        if reading.external is not None:
-            external = reading.external
-        else:
-            # No per-process figures: whatever is used beyond our grants is someone
-            # else's (Ollama's estimate), so we never count on memory we cannot see.
-            external = max(0, reading.used - ledger.granted)
-        ledger.set_external(external, anyio.current_time())
+        with arbiter._lock:
+            if reading.external is not None:
+                external = reading.external
+            else:
+                # No per-process figures: whatever is used beyond our grants is someone
+                # else's (Ollama's estimate), so we never count on memory we cannot see.
+                external = max(0, reading.used - ledger.granted)
+            ledger.set_external(external, arbiter._now())
 
     poller = MemoryPoller(
         probe,
@@ -47,7 +48,6 @@ async def start_services(arbiter: Arbiter, task_group: anyio.abc.TaskGroup) -> N
         max_backoff=max(arbiter.config.poll_interval, arbiter.config.poll_backoff_max),
         on_reading=on_reading,
     )
-    arbiter._poller = poller
     task_group.start_soon(poller.run, name="arbiter poller")
 
 
@@ -56,6 +56,7 @@ async def _reclaim_idle_holders(arbiter: Arbiter) -> None:
     ledger = arbiter._ledger
     while True:
         changed = arbiter._keep_alive_changed = anyio.Event()
-        due = ledger.reclaim_idle(anyio.current_time())
+        with arbiter._lock:
+            due = ledger.reclaim_idle(arbiter._now())
         with anyio.CancelScope(deadline=math.inf if due is None else due):
             await changed.wait()

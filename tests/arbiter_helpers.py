@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from arbiter import Allocation, Arbiter, GiB, Priority, WorkloadType
 
@@ -25,5 +26,18 @@ async def request_in_background(
         got.append(alloc)
 
     tg.start_soon(run)
-    await anyio.wait_all_tasks_blocked()
+    await settle()
     return got
+
+
+async def settle() -> None:
+    """Wait until every other task is blocked.
+
+    Every request is a checkpoint (a yield before the decision), so a task just
+    started is usually one yield short of its park. anyio's ``wait_all_tasks_blocked``
+    on asyncio polls every 0.1 s of real time when it finds a task runnable; a few
+    plain yields first let the others reach their park, so the poll finds them there.
+    """
+    for _ in range(8):
+        await anyio.lowlevel.checkpoint()
+    await anyio.wait_all_tasks_blocked()

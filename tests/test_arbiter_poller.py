@@ -7,6 +7,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 import structlog.testing
+from arbiter_helpers import settle
 
 from arbiter import Arbiter, ArbiterConfig, GiB, MemoryPressure, Priority, WorkloadType
 from arbiter._gpu import GpuReading
@@ -58,7 +59,7 @@ async def test_waiter_blocked_by_external_use_is_granted_when_it_drops() -> None
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert arbiter.state().waiting == 1
             assert not granted.is_set()
             fake.external_used = 2 * GiB

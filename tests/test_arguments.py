@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import (
     Arbiter,
@@ -117,7 +118,7 @@ async def test_bad_argument_raises_and_changes_nothing(
     async with anyio.create_task_group() as tg:
         # Something waits, so a request that slipped through would queue behind it.
         tg.start_soon(lambda: arbiter.request_allocation(LLM, Priority.NORMAL, 5 * GiB))
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         state, stats = arbiter.state(), _counters(arbiter.stats())
         args, kwargs = _call_args(name, value)
         with pytest.raises(error) as info:

@@ -11,6 +11,7 @@ from collections import Counter
 import anyio
 import anyio.lowlevel
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import (
     AllocationTimeout,
@@ -149,7 +150,7 @@ async def test_churn_then_close_fails_every_waiter_and_leaves_an_exact_ledger() 
         async with anyio.create_task_group() as tg:
             for _ in range(30):
                 tg.start_soon(waiter)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             await arbiter.aclose()
     assert outcomes["shutting down"] > 0
     assert held.released is False and arbiter.state().vram_used == 12 * GiB

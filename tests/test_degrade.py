@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import request_in_background
+from arbiter_helpers import request_in_background, settle
 
 from arbiter import (
     Allocation,
@@ -47,7 +47,7 @@ async def test_elastic_holder_that_shrinks_spares_everyone() -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_targets, elastic, seen, changed)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert seen == [1.0]
             changed = anyio.Event()
             high = await request_in_background(tg, arbiter, HIGH, 8)  # 4 GiB short
@@ -57,7 +57,7 @@ async def test_elastic_holder_that_shrinks_spares_everyone() -> None:
             assert elastic.quality == seen[1]
             assert not elastic.preempted and not rigid.preempted
             await elastic.resize(8 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and high[0].memory == 8 * GiB
             assert not elastic.preempted and not rigid.preempted
             stats = arbiter.stats()
@@ -76,7 +76,7 @@ async def test_target_asked_for_matches_the_size_that_would_cover_the_shortfall(
             # min_memory maps to the floor, memory to 1.0, linear between: 16 of [4, 20].
             assert elastic.quality == pytest.approx(LLM_FLOOR + (1 - LLM_FLOOR) * 12 / 16)
             await elastic.resize(16 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and arbiter.stats().preemptions == 0
             high[0].release()
 
@@ -98,7 +98,7 @@ async def test_elastic_holder_that_ignores_the_request_is_preempted_after_the_gr
             stats = arbiter.stats()
             assert stats.quality_reductions >= 1 and stats.preemptions == 1
             elastic.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and high[0].memory == 8 * GiB
             high[0].release()
 
@@ -142,7 +142,7 @@ async def test_no_grace_is_waited_when_no_elastic_holder_could_shrink() -> None:
             assert at_floor.preempted and not rigid.preempted
             assert arbiter.stats().quality_reductions == 0
             at_floor.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and high[0].memory == 10 * GiB
             high[0].release()
 
@@ -158,7 +158,7 @@ async def test_no_grace_when_the_only_elastic_holder_is_not_below_the_request() 
             assert lower.preempted and not same.preempted
             assert same.quality == arbiter.recommended_quality(LLM, HIGH)
             lower.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high
             high[0].release()
 
@@ -194,7 +194,7 @@ async def test_lowest_priority_elastic_holder_is_asked_first() -> None:
             high = await request_in_background(tg, arbiter, HIGH, 8)  # 4 GiB short
             assert background.quality < 1.0 and normal.quality == 1.0
             await background.resize(6 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and arbiter.stats().preemptions == 0
             high[0].release()
 
@@ -208,10 +208,10 @@ async def test_several_elastic_holders_share_a_large_shortfall() -> None:
             high = await request_in_background(tg, arbiter, HIGH, 12)  # 12 GiB short
             assert first.quality < 1.0 and second.quality < 1.0
             await first.resize(4 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert not high  # 8 freed, 4 more needed
             await second.resize(8 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and high[0].memory == 12 * GiB
             assert arbiter.stats().preemptions == 0
             high[0].release()
@@ -237,7 +237,7 @@ async def test_waiter_that_becomes_head_later_asks_then_escalates_after_the_grac
 
             started = anyio.current_time()
             tg.start_soon(hopeless)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert elastic.quality == 1.0 and not elastic.preempted
             high = await request_in_background(tg, arbiter, HIGH, 8)
             assert not high and elastic.quality == 1.0  # behind the hopeless one
@@ -251,7 +251,7 @@ async def test_waiter_that_becomes_head_later_asks_then_escalates_after_the_grac
             assert anyio.current_time() - started >= 0.05 + grace
             assert arbiter.stats().quality_reductions >= 1
             elastic.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and high[0].memory == 8 * GiB
             high[0].release()
     fixed.release()
@@ -290,12 +290,12 @@ async def test_second_waiter_counts_promised_shrinks_and_the_next_head_asks_for_
             top = await request_in_background(tg, arbiter, Priority.USER_FACING, 8)
             assert not elastic.preempted and arbiter.stats().preemptions == 0
             await elastic.resize(16 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert top and not high
             # The HIGH request, head now, asks for more instead of preempting.
             assert elastic.quality < asked_once and not elastic.preempted
             await elastic.resize(elastic.memory_for_quality(elastic.quality))
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and elastic.memory <= 8 * GiB  # a full card: its policy value fell too
             assert arbiter.stats().preemptions == 0
             high[0].release()

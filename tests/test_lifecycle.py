@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import (
     Allocation,
@@ -120,13 +121,13 @@ async def _waiters_then_close(arbiter: Arbiter, close_from_outside: bool) -> Non
             async with arbiter:
                 for memory, priority in [(4 * GiB, NORMAL), (1 * GiB, Priority.BACKGROUND)]:
                     tg.start_soon(waiter, memory, priority)
-                    await anyio.wait_all_tasks_blocked()  # trio starts a batch in any order
+                    await settle()  # trio starts a batch in any order
                 assert arbiter.state().waiting == 2
             # Leaving the block closed the arbiter: the waiters (outside it) fail.
         else:
             for memory, priority in [(4 * GiB, NORMAL), (1 * GiB, Priority.BACKGROUND)]:
                 tg.start_soon(waiter, memory, priority)
-                await anyio.wait_all_tasks_blocked()
+                await settle()
             assert arbiter.state().waiting == 2
             await arbiter.aclose()
     assert outcomes == ["shutting down", "shutting down"]

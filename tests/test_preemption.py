@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import request_in_background
+from arbiter_helpers import request_in_background, settle
 
 from arbiter import (
     Allocation,
@@ -86,13 +86,13 @@ async def test_slow_unwinding_body_delays_the_grant_until_it_has_unwound() -> No
             await entered.wait()
             high = await request_in_background(tg, arbiter, HIGH, 10)
             await cleaning.wait()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             # Still unwinding: the memory is not free and the waiter still waits.
             assert not high and not raised
             state = arbiter.state()
             assert state.vram_used == 20 * GiB and state.waiting == 1
             cleanup_done.set()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert raised and high and high[0].memory == 10 * GiB
             high[0].release()
 
@@ -121,11 +121,11 @@ async def test_preemption_requested_before_the_body_started_cancels_it_at_once(
         async with arbiter, anyio.create_task_group() as tg:
             blocker = await arbiter.request_allocation(LLM, NORMAL, 20 * GiB, keep_alive=1000)
             tg.start_soon(low_body)
-            await anyio.wait_all_tasks_blocked()  # parked: only 4 GiB are free
+            await settle()  # parked: only 4 GiB are free
             with blocker.busy():  # wakes the keep_alive timer first ...
                 pass
             blocker.release()  # ... then grants the parked request
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert raised and not after_first_checkpoint
     if anyio_backend == "asyncio":
         # asyncio wakes tasks in FIFO order, so the timer certainly asked first;
@@ -148,7 +148,7 @@ async def test_body_that_finished_before_the_cancellation_reached_it_ends_normal
                 assert alloc.preempted
             # No Preempted was raised: the body was not cut short.
             assert alloc.released
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and high[0].memory == 22 * GiB
             high[0].release()
 
@@ -231,7 +231,7 @@ async def test_victim_order(
                 span.__exit__(None, None, None)
             for i in sorted(victims):
                 holders[i].release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert got and got[0].memory == (need + free) * GiB
 
 
@@ -248,17 +248,17 @@ async def test_memory_on_its_way_is_not_taken_twice() -> None:
             second = await request_in_background(tg, arbiter, NORMAL, 1)
             with pytest.raises(AllocationTimeout):
                 await arbiter.request_allocation(LLM, TOP, 12 * GiB, timeout=0.01)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert not older.preempted and arbiter.stats().preemptions == 1
             assert not first and not second
             newer.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert first and first[0].memory == 12 * GiB
             # Now the NORMAL waiter heads the queue with nothing on its way, and the
             # BACKGROUND holder is below it: it is asked in turn.
             assert older.preempted and arbiter.stats().preemptions == 2
             older.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert second and second[0].memory == 1 * GiB
             second[0].release()
             first[0].release()
@@ -295,11 +295,11 @@ async def test_unwinding_bodies_count_as_on_their_way() -> None:
                 # re-runs the grant loop, and nobody else is preempted.
                 with pytest.raises(AllocationTimeout):
                     await arbiter.request_allocation(LLM, TOP, 1 * GiB, timeout=0.01)
-                await anyio.wait_all_tasks_blocked()
+                await settle()
                 assert arbiter.stats().preemptions == 1 and not first
             finally:
                 finish.set()  # a failed assertion must not leave a shielded task waiting
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert preempted == ["newer"] and first
             first[0].release()
             tg.cancel_scope.cancel()
@@ -320,7 +320,7 @@ async def test_raw_holder_is_asked_and_keeps_its_memory_until_release() -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert not noticed.is_set()
             high = await request_in_background(tg, arbiter, HIGH, 10)
             await noticed.wait()
@@ -328,7 +328,7 @@ async def test_raw_holder_is_asked_and_keeps_its_memory_until_release() -> None:
             assert holder.memory == 20 * GiB and arbiter.state().vram_used == 20 * GiB
             assert not high
             holder.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and high[0].memory == 10 * GiB
             high[0].release()
 
@@ -348,7 +348,7 @@ async def test_wait_preempted_returns_on_release_too() -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(holder.wait_preempted)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             holder.release()
     assert holder.released and not holder.preempted
 
@@ -362,7 +362,7 @@ async def test_wait_preempted_returns_at_once_when_already_preempted() -> None:
             assert holder.preempted
             await holder.wait_preempted()
             holder.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             tg.cancel_scope.cancel()
 
 
@@ -381,7 +381,7 @@ async def test_preempted_body_waiting_to_grow_stops_waiting_and_leaks_nothing() 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(growing_body)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert arbiter.state().waiting == 1
             high = await arbiter.request_allocation(LLM, HIGH, 12 * GiB)
             assert raised and high.memory == 12 * GiB

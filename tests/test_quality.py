@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from arbiter_helpers import settle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -397,10 +398,10 @@ async def test_min_quality_waits_for_memory_then_is_granted() -> None:
                 )
 
             tg.start_soon(wait_for_quality)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert not got and arbiter.state().waiting == 1
             other.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert got and got[0].memory == 16 * GiB and got[0].quality >= 0.9
 
 

@@ -9,6 +9,7 @@ import itertools
 
 import anyio
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import Allocation, Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
 
@@ -36,17 +37,17 @@ async def test_yields_the_current_target_first_then_each_change_and_ends_on_rele
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(collect, alloc, seen, ended)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert seen == [1.0]
             other = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert len(seen) == 2 and seen[1] < 1.0 and seen[1] == alloc.quality
             third = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 1 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert len(seen) == 3 and seen[2] < seen[1]
             third.release()
             other.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert seen[-1] == 1.0 and not ended.is_set()
             alloc.release()
             await ended.wait()
@@ -88,11 +89,11 @@ async def test_slow_reader_gets_the_latest_value_and_no_backlog() -> None:
                 got.append(await changes.__anext__())
 
             tg.start_soon(read_next)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert got == []
             c.release()
             b.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert got == [first_change]
             a.release()
     await changes.aclose()
@@ -115,10 +116,10 @@ async def test_change_and_change_back_while_not_reading_is_no_change() -> None:
                     got.append(-1.0)
 
             tg.start_soon(read_next)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert got == []  # latest value wins, and it equals what was last seen
             alloc.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert got == [-1.0]  # ended, with no stale value before the end
     with pytest.raises(StopAsyncIteration):
         await changes.__anext__()
@@ -141,11 +142,11 @@ async def test_several_readers_each_see_every_change() -> None:
         async with anyio.create_task_group() as tg:
             for i in range(2):
                 tg.start_soon(collect, alloc, seen[i], ended[i])
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             other = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             other.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             alloc.release()
     assert seen[0] == seen[1] and len(seen[0]) == 3 and seen[0][1] < 1.0
 
@@ -162,9 +163,9 @@ async def test_closed_reader_stops_and_others_keep_going() -> None:
         ended = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(collect, alloc, seen, ended)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             other = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert len(seen) == 2
             other.release()
             alloc.release()
@@ -184,7 +185,7 @@ async def test_release_by_preemption_ends_the_iteration_of_an_allocate_body() ->
                             seen.append(quality)  # noqa: PERF401
 
             tg.start_soon(body)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             high = await arbiter.request_allocation(LLM, Priority.HIGH, 10 * GiB)
             high.release()
     assert seen == [1.0]
@@ -200,7 +201,7 @@ async def test_shrink_request_lowers_the_target_and_it_comes_back() -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(collect, elastic, seen, ended)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
 
             gave_up = anyio.Event()
 
@@ -210,11 +211,11 @@ async def test_shrink_request_lowers_the_target_and_it_comes_back() -> None:
                 gave_up.set()
 
             tg.start_soon(impatient)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert len(seen) == 2 and seen[1] < 1.0
             # The waiter gives up: the pressure that caused the request has passed.
             await gave_up.wait()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert seen[-1] == 1.0 and elastic.memory == 20 * GiB
             elastic.release()
     assert seen == [1.0, seen[1], 1.0]

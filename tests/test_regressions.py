@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import (
     AllocationTimeout,
@@ -103,7 +104,7 @@ async def test_grow_withdrawn_after_its_grant_and_a_release_keeps_the_ledger_exa
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(grow)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         scope.cancel()  # delivered before the grant
         b.release()  # the growth is granted 4 GiB
         a.release()  # and its holder lets go of all 8 GiB
@@ -127,9 +128,9 @@ async def test_two_growths_of_one_allocation_and_a_release_leak_nothing() -> Non
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(grow, 4)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         tg.start_soon(grow, 3)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         a.release()
         b.release()
     assert arbiter.state().vram_used == 0
@@ -150,12 +151,12 @@ async def test_growth_of_a_preempted_holder_counts_as_on_its_way() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(normal)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert a.preempted
         tg.start_soon(a.resize, 9 * GiB)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         scope.cancel()  # the NORMAL request leaves; the growth is granted
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         a.release()
     arbiter._ledger.check_invariants()
     c1 = await arbiter.request_allocation(LLM, Priority.BACKGROUND, 7 * GiB)

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import (
     Allocation,
@@ -91,7 +92,7 @@ async def _grant_order(arbiter: Arbiter, arrivals: list[tuple[str, Priority]]) -
     async with anyio.create_task_group() as tg:
         for name, priority in arrivals:
             tg.start_soon(waiter, name, priority)
-            await anyio.wait_all_tasks_blocked()  # arrival order is the start order
+            await settle()  # arrival order is the start order
         assert arbiter.state().waiting == len(arrivals)
         assert granted == []
         holder.release()
@@ -133,9 +134,9 @@ async def test_head_of_line_blocking_small_request_waits_behind_large() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter, "large", 8 * GiB)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         tg.start_soon(waiter, "small", 2 * GiB)  # 4 GiB are free: it would fit
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert granted == []
         assert arbiter.state().waiting == 2
         assert arbiter.state().vram_available == 4 * GiB
@@ -159,7 +160,7 @@ async def test_new_request_that_fits_does_not_barge_past_a_waiter() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter, "first", NORMAL, 4 * GiB)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         # 2 GiB are free, yet a waiter of the same priority is ahead: no fast path.
         with pytest.raises(AllocationTimeout):
             await arbiter.request_allocation(LLM, NORMAL, 1 * GiB, timeout=0)
@@ -167,7 +168,7 @@ async def test_new_request_that_fits_does_not_barge_past_a_waiter() -> None:
         with pytest.raises(AllocationTimeout):
             await arbiter.request_allocation(LLM, BACKGROUND, 1 * GiB, timeout=0)
         tg.start_soon(waiter, "second", NORMAL, 2 * GiB)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert granted == []
         assert_exact(arbiter, used=8 * GiB, waiting=2)
         holder.release()
@@ -186,7 +187,7 @@ async def test_higher_priority_request_that_fits_goes_ahead_of_lower_waiters() -
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         # Nothing waits ahead of a HIGH request: it is granted at once.
         alloc = await arbiter.request_allocation(LLM, HIGH, 2 * GiB, timeout=0)
         assert alloc.memory == 2 * GiB
@@ -206,7 +207,7 @@ async def test_releaser_hands_memory_to_a_waiter_that_has_not_run_yet() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         holder.release()
         # No checkpoint since release(): the waiter has not run, but the memory is its.
         assert got == []
@@ -233,7 +234,7 @@ async def test_release_allocation_is_the_same_as_release() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         arbiter.release_allocation(alloc)
         assert alloc.released
         assert arbiter.state().vram_used == 10 * GiB  # now the waiter's
@@ -263,9 +264,9 @@ async def test_queue_behind_a_timed_out_head_is_considered_at_once() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(head)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         tg.start_soon(behind)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert granted == []
     # When the head left, the request behind it already held its memory.
     assert seen_at_timeout == [(9 * GiB, 0)]
@@ -296,9 +297,9 @@ async def test_queue_behind_a_cancelled_head_is_considered_at_once() -> None:
     scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
         tg.start_soon(head, scope)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         tg.start_soon(behind)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert_exact(arbiter, used=6 * GiB, waiting=2)
         scope.cancel()
     assert seen_at_cancel == [(9 * GiB, 0)]
@@ -343,7 +344,7 @@ async def test_elastic_waiter_gets_the_largest_size_that_fits_at_grant_time() ->
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert_exact(arbiter, used=9 * GiB, waiting=1)  # 1 GiB free < min_memory
         second.release()
     assert got[0].memory == 5 * GiB
@@ -428,7 +429,7 @@ async def test_cancelled_waiters_leave_the_ledger_exact() -> None:
             (USER_FACING, 5 * GiB, None),
         ]:
             tg.start_soon(waiter, priority, memory, min_memory)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert_exact(arbiter, used=10 * GiB, waiting=4)
         tg.cancel_scope.cancel()
     assert sorted(cancelled) == [1 * GiB, 3 * GiB, 5 * GiB, 8 * GiB]
@@ -459,13 +460,13 @@ async def test_cancellation_racing_a_grant_passes_the_memory_on() -> None:
     first, second = anyio.CancelScope(), anyio.CancelScope()
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter, "first", first)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         tg.start_soon(waiter, "second", second)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         holder.release()
         assert arbiter.state().vram_used == 10 * GiB  # granted to "first", not run yet
         first.cancel()
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         # Whichever way the race went, "second" now holds the memory and nothing leaked.
         assert held_by[-1] == "second"
         assert_exact(arbiter, used=10 * GiB)
@@ -627,7 +628,7 @@ async def test_external_use_counts_and_waiters_wake_when_it_falls() -> None:
                 got.append(await arbiter.request_allocation(LLM, NORMAL, 6 * GiB, timeout=None))
 
             tg.start_soon(waiter)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert got == [] and arbiter.state().waiting == 1
             fake.external_used = 1 * GiB
             await _until(lambda: got)
@@ -686,7 +687,7 @@ async def test_elastic_min_quality_waits_for_a_share_large_enough() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         # 4 GiB would fit min_memory, but that share gives far less than 0.9.
         assert got == [] and arbiter.state().waiting == 1
         holder.release()
@@ -730,7 +731,7 @@ async def test_allocate_exit_hands_memory_to_the_next_waiter() -> None:
     async with anyio.create_task_group() as tg:
         async with arbiter.allocate(LLM, NORMAL, memory=6 * GiB):
             tg.start_soon(waiter)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert got == [] and arbiter.state().waiting == 1
         assert arbiter.state().vram_used == 8 * GiB  # handed over on exit
     assert got[0].released

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import request_in_background
+from arbiter_helpers import request_in_background, settle
 
 from arbiter import (
     Allocation,
@@ -45,7 +45,7 @@ async def resize_in_background(
             done.append(None)
 
     tg.start_soon(run)
-    await anyio.wait_all_tasks_blocked()
+    await settle()
     return done
 
 
@@ -63,7 +63,7 @@ async def test_shrink_returns_memory_at_once_and_wakes_waiters() -> None:
             # The waiter was handed the memory by the shrink itself.
             assert holder.memory == 12 * GiB
             assert arbiter.state().vram_used == 22 * GiB
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert waiter and waiter[0].memory == 10 * GiB
             waiter[0].release()
     holder.release()
@@ -157,7 +157,7 @@ async def test_grow_queues_behind_an_earlier_waiter_of_the_same_priority() -> No
             assert not grown and holder.memory == 8 * GiB
             assert arbiter.state().waiting == 2
             blocker.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert earlier and grown == [None]
             assert holder.memory == 10 * GiB
             earlier[0].release()
@@ -175,7 +175,7 @@ async def test_grow_is_overtaken_by_a_later_higher_priority_request() -> None:
             later = await request_in_background(tg, arbiter, HIGH, 4)
             assert not grown and not later
             blocker.release()  # 16 free: the HIGH request first, then the grow
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert later and grown == [None]
             later[0].release()
     assert holder.memory == 12 * GiB
@@ -191,7 +191,7 @@ async def test_grow_of_a_higher_priority_holder_preempts_like_a_request() -> Non
             assert victim.preempted and not grown
             assert arbiter.stats().preemptions == 1
             victim.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert grown == [None] and holder.memory == 16 * GiB
 
 
@@ -245,7 +245,7 @@ async def test_release_while_growing_ends_the_grow_and_leaks_nothing() -> None:
         async with anyio.create_task_group() as tg:
             grown = await resize_in_background(tg, holder, 12)
             holder.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert len(grown) == 1 and isinstance(grown[0], RuntimeError)
             assert arbiter.state().waiting == 0
             blocker.release()
@@ -263,7 +263,7 @@ async def test_grow_granted_to_a_preempted_holder_does_not_cause_later_over_pree
             high = await request_in_background(tg, arbiter, HIGH, 8)  # the holder is asked
             assert holder.preempted and not grown
             other.release()  # HIGH takes 8; the grow (+4) goes to the asked holder
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert high and grown == [None] and holder.memory == 12 * GiB
             holder.release()
             filler.release()
@@ -276,7 +276,7 @@ async def test_grow_granted_to_a_preempted_holder_does_not_cause_later_over_pree
             late = await request_in_background(tg, arbiter, HIGH, 9)
             assert newer.preempted and not older.preempted
             newer.release()
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert late and late[0].memory == 9 * GiB
             late[0].release()
             older.release()

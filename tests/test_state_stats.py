@@ -12,6 +12,7 @@ import math
 
 import anyio
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import (
     AllocationTimeout,
@@ -79,9 +80,9 @@ async def test_state_counts_each_family_memory_and_waiters() -> None:
     assert state.waiting == 0
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: arbiter.request_allocation(LLM, NORMAL, 5 * GiB, timeout=None))
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         tg.start_soon(lambda: arbiter.request_allocation(IMAGE, NORMAL, 1 * GiB, timeout=None))
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         state = arbiter.state()
         assert state.waiting == 2  # the second fits but waits behind the first
         assert state.active_llm_workloads == 1  # waiters are not active
@@ -101,7 +102,7 @@ async def test_state_waiting_counts_growing_resizes() -> None:
     other = await arbiter.request_allocation(IMAGE, NORMAL, 6 * GiB)
     async with anyio.create_task_group() as tg:
         tg.start_soon(alloc.resize, 6 * GiB)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert arbiter.state().waiting == 1
         assert arbiter.state().vram_used == 10 * GiB
         other.release()
@@ -198,12 +199,12 @@ async def test_stats_identity_holds_with_every_kind_of_outcome() -> None:
     got: list[object] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_take, arbiter, got)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         first.release()
     # ShuttingDown, for a waiter and for a newcomer.
     async with anyio.create_task_group() as tg:
         tg.start_soon(_expect_shutting_down, arbiter)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         await arbiter.aclose()
     with pytest.raises(ShuttingDown):
         await arbiter.request_allocation(LLM, NORMAL, 1)
