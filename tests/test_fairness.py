@@ -1,0 +1,350 @@
+"""What anyio's, trio's and CPython's semaphore and capacity-limiter suites check, in our
+terms: every request is a checkpoint, FIFO under contention, no lost wake-ups, and no
+trace of a request once it has left (DESIGN, Requesting memory, rules 5 and 8)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Awaitable, Callable
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from arbiter import (
+    Allocation,
+    AllocationTimeout,
+    Arbiter,
+    ArbiterConfig,
+    GiB,
+    InsufficientMemory,
+    Priority,
+    ShuttingDown,
+    WorkloadType,
+)
+from arbiter_helpers import settle
+
+LLM = WorkloadType.LLM_INFERENCE
+NORMAL = Priority.NORMAL
+
+
+def make_arbiter(gib: int = 1) -> Arbiter:
+    return Arbiter(ArbiterConfig.for_vram_gb(gib, allocation_timeout=None), probe=None)
+
+
+def live_allocations() -> int:
+    gc.collect()
+    return sum(1 for thing in gc.get_objects() if isinstance(thing, Allocation))
+
+
+# -- every request is a checkpoint --------------------------------------------
+
+
+async def let_others_run_during(call: Callable[[], Awaitable[object]]) -> bool:
+    """Whether a task started just before ``call`` ran before ``call`` returned or raised."""
+    ran = False
+
+    async def witness() -> None:
+        nonlocal ran
+        ran = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(witness)  # runnable, not yet run
+        try:
+            await call()
+        except Exception:
+            pass
+        seen = ran
+    return seen
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio: the test below
+@pytest.mark.anyio
+async def test_every_request_path_lets_other_tasks_run() -> None:
+    arbiter = make_arbiter(2)
+
+    async def granted_at_once() -> None:
+        (await arbiter.request_allocation(LLM, NORMAL, GiB)).release()
+
+    async def allocate_at_once() -> None:
+        async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+            pass
+
+    async def fails_at_once_timeout_zero() -> None:
+        holder = await arbiter.request_allocation(LLM, NORMAL, 2 * GiB)
+        try:
+            await arbiter.request_allocation(LLM, NORMAL, GiB, timeout=0)
+        finally:
+            holder.release()
+
+    async def too_large() -> None:
+        await arbiter.request_allocation(LLM, NORMAL, 3 * GiB)
+
+    async def grows_at_once() -> None:
+        alloc = await arbiter.request_allocation(LLM, NORMAL, GiB)
+        try:
+            await alloc.resize(2 * GiB)
+        finally:
+            alloc.release()
+
+    for call in (granted_at_once, allocate_at_once, fails_at_once_timeout_zero, too_large):
+        assert await let_others_run_during(call), call.__name__
+    # The grow itself, not the request before it: start the witness after the request.
+    alloc = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    assert await let_others_run_during(lambda: alloc.resize(2 * GiB))
+    alloc.release()
+    assert await let_others_run_during(grows_at_once)
+    await arbiter.aclose()
+
+    async def closed() -> None:
+        await arbiter.request_allocation(LLM, NORMAL, GiB)
+
+    assert await let_others_run_during(closed)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.anyio
+async def test_every_request_path_is_a_trio_checkpoint() -> None:
+    from trio.testing import assert_checkpoints
+
+    arbiter = make_arbiter(2)
+    with assert_checkpoints():
+        alloc = await arbiter.request_allocation(LLM, NORMAL, 2 * GiB)
+    with assert_checkpoints(), pytest.raises(AllocationTimeout):
+        await arbiter.request_allocation(LLM, NORMAL, GiB, timeout=0)
+    alloc.release()
+    with assert_checkpoints(), pytest.raises(InsufficientMemory):
+        await arbiter.request_allocation(LLM, NORMAL, 3 * GiB)
+    with assert_checkpoints():
+        async with arbiter.allocate(LLM, NORMAL, memory=GiB) as held:
+            with assert_checkpoints():
+                await held.resize(2 * GiB)
+    await arbiter.aclose()
+    with assert_checkpoints(), pytest.raises(ShuttingDown):
+        await arbiter.request_allocation(LLM, NORMAL, GiB)
+
+
+@pytest.mark.anyio
+async def test_a_grant_at_once_in_a_cancelled_scope_holds_nothing() -> None:
+    arbiter = make_arbiter(2)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await arbiter.request_allocation(LLM, NORMAL, GiB)
+    assert scope.cancelled_caught
+    assert arbiter.state().vram_used == 0
+    assert arbiter.stats().cancelled == 1
+
+
+@pytest.mark.anyio
+async def test_tasks_that_reallocate_in_a_loop_take_turns(anyio_backend: str) -> None:
+    """``a,b,a,b,a,b`` as with ``anyio.Semaphore``, not ``a,a,a,b,b,b``. trio runs
+    the tasks of one batch in a random order, so there the turns only interleave."""
+    arbiter = make_arbiter(1)
+    order: list[str] = []
+    rounds = 3 if anyio_backend == "asyncio" else 40
+
+    async def worker(name: str) -> None:
+        for _ in range(rounds):
+            async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+                order.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker, "a")
+        tg.start_soon(worker, "b")
+    if anyio_backend == "asyncio":
+        assert order == ["a", "b", "a", "b", "a", "b"]
+    else:
+        last = {name: len(order) - 1 - order[::-1].index(name) for name in "ab"}
+        assert order.index("a") < last["b"] and order.index("b") < last["a"]
+
+
+@pytest.mark.anyio
+async def test_a_deadline_fires_in_an_allocate_loop() -> None:
+    arbiter = make_arbiter(1)
+    rounds = 0
+    with anyio.move_on_after(0.01) as scope:
+        while True:
+            async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+                rounds += 1
+    assert scope.cancelled_caught
+    assert arbiter.state().vram_used == 0
+    assert rounds > 0
+
+
+@pytest.mark.anyio
+async def test_a_timeout_zero_retry_loop_lets_the_holder_release() -> None:
+    arbiter = make_arbiter(1)
+    holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
+
+    async def release_soon() -> None:
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
+        holder.release()
+
+    tries = 0
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_soon)
+            while True:
+                tries += 1
+                try:
+                    alloc = await arbiter.request_allocation(LLM, NORMAL, GiB, timeout=0)
+                except AllocationTimeout:
+                    continue
+                break
+    assert tries > 1
+    alloc.release()
+    assert arbiter.stats().timeouts == tries - 1
+
+
+# -- FIFO under contention -----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_waiters_of_one_priority_are_granted_in_arrival_order() -> None:
+    arbiter = make_arbiter(1)
+    holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    order: list[int] = []
+
+    async def waiter(number: int) -> None:
+        async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+            order.append(number)
+
+    async with anyio.create_task_group() as tg:
+        for number in range(6):
+            tg.start_soon(waiter, number)
+            await settle()  # arrival order is start order
+        holder.release()
+    assert order == list(range(6))
+
+
+@pytest.mark.anyio
+async def test_a_task_that_releases_and_requests_again_goes_behind_the_waiters() -> None:
+    arbiter = make_arbiter(1)
+    first = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    order: list[str] = []
+
+    async def other() -> None:
+        async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+            order.append("other")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        await settle()
+        first.release()
+        async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+            order.append("again")
+    assert order == ["other", "again"]
+
+
+@pytest.mark.anyio
+async def test_a_grant_that_won_the_race_is_released_by_the_cancelled_body() -> None:
+    """Handed the memory before its cancellation came, the waiter is granted (as with
+    trio's and anyio's semaphores); its body's first checkpoint raises the
+    cancellation and the ``async with`` gives the memory to the next one."""
+    arbiter = make_arbiter(1)
+    holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    scope = anyio.CancelScope()
+    got: list[Allocation] = []
+
+    async def doomed() -> None:
+        with scope:
+            async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+                await anyio.sleep_forever()
+
+    async def next_in_line() -> None:
+        got.append(await arbiter.request_allocation(LLM, NORMAL, GiB))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(doomed)
+        await settle()
+        tg.start_soon(next_in_line)
+        await settle()
+        holder.release()  # grants `doomed`, which has not run yet
+        scope.cancel()
+    assert scope.cancelled_caught
+    assert [alloc.memory for alloc in got] == [GiB]
+    got[0].release()
+    assert arbiter.state().vram_used == 0
+
+
+@pytest.mark.anyio
+async def test_a_cancellation_racing_a_release_passes_the_memory_on() -> None:
+    """The releaser hands the memory to a waiter whose cancellation is already on its
+    way: the waiter raises its cancellation and the memory goes to the next one."""
+    arbiter = make_arbiter(1)
+    holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    scope = anyio.CancelScope()
+    got: list[Allocation] = []
+
+    async def doomed() -> None:
+        with scope:
+            await arbiter.request_allocation(LLM, NORMAL, GiB)
+            pytest.fail("granted despite its cancellation")  # pragma: no cover
+
+    async def next_in_line() -> None:
+        got.append(await arbiter.request_allocation(LLM, NORMAL, GiB))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(doomed)
+        await settle()
+        tg.start_soon(next_in_line)
+        await settle()
+        scope.cancel()  # `doomed` is cancelled, but has not run yet ...
+        holder.release()  # ... when the release grants it the memory
+    assert scope.cancelled_caught
+    assert [alloc.memory for alloc in got] == [GiB]
+    assert arbiter.state().vram_used == GiB
+    got[0].release()
+    stats = arbiter.stats()
+    assert (stats.successful_allocations, stats.cancelled) == (2, 1)
+
+
+@pytest.mark.anyio
+async def test_no_wake_up_is_lost_when_releases_come_in_bursts() -> None:
+    arbiter = make_arbiter(4)
+    holders = [await arbiter.request_allocation(LLM, NORMAL, GiB) for _ in range(4)]
+    done = 0
+
+    async def waiter() -> None:
+        nonlocal done
+        async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+            await anyio.lowlevel.checkpoint()
+        done += 1
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(waiter)
+            await settle()
+            for alloc in holders:  # one burst, no yield between the releases
+                alloc.release()
+    assert done == 50
+    assert arbiter.state().vram_used == 0
+
+
+# -- nothing kept for requests that left (trio#548) ----------------------------
+
+
+@pytest.mark.anyio
+async def test_abandoned_requests_behind_a_blocked_head_leave_nothing_behind() -> None:
+    arbiter = make_arbiter(10)
+    holder = await arbiter.request_allocation(LLM, NORMAL, 8 * GiB)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(arbiter.request_allocation, LLM, NORMAL, 5 * GiB)  # the blocked head
+        await settle()
+        baseline = live_allocations()
+        for _ in range(3):  # waiters cancelled from outside
+            with anyio.move_on_after(0.001):
+                await arbiter.request_allocation(LLM, NORMAL, GiB)
+        # Timed out last: the loop keeps the last cancellation (and its frames) alive
+        # for a while, a timeout is raised and dropped here.
+        for _ in range(2_000):
+            with pytest.raises(AllocationTimeout):
+                await arbiter.request_allocation(LLM, NORMAL, GiB, timeout=0)
+        assert live_allocations() == baseline
+        assert arbiter.state().waiting == 1
+        arbiter._ledger.check_invariants()
+        tg.cancel_scope.cancel()
+    holder.release()
+    assert arbiter.state().vram_used == 0
