@@ -19,6 +19,8 @@ __all__ = ["ArbiterConfig"]
 ASSUMED_VRAM = 8 * GiB
 # Below this the poller would read the probe in a busy loop (1 ms).
 MIN_POLL_INTERVAL = 0.001
+# The largest device index: what the C int of CUDA's and NVML's device ordinals holds.
+MAX_DEVICE_INDEX = 2**31 - 1
 # The share of the managed device's VRAM that auto_detect() budgets.
 BUDGET_SHARE = 0.9
 # Host RAM budget for the fragment cache, as a multiple of the device's VRAM.
@@ -76,7 +78,9 @@ class ArbiterConfig:
         check_fraction("pressure_threshold", self.pressure_threshold)
         if not isinstance(self.adaptive_quality, bool):
             raise TypeError(f"adaptive_quality must be a bool, got {self.adaptive_quality!r}")
-        check_timeout(self.allocation_timeout, "allocation_timeout")
+        # Stored checked: an int too large for a float is kept as math.inf (forever).
+        timeout = check_timeout(self.allocation_timeout, "allocation_timeout")
+        object.__setattr__(self, "allocation_timeout", timeout)
         check_seconds("poll_interval", self.poll_interval, minimum=MIN_POLL_INTERVAL)
         check_seconds("reclaim_grace", self.reclaim_grace, positive=False)
         check_seconds("poll_backoff_max", self.poll_backoff_max, positive=True)
@@ -94,8 +98,11 @@ class ArbiterConfig:
             raise TypeError(f"quality_policy must be a QualityPolicy, got {self.quality_policy!r}")
         if isinstance(self.device, bool) or not isinstance(self.device, int | str):
             raise TypeError(f"device must be an index or a uuid string, got {self.device!r}")
-        if isinstance(self.device, int) and self.device < 0:
-            raise ValueError(f"device must be an index >= 0 or a uuid, got {self.device!r}")
+        if isinstance(self.device, int) and not 0 <= self.device <= MAX_DEVICE_INDEX:
+            raise ValueError(
+                f"device must be an index in [0, {MAX_DEVICE_INDEX}] or a uuid, "
+                f"got {shown(self.device)}"
+            )
 
     @property
     def effective_policy(self) -> QualityPolicy:
