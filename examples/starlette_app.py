@@ -6,8 +6,9 @@ serves, and every request asks it for memory with ``arbiter.allocate(...)``. Cha
 denoising steps here) when the card is busy, and give way to chats if they must. The
 models are simulated with ``anyio.sleep``: no GPU is needed to try it.
 
-Install (none of these is a dependency of gpu-arbiter) and run from the repository root,
-with uvicorn (asyncio) or hypercorn (asyncio or trio)::
+Install starlette and a server, uvicorn (asyncio) or hypercorn (asyncio or trio); none of
+them is a dependency of gpu-arbiter (in a checkout, ``pip install -e .`` stands for
+``gpu-arbiter``). Run from the repository root::
 
     pip install gpu-arbiter starlette uvicorn
     uvicorn examples.starlette_app:app
@@ -34,7 +35,7 @@ What a copy of this app should keep:
 - **A client that disconnects withdraws its queued request and cancels its running
   work** (`WatchClient`): its memory goes to clients that are still there.
 - **Load is shed early**: a request is answered 503 ``Overloaded`` at once, with a
-  ``Retry-After`` from the expected wait, when more than ``max_waiting`` requests wait
+  ``Retry-After`` from the expected wait, when ``max_waiting`` requests wait already
   or the expected wait exceeds its own timeout, instead of holding it for its timeout.
 - **Shutdown answers queued requests 503 at once and lets running ones finish**: on
   SIGTERM or SIGINT (`StopSignals`) and in the lifespan's shutdown the arbiter is
@@ -43,7 +44,8 @@ What a copy of this app should keep:
   requests *before* the lifespan's shutdown, hence the signal hook. The hook sees the
   signals of the serving process: uvicorn's, and hypercorn's when it is run by `main`
   below. The ``hypercorn`` command instead signals its worker process through an event
-  the app cannot see, so there queued requests only end with their timeouts.
+  the app cannot see: there queued requests are served or, past hypercorn's graceful
+  timeout (3 s), cut off without an answer; run `main` for the 503s.
 """
 
 from __future__ import annotations
