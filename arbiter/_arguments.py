@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import TypeAlias
 
+from ._checks import MAX_BYTES, shown
 from ._types import (
     Priority,
     WorkloadType,
@@ -46,8 +46,8 @@ RequestArgs: TypeAlias = tuple[
 def _check_quality(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"min_quality must be None or a number in (0, 1], got {value!r}")
-    if math.isnan(value) or not 0 < value <= 1:
-        raise ValueError(f"min_quality must be in (0, 1], got {value!r}")
+    if not 0 < value <= 1:  # also false for nan, and exact for an int of any size
+        raise ValueError(f"min_quality must be in (0, 1], got {shown(value)}")
     return float(value)
 
 
@@ -68,7 +68,11 @@ def check_request(
         workload = coerce_workload(workload)
     if type(priority) is not Priority:
         priority = coerce_priority(priority)
-    size = memory if type(memory) is int and memory > 0 else check_memory(memory, "memory")
+    size = (
+        memory
+        if type(memory) is int and 0 < memory <= MAX_BYTES
+        else check_memory(memory, "memory")
+    )
     floor = None
     if min_memory is not None:
         floor = check_memory(min_memory, "min_memory")

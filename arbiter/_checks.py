@@ -1,45 +1,111 @@
 """Argument checks shared by every constructor: TypeError for a wrong type, ValueError
-for a bad value, each naming the argument and the value it got."""
+for a bad value, each naming the argument and the value it got.
+
+A huge number is a bad value like any other: ``10**400`` gets a ``ValueError`` that
+names the argument, never an ``OverflowError`` from a float conversion further in.
+"""
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["check_bytes", "check_count", "check_fraction", "check_seconds"]
+__all__ = [
+    "MAX_BYTES",
+    "check_bytes",
+    "check_count",
+    "check_fraction",
+    "check_quality_argument",
+    "check_seconds",
+    "shown",
+]
+
+# The largest byte count accepted: what a signed 64-bit field (NVML, the daemon's wire
+# format) holds, 8 EiB; far past any device or host, and exact enough as a float ratio.
+MAX_BYTES = 2**63 - 1
+# Ints longer than this are shown by their magnitude: their repr is long, and past
+# 4300 digits Python refuses to build it at all.
+_SHOWN_DIGITS = 30
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, except an int too long to read is shown as ``~10**N``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        magnitude = abs(value)
+        if magnitude >= 10**_SHOWN_DIGITS:
+            sign = "-" if value < 0 else ""
+            return f"{sign}~10**{int((magnitude.bit_length() - 1) * math.log10(2))}"
+    return repr(value)
+
+
+def _as_float(value: int | float) -> float:
+    """``float(value)``, with an int beyond the float range as an infinity of its sign."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def check_bytes(name: str, value: object, *, allow_zero: bool = True) -> int:
-    """A byte count: an ``int`` (not ``bool``), >= 0 (> 0 unless ``allow_zero``)."""
+    """A byte count: an ``int`` (not ``bool``), >= 0 (> 0 unless ``allow_zero``), at most
+    `MAX_BYTES`."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int number of bytes, got {value!r}")
+        hint = ""
+        if isinstance(value, float) and math.isfinite(value):
+            hint = "; convert it with int(...), e.g. int(1.5 * GiB)"
+        raise TypeError(
+            f"{name} must be an int number of bytes, got {type(value).__name__} {value!r}{hint}"
+        )
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} bytes, got {value!r}")
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound} bytes, got {shown(value)}")
+    if value > MAX_BYTES:
+        raise ValueError(f"{name} must be at most {MAX_BYTES} bytes (8 EiB), got {shown(value)}")
     return value
 
 
-def check_count(name: str, value: object, *, minimum: int) -> int:
-    """An ``int`` (not ``bool``) >= ``minimum``."""
+def check_count(name: str, value: object, *, minimum: int, maximum: int | None = None) -> int:
+    """An ``int`` (not ``bool``) >= ``minimum`` (and <= ``maximum`` when given)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum}, got {shown(value)}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {shown(value)}")
     return value
 
 
-def check_seconds(name: str, value: object, *, positive: bool = True) -> float:
-    """A finite number of seconds, > 0 (or >= 0 when not ``positive``)."""
+def check_seconds(
+    name: str, value: object, *, positive: bool = True, minimum: float | None = None
+) -> float:
+    """A finite number of seconds, > 0 (or >= 0 when not ``positive``; or >= ``minimum``
+    when given)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+    seconds = _as_float(value)
+    if minimum is not None:
+        if not minimum <= seconds < math.inf:
+            raise ValueError(
+                f"{name} must be a finite number >= {minimum:g} seconds, got {shown(value)}"
+            )
+    elif not 0.0 <= seconds < math.inf or (positive and seconds == 0.0):
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound} seconds, got {value!r}")
-    return float(value)
+        raise ValueError(f"{name} must be a finite number {bound} seconds, got {shown(value)}")
+    return seconds
 
 
 def check_fraction(name: str, value: object) -> float:
     """A number in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if math.isnan(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    if not 0 < value <= 1:  # also false for nan, and exact for an int of any size
+        raise ValueError(f"{name} must be in (0, 1], got {shown(value)}")
+    return float(value)
+
+
+def check_quality_argument(value: object, name: str = "quality") -> float:
+    """A quality to size for: a number in [0, 1] (``Allocation.memory_for_quality``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not 0 <= value <= 1:  # also false for nan
+        raise ValueError(f"{name} must be in [0, 1], got {shown(value)}")
     return float(value)

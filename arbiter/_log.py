@@ -1,25 +1,69 @@
-"""The library's one logger: warnings always, routine events only when structlog is configured.
+"""The library's one logger: warnings always, on stderr; routine events only when
+structlog is configured.
 
-An unconfigured structlog prints every level to stdout; a library must stay quiet about
-routine events (a grant, a retry, a placement) unless its user asked for logs. Only
-structlog's sync methods are used (its ``a*`` methods are asyncio-only).
+An unconfigured structlog prints every level to stdout, where a library's warning
+would mix into the program's own output (a CLI's JSON, a piped report). So until the
+program configures structlog, `log` writes through structlog's default processors to
+stderr; once it has, `log` is simply ``structlog.get_logger("arbiter")`` and the
+program's configuration decides where everything goes. Routine events (a grant, a
+retry, a placement) stay quiet unless the user asked for logs. Only structlog's sync
+methods are used (its ``a*`` methods are asyncio-only).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import structlog
 
 __all__ = ["debug", "log", "note"]
 
-log = structlog.get_logger("arbiter")
+# A lazy proxy: it reads structlog's configuration at every call, so it follows a
+# configuration made after import.
+_configured_log = structlog.get_logger("arbiter")
+
+
+def _logger() -> Any:
+    if structlog.is_configured():
+        return _configured_log
+    # Built per call: warnings are rare, and sys.stderr may have been replaced since.
+    return structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
+
+
+class ArbiterLog:
+    """The ``"arbiter"`` structlog logger, on stderr while structlog is unconfigured."""
+
+    __slots__ = ()
+
+    def debug(self, event: str, **fields: Any) -> None:
+        """Log at debug level."""
+        _logger().debug(event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        """Log at info level."""
+        _logger().info(event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """Log at warning level."""
+        _logger().warning(event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        """Log at error level."""
+        _logger().error(event, **fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        """Log at error level with the exception being handled."""
+        _logger().exception(event, **fields)
+
+
+log = ArbiterLog()
 
 
 def note(event: str, **fields: Any) -> None:
     """Log a routine event at info level, only when structlog is configured."""
     if structlog.is_configured():
-        log.info(event, **fields)
+        _configured_log.info(event, **fields)
 
 
 def debug(event: str, **fields: Any) -> None:
@@ -28,4 +72,4 @@ def debug(event: str, **fields: Any) -> None:
     Hot paths test ``structlog.is_configured()`` themselves before building fields.
     """
     if structlog.is_configured():
-        log.debug(event, **fields)
+        _configured_log.debug(event, **fields)

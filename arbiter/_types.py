@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from enum import IntEnum, StrEnum
 
-from ._checks import check_bytes
+from ._checks import check_bytes, shown
 
 __all__ = [
     "GiB",
@@ -101,19 +101,23 @@ def coerce_priority(value: object, name: str = "priority") -> Priority:
 
 
 def check_memory(value: object, name: str) -> int:
-    """A byte count: an ``int`` (not ``bool``) greater than zero."""
+    """A byte count: an ``int`` (not ``bool``) greater than zero, at most ``MAX_BYTES``."""
     return check_bytes(name, value, allow_zero=False)
 
 
 def check_timeout(value: object, name: str = "timeout") -> float | None:
-    """A timeout in seconds: ``None`` (forever) or a finite-or-infinite number >= 0."""
+    """A timeout in seconds: ``None`` (forever) or a number >= 0, infinite or an int too
+    large for a float also meaning forever."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be None or a number of seconds, got {value!r}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be None or >= 0 seconds, got {value!r}")
-    return float(value)
+    if not value >= 0:  # also true for nan
+        raise ValueError(f"{name} must be None or >= 0 seconds, got {shown(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past the float range: as long as forever
+        return math.inf
 
 
 def format_bytes(n: float) -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from arbiter import (
     Arbiter,
@@ -257,3 +260,123 @@ def test_auto_detect_and_arbiter_without_config_agree_with_detection() -> None:
     expected = ArbiterConfig.from_detection(GpuDetector().detect())
     assert ArbiterConfig.auto_detect() == expected
     assert Arbiter(probe=None).config == expected
+
+
+# -- the 8 GiB assumption is said once --------------------------------------------
+
+
+@pytest.fixture
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    was_configured = structlog.is_configured()
+    with capture_logs() as entries:
+        yield entries
+    if not was_configured:
+        structlog.reset_defaults()  # capture_logs() leaves structlog marked configured
+
+
+def _detect_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    nothing = GpuDetectionResult(DetectionMethod.NONE, [], 0)
+    monkeypatch.setattr(GpuDetector, "detect", lambda self: nothing)
+
+
+def _warnings(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in logs if entry["log_level"] == "warning"]
+
+
+def test_auto_detect_with_nothing_found_warns_once_that_it_assumed_8_gib(
+    monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
+) -> None:
+    _detect_nothing(monkeypatch)
+    config = ArbiterConfig.auto_detect()
+    assert config.vram_budget == int(8 * GiB * 0.9)
+    [warning] = _warnings(logs)
+    assert "8 GiB" in warning["event"]
+    assert warning["vram_budget"] == config.vram_budget
+
+
+@pytest.mark.anyio
+async def test_arbiter_without_config_and_without_gpu_warns_once(
+    monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
+) -> None:
+    _detect_nothing(monkeypatch)
+    async with Arbiter() as arbiter:  # also the default probe: NVML, when it works
+        assert arbiter.config.vram_budget == int(8 * GiB * 0.9)
+    [warning] = _warnings(logs)
+    assert "assum" in warning["event"] and "8 GiB" in warning["event"]
+
+
+def test_auto_detect_that_finds_a_gpu_does_not_warn(
+    monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
+) -> None:
+    monkeypatch.setattr(GpuDetector, "detect", lambda self: _result(24 * GiB))
+    assert abs(ArbiterConfig.auto_detect().vram_budget - 0.9 * 24 * GiB) <= 1
+    assert ArbiterConfig.from_detection(_result()).vram_budget == int(8 * GiB * 0.9)
+    assert _warnings(logs) == []  # from_detection is quiet: `arbiter detect` says it itself
+
+
+# -- huge numbers, and the poll_interval floor ----------------------------------
+
+HUGE = 10**400
+
+
+def _short(value: object) -> str | None:
+    """A test id: huge ints by their size, the rest as pytest shows them."""
+    if isinstance(value, int) and abs(value) > 2**64:
+        return "-huge" if value < 0 else "huge"
+    return None
+
+
+HUGE_VALUES: list[tuple[str, Any]] = [
+    ("vram_budget", HUGE),
+    ("vram_budget", 2**63),
+    ("ram_budget", HUGE),
+    ("llm_min_quality", HUGE),
+    ("diffusion_min_quality", HUGE),
+    ("pressure_threshold", HUGE),
+    ("poll_interval", HUGE),
+    ("poll_interval", 1e300 * 1e10),  # inf
+    ("reclaim_grace", HUGE),
+    ("poll_backoff_max", HUGE),
+    ("device", HUGE),
+    ("allocation_timeout", -HUGE),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), HUGE_VALUES, ids=_short)
+def test_huge_numbers_are_value_errors_naming_the_field(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=name) as info:
+        ArbiterConfig(**{name: value})
+    assert type(info.value) is ValueError
+    assert len(str(info.value)) < 200  # the number is shown by its size, not 400 digits
+
+
+def test_a_huge_allocation_timeout_means_forever() -> None:
+    assert ArbiterConfig(allocation_timeout=HUGE).allocation_timeout == math.inf
+    assert ArbiterConfig(allocation_timeout=math.inf).allocation_timeout == math.inf
+
+
+def test_the_largest_budget_is_8_eib() -> None:
+    assert ArbiterConfig(vram_budget=2**63 - 1).vram_budget == 2**63 - 1
+    assert ArbiterConfig.for_vram_gb(2**33 - 1).vram_budget == (2**33 - 1) * GiB
+
+
+@pytest.mark.parametrize("gb", [HUGE, 1e300, 2**33, 1e-12, -HUGE], ids=_short)
+def test_for_vram_gb_rejects_sizes_beyond_the_bounds(gb: Any) -> None:
+    with pytest.raises(ValueError, match="gb") as info:
+        ArbiterConfig.for_vram_gb(gb)
+    assert type(info.value) is ValueError
+
+
+@pytest.mark.parametrize("interval", [1e-300, 5e-324, 0.0009])
+def test_poll_interval_has_a_floor_of_1_ms(interval: float) -> None:
+    with pytest.raises(ValueError, match=r"poll_interval must be .*>= 0\.001") as info:
+        ArbiterConfig(poll_interval=interval)
+    assert repr(interval) in str(info.value)
+    assert ArbiterConfig(poll_interval=0.001).poll_interval == 0.001
+    assert "0.001" in (ArbiterConfig.__doc__ or "")  # the floor is documented
+
+
+def test_a_float_budget_is_told_to_use_an_int_of_bytes() -> None:
+    with pytest.raises(TypeError, match=r"vram_budget must be an int .*bytes.*int\(") as info:
+        ArbiterConfig(vram_budget=1.5 * GiB)  # type: ignore[arg-type]
+    assert "1610612736.0" in str(info.value)

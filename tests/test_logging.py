@@ -139,3 +139,47 @@ def test_nothing_is_printed_while_structlog_is_unconfigured(backend: str) -> Non
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     assert done.stderr == ""
+
+
+WARNING_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import anyio
+    from arbiter import Arbiter, ArbiterConfig, GiB
+    from arbiter.testing import FakeGpu
+
+    async def main():
+        fake = FakeGpu(total=4 * GiB)
+        fake.fail_next(1)  # the poller's first read fails: one warning
+        config = ArbiterConfig.for_vram_gb(4, poll_interval=0.01)
+        async with Arbiter(config, probe=fake):
+            while fake.reads < 3:  # it failed, then recovered
+                await anyio.sleep(0.01)
+        print("the program's own output")
+
+    anyio.run(main, backend=sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_warnings_go_to_stderr_while_structlog_is_unconfigured(backend: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WARNING_SCRIPT, backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "the program's own output\n"  # no warning mixed in
+    [warning] = [line for line in done.stderr.splitlines() if "gpu probe failed" in line]
+    assert "warning" in warning
+    assert "Traceback" not in done.stderr
+
+
+def test_a_configured_structlog_decides_where_warnings_go(logs: Logs) -> None:
+    from arbiter._log import log
+
+    log.warning("something odd", detail=1)
+    assert logs[-1] == {"event": "something odd", "detail": 1, "log_level": "warning"}

@@ -103,6 +103,24 @@ def test_py_typed_is_shipped_in_the_wheel(tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith("tests/")]
 
 
+def test_the_mit_license_is_shipped_in_the_wheel(tmp_path: Path) -> None:
+    text = (REPO / "LICENSE").read_text()
+    assert text.startswith("MIT License")
+    assert "the gpu-arbiter authors" in text
+    wheel_builder = pytest.importorskip("hatchling.builders.wheel", reason="needs hatchling")
+    builder = wheel_builder.WheelBuilder(str(REPO))
+    [wheel] = list(builder.build(directory=str(tmp_path), versions=["standard"]))
+    with zipfile.ZipFile(wheel) as archive:
+        [license_name] = [
+            n for n in archive.namelist() if n.endswith(".dist-info/licenses/LICENSE")
+        ]
+        assert archive.read(license_name).decode() == text
+        [metadata] = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        fields = archive.read(metadata).decode().splitlines()
+    assert "License-Expression: MIT" in fields
+    assert "License-File: LICENSE" in fields
+
+
 def _assert_clean_exit(done: subprocess.CompletedProcess[str]) -> None:
     assert done.returncode in (0, 2), done.stderr
     assert "Traceback" not in done.stderr

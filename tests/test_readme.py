@@ -37,3 +37,42 @@ def test_degrade_example_shrinks_instead_of_preempting(tmp_path: Path) -> None:
     assert "1 quality reduction, 0 preemptions" in out
     assert "holding 10.0 GiB" in out  # shrank to make room for the 14 GiB image
     assert out.strip().splitlines()[-2].endswith("holding 14.0 GiB")  # grew back after
+
+
+def _section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def test_the_configuration_reference_lists_every_field_with_its_default() -> None:
+    import dataclasses
+
+    from arbiter import ArbiterConfig
+
+    reference = _section("Configuration")
+    rows = {
+        row.split("|")[1].strip().strip("`"): row
+        for row in reference.splitlines()
+        if row.startswith("| `")
+    }
+    defaults = ArbiterConfig()
+    for field in dataclasses.fields(ArbiterConfig):
+        assert field.name in rows, f"{field.name} is missing from the README's reference"
+        default = getattr(defaults, field.name)
+        shown = rows[field.name].split("|")[2]
+        if isinstance(default, int) and default >= 1024**3:
+            assert f"{default // 1024**3} GiB" in shown, field.name
+        elif hasattr(default, "value"):
+            assert f'"{default.value}"' in shown, field.name
+        else:
+            assert str(default) in shown, field.name
+    assert set(rows) == {field.name for field in dataclasses.fields(ArbiterConfig)}
+
+
+def test_the_readme_says_the_units_the_enum_strings_and_the_torch_extra() -> None:
+    reference = _section("Configuration")
+    assert "`int` of bytes" in reference
+    assert "lower-case" in reference
+    assert "gpu-arbiter[torch]" in reference
