@@ -12,6 +12,7 @@ import anyio.lowlevel
 
 from ._arguments import DEFAULT, Default, RequestArgs
 from ._backend import CancelScopeLike, LoopEntry, Parker, current_backend
+from ._checks import check_quality_argument
 from ._errors import Preempted
 from ._quality import size_for_quality
 from ._records import Holding
@@ -118,7 +119,12 @@ class Allocation(Holding):
     def memory_for_quality(self, quality: float) -> int:
         """The bytes this allocation needs to run at ``quality``: for an elastic one,
         ``min_memory`` at its floor and its full size at 1.0, linear between; for any
-        other, its size."""
+        other, its size.
+
+        Raises:
+            TypeError, ValueError: ``quality`` is not a number in [0, 1].
+        """
+        quality = check_quality_argument(quality)
         if self.min_memory is None:
             return self.max_memory
         floor = self._arbiter._ledger.floor(self)

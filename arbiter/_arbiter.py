@@ -354,7 +354,6 @@ class Arbiter:
                 ledger.stats.timeouts += 1
         raise AllocationTimeout(limit)
 
-
     def allocate(
         self,
         workload: WorkloadType | str,
