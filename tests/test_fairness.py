@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.lowlevel
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import (
     Allocation,
@@ -22,7 +23,6 @@ from arbiter import (
     ShuttingDown,
     WorkloadType,
 )
-from arbiter_helpers import settle
 
 LLM = WorkloadType.LLM_INFERENCE
 NORMAL = Priority.NORMAL

@@ -161,6 +161,27 @@ class LedgerMachine(RuleBasedStateMachine):
             self.pending.remove(request)
             self.ledger.withdraw(request, self.now)
 
+    @precondition(lambda self: self.pending)
+    @rule(
+        sizes=st.lists(st.integers(1, BUDGET), min_size=1, max_size=20),
+        priority=priorities,
+    )
+    def abandon_behind_the_head(self, sizes: list[int], priority: Priority) -> None:
+        """``timeout=0`` requests that find the queue blocked leave it at once (trio#548):
+        its size stays the number of live waiters, however many come and go."""
+        head = self.ledger.head()
+        if head is None or priority > head.priority:
+            return
+        for size in sizes:
+            request = Request(Holding(WorkloadType.LLM_INFERENCE, priority, size, None), size, size)
+            request.may_reclaim = False  # a request that will not wait disturbs no one
+            self.order[request] = next(self.seq)
+            assert not self.ledger.submit(request, self.now), "granted past a blocked head"
+            self.ledger.withdraw(request, self.now)
+            del self.order[request]
+        queued = sum(len(queue) for queue in self.ledger._queues.values())
+        assert queued == len(self.waiting())
+
     @rule(wait=seconds)
     def advance(self, wait: float) -> None:
         self.now += wait
@@ -218,6 +239,7 @@ class LedgerMachine(RuleBasedStateMachine):
         held = sum(h.memory for h in live.values() if not h.released)
         assert ledger.granted == held
         assert ledger.waiting == len(self.waiting())
+        assert sum(len(queue) for queue in ledger._queues.values()) == len(self.waiting())
         assert 0 <= ledger.on_the_way <= ledger.granted
         state = self.arbiter.state()
         assert state.vram_used == held

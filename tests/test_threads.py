@@ -1,0 +1,227 @@
+"""One arbiter shared by event loops in several threads (DESIGN, Threads, event loops
+and processes): one queue, one budget, one order; a release or a preemption in one
+loop reaches a waiter or a body in another within milliseconds.
+
+Every thread is joined with a timeout, so a lost wake-up fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from arbiter import (
+    Allocation,
+    AllocationTimeout,
+    Arbiter,
+    ArbiterConfig,
+    GiB,
+    Preempted,
+    Priority,
+    WorkloadType,
+)
+
+LLM = WorkloadType.LLM_INFERENCE
+IMAGE = WorkloadType.IMAGE_GENERATION
+JOIN_TIMEOUT = 20.0
+PAIRS = [("asyncio", "asyncio"), ("asyncio", "trio"), ("trio", "asyncio"), ("trio", "trio")]
+
+
+class LoopThread(threading.Thread):
+    """A thread that runs ``main`` in its own event loop and keeps its outcome."""
+
+    def __init__(self, backend: str, main: Callable[[], Awaitable[Any]]) -> None:
+        super().__init__(daemon=True, name=f"{backend} loop")
+        self.backend = backend
+        self.main = main
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = anyio.run(self.main, backend=self.backend)
+        except BaseException as exc:
+            self.error = exc
+
+    def outcome(self) -> Any:
+        self.join(JOIN_TIMEOUT)
+        assert not self.is_alive(), f"the {self.backend} thread did not finish (a deadlock?)"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll ``condition`` (another thread changes what it reads) every millisecond."""
+    with anyio.fail_after(limit):
+        while True:  # an anyio.Event cannot be set from another thread's loop
+            if condition():
+                return
+            await anyio.sleep(0.001)
+
+
+def make_arbiter(gib: int = 10) -> Arbiter:
+    return Arbiter(ArbiterConfig.for_vram_gb(gib, allocation_timeout=None), probe=None)
+
+
+@pytest.mark.parametrize(("first", "second"), PAIRS)
+def test_a_release_in_one_loop_wakes_the_waiter_in_another(first: str, second: str) -> None:
+    arbiter = make_arbiter()
+    held = threading.Event()
+
+    async def holder() -> None:
+        alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 8 * GiB)
+        held.set()
+        await wait_until(lambda: arbiter.state().waiting == 1)
+        alloc.release()
+
+    async def waiter() -> float:
+        await anyio.to_thread.run_sync(held.wait)
+        alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 8 * GiB)
+        granted_at = time.monotonic()
+        alloc.release()
+        return granted_at
+
+    threads = [LoopThread(first, holder), LoopThread(second, waiter)]
+    for thread in threads:
+        thread.start()
+    threads[0].outcome()
+    threads[1].outcome()
+    assert arbiter.state().vram_used == 0
+    stats = arbiter.stats()
+    assert (stats.successful_allocations, stats.failed_allocations) == (2, 0)
+
+
+@pytest.mark.parametrize(("first", "second"), PAIRS)
+def test_a_preemption_decided_in_one_loop_cancels_the_body_in_another(
+    first: str, second: str
+) -> None:
+    arbiter = make_arbiter()
+    running = threading.Event()
+
+    async def background() -> str:
+        try:
+            async with arbiter.allocate(IMAGE, Priority.BACKGROUND, memory=8 * GiB):
+                running.set()
+                await anyio.sleep(JOIN_TIMEOUT)
+        except Preempted:
+            return "preempted"
+        return "finished"  # pragma: no cover
+
+    async def user_facing() -> float:
+        await anyio.to_thread.run_sync(running.wait)
+        started = time.monotonic()
+        alloc = await arbiter.request_allocation(LLM, Priority.USER_FACING, 6 * GiB)
+        waited = time.monotonic() - started
+        alloc.release()
+        return waited
+
+    threads = [LoopThread(first, background), LoopThread(second, user_facing)]
+    for thread in threads:
+        thread.start()
+    assert threads[0].outcome() == "preempted"
+    assert threads[1].outcome() < 5.0  # one-sided: "within milliseconds" on a quiet box
+    assert arbiter.stats().preemptions == 1
+    assert arbiter.state().vram_used == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_thread_without_a_loop_releases_and_reads_snapshots(backend: str) -> None:
+    arbiter = make_arbiter()
+    handed: list[Allocation] = []
+    got_it = threading.Event()
+
+    async def loop_side() -> int:
+        handed.append(await arbiter.request_allocation(LLM, Priority.NORMAL, 8 * GiB))
+        got_it.set()
+        alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 8 * GiB)  # waits
+        memory = alloc.memory
+        alloc.release()
+        return memory
+
+    thread = LoopThread(backend, loop_side)
+    thread.start()
+    assert got_it.wait(JOIN_TIMEOUT)
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    while arbiter.state().waiting != 1:  # from this thread, which runs no loop
+        assert time.monotonic() < deadline, "the second request never queued"
+        time.sleep(0.001)
+    assert arbiter.recommended_quality(LLM) == pytest.approx(arbiter.state().llm_quality)
+    assert arbiter.stats().successful_allocations == 1
+    handed[0].release()
+    assert thread.outcome() == 8 * GiB
+    assert arbiter.state().vram_used == 0
+
+
+def test_many_threads_churn_and_leave_an_exact_ledger() -> None:
+    """8 threads (asyncio and trio), each a few hundred random requests, timeouts and
+    cancellations, on one arbiter: at the end all memory is free and stats add up."""
+    arbiter = make_arbiter(16)
+    outcomes: dict[str, int] = {}
+    counted = threading.Lock()
+
+    def count(outcome: str) -> None:
+        with counted:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    async def churn(seed: int) -> None:
+        rng = random.Random(seed)
+
+        async def one() -> None:
+            priority = rng.choice(list(Priority))
+            size = rng.randint(1, 6) * GiB
+            timeout = rng.choice([None, 0, 0.001, 0.01])
+            elastic = rng.random() < 0.3
+            kwargs: dict[str, Any] = {"timeout": timeout, "preemptible": rng.random() < 0.7}
+            if elastic:
+                kwargs["min_memory"] = GiB
+            entered = False
+            try:
+                with anyio.move_on_after(rng.choice([0.002, 0.02, 1.0])) as scope:
+                    async with arbiter.allocate(LLM, priority, memory=size, **kwargs):
+                        entered = True
+                        await anyio.sleep(rng.random() * 0.002)
+                if not scope.cancelled_caught:
+                    count("done")
+                else:
+                    count("cancelled in the body" if entered else "cancelled waiting")
+            except AllocationTimeout:
+                count("timeout")
+            except Preempted:
+                count("preempted")
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(200):
+                tg.start_soon(one)
+                if rng.random() < 0.3:
+                    await anyio.sleep(0.0005)
+
+    threads = [
+        LoopThread("asyncio" if n % 2 else "trio", lambda n=n: churn(n))  # type: ignore[misc]
+        for n in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.outcome()
+    state = arbiter.state()
+    assert (state.vram_used, state.waiting) == (0, 0)
+    arbiter._ledger.check_invariants()
+    stats = arbiter.stats()
+    assert sum(outcomes.values()) == 8 * 200
+    assert stats.total_allocations == 8 * 200
+    assert stats.total_allocations == (
+        stats.successful_allocations + stats.failed_allocations + stats.cancelled
+    )
+    assert stats.timeouts == outcomes.get("timeout", 0)
+    assert stats.failed_allocations == outcomes.get("timeout", 0)
+    assert stats.cancelled == outcomes.get("cancelled waiting", 0)
+    assert stats.successful_allocations == sum(
+        outcomes.get(name, 0) for name in ("done", "preempted", "cancelled in the body")
+    )
