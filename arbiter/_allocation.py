@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -34,8 +34,7 @@ class Allocation(Holding):
 
     __slots__ = (
         "_arbiter",
-        "_clock",
-        "_entry",
+        "_loop",
         "_number",
         "_preempt_waiters",
         "_quality_waiters",
@@ -47,8 +46,7 @@ class Allocation(Holding):
     def __init__(
         self,
         arbiter: Arbiter,
-        clock: Callable[[], float],
-        entry: LoopEntry,
+        loop: LoopEntry,
         number: int,
         workload: WorkloadType,
         priority: Priority,
@@ -61,8 +59,7 @@ class Allocation(Holding):
     ) -> None:
         Holding.__init__(self, workload, priority, memory, min_memory, preemptible, keep_alive)
         self._arbiter = arbiter
-        self._clock = clock  # of the event loop it was requested in
-        self._entry = entry  # how to reach that loop from another thread
+        self._loop = loop  # the event loop it was requested in
         self._number = number
         self.label = label
         self.created_at = created_at
@@ -182,7 +179,7 @@ class Allocation(Holding):
     def _on_preempt(self) -> None:
         scope = self._scope
         if scope is not None:
-            self._entry.call(scope.cancel)
+            self._loop.call(scope.cancel)
         self._signal_preempt()
 
     def _signal_preempt(self) -> None:
@@ -271,14 +268,8 @@ class AllocationContext:
         if self._alloc is not None:
             raise RuntimeError("this allocate() context was already entered")
         backend = current_backend()
-        arbiter = self._arbiter
-        alloc = await arbiter._request(self._args, backend)
-        self._alloc = alloc
         scope = backend.cancel_scope()
-        with arbiter._lock:  # a preemption from another thread sees the scope, or we see it
-            alloc._scope = scope
-            if alloc.preempt_requested:
-                scope.cancel()
+        alloc = self._alloc = await self._arbiter._request(self._args, backend, scope)
         scope.__enter__()
         return alloc
 

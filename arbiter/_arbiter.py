@@ -28,7 +28,7 @@ import structlog
 
 from ._allocation import Allocation, AllocationContext
 from ._arguments import DEFAULT, Default, RequestArgs, check_request
-from ._backend import Backend, LoopEntry, Parker, current_backend
+from ._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
 from ._config import ArbiterConfig
 from ._errors import (
     AllocationTimeout,
@@ -92,7 +92,7 @@ class Arbiter:
         self._probe = probe
         self._owns_probe = False
         self._lock = threading.Lock()
-        self._clock: Callable[[], float] | None = None  # the ledger's clock; see the module
+        self._loop: LoopEntry | None = None  # whose clock the ledger reads; see the module
         self._ids = count(1)
         self._closed = False
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -121,10 +121,9 @@ class Arbiter:
         if self._task_group is not None:
             raise RuntimeError("this arbiter is already running")
         backend = current_backend()
-        self._home = backend.entry()
-        self._clock = backend.clock()
+        self._home = self._loop = backend.loop()
         with self._lock:
-            self._ledger.observe(self._clock())
+            self._ledger.observe(self._home.clock())
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -215,12 +214,15 @@ class Arbiter:
         )  # fmt: skip
         return await self._request(args, current_backend())
 
-    async def _request(self, args: RequestArgs, backend: Backend) -> Allocation:
+    async def _request(
+        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
+    ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
         A checkpoint on every path (rule 8): it checks for cancellation and yields
         before anything is decided, so nothing is granted that the yield could cancel,
-        and a task that allocates in a loop lets the others run.
+        and a task that allocates in a loop lets the others run. ``scope`` (the body
+        scope of an ``allocate()``) is registered with the grant, under the same lock.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
@@ -234,11 +236,12 @@ class Arbiter:
             raise
         smallest = memory if min_memory is None else min_memory
         limit = self._default_timeout if isinstance(timeout, Default) else timeout
-        clock = backend.clock()
+        loop = backend.loop()
+        clock = loop.clock
         started = clock()
         alloc = Allocation(
-            self, clock, backend.entry(), next(self._ids), workload, priority, memory,
-            min_memory, preemptible, keep_alive, label, started,
+            self, loop, next(self._ids), workload, priority, memory, min_memory, preemptible,
+            keep_alive, label, started,
         )  # fmt: skip
         with self._lock:
             if smallest > ledger.budget or self._closed:
@@ -246,9 +249,9 @@ class Arbiter:
                 refused = True
             else:
                 refused = False
-                if not ledger.waiting and not ledger.granted:
-                    self._adopt_clock(clock)
-                now = self._now()
+                if loop is not self._loop and not ledger.waiting and not ledger.granted:
+                    self._adopt(loop)
+                now = started if loop is self._loop else self._now()
                 if min_quality is None and ledger.grant_now(alloc, smallest, memory, now):
                     request = None
                 else:
@@ -261,6 +264,7 @@ class Arbiter:
                         request.parker.arm()
                 if request is None:
                     stats.successful += 1
+                    alloc._scope = scope  # nothing can have preempted it yet
         if refused:
             if smallest > ledger.budget:
                 raise InsufficientMemory(smallest, ledger.budget)
@@ -277,6 +281,10 @@ class Arbiter:
                 raise
             with self._lock:
                 stats.successful += 1
+                if scope is not None:  # a preemption from another thread sees it, or we see it
+                    alloc._scope = scope
+                    if alloc.preempt_requested:
+                        scope.cancel()
         if keep_alive is not None:
             self._keep_alive_touched(alloc)
         if structlog.is_configured():
@@ -429,7 +437,7 @@ class Arbiter:
             return
         # Growing is a request: a checkpoint first, on every path (rule 8).
         await backend.checkpoint()
-        clock = backend.clock()
+        clock = backend.loop().clock
         started = clock()
         with self._lock:
             if alloc.released:
@@ -483,16 +491,16 @@ class Arbiter:
 
     # -- the clock and snapshots (any thread) ----------------------------------
 
-    def _adopt_clock(self, clock: Callable[[], float]) -> None:
-        """Read ``clock`` from now on, unless the services' loop owns the arbiter."""
+    def _adopt(self, loop: LoopEntry) -> None:
+        """Read ``loop``'s clock from now on, unless the services' loop owns the arbiter."""
         if self._task_group is None:
-            self._clock = clock
+            self._loop = loop
 
     def _now(self) -> float:
-        clock = self._clock
-        if clock is None:  # never used in a loop: pure accounting from sync code
+        loop = self._loop
+        if loop is None:  # never used in a loop: pure accounting from sync code
             return self._ledger.stats.last_time
-        return clock()
+        return loop.clock()
 
     def recommended_quality(
         self, workload: WorkloadType | str, priority: Priority | str = Priority.NORMAL

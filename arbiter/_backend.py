@@ -20,6 +20,7 @@ Two things here cannot be had from anyio's public API:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Awaitable, Callable
 from functools import cache
 from threading import get_ident
@@ -66,16 +67,22 @@ class CancelScopeLike(Protocol):
 
 
 class LoopEntry:
-    """Runs a callable in one event loop's thread, from any thread.
+    """One running event loop, as seen from any thread: its clock, and a way in.
 
-    In the loop's own thread the call is direct; from another it goes through the
-    loop's thread-safe entry. A loop that has already finished has nobody left to
-    tell, so such a call is dropped.
+    ``clock`` reads the loop's clock (callable from any thread, also after the loop
+    ends). ``call`` runs a callable in the loop's thread: directly when called there,
+    else through the loop's thread-safe entry. A loop that has already finished has
+    nobody left to tell, so such a call is dropped. One entry per loop: compare them
+    with ``is``.
     """
 
-    __slots__ = ("_call_soon", "thread")
+    __slots__ = ("_call_soon", "clock", "key", "thread")
 
-    def __init__(self, call_soon: Callable[..., object]) -> None:
+    def __init__(
+        self, key: object, clock: Callable[[], float], call_soon: Callable[..., object]
+    ) -> None:
+        self.key = key  # what the library knows the loop by
+        self.clock = clock
         self._call_soon = call_soon
         self.thread = get_ident()
 
@@ -108,36 +115,33 @@ class Parker(Protocol):
 class Backend:
     """The primitives of one event-loop library.
 
-    ``clock()`` returns the running loop's clock as a function that stays valid (and
-    callable from any thread) for the life of that loop: an allocation keeps it.
-    ``checkpoint()`` checks for cancellation and yields to the loop once.
+    ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` checks for
+    cancellation and yields to the loop once. ``parker()`` makes a `Parker` for the
+    current task.
     """
 
     __slots__ = (
         "cancel_scope",
         "checkpoint",
         "checkpoint_if_cancelled",
-        "clock",
         "current_time",
-        "entry",
+        "loop",
         "parker",
     )
 
     def __init__(
         self,
-        clock: Callable[[], Callable[[], float]],
+        loop: Callable[[], LoopEntry],
         checkpoint: Callable[[], Awaitable[None]],
         checkpoint_if_cancelled: Callable[[], Awaitable[None]],
         cancel_scope: Callable[[], CancelScopeLike],
-        entry: Callable[[], LoopEntry],
         parker: Callable[[], Parker],
     ) -> None:
-        self.clock = clock
-        self.current_time: Callable[[], float] = lambda: clock()()
+        self.loop = loop
+        self.current_time: Callable[[], float] = lambda: loop().clock()
         self.checkpoint = checkpoint
         self.checkpoint_if_cancelled = checkpoint_if_cancelled
         self.cancel_scope = cancel_scope
-        self.entry = entry
         self.parker = parker
 
 
@@ -149,7 +153,7 @@ def _asyncio_backend() -> Backend:
 
     get_running_loop = asyncio.get_running_loop
     sleep = asyncio.sleep
-    entries: list[tuple[object, LoopEntry]] = []  # the last loop's entry, for reuse
+    entries = threading.local()  # each thread's current loop's entry, for reuse
 
     async def checkpoint_if_cancelled() -> None:
         if anyio.current_effective_deadline() == -math.inf:
@@ -160,15 +164,11 @@ def _asyncio_backend() -> Backend:
             await anyio.lowlevel.checkpoint_if_cancelled()
         await sleep(0)
 
-    def clock() -> Callable[[], float]:
-        return get_running_loop().time
-
-    def entry() -> LoopEntry:
+    def running_loop() -> LoopEntry:
         loop = get_running_loop()
-        if entries and entries[0][0] is loop:
-            return entries[0][1]
-        made = LoopEntry(loop.call_soon_threadsafe)
-        entries[:] = [(loop, made)]
+        made: LoopEntry | None = getattr(entries, "entry", None)
+        if made is None or made.key is not loop:
+            made = entries.entry = LoopEntry(loop, loop.time, loop.call_soon_threadsafe)
         return made
 
     class AsyncioParker:
@@ -210,11 +210,10 @@ def _asyncio_backend() -> Backend:
                 timer.cancel()
 
     return Backend(
-        clock,
+        running_loop,
         checkpoint,
         checkpoint_if_cancelled,
         type(anyio.CancelScope()),  # called in the loop: anyio needs it to pick the class
-        entry,
         AsyncioParker,
     )
 
@@ -233,17 +232,15 @@ def _trio_backend() -> Backend:
     reschedule = lowlevel.reschedule
     wait_task_rescheduled = lowlevel.wait_task_rescheduled
     abort_succeeded = lowlevel.Abort.SUCCEEDED
-    entries: list[tuple[object, LoopEntry]] = []
+    entries = threading.local()
 
-    def clock() -> Callable[[], float]:
-        return current_clock().current_time
-
-    def entry() -> LoopEntry:
+    def running_loop() -> LoopEntry:
         token = current_trio_token()
-        if entries and entries[0][0] is token:
-            return entries[0][1]
-        made = LoopEntry(token.run_sync_soon)
-        entries[:] = [(token, made)]
+        made: LoopEntry | None = getattr(entries, "entry", None)
+        if made is None or made.key is not token:
+            made = entries.entry = LoopEntry(
+                token, current_clock().current_time, token.run_sync_soon
+            )
         return made
 
     # A parker's states; every transition happens in the trio thread.
@@ -299,11 +296,10 @@ def _trio_backend() -> Backend:
             return not timer.cancelled_caught
 
     return Backend(
-        clock,
+        running_loop,
         lowlevel.checkpoint,
         lowlevel.checkpoint_if_cancelled,
         trio.CancelScope,
-        entry,
         TrioParker,
     )
 
