@@ -219,17 +219,19 @@ class Arbiter:
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
-        A checkpoint on every path (rule 8): it checks for cancellation and yields
-        before anything is decided, so nothing is granted that the yield could cancel,
-        and a task that allocates in a loop lets the others run. ``scope`` (the body
-        scope of an ``allocate()``) is registered with the grant, under the same lock.
+        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is: it checks for
+        cancellation before anything is decided; a grant at once or a failure at once
+        then yields (a grant cancelled at that yield is given back), and a wait yields
+        by parking. So a task that allocates in a loop lets the others run. ``scope``
+        (the body scope of an ``allocate()``) is registered with the grant, under the
+        same lock.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
         ledger = self._ledger
         stats = ledger.stats
         try:
-            await backend.checkpoint()
+            await backend.checkpoint_if_cancelled()
         except BaseException:
             with self._lock:
                 stats.cancelled += 1
@@ -243,18 +245,14 @@ class Arbiter:
             self, loop, next(self._ids), workload, priority, memory, min_memory, preemptible,
             keep_alive, label, started,
         )  # fmt: skip
+        request: _Waiter | None = None
         with self._lock:
-            if smallest > ledger.budget or self._closed:
-                stats.failed += 1
-                refused = True
-            else:
-                refused = False
+            refused = smallest > ledger.budget or self._closed
+            if not refused:
                 if loop is not self._loop and not ledger.waiting and not ledger.granted:
                     self._adopt(loop)
                 now = started if loop is self._loop else self._now()
-                if min_quality is None and ledger.grant_now(alloc, smallest, memory, now):
-                    request = None
-                else:
+                if min_quality is not None or not ledger.grant_now(alloc, smallest, memory, now):
                     request = _Waiter(alloc, smallest, memory, min_quality=min_quality)
                     request.may_reclaim = limit != 0
                     if ledger.submit(request, now):
@@ -266,10 +264,27 @@ class Arbiter:
                     stats.successful += 1
                     alloc._scope = scope  # nothing can have preempted it yet
         if refused:
+            try:
+                await backend.schedule_point()
+            except BaseException:
+                with self._lock:
+                    stats.cancelled += 1
+                raise
+            with self._lock:
+                stats.failed += 1
             if smallest > ledger.budget:
                 raise InsufficientMemory(smallest, ledger.budget)
             raise ShuttingDown("the arbiter is closed")
-        if request is not None:
+        if request is None:
+            try:
+                await backend.schedule_point()
+            except BaseException:
+                with self._lock:
+                    ledger.release(alloc, self._now())  # the grant goes to the next waiter
+                    stats.successful -= 1
+                    stats.cancelled += 1
+                raise
+        else:
             try:
                 await self._park(request, clock, started, limit)
             except BaseException as exc:

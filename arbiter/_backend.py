@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Awaitable, Callable
-from functools import cache
+from functools import cache, partial
 from threading import get_ident
 from types import TracebackType
 from typing import Any, Protocol
@@ -116,8 +116,9 @@ class Backend:
     """The primitives of one event-loop library.
 
     ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` checks for
-    cancellation and yields to the loop once. ``parker()`` makes a `Parker` for the
-    current task.
+    cancellation and yields to the loop once; ``checkpoint_if_cancelled()`` only
+    checks; ``schedule_point()`` only yields (a cancellation that arrives meanwhile
+    is raised). ``parker()`` makes a `Parker` for the current task.
     """
 
     __slots__ = (
@@ -127,6 +128,7 @@ class Backend:
         "current_time",
         "loop",
         "parker",
+        "schedule_point",
     )
 
     def __init__(
@@ -134,6 +136,7 @@ class Backend:
         loop: Callable[[], LoopEntry],
         checkpoint: Callable[[], Awaitable[None]],
         checkpoint_if_cancelled: Callable[[], Awaitable[None]],
+        schedule_point: Callable[[], Awaitable[None]],
         cancel_scope: Callable[[], CancelScopeLike],
         parker: Callable[[], Parker],
     ) -> None:
@@ -141,6 +144,7 @@ class Backend:
         self.current_time: Callable[[], float] = lambda: loop().clock()
         self.checkpoint = checkpoint
         self.checkpoint_if_cancelled = checkpoint_if_cancelled
+        self.schedule_point = schedule_point
         self.cancel_scope = cancel_scope
         self.parker = parker
 
@@ -213,6 +217,7 @@ def _asyncio_backend() -> Backend:
         running_loop,
         checkpoint,
         checkpoint_if_cancelled,
+        partial(sleep, 0),
         type(anyio.CancelScope()),  # called in the loop: anyio needs it to pick the class
         AsyncioParker,
     )
@@ -299,6 +304,7 @@ def _trio_backend() -> Backend:
         running_loop,
         lowlevel.checkpoint,
         lowlevel.checkpoint_if_cancelled,
+        lowlevel.checkpoint,  # a schedule point that also sees a cancellation come meanwhile
         trio.CancelScope,
         TrioParker,
     )

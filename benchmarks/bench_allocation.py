@@ -5,19 +5,22 @@
 Prints ns per uncontended ``allocate`` context and per ``request_allocation`` +
 ``release``, beside ``anyio.Semaphore`` (and ``asyncio.Semaphore`` on asyncio)
 measured in the same run; the floor under ``allocate`` (see `_Floor`); a contended
-run (200 tasks, capacity for 10); and the per-grant cost of draining 10, 1,000 and
-10,000 queued waiters.
+run (200 tasks, capacity for 10); the per-grant cost of draining 10, 1,000 and
+10,000 queued waiters; and the latency of a handover across threads (a release in
+one event loop, the waiter in another loop's thread running), p50 and p99.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from arbiter import Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
 from arbiter._backend import current_backend
@@ -46,8 +49,8 @@ async def _best_per_op(
 
 class _Floor:
     """What any ``allocate()`` with DESIGN's guarantees pays before its accounting: a
-    cancellation check, a cancel scope around the body, and a clock reading at the grant
-    and at the release, through the same primitives the arbiter uses."""
+    checkpoint (a cancellation check and a yield), a cancel scope around the body, and a
+    clock reading at the grant and at the release, through the arbiter's primitives."""
 
     __slots__ = ("_backend", "_scope")
 
@@ -55,6 +58,7 @@ class _Floor:
         backend = self._backend = current_backend()
         backend.current_time()
         await backend.checkpoint_if_cancelled()
+        await backend.schedule_point()
         self._scope = backend.cancel_scope()
         self._scope.__enter__()
 
@@ -91,7 +95,7 @@ async def uncontended(backend: str, n: int) -> dict[str, float]:
         "anyio.Semaphore pair": anyio_semaphore,
         "allocate() context": allocate_ctx,
         "request_allocation + release": request_release,
-        "floor: cancel check + scope + clock": floor,
+        "floor: checkpoint + scope + clock": floor,
     }
     if backend == "asyncio":
         native = asyncio.Semaphore(10)
@@ -157,6 +161,45 @@ async def drain(waiters: int) -> float:
     return elapsed / waiters
 
 
+def handover_across_threads(first: str, second: str, rounds: int) -> tuple[float, float]:
+    """p50 and p99 ns from ``release()`` in a loop of thread A to the waiter in a loop of
+    thread B running, over ``rounds`` handovers (they take turns holding 1 GiB of 1)."""
+    arbiter = _arbiter(1)
+    released_at: list[int] = []
+    latencies: list[int] = []
+    turn = [threading.Event(), threading.Event()]
+
+    async def player(me: int) -> None:
+        for round_ in range(rounds):
+            if round_ % 2 != me:
+                # Wait in the queue for the other thread's release.
+                await anyio.to_thread.run_sync(turn[me].wait)
+                turn[me].clear()
+                alloc = await arbiter.request_allocation(LLM, NORMAL, GiB)
+                latencies.append(time.perf_counter_ns() - released_at[-1])
+                alloc.release()
+            else:
+                alloc = await arbiter.request_allocation(LLM, NORMAL, GiB)
+                turn[1 - me].set()
+                while True:  # until the other thread's request is queued
+                    if arbiter.state().waiting:
+                        break
+                    await anyio.lowlevel.checkpoint()
+                released_at.append(time.perf_counter_ns())
+                alloc.release()
+
+    threads = [
+        threading.Thread(target=anyio.run, args=(player, me), kwargs={"backend": name})
+        for me, name in enumerate((first, second))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    ordered = sorted(latencies)
+    return ordered[len(ordered) // 2], ordered[int(len(ordered) * 0.99)]
+
+
 async def run_backend(backend: str, quick: bool) -> list[tuple[str, str, str]]:
     n = 2_000 if quick else 20_000
     rows: list[tuple[str, str, str]] = []
@@ -185,6 +228,11 @@ def main() -> None:
         print(f"{'case':<40} {'ns':>10} {'ratio':>8}")
         for name, ns, ratio in rows:
             print(f"{name:<40} {ns:>10} {ratio:>8}")
+    print("\nhandover across threads: release in loop A -> waiter in loop B running")
+    print(f"{'loops (A -> B)':<40} {'p50 us':>10} {'p99 us':>8}")
+    for first, second in (("asyncio", "asyncio"), ("asyncio", "trio"), ("trio", "trio")):
+        p50, p99 = handover_across_threads(first, second, 200 if args.quick else 1_000)
+        print(f"{first + ' -> ' + second:<40} {p50 / 1000:>10,.0f} {p99 / 1000:>8,.0f}")
 
 
 if __name__ == "__main__":
