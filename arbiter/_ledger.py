@@ -57,6 +57,8 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self.external = 0
         self.on_the_way = 0
         self.waiting = 0
+        # Smallest sizes of the waiting requests, per priority value (for quality targets).
+        self.waiting_at = [0] * len(Priority)
         self.stats = StatsRecorder()
         self._wake = wake
         self._preempt = preempt
@@ -124,6 +126,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             request.holding.growing.append(request)
         self._queues[request.priority].append(request)
         self.waiting += 1
+        self.waiting_at[request.priority] += request.min_size
         self._dispatch(now)
         return request.state is GRANTED
 
@@ -137,6 +140,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             if request.grow:
                 request.holding.growing.remove(request)
             self.waiting -= 1
+            self.waiting_at[request.priority] -= request.min_size
             self._drop_stale()
             self._end_reclaim(request)
         elif request.state is GRANTED:
@@ -171,6 +175,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                     failed.append(request)
             queue.clear()
         self.waiting = 0
+        self.waiting_at = [0] * len(Priority)
         for request in failed:
             self._wake(request)
         self._refresh(now)
@@ -201,6 +206,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self.granted -= memory
         family = self._families[holding.diffusion]
         family.granted -= memory
+        family.at[holding.priority] -= memory
         family.count -= 1
         holding.memory = 0
         del self._holders[holding.priority][holding]
@@ -222,6 +228,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 continue
             growing.state = FAILED
             self.waiting -= 1
+            self.waiting_at[growing.priority] -= growing.min_size
             self._end_reclaim(growing)
             self._wake(growing)
         holding.growing.clear()
@@ -242,6 +249,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         holding.memory -= amount
         self.granted -= amount
         self._families[holding.diffusion].granted -= amount
+        self._families[holding.diffusion].at[holding.priority] -= amount
         if holding.preempt_requested:
             self.on_the_way -= amount
         self._dispatch(now)
@@ -290,6 +298,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 break
             self._queues[request.priority].popleft()
             self.waiting -= 1
+            self.waiting_at[request.priority] -= request.min_size
             self._grant(request, size, now)
         self._refresh(now)
 
@@ -322,6 +331,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 self.on_the_way += size
             self.granted += size
             self._families[holding.diffusion].granted += size
+            self._families[holding.diffusion].at[holding.priority] += size
             holding.memory += size
             request.max_before = holding.max_memory
             if holding.memory > holding.max_memory:
@@ -339,6 +349,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self.granted += size
         family = self._families[holding.diffusion]
         family.granted += size
+        family.at[holding.priority] += size
         family.count += 1
         holding.memory = size
         holding.granted_seq = next(self._seq)
@@ -368,9 +379,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self.stats.observe(now, pressure, llm, diffusion)
         if self._watched:
             for holding in self._watched:
-                quality = self.target(holding)
-                if quality != holding.notified_quality:
-                    holding.notified_quality = quality
+                if self._retarget(holding):
                     self._quality_changed(holding)
 
     def check_invariants(self) -> None:
@@ -381,6 +390,11 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         assert self.waiting == sum(
             1 for q in self._queues.values() for r in q if r.state is WAITING
         )
+        for family in self._families:
+            assert sum(family.at) == family.granted, "per-priority tallies drift"
+        assert self.waiting_at == [
+            sum(r.min_size for r in self._queues[p] if r.state is WAITING) for p in Priority
+        ], "waiting bytes drift"
         head = self.head()
         if head is not None:
             assert self._fit(head) is None, "the head fits but was left waiting"

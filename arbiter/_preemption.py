@@ -95,42 +95,45 @@ class DegradeBeforePreempt:
     def _reclaim_for(self, request: Request, now: float) -> None:
         """Degrade before preempt, for the head of the queue that does not fit.
 
-        Phase 1 asks elastic victims to shrink (on top of what other waiters asked:
-        whatever they free goes to the head) and waits up to the grace; phase 2
-        preempts victims until enough will be freed, counting no promised shrink.
+        Whenever the situation changes (a first look, a holder leaving, more external
+        use) it starts over in DESIGN's order: when preempting every candidate could
+        not cover the shortfall, it harms no one; else it first asks elastic victims to
+        shrink (on top of what other waiters asked: whatever they free goes to the
+        head), and each new ask starts a fresh grace; only once the grace has passed,
+        or when no elastic holder has anything to give, does it preempt victims until
+        enough will be freed, counting no promised shrink.
         """
         shortfall = request.min_size - (self.budget - self.granted - self.external)
         shortfall -= self.on_the_way
-        if shortfall <= 0 or not request.may_reclaim:
+        if shortfall <= 0 or not request.may_reclaim or shortfall > request.reclaimable:
             return
+        chosen, total = choose_victims(self._holders, request.priority, shortfall)
+        if chosen is None:
+            # While it is head no victim can appear or grow, so a shortfall above this
+            # needs no new scan.
+            request.reclaimable = total
+            return  # even preempting everyone allowed would not be enough: harm no one
         grace = self.config.reclaim_grace
-        if request.reclaim_phase == 0:
-            chosen, total = choose_victims(self._holders, request.priority, shortfall)
-            if chosen is None:
-                request.reclaim_phase = 2
-                request.reclaimable = total
-                return  # even preempting everyone allowed would not be enough: harm no one
+        promised = self._promised()
+        if promised < shortfall:
+            asked = self._ask_to_shrink(request, shortfall - promised)
+            if asked > 0:
+                promised += asked
+                request.reclaim_phase = 1
+                request.reclaim_deadline = now + grace  # a new ask: a fresh grace
+                if grace > 0:
+                    self._wake(request)  # it re-parks with the grace as its next deadline
+        if promised > 0 and request.reclaim_phase == 0:
+            # Others' promised shrinks may cover it: wait for them, up to the grace.
             request.reclaim_phase = 1
             request.reclaim_deadline = now + grace
             if grace > 0:
-                self._wake(request)  # it re-parks with the grace as its next deadline
-        if request.reclaim_phase == 1:
-            if now < request.reclaim_deadline:
-                promised = self._promised()
-                if promised < shortfall:
-                    promised += self._ask_to_shrink(request, shortfall - promised)
-                if promised > 0:
-                    return  # wait for the shrinks, up to the grace
-            request.reclaim_phase = 2  # the grace is over, or no elastic holder could shrink
-            request.reclaim_deadline = float("inf")
-        if shortfall <= request.reclaimable:
-            chosen, total = choose_victims(self._holders, request.priority, shortfall)
-            if chosen is None:
-                request.reclaimable = total
-                return
-            for holding in chosen:
-                self.stats.preemptions += 1
-                self._request_preemption(holding)
+                self._wake(request)
+        if promised > 0 and request.reclaim_phase == 1 and now < request.reclaim_deadline:
+            return  # wait for the shrinks, up to the grace
+        for holding in chosen:
+            self.stats.preemptions += 1
+            self._request_preemption(holding)
 
     def _promised(self) -> int:
         """Bytes that holders asked to shrink have yet to give back."""
@@ -150,7 +153,9 @@ class DegradeBeforePreempt:
             self._cap(holding)
             if previous is None:
                 request.shrunk.append(holding)
-            self.stats.quality_reductions += 1
+            if not holding.watchers:
+                # A watched holder's drop is counted where its watchers are told.
+                self.stats.quality_reductions += 1
         return asked
 
     def _cap(self, holding: Holding) -> None:

@@ -73,8 +73,11 @@ async def test_target_asked_for_matches_the_size_that_would_cover_the_shortfall(
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             high = await request_in_background(tg, arbiter, HIGH, 8)  # 4 GiB short
-            # min_memory maps to the floor, memory to 1.0, linear between: 16 of [4, 20].
-            assert elastic.quality == pytest.approx(LLM_FLOOR + (1 - LLM_FLOOR) * 12 / 16)
+            # min_memory maps to the floor, memory to 1.0, linear between: 16 of [4, 20]
+            # covers the shortfall. The waiting 8 GiB also count in the pressure the
+            # BACKGROUND holder sees, so its policy value may ask for a little more.
+            assert elastic.quality <= LLM_FLOOR + (1 - LLM_FLOOR) * 12 / 16 + 1e-9
+            assert elastic.quality > LLM_FLOOR
             await elastic.resize(16 * GiB)
             await anyio.wait_all_tasks_blocked()
             assert high and arbiter.stats().preemptions == 0
@@ -238,9 +241,12 @@ async def test_waiter_that_becomes_head_later_asks_then_escalates_after_the_grac
             started = anyio.current_time()
             tg.start_soon(hopeless)
             await anyio.wait_all_tasks_blocked()
-            assert elastic.quality == 1.0 and not elastic.preempted
+            # What waits above it counts in its pressure, but nobody is preempted for a
+            # request that preempting everyone could not admit.
+            assert not elastic.preempted
             high = await request_in_background(tg, arbiter, HIGH, 8)
-            assert not high and elastic.quality == 1.0  # behind the hopeless one
+            assert not high and not elastic.preempted  # behind the hopeless one
+            assert arbiter.stats().preemptions == 0
             await left.wait()
             # Once head, it asks for a shrink ...
             assert elastic.quality < 1.0 and not elastic.preempted
