@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from ._config import ArbiterConfig
-from ._quality import elastic_share_quality
+from ._quality import elastic_share_quality, size_for_quality
 from ._records import Holding, Request
 from ._stats import StatsRecorder
 from ._types import Priority
@@ -89,6 +89,7 @@ class DegradeBeforePreempt:
     _elastic: dict[Priority, dict[Holding, None]]
     _asked: dict[Holding, None]
     _floors: tuple[float, float]
+    target: Callable[[Holding], float]
     _wake: Callable[[Request], None]
     _preempt: Callable[[Holding], None]
 
@@ -136,10 +137,24 @@ class DegradeBeforePreempt:
             self._request_preemption(holding)
 
     def _promised(self) -> int:
-        """Bytes that holders asked to shrink have yet to give back."""
-        return sum(
-            max(0, holding.memory - min(holding.shrink_asks.values())) for holding in self._asked
-        )
+        """Bytes that elastic holders were asked to give back and still hold: asked by a
+        waiter (a shrink request) or by their own target (the policy's pressure fell on
+        them), preemptible or not."""
+        promised = 0
+        for elastic in self._elastic.values():
+            for holding in elastic:
+                if holding.preempt_requested:
+                    continue  # all it holds is already on its way
+                assert holding.min_memory is not None
+                size = size_for_quality(
+                    self.target(holding),
+                    holding.min_memory,
+                    holding.max_memory,
+                    self._floors[holding.diffusion],
+                )
+                if size < holding.memory:
+                    promised += holding.memory - size
+        return promised
 
     def _ask_to_shrink(self, request: Request, shortfall: int) -> int:
         """Cap the targets of elastic victims so that their shrinking covers ``shortfall``

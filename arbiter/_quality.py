@@ -75,6 +75,11 @@ def policy_target(
     """
     if policy is QualityPolicy.FIXED:
         return 1.0
+    if pressure > 1.0:
+        # More is wanted than the card holds: requests wait that cannot be admitted (or
+        # other processes took memory). Make room: every elastic holder that sees it
+        # falls to the size that brings its pressure back to 1.0.
+        return floor
     excess = _excess(pressure, threshold)
     if excess == 0.0:
         return 1.0
