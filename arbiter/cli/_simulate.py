@@ -86,9 +86,7 @@ class _VirtualSelector(selectors.BaseSelector):
         self._loop = loop
         self._keys: dict[int, selectors.SelectorKey] = {}
 
-    def register(
-        self, fileobj: Any, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         key = selectors.SelectorKey(fileobj, fd, events, data)
         self._keys[fd] = key

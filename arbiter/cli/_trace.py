@@ -176,7 +176,7 @@ def parse_trace(lines: Iterable[str], source: str = "trace", name: str | None = 
             missing key, an unknown workload or priority, or a bad number; or a trace
             with no rows, or with more than `MAX_ROWS`.
     """
-    rows = []
+    rows: list[TraceRow] = []
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
