@@ -377,10 +377,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 else None
             )
         self.stats.observe(now, pressure, llm, diffusion)
-        if self._watched:
-            for holding in self._watched:
-                if self._retarget(holding):
-                    self._quality_changed(holding)
+        self._retarget_all()
 
     def check_invariants(self) -> None:
         """Assert the invariants written at the top of this module (for tests)."""

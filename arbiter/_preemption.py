@@ -168,9 +168,7 @@ class DegradeBeforePreempt:
             self._cap(holding)
             if previous is None:
                 request.shrunk.append(holding)
-            if not holding.watchers:
-                # A watched holder's drop is counted where its watchers are told.
-                self.stats.quality_reductions += 1
+            # The drop it causes is counted where targets are recomputed (`_retarget`).
         return asked
 
     def _cap(self, holding: Holding) -> None:

@@ -75,7 +75,7 @@ def policy_target(
     """
     if policy is QualityPolicy.FIXED:
         return 1.0
-    if pressure > 1.0:
+    if pressure > 1.0 and policy is QualityPolicy.ADAPTIVE:
         # More is wanted than the card holds: requests wait that cannot be admitted (or
         # other processes took memory). Make room: every elastic holder that sees it
         # falls to the size that brings its pressure back to 1.0.

@@ -17,6 +17,8 @@ the share of memory it holds or could grow into. Three rules shape what it sees:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ._quality import QualityPolicy, elastic_share_quality, policy_target, size_for_quality
 from ._records import FamilyTally, Holding
 from ._stats import StatsRecorder
@@ -42,6 +44,9 @@ class QualityTargets:
     _threshold: float
     _floors: tuple[float, float]
     _families: tuple[FamilyTally, FamilyTally]
+    _watched: dict[Holding, None]
+    _elastic: dict[Priority, dict[Holding, None]]
+    _quality_changed: Callable[[Holding], None]
 
     def floor(self, holding: Holding) -> float:
         """The lowest quality target of ``holding``'s family."""
@@ -96,6 +101,17 @@ class QualityTargets:
 
     def _alone(self) -> bool:
         return not self.waiting and self._families[0].count + self._families[1].count == 1
+
+    def _retarget_all(self) -> None:
+        """Tell watchers whose target moved; count every drop that asks an elastic
+        holder to shrink, watched or not (an unwatched one reads ``quality``)."""
+        for holding in self._watched:
+            if self._retarget(holding):
+                self._quality_changed(holding)
+        for elastic in self._elastic.values():
+            for holding in elastic:
+                if not holding.watchers:
+                    self._retarget(holding)
 
     def _retarget(self, holding: Holding) -> bool:
         """Recompute a watched holding's target; True when it changed. A drop that asks

@@ -257,12 +257,16 @@ async def test_recommended_quality_follows_the_policy_at_the_current_pressure() 
             (IMAGE, config.diffusion_min_quality),
         ):
             # A request above NORMAL does not see the NORMAL holder (no priority inversion).
-            expected = 1.0 if priority > Priority.NORMAL else policy_target(
-                QualityPolicy.ADAPTIVE,
-                priority,
-                pressure,
-                threshold=config.pressure_threshold,
-                floor=floor,
+            expected = (
+                1.0
+                if priority > Priority.NORMAL
+                else policy_target(
+                    QualityPolicy.ADAPTIVE,
+                    priority,
+                    pressure,
+                    threshold=config.pressure_threshold,
+                    floor=floor,
+                )
             )
             assert arbiter.recommended_quality(workload, priority) == pytest.approx(expected)
     ordered = [arbiter.recommended_quality(LLM, p) for p in sorted(Priority)]
