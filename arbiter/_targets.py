@@ -19,16 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._quality import QualityPolicy, elastic_share_quality, policy_target, size_for_quality
+from ._quality import QualityPolicy, fixed_point_quality, policy_target, size_for_quality
 from ._records import FamilyTally, Holding
 from ._stats import StatsRecorder
-from ._types import MiB, Priority, WorkloadType
+from ._types import Priority, WorkloadType
 
 __all__ = ["QualityTargets"]
-
-# The crossing of an elastic holder's share and its policy value is found to this many
-# bytes: far below any size a server would resize by.
-_CROSSING_RESOLUTION = MiB
 
 
 class QualityTargets:
@@ -130,38 +126,31 @@ class QualityTargets:
 
     def _elastic_target(self, holding: Holding, others: int) -> float:
         """The best quality an elastic holder can run at, given that ``others`` bytes
-        count in its pressure besides its own.
-
-        At size m it reaches ``share(m)`` (rising with m) and its policy allows
-        ``policy(others + m)`` (falling with m); the target is the largest of
-        ``min(share(m), policy(others + m))`` over the sizes it could hold, which is
-        where the two cross. None of it depends on its current size.
-        """
+        count in its pressure besides its own (see `fixed_point_quality`): where its
+        share and its policy value cross, over the sizes it could hold (what it holds
+        plus free memory, which its own resizing leaves unchanged)."""
         assert holding.min_memory is not None
-        smallest = low = holding.min_memory
+        low = holding.min_memory
         free = self.budget - self.granted - self.external
         high = max(low, min(holding.max_memory, holding.memory + free))
-        floor = self._floors[holding.diffusion]
         diffusion, priority = holding.diffusion, holding.priority
-
-        def share(size: int) -> float:
-            return elastic_share_quality(size, smallest, holding.max_memory, floor)
-
-        def allowed(size: int) -> float:
-            return self._policy_at(diffusion, priority, others + size, size - holding.memory)
-
-        if share(high) <= allowed(high):
-            return share(high)
-        if allowed(low) <= share(low):
-            return max(floor, allowed(low))
-        # share(low) < allowed(low) and share(high) > allowed(high): bisect the crossing.
-        while high - low > _CROSSING_RESOLUTION:
-            middle = (low + high) // 2
-            if share(middle) <= allowed(middle):
-                low = middle
-            else:
-                high = middle
-        return share(low)
+        mine = other_family = 0
+        if self._policy is QualityPolicy.PROPORTIONAL:
+            mine = sum(self._families[diffusion].at[priority:]) - holding.memory
+            other_family = sum(self._families[not diffusion].at[priority:])
+        return fixed_point_quality(
+            self._policy,
+            priority,
+            threshold=self._threshold,
+            floor=self._floors[diffusion],
+            budget=self.budget,
+            others=others,
+            low=low,
+            high=high,
+            max_memory=holding.max_memory,
+            mine=mine,
+            other_family=other_family,
+        )
 
     def _policy_at(self, diffusion: bool, priority: Priority, seen: int, extra: int) -> float:
         """The policy value at ``seen`` bytes of pressure for a holder of ``priority``;

@@ -20,7 +20,7 @@ The model (numbers a reader can check against their own deployment):
   context plus generated tokens for as long as it runs: prefill at 4,000 tokens/s,
   then decode at 40 tokens/s per sequence (a batched server on one card); a user
   gives up after 30 s of waiting. Mooncake's requests are 7k-token contexts served
-  by a fleet: one card gets every 4th request.
+  by a fleet: one card gets every 8th request.
 * Diffusion server: an SDXL-class pipeline of 7 GiB (UNet, two text encoders, VAE in
   fp16), resident, ``NORMAL``, ``preemptible: false``, ``resumable``.
 * A request of the diffusion trace (text-to-image, image-to-image, inpainting) is a
@@ -56,7 +56,7 @@ DIFFUSION_WEIGHTS_GB = 7.0
 IMAGE_ACTIVATION_GB = 1.0
 LORA_GB = 0.25
 IMAGE_TIMEOUT_S = 300.0
-MOONCAKE_SHARE = 4  # one card of the fleet: every 4th request
+MOONCAKE_SHARE = 8  # one card of the fleet: every 8th request
 HOUR = 3600.0
 
 LLM_TRACES = {
