@@ -333,12 +333,12 @@ class _Run:
         if wanted < alloc.memory:
             await alloc.resize(wanted)
         elif wanted - alloc.memory >= _RESIZE_STEP:
-            # Grow only into memory that is free now, and only when the arbiter grants it
-            # at once (timeout 0): it queues at the holder's priority, so it takes no
-            # memory a request of its own or a higher priority waits for, and it never
-            # makes the arbiter preempt (or wait) for its comfort.
-            size = min(wanted, alloc.memory + self.arbiter.state().vram_available)
-            if size - alloc.memory < _RESIZE_STEP:
+            # Grow only into memory that is free now while nobody waits: a holder that
+            # behaves well takes no memory another request is queued for, and never makes
+            # the arbiter preempt (or wait) for its comfort.
+            state = self.arbiter.state()
+            size = min(wanted, alloc.memory + state.vram_available)
+            if state.waiting or size - alloc.memory < _RESIZE_STEP:
                 return
             try:
                 await alloc.resize(size, timeout=0)
