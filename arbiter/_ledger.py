@@ -66,6 +66,8 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self.external = 0
         self.on_the_way = 0
         self.waiting = 0
+        # Smallest sizes of the waiting requests, per priority value (for quality targets).
+        self.waiting_at = [0] * len(Priority)
         self.stats = StatsRecorder()
         self._wake = wake
         self._preempt = preempt
@@ -134,6 +136,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             request.holding.growing.append(request)
         self._queues[request.priority][request] = None
         self.waiting += 1
+        self.waiting_at[request.priority] += request.min_size
         self._dispatch(now)
         return request.state is GRANTED
 
@@ -179,6 +182,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 failed.append(request)
             queue.clear()
         self.waiting = 0
+        self.waiting_at = [0] * len(Priority)
         for request in failed:
             self._wake(request)
         self._refresh(now)
@@ -208,6 +212,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self.granted -= memory
         family = self._families[holding.diffusion]
         family.granted -= memory
+        family.at[holding.priority] -= memory
         family.count -= 1
         holding.memory = 0
         del self._holders[holding.priority][holding]
@@ -236,6 +241,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
     def _dequeue(self, request: Request) -> None:
         del self._queues[request.priority][request]
         self.waiting -= 1
+        self.waiting_at[request.priority] -= request.min_size
 
     def shrink(self, holding: Holding, size: int, now: float) -> None:
         """Lower ``holding`` to ``size`` bytes at once, waking whoever now fits."""
@@ -245,6 +251,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         holding.memory -= amount
         self.granted -= amount
         self._families[holding.diffusion].granted -= amount
+        self._families[holding.diffusion].at[holding.priority] -= amount
         if holding.preempt_requested:
             self.on_the_way -= amount
         self._dispatch(now)
@@ -324,6 +331,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 self.on_the_way += size
             self.granted += size
             self._families[holding.diffusion].granted += size
+            self._families[holding.diffusion].at[holding.priority] += size
             holding.memory += size
             request.max_before = holding.max_memory
             if holding.memory > holding.max_memory:
@@ -341,6 +349,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self.granted += size
         family = self._families[holding.diffusion]
         family.granted += size
+        family.at[holding.priority] += size
         family.count += 1
         holding.memory = size
         holding.granted_seq = next(self._seq)
@@ -368,12 +377,7 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 else None
             )
         self.stats.observe(now, pressure, llm, diffusion)
-        if self._watched:
-            for holding in self._watched:
-                quality = self.target(holding)
-                if quality != holding.notified_quality:
-                    holding.notified_quality = quality
-                    self._quality_changed(holding)
+        self._retarget_all()
 
     def check_invariants(self) -> None:
         """Assert the invariants written at the top of this module (for tests)."""
@@ -382,6 +386,11 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         assert self.on_the_way == sum(h.memory for h in live if h.preempt_requested)
         assert self.waiting == sum(len(q) for q in self._queues.values())
         assert all(r.state is WAITING for q in self._queues.values() for r in q)
+        for family in self._families:
+            assert sum(family.at) == family.granted, "per-priority tallies drift"
+        assert self.waiting_at == [sum(r.min_size for r in self._queues[p]) for p in Priority], (
+            "waiting bytes drift"
+        )
         head = self.head()
         if head is not None:
             assert self._fit(head) is None, "the head fits but was left waiting"

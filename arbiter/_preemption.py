@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from ._config import ArbiterConfig
-from ._quality import elastic_share_quality
+from ._quality import elastic_share_quality, size_for_quality
 from ._records import Holding, Request
 from ._stats import StatsRecorder
 from ._types import Priority
@@ -89,54 +89,72 @@ class DegradeBeforePreempt:
     _elastic: dict[Priority, dict[Holding, None]]
     _asked: dict[Holding, None]
     _floors: tuple[float, float]
+    target: Callable[[Holding], float]
     _wake: Callable[[Request], None]
     _preempt: Callable[[Holding], None]
 
     def _reclaim_for(self, request: Request, now: float) -> None:
         """Degrade before preempt, for the head of the queue that does not fit.
 
-        Phase 1 asks elastic victims to shrink (on top of what other waiters asked:
-        whatever they free goes to the head) and waits up to the grace; phase 2
-        preempts victims until enough will be freed, counting no promised shrink.
+        Whenever the situation changes (a first look, a holder leaving, more external
+        use) it starts over in DESIGN's order: when preempting every candidate could
+        not cover the shortfall, it harms no one; else it first asks elastic victims to
+        shrink (on top of what other waiters asked: whatever they free goes to the
+        head), and each new ask starts a fresh grace; only once the grace has passed,
+        or when no elastic holder has anything to give, does it preempt victims until
+        enough will be freed, counting no promised shrink.
         """
         shortfall = request.min_size - (self.budget - self.granted - self.external)
         shortfall -= self.on_the_way
-        if shortfall <= 0 or not request.may_reclaim:
+        if shortfall <= 0 or not request.may_reclaim or shortfall > request.reclaimable:
             return
+        chosen, total = choose_victims(self._holders, request.priority, shortfall)
+        if chosen is None:
+            # While it is head no victim can appear or grow, so a shortfall above this
+            # needs no new scan.
+            request.reclaimable = total
+            return  # even preempting everyone allowed would not be enough: harm no one
         grace = self.config.reclaim_grace
-        if request.reclaim_phase == 0:
-            chosen, total = choose_victims(self._holders, request.priority, shortfall)
-            if chosen is None:
-                request.reclaim_phase = 2
-                request.reclaimable = total
-                return  # even preempting everyone allowed would not be enough: harm no one
+        promised = self._promised()
+        if promised < shortfall:
+            asked = self._ask_to_shrink(request, shortfall - promised)
+            if asked > 0:
+                promised += asked
+                request.reclaim_phase = 1
+                request.reclaim_deadline = now + grace  # a new ask: a fresh grace
+                if grace > 0:
+                    self._wake(request)  # it re-parks with the grace as its next deadline
+        if promised > 0 and request.reclaim_phase == 0:
+            # Others' promised shrinks may cover it: wait for them, up to the grace.
             request.reclaim_phase = 1
             request.reclaim_deadline = now + grace
             if grace > 0:
-                self._wake(request)  # it re-parks with the grace as its next deadline
-        if request.reclaim_phase == 1:
-            if now < request.reclaim_deadline:
-                promised = self._promised()
-                if promised < shortfall:
-                    promised += self._ask_to_shrink(request, shortfall - promised)
-                if promised > 0:
-                    return  # wait for the shrinks, up to the grace
-            request.reclaim_phase = 2  # the grace is over, or no elastic holder could shrink
-            request.reclaim_deadline = float("inf")
-        if shortfall <= request.reclaimable:
-            chosen, total = choose_victims(self._holders, request.priority, shortfall)
-            if chosen is None:
-                request.reclaimable = total
-                return
-            for holding in chosen:
-                self.stats.preemptions += 1
-                self._request_preemption(holding)
+                self._wake(request)
+        if promised > 0 and request.reclaim_phase == 1 and now < request.reclaim_deadline:
+            return  # wait for the shrinks, up to the grace
+        for holding in chosen:
+            self.stats.preemptions += 1
+            self._request_preemption(holding)
 
     def _promised(self) -> int:
-        """Bytes that holders asked to shrink have yet to give back."""
-        return sum(
-            max(0, holding.memory - min(holding.shrink_asks.values())) for holding in self._asked
-        )
+        """Bytes that elastic holders were asked to give back and still hold: asked by a
+        waiter (a shrink request) or by their own target (the policy's pressure fell on
+        them), preemptible or not."""
+        promised = 0
+        for elastic in self._elastic.values():
+            for holding in elastic:
+                if holding.preempt_requested:
+                    continue  # all it holds is already on its way
+                assert holding.min_memory is not None
+                size = size_for_quality(
+                    self.target(holding),
+                    holding.min_memory,
+                    holding.max_memory,
+                    self._floors[holding.diffusion],
+                )
+                if size < holding.memory:
+                    promised += holding.memory - size
+        return promised
 
     def _ask_to_shrink(self, request: Request, shortfall: int) -> int:
         """Cap the targets of elastic victims so that their shrinking covers ``shortfall``
@@ -150,7 +168,7 @@ class DegradeBeforePreempt:
             self._cap(holding)
             if previous is None:
                 request.shrunk.append(holding)
-            self.stats.quality_reductions += 1
+            # The drop it causes is counted where targets are recomputed (`_retarget`).
         return asked
 
     def _cap(self, holding: Holding) -> None:

@@ -12,12 +12,19 @@ Whatever the policy, three properties hold (and are tested with hypothesis):
 
 from __future__ import annotations
 
+import functools
 import math
 from enum import StrEnum
 
 from ._types import Priority
 
-__all__ = ["QualityPolicy", "elastic_share_quality", "policy_target", "size_for_quality"]
+__all__ = [
+    "QualityPolicy",
+    "elastic_share_quality",
+    "fixed_point_quality",
+    "policy_target",
+    "size_for_quality",
+]
 
 
 class QualityPolicy(StrEnum):
@@ -75,6 +82,11 @@ def policy_target(
     """
     if policy is QualityPolicy.FIXED:
         return 1.0
+    if pressure > 1.0 and policy is QualityPolicy.ADAPTIVE:
+        # More is wanted than the card holds: requests wait that cannot be admitted (or
+        # other processes took memory). Make room: every elastic holder that sees it
+        # falls to the size that brings its pressure back to 1.0.
+        return floor
     excess = _excess(pressure, threshold)
     if excess == 0.0:
         return 1.0
@@ -108,3 +120,85 @@ def size_for_quality(quality: float, min_memory: int, max_memory: int, floor: fl
     # Float error in the round trip is ~1e-16 of the span per step: far below a byte.
     size = min_memory + math.ceil(exact - max(1e-6, span * 1e-13))
     return max(min_memory, min(max_memory, size))
+
+
+# The crossing of an elastic holder's share and its policy value is found to this many
+# bytes: far below any size a server would resize by.
+_CROSSING_RESOLUTION = 1 << 20
+
+
+@functools.lru_cache(maxsize=4096)  # the same inputs recur at every refresh of the ledger
+def fixed_point_quality(
+    policy: QualityPolicy,
+    priority: Priority,
+    *,
+    threshold: float,
+    floor: float,
+    budget: int,
+    others: int,
+    low: int,
+    high: int,
+    max_memory: int,
+    mine: int = 0,
+    other_family: int = 0,
+) -> float:
+    """The best quality an elastic holder of ``[low, max_memory]`` bytes can run at when
+    ``others`` bytes count in its pressure besides its own and it can hold at most
+    ``high``: the largest ``min(share(m), policy((others + m) / budget))`` over ``m`` in
+    ``[low, high]``, where its share rises with m and its policy value falls.
+
+    ``mine`` and ``other_family`` are the bytes of its own family (besides its own) and
+    of the other family that its ``PROPORTIONAL`` share counts. The answer depends on
+    neither its current size nor anything it changes by resizing: a holder that follows
+    it gets there in one step and stays.
+    """
+    smallest = low
+
+    def share(size: int) -> float:
+        return elastic_share_quality(size, smallest, max_memory, floor)
+
+    def allowed(size: int) -> float:
+        family = 1.0
+        if other_family:
+            family = (mine + size) / (mine + size + other_family)
+        return policy_target(
+            policy,
+            priority,
+            (others + size) / budget,
+            threshold=threshold,
+            floor=floor,
+            family_share=family,
+        )
+
+    if policy is QualityPolicy.ADAPTIVE:
+        # The same as `policy_target`, inlined: this loop is the ledger's hottest code.
+        exponent, reach = _FALL[priority]
+        start, full, width = threshold * budget, float(budget), (1.0 - threshold) * budget
+        fall = (1.0 - floor) * reach
+
+        def allowed(size: int) -> float:
+            used = others + size
+            if used / budget < threshold:
+                return 1.0
+            if used > full:
+                return floor
+            excess = 1.0 if width <= 0 else min(1.0, (used - start) / width)
+            drop: float = fall * excess**exponent
+            return max(floor, 1.0 - drop)
+
+    if share(high) <= allowed(high):
+        return share(high)
+    if allowed(low) <= share(low):
+        return max(floor, allowed(low))
+    # share(low) < allowed(low), share(high) > allowed(high): bisect for the crossing.
+    # Below the threshold every policy allows 1.0: start the search there.
+    low = max(low, min(high, math.floor(threshold * budget) - others))
+    if share(low) > allowed(low):
+        low = smallest
+    while high - low > _CROSSING_RESOLUTION:
+        middle = (low + high) // 2
+        if share(middle) <= allowed(middle):
+            low = middle
+        else:
+            high = middle
+    return share(low)

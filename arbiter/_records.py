@@ -129,8 +129,11 @@ class Request:
 class FamilyTally:
     """What one workload family (LLM or diffusion) holds, kept by the ledger."""
 
-    __slots__ = ("count", "granted")
+    __slots__ = ("at", "count", "granted")
 
     def __init__(self) -> None:
         self.granted = 0
         self.count = 0
+        # Bytes granted at each priority (indexed by its value): the pressure a holder
+        # sees counts only its own priority and above (no priority inversion).
+        self.at = [0] * len(Priority)

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import Allocation, Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
 
@@ -98,7 +99,7 @@ async def test_a_huge_timeout_means_forever() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(patient)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert arbiter.state().waiting == 1
         holder.release()
     assert got[0].memory == GiB
@@ -116,7 +117,7 @@ async def test_a_huge_default_timeout_means_forever() -> None:
                 assert alloc.memory == GiB
 
         tg.start_soon(patient)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         holder.release()
     assert arbiter.state().vram_used == 0
 
@@ -149,7 +150,7 @@ async def test_resize_with_a_huge_timeout_waits_for_the_growth() -> None:
     other = await arbiter.request_allocation(LLM, Priority.NORMAL, 9 * GiB)
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: alloc.resize(2 * GiB, timeout=HUGE))
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         assert alloc.memory == GiB
         other.release()
     assert alloc.memory == 2 * GiB

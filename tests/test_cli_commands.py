@@ -1,17 +1,24 @@
-"""The real console entry point, run as a subprocess: ``python -m arbiter ...``."""
+"""The ``arbiter`` command line: in process through ``arbiter.cli.main(argv)``, and a few
+smoke tests of the real console entry point as a subprocess (``python -m arbiter``)."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import signal
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from arbiter import ArbiterConfig
+from arbiter.cli import main
 
 pytest.importorskip("rich")
 pytest.importorskip("trio")
@@ -29,17 +36,36 @@ POLICY_KEYS = {
     "preemptions",
     "mean_quality",
     "utilization",
+    "goodput",
 }
 
 
-def arbiter(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def arbiter(*args: str | Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "arbiter", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, **env},
     )
+
+
+class Done:
+    """What an in-process run of `main` returned and printed."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Done]:
+    def run(*args: str | Path) -> Done:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Done(code, out, err)
+
+    return run
 
 
 def test_help_names_both_commands_and_every_simulate_option() -> None:
@@ -79,27 +105,32 @@ def test_detect_prints_tables() -> None:
     assert "auto_detect()" in done.stdout and "vram_budget" in done.stdout
 
 
-def test_simulate_builtin_trace_json_has_the_documented_shape() -> None:
-    done = arbiter("simulate", "--minutes", "5", "--json")
+def test_simulate_builtin_trace_json_has_the_documented_shape(cli: Callable[..., Done]) -> None:
+    done = cli("simulate", "--minutes", "5", "--json")
     assert done.returncode == 0, done.stderr
-    assert done.stderr == ""  # no progress bar: --json, and stderr is not a terminal
+    assert done.stderr == ""  # a short run prints no progress
     data = json.loads(done.stdout)
-    assert set(data) == {"vram_gb", "policies"} and data["vram_gb"] == 24.0
+    assert set(data) == {"vram_gb", "trace", "rows", "seed", "policies"}
+    assert data["vram_gb"] == 24.0 and data["trace"] == "built-in" and data["seed"] == 0
+    assert data["rows"] > 0
     assert list(data["policies"]) == ["fifo", "priority", "adaptive"]
     for figures in data["policies"].values():
         assert set(figures) == POLICY_KEYS
         assert set(figures["wait_p50_s"]) == set(figures["wait_p99_s"]) == PRIORITIES
         assert set(figures["mean_quality"]) == WORKLOADS
         assert 0.0 < figures["utilization"] <= 1.0
+        assert 0.0 < figures["goodput"] <= figures["utilization"] + 1e-9
     top = {name: p["wait_p99_s"]["user_facing"] for name, p in data["policies"].items()}
     assert top["adaptive"] <= 0.1 * top["fifo"]
 
 
-def test_simulate_hand_computed_trace() -> None:
+def test_simulate_hand_computed_trace(cli: Callable[..., Done]) -> None:
     # A background image holds 20 of 24 GiB for 100 s; a 6 GiB chat arrives at 1 s.
-    done = arbiter("simulate", "--trace", TRACES / "preempt.jsonl", "--json")
+    done = cli("simulate", "--trace", TRACES / "preempt.jsonl", "--json", "--load-gbps", "2")
     assert done.returncode == 0, done.stderr
-    policies = json.loads(done.stdout)["policies"]
+    data = json.loads(done.stdout)
+    assert data["trace"] == str(TRACES / "preempt.jsonl") and data["rows"] == 2
+    policies = data["policies"]
     assert policies["fifo"]["wait_p50_s"]["user_facing"] == pytest.approx(99.0)
     assert policies["fifo"]["preemptions"] == 0
     # adaptive preempts the image and serves the chat within the reclaim grace.
@@ -107,25 +138,104 @@ def test_simulate_hand_computed_trace() -> None:
     assert policies["adaptive"]["preemptions"] == 1
     assert all(p["completed"] == 2 for p in policies.values())
     assert set(policies["fifo"]["wait_p50_s"]) == {"user_facing", "background"}
+    # The image starts over at 6 s after a 10 s reload (20 GiB at 2 GiB/s): done at 116 s.
+    assert policies["adaptive"]["goodput"] == pytest.approx(
+        (20 * 100 + 6 * 5) / (24 * 116), abs=1e-4
+    )
 
 
-def test_simulate_report_table_and_verdict() -> None:
-    done = arbiter("simulate", "--trace", TRACES / "preempt.jsonl", "--policies", "fifo,adaptive")
+def test_simulate_reads_a_trace_from_standard_input(
+    cli: Callable[..., Done], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = (TRACES / "preempt.jsonl").read_bytes()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    done = cli("simulate", "--trace", "-", "--json", "--policies", "fifo")
     assert done.returncode == 0, done.stderr
-    assert "wait p99 user_facing (s)" in done.stdout
+    result = json.loads(done.stdout)
+    assert result["trace"] == "-" and result["rows"] == 2
+
+
+def test_same_seed_same_json_in_process(cli: Callable[..., Done]) -> None:
+    runs = {cli("simulate", "--minutes", "8", "--seed", "5", "--json").stdout for _ in range(3)}
+    assert len(runs) == 1
+    other = cli("simulate", "--minutes", "8", "--seed", "6", "--json").stdout
+    assert other not in runs and json.loads(other)["seed"] == 6
+
+
+def test_same_seed_same_json_whatever_the_hash_seed() -> None:
+    outputs = set()
+    for hash_seed in ("0", "1", "4242"):
+        done = arbiter("simulate", "--minutes", "8", "--json", PYTHONHASHSEED=hash_seed)
+        assert done.returncode == 0, done.stderr
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
+
+
+def test_simulate_report_table_and_verdict(cli: Callable[..., Done]) -> None:
+    done = cli("simulate", "--trace", TRACES / "preempt.jsonl", "--policies", "fifo,adaptive")
+    assert done.returncode == 0, done.stderr
+    assert "wait p99 user_facing (s)" in done.stdout and "goodput" in done.stdout
     assert "adaptive wins on user_facing p99 wait" in done.stdout
     assert "priority" not in done.stdout.split("Schedulers compared")[1].splitlines()[2]
 
 
-def test_simulate_plot_writes_a_png(tmp_path: Path) -> None:
+def test_simulate_plot_writes_a_png(cli: Callable[..., Done], tmp_path: Path) -> None:
     out = tmp_path / "timeline.png"
-    done = arbiter("simulate", "--trace", TRACES / "elastic.jsonl", "--plot", out, "--json")
+    done = cli("simulate", "--trace", TRACES / "elastic.jsonl", "--plot", out, "--json")
     assert done.returncode == 0, done.stderr
     json.loads(done.stdout)  # the plot leaves stdout pure JSON
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert width >= 1000 and height >= 600 and len(data) > 20_000
+
+
+def test_simulate_plot_writes_the_format_its_suffix_names(
+    cli: Callable[..., Done], tmp_path: Path
+) -> None:
+    out = tmp_path / "timeline.svg"
+    done = cli("simulate", "--trace", TRACES / "elastic.jsonl", "--plot", out, "--json")
+    assert done.returncode == 0, done.stderr
+    assert b"<svg" in out.read_bytes()[:500]
+
+
+def test_no_command_prints_the_usage(cli: Callable[..., Done]) -> None:
+    done = cli()
+    assert done.returncode == 2
+    assert "usage: arbiter" in done.stdout and "simulate" in done.stdout
+
+
+def test_ctrl_c_exits_130_with_one_line() -> None:
+    # A long run, interrupted once it is simulating (the progress line says so).
+    process = subprocess.Popen(
+        [sys.executable, "-m", "arbiter", "simulate", "--minutes", "10000", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3.0)  # imports and trace generation; one-sided: later is fine too
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert err.splitlines()[-1:] == ["arbiter: interrupted"]
+    assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_a_closed_pipe_ends_quietly(json_output: bool) -> None:
+    command = [sys.executable, "-m", "arbiter", "simulate", "--minutes", "10"]
+    if json_output:
+        command.append("--json")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.read(5)  # what `| head -c 5` reads
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) in (0, 141)
+    assert err == ""
 
 
 GOOD_ROW = {
@@ -169,23 +279,34 @@ def _row(**changes: object) -> str:
         (["simulate", "--vram-gb", "1e-12"], "--vram-gb"),
         (["simulate", "--colour"], "unrecognized arguments: --colour"),
         (["launch"], "invalid choice: 'launch'"),
-        ([], "required: COMMAND"),
         (["simulate", "--plot", "{tmp}/no/such/folder/out.png"], "cannot write plot"),
-        (["simulate", "--trace", "{tmp}/t.jsonl", "--seed", "3"], "--seed applies"),
+        (["simulate", "--plot", "{tmp}/out.jpeg2"], "--plot: must end in .png"),
+        (["simulate", "--trace", "{tmp}/t.jsonl", "--minutes", "3"], "--minutes applies"),
+        (["simulate", "--seed", "x"], "--seed: must be an integer"),
+        (["simulate", "--load-gbps", "0"], "--load-gbps"),
+        (["simulate", "--trace", _row(resumable=1)], "line 2: resumable must be true or false"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(
-    tmp_path: Path, args: list[str], expected: str
+    cli: Callable[..., Done], tmp_path: Path, args: list[str], expected: str
 ) -> None:
     argv = []
     for arg in args:
         if arg.startswith("<"):
             arg = _trace_with_line_2(tmp_path, arg[1:])
         argv.append(arg.replace("{tmp}", str(tmp_path)))
-    done = arbiter(*argv)
+    done = cli(*argv)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("arbiter: error: ")
     assert expected in lines[0]
     assert done.stdout == ""
+
+
+def test_an_empty_trace_is_bad_input(cli: Callable[..., Done], tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    done = cli("simulate", "--trace", empty)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"arbiter: error: {empty} has no rows"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 
 from arbiter import GiB, Priority, WorkloadType
+from arbiter.cli import _trace
 from arbiter.cli._trace import TraceError, builtin_trace, load_trace, parse_trace
 
 TRACES = Path(__file__).parent / "traces"
@@ -39,6 +41,38 @@ def test_a_row_reads_sizes_in_gib_and_names_as_enums() -> None:
 def test_optional_keys_default_to_not_elastic_and_no_timeout() -> None:
     (row,) = parse_trace([line()]).rows
     assert row.min_memory is None and not row.elastic and row.timeout is None
+    assert row.preemptible and not row.resumable
+
+
+def test_preemptible_and_resumable_are_read() -> None:
+    (row,) = parse_trace([line(preemptible=False, resumable=True)]).rows
+    assert not row.preemptible and row.resumable
+
+
+@pytest.mark.parametrize("key", ["preemptible", "resumable"])
+@pytest.mark.parametrize("value", [0, 1, "false", None])
+def test_preemptible_and_resumable_must_be_booleans(key: str, value: object) -> None:
+    with pytest.raises(TraceError, match=f"line 1: {key} must be true or false"):
+        parse_trace([line(**{key: value})])
+
+
+def test_a_trace_with_no_rows_is_bad_input() -> None:
+    with pytest.raises(TraceError, match=r"t\.jsonl has no rows"):
+        parse_trace(["", "  "], source="t.jsonl")
+
+
+def test_a_trace_with_too_many_rows_is_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_trace, "MAX_ROWS", 3)
+    assert len(parse_trace([line()] * 3).rows) == 3
+    with pytest.raises(TraceError, match="line 4: more than 3 rows"):
+        parse_trace([line()] * 4)
+
+
+def test_dash_reads_standard_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = (line(at=2) + "\n" + line(at=1) + "\n").encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    trace = load_trace("-")
+    assert [r.at for r in trace.rows] == [1.0, 2.0] and trace.name == "-"
 
 
 def test_rows_are_sorted_by_arrival_and_blank_lines_skipped() -> None:
@@ -80,7 +114,7 @@ def test_bad_rows_name_the_line_and_the_problem(text: str, problem: str) -> None
 def test_load_trace_reads_a_file(tmp_path: Path) -> None:
     trace = load_trace(TRACES / "preempt.jsonl")
     assert len(trace.rows) == 2 and trace.external == ()
-    assert trace.source.endswith("preempt.jsonl")
+    assert trace.source.endswith("preempt.jsonl") and trace.name == trace.source
 
 
 def test_load_trace_refuses_a_missing_or_unreadable_file(tmp_path: Path) -> None:
@@ -107,6 +141,10 @@ def test_builtin_trace_looks_like_a_shared_card() -> None:
     resident = rows[0]
     assert resident.workload is WorkloadType.LLM_INFERENCE and resident.duration == 3600
     assert (resident.memory, resident.min_memory) == (14 * GiB, 8 * GiB)
+    # The weights the chats run on: never preempted, and they keep what they did.
+    assert not resident.preemptible and resident.resumable
+    assert all(r.preemptible and not r.resumable for r in rows[1:])
+    assert trace.name == "built-in"
     chats = [r for r in rows if r.priority is Priority.USER_FACING]
     images = [r for r in rows if r.workload is WorkloadType.IMAGE_GENERATION]
     videos = [r for r in rows if r.workload is WorkloadType.VIDEO_GENERATION]

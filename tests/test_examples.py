@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from arbiter_helpers import settle
 
 from arbiter import Allocation, Arbiter, ArbiterConfig, GiB
 from arbiter.testing import FakeGpu
@@ -109,7 +110,7 @@ async def test_a_bad_body_is_400() -> None:
 async def test_a_chat_on_a_card_filled_by_another_process_is_503_with_retry_after() -> None:
     fake = FakeGpu(total=24 * GiB, external_used=24 * GiB)  # a notebook holds the whole card
     async with _client(fake) as client:
-        await anyio.wait_all_tasks_blocked()  # the poller has made its first read
+        await settle()  # the poller has made its first read
         assert (await client.get("/state")).json()["external_used"] == 24 * GiB
         response = await client.post("/chat", json={"timeout": 0.05})
         assert response.status_code == 503
@@ -124,7 +125,7 @@ async def test_a_chat_on_a_card_filled_by_another_process_is_503_with_retry_afte
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(patient_chat)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert (await client.get("/state")).json()["waiting"] == 1
             fake.external_used = 0
     assert replies[0].status_code == 200
@@ -239,7 +240,7 @@ async def test_a_client_that_leaves_while_queued_withdraws_its_request() -> None
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(leaving_client)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert served.arbiter.state().waiting == 1
             hang_up.set()
             with anyio.fail_after(1):
@@ -268,7 +269,7 @@ async def test_a_client_that_leaves_while_served_cancels_its_work() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(leaving_client)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert served.arbiter.state().vram_used == 6 * GiB
             left_at = anyio.current_time()
             hang_up.set()
@@ -383,7 +384,7 @@ async def test_too_many_waiting_requests_are_turned_away_at_once_with_retry_afte
         async with anyio.create_task_group() as tg:
             for _ in range(2):
                 tg.start_soon(patient_chat)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert served.arbiter.state().waiting == 2
             with anyio.fail_after(2):  # not after its 10 s timeout
                 shed = await served.client.post("/chat", json={"max_tokens": 1})
@@ -406,7 +407,7 @@ async def test_a_request_that_would_outwait_its_timeout_is_turned_away_at_once()
         async with anyio.create_task_group() as tg:
             for _ in range(2):
                 tg.start_soon(long_chat)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             with anyio.fail_after(0.9):  # at once, not after its 1 s timeout
                 shed = await served.client.post("/chat", json={"timeout": 1})
             _assert_error_body(shed, 503, "Overloaded")
@@ -414,7 +415,7 @@ async def test_a_request_that_would_outwait_its_timeout_is_turned_away_at_once()
             assert "expected wait" in shed.json()["detail"]
             # A patient request is still accepted.
             tg.start_soon(long_chat)
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert served.arbiter.state().waiting == 3
             tg.cancel_scope.cancel()
         holder.release()
@@ -434,9 +435,9 @@ async def test_shutdown_answers_queued_requests_503_at_once_and_lets_running_one
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(post, "running", {"memory_gb": 20, "max_tokens": 1000})  # 2 s
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             tg.start_soon(post, "queued", {"memory_gb": 8, "timeout": 30})
-            await anyio.wait_all_tasks_blocked()
+            await settle()
             assert served.arbiter.state().waiting == 1
             served.stop.set()  # the server ends the lifespan
             with anyio.fail_after(1):
@@ -467,7 +468,7 @@ async def test_sigterm_answers_queued_requests_503_and_reaches_the_servers_handl
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(queued_chat)
-                await anyio.wait_all_tasks_blocked()
+                await settle()
                 assert served.arbiter.state().waiting == 1
                 signal.raise_signal(signal.SIGTERM)
                 with anyio.fail_after(1):

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from arbiter_helpers import settle
 from structlog.testing import capture_logs
 
 from arbiter import GiB
@@ -250,7 +251,7 @@ async def test_cancellation_during_the_wait_is_prompt() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(poller.run)
         await collector.wait(lambda: len(collector.readings) == 1)
-        await anyio.wait_all_tasks_blocked()
+        await settle()
         cancelled_at = anyio.current_time()
         tg.cancel_scope.cancel()
     assert anyio.current_time() - cancelled_at < 1.0

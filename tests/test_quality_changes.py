@@ -11,7 +11,15 @@ import anyio
 import pytest
 from arbiter_helpers import settle
 
-from arbiter import Allocation, Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
+from arbiter import (
+    Allocation,
+    Arbiter,
+    ArbiterConfig,
+    GiB,
+    Priority,
+    QualityPolicy,
+    WorkloadType,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -219,3 +227,122 @@ async def test_shrink_request_lowers_the_target_and_it_comes_back() -> None:
             assert seen[-1] == 1.0 and elastic.memory == 20 * GiB
             elastic.release()
     assert seen == [1.0, seen[1], 1.0]
+
+
+# -- the Quality rules of DESIGN.md: work-conserving, no inversion, a fixed point ------
+
+
+async def test_a_lone_holder_is_at_full_quality_whatever_its_size() -> None:
+    # A lone elastic 24 GiB request on an empty 24 GiB card: all of it, at 1.0, and it is
+    # never asked to shrink, also while another process uses memory.
+    arbiter = make_arbiter()
+    alone = await arbiter.request_allocation(LLM, Priority.BACKGROUND, 24 * GiB, min_memory=6 * GiB)
+    assert alone.memory == 24 * GiB and alone.quality == 1.0
+    seen: list[float] = []
+    ended = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, alone, seen, ended)
+            await settle()
+            arbiter._ledger.set_external(8 * GiB, anyio.current_time())
+            await settle()
+            alone.release()
+    assert seen == [1.0]
+    assert arbiter.stats().quality_reductions == 0
+
+
+async def test_recommended_quality_for_the_first_request_is_full() -> None:
+    arbiter = make_arbiter()
+    for priority in Priority:
+        assert arbiter.recommended_quality(IMAGE, priority) == 1.0
+
+
+async def test_lower_priorities_filling_the_card_never_lower_a_higher_target() -> None:
+    arbiter = make_arbiter()
+    top = await arbiter.request_allocation(LLM, Priority.USER_FACING, 12 * GiB, min_memory=4 * GiB)
+    seen: list[float] = []
+    ended = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, top, seen, ended)
+            await settle()
+            fillers = [
+                await arbiter.request_allocation(IMAGE, Priority.BACKGROUND, 4 * GiB)
+                for _ in range(3)
+            ]
+            await settle()
+            assert arbiter.state().memory_pressure == 1.0
+            assert top.quality == 1.0
+            for filler in fillers:
+                filler.release()
+            top.release()
+    assert seen == [1.0]
+    assert arbiter.stats().quality_reductions == 0
+
+
+async def test_a_drop_that_asks_a_watched_holder_to_shrink_is_counted() -> None:
+    # An elastic USER_FACING holder whose own priority fills the card: its target falls
+    # and asks it to shrink; each such drop counts.
+    arbiter = make_arbiter()
+    elastic = await arbiter.request_allocation(
+        LLM, Priority.USER_FACING, 12 * GiB, min_memory=4 * GiB
+    )
+    seen: list[float] = []
+    ended = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, elastic, seen, ended)
+            await settle()
+            other = await arbiter.request_allocation(LLM, Priority.USER_FACING, 12 * GiB)
+            await settle()
+            assert seen[-1] < 1.0
+            assert elastic.memory_for_quality(seen[-1]) < elastic.memory
+            assert arbiter.stats().quality_reductions == len(seen) - 1 >= 1
+            other.release()
+            elastic.release()
+
+
+POLICIES = [QualityPolicy.ADAPTIVE, QualityPolicy.PROPORTIONAL, QualityPolicy.FIXED]
+THRESHOLDS = [0.3, 0.5, 0.85, 0.99, 1.0]
+
+
+async def follow(arbiter: Arbiter, alloc: Allocation, steps: int) -> int:
+    """Resize ``alloc`` to its target as the README's loop does until it settles;
+    the number of resizes it took (``steps`` + 1 when it never settles)."""
+    for step in range(steps + 1):
+        wanted = alloc.memory_for_quality(alloc.quality)
+        if wanted < alloc.memory:
+            await alloc.resize(wanted)
+        elif wanted > alloc.memory and arbiter.state().vram_available > 0:
+            size = min(wanted, alloc.memory + arbiter.state().vram_available)
+            if size == alloc.memory:
+                return step
+            await alloc.resize(size, timeout=0)
+        else:
+            return step
+    return steps + 1
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@pytest.mark.parametrize("others", [[], [(Priority.HIGH, 6)], [(Priority.BACKGROUND, 9)]])
+async def test_a_holder_following_its_target_settles(
+    policy: QualityPolicy, threshold: float, others: list[tuple[Priority, int]]
+) -> None:
+    config = ArbiterConfig.for_vram_gb(
+        24, pressure_threshold=threshold, quality_policy=policy, reclaim_grace=0.0
+    )
+    arbiter = Arbiter(config, probe=None)
+    rigid = [await arbiter.request_allocation(IMAGE, priority, gb * GiB) for priority, gb in others]
+    elastic = await arbiter.request_allocation(LLM, Priority.NORMAL, 24 * GiB, min_memory=2 * GiB)
+    with anyio.fail_after(5):
+        assert await follow(arbiter, elastic, 3) <= 2
+        settled = (elastic.memory, elastic.quality)
+        # Settled for good: nothing moves however often it looks again.
+        assert await follow(arbiter, elastic, 3) == 0
+        assert (elastic.memory, elastic.quality) == settled
+    if not others:
+        assert settled == (24 * GiB, 1.0)  # work-conserving
+    for alloc in rigid:
+        alloc.release()
+    elastic.release()

@@ -34,9 +34,14 @@ def test_degrade_example_shrinks_instead_of_preempting(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60
     ).stdout
-    assert "1 quality reduction, 0 preemptions" in out
-    assert "holding 10.0 GiB" in out  # shrank to make room for the 14 GiB image
-    assert out.strip().splitlines()[-2].endswith("holding 14.0 GiB")  # grew back after
+    assert out.strip().endswith(" 0 preemptions")
+    held = [
+        float(line.split("holding ")[1].split()[0])
+        for line in out.splitlines()
+        if "holding" in line
+    ]
+    assert min(held) <= 10.0  # shrank to make room for the 14 GiB image
+    assert held[-1] == 14.0  # grew back after
 
 
 def _section(title: str) -> str:

@@ -1,12 +1,14 @@
 """The ``arbiter`` command line: ``arbiter detect`` and ``arbiter simulate``.
 
 Bad input (a usage error, a missing or malformed trace, a bad size) ends with exit
-status 2 and one line on stderr, never a traceback.
+status 2 and one line on stderr, never a traceback. Ctrl-C ends with exit status 130
+and one line; a closed output pipe (``| head``) ends quietly with status 0.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from ._args import UsageError, build_parser
+from ._args import PLOT_FORMATS, UsageError, build_parser
 from ._trace import BUILTIN_MINUTES, Trace, TraceError, builtin_trace, load_trace
 
 if TYPE_CHECKING:
@@ -29,6 +31,8 @@ __all__ = ["main"]
 
 # Below this much real time a simulation shows no progress bar.
 PROGRESS_AFTER_S = 1.0
+# On a stderr that is no terminal, a line of progress this often (real seconds).
+PROGRESS_LINE_EVERY_S = 10.0
 _CLI_MODULES = {"rich", "matplotlib", "trio"}
 
 
@@ -37,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
         if args.command == "detect":
             from ._detect import run_detect
 
-            return run_detect(Console(), as_json_output=args.json)
+            return run_detect(_PipeConsole(), as_json_output=args.json)
         return _run_simulate(args)
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else 0
@@ -51,7 +58,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(f"{exc.name} is missing: pip install 'gpu-arbiter[cli]'")
     except KeyboardInterrupt:
+        print("arbiter: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away (``| head``): send what is left nowhere, so that
+    flushing at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+class _PipeConsole(Console):
+    """A rich console that lets a closed pipe reach `main` (rich would exit with 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
 
 
 def _fail(message: str) -> int:
@@ -61,12 +91,11 @@ def _fail(message: str) -> int:
 
 def _load(args: argparse.Namespace) -> Trace:
     if args.trace is not None:
-        for option in ("seed", "minutes"):
-            if getattr(args, option) is not None:
-                raise UsageError(f"--{option} applies to the built-in trace, not to --trace")
+        if args.minutes is not None:
+            raise UsageError("--minutes applies to the built-in trace, not to --trace")
         return load_trace(args.trace)
     minutes = BUILTIN_MINUTES if args.minutes is None else args.minutes
-    return builtin_trace(seed=0 if args.seed is None else args.seed, minutes=minutes)
+    return builtin_trace(seed=args.seed, minutes=minutes)
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -81,40 +110,58 @@ def _run_simulate(args: argparse.Namespace) -> int:
     trace = _load(args)
     budget = round(args.vram_gb * GiB)
     schedulers = [SCHEDULERS[name] for name in args.policies]
-    show_progress = not args.json and sys.stderr.isatty()
     results: list[SchedulerResult] = []
-    with _LazyProgress(len(trace.rows) * len(schedulers), enabled=show_progress) as bar:
+    with _LazyProgress(len(trace.rows) * len(schedulers), tty=sys.stderr.isatty()) as bar:
         for scheduler in schedulers:
             bar.describe(scheduler.name)
-            results.extend(simulate(trace, [scheduler], budget, progress=bar.advance))
+            results.extend(
+                simulate(trace, [scheduler], budget, progress=bar.advance, load_gbps=args.load_gbps)
+            )
     if args.plot is not None:
         from ._plot import write_plot
 
         try:
-            write_plot(args.plot, trace, budget, results)
+            write_plot(args.plot, trace, budget, results, format=PLOT_FORMATS[_suffix(args.plot)])
         except OSError as exc:
             raise UsageError(f"cannot write plot {args.plot}: {exc.strerror or exc}") from None
     if args.json:
-        print(json.dumps(as_json(args.vram_gb, results)))
+        print(json.dumps(as_json(args.vram_gb, trace, args.seed, results)))
+        sys.stdout.flush()  # a closed pipe raises here, inside main
         return 0
-    console = Console()
+    console = _PipeConsole()
     print_report(console, trace, args.vram_gb, results)
     if args.plot is not None:
         console.print(f"Plot written to {args.plot}")
+    sys.stdout.flush()
     return 0
 
 
+def _suffix(path: str) -> str:
+    return Path(path).suffix.lower()
+
+
 class _LazyProgress:
-    """A rich progress bar on stderr that appears only once a run has taken a second."""
+    """Progress on stderr once a run has taken a while: a rich bar on a terminal, a plain
+    line every `PROGRESS_LINE_EVERY_S` seconds otherwise (a pipe, a log file)."""
 
-    __slots__ = ("_bar", "_description", "_done", "_enabled", "_started", "_task", "_total")
+    __slots__ = (
+        "_bar",
+        "_description",
+        "_done",
+        "_last_line",
+        "_started",
+        "_task",
+        "_total",
+        "_tty",
+    )
 
-    def __init__(self, total: int, *, enabled: bool) -> None:
+    def __init__(self, total: int, *, tty: bool) -> None:
         self._total = total
-        self._enabled = enabled
+        self._tty = tty
         self._done = 0
         self._description = ""
         self._started = time.perf_counter()  # real time: the bar is for the person waiting
+        self._last_line = self._started
         self._bar: Progress | None = None
         self._task: TaskID | None = None
 
@@ -139,8 +186,20 @@ class _LazyProgress:
     def advance(self, jobs: int) -> None:
         """Count ``jobs`` more jobs as done."""
         self._done += jobs
+        if self._done % 64:
+            return  # the clock is read every 64 jobs: a job takes microseconds
+        now = time.perf_counter()
+        if not self._tty:
+            if now - self._last_line >= PROGRESS_LINE_EVERY_S:
+                self._last_line = now
+                print(
+                    f"arbiter: {self._description}: {self._done:,} of {self._total:,} jobs",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return
         if self._bar is None:
-            if not self._enabled or time.perf_counter() - self._started < PROGRESS_AFTER_S:
+            if now - self._started < PROGRESS_AFTER_S:
                 return
             self._start()
         assert self._bar is not None and self._task is not None

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import PurePath
 from typing import NoReturn
 
 from .._types import GiB
 from ._trace import BUILTIN_MINUTES, MAX_GIB, MAX_SECONDS
 
-__all__ = ["UsageError", "build_parser"]
+__all__ = ["PLOT_FORMATS", "SCHEDULER_NAMES", "UsageError", "build_parser"]
 
 SCHEDULER_NAMES = ("fifo", "priority", "adaptive")
+# What ``--plot`` can write, by the file's suffix (matplotlib's names).
+PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpg", ".jpeg": "jpg"}
 
 
 class UsageError(Exception):
@@ -51,6 +54,23 @@ def _positive_minutes(text: str) -> float:
     return value
 
 
+def _load_gbps(text: str) -> float:
+    return _positive(text, "GiB per second")
+
+
+def _plot_path(text: str) -> str:
+    if PurePath(text).suffix.lower() not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(f"must end in {', '.join(PLOT_FORMATS)}, got {text!r}")
+    return text
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def _schedulers(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",")]
     for name in names:
@@ -70,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Share one GPU between an LLM server and a diffusion server.",
     )
     parser.add_argument("--version", action="version", version=f"gpu-arbiter {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Not required: with no command, ``arbiter`` prints its usage.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     detect = commands.add_parser(
         "detect",
@@ -86,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay a workload trace (a built-in one by default) through the real "
         "Arbiter on a virtual GPU in virtual time, once per scheduler, and compare them.",
         epilog='Trace: JSON lines {"at": s, "workload": "llm_inference", "priority": '
-        '"user_facing", "memory_gb": 6, "duration": 2.5, "min_memory_gb": 3, "timeout": 30} '
-        "(min_memory_gb and timeout optional).",
+        '"user_facing", "memory_gb": 6, "duration": 2.5, "min_memory_gb": 3, "timeout": 30, '
+        '"preemptible": true, "resumable": false} (all but the first five optional).',
     )
     simulate.add_argument(
         "--vram-gb",
@@ -97,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the VRAM budget in GiB (default: 24)",
     )
     simulate.add_argument(
-        "--trace", metavar="FILE", help="a JSON-lines trace (default: the built-in trace)"
+        "--trace",
+        metavar="FILE",
+        help="a JSON-lines trace, - for standard input (default: the built-in trace)",
     )
     simulate.add_argument(
         "--policies",
@@ -106,14 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAMES",
         help="comma-separated schedulers to compare (default: fifo,priority,adaptive)",
     )
-    simulate.add_argument("--plot", metavar="PNG", help="write a timeline figure to PNG")
+    simulate.add_argument(
+        "--plot",
+        type=_plot_path,
+        metavar="PNG",
+        help="write a timeline figure (.png; also .svg, .pdf, .jpg)",
+    )
+    simulate.add_argument(
+        "--load-gbps",
+        type=_load_gbps,
+        default=4.0,
+        metavar="GBPS",
+        help="how fast a preempted job reloads its memory, GiB/s (default: 4)",
+    )
     simulate.add_argument("--json", action="store_true", help="print one JSON object")
     simulate.add_argument(
         "--seed",
-        type=int,
-        default=None,
+        type=_seed,
+        default=0,
         metavar="N",
-        help="seed of the built-in trace (default: 0)",
+        help="seed of the built-in trace and of any randomness of a run (default: 0)",
     )
     simulate.add_argument(
         "--minutes",

@@ -1,4 +1,4 @@
-"""``--plot``: per scheduler, memory in use stacked by workload, quality targets, preemptions.
+"""``--plot``: per scheduler, memory in use stacked by workload, quality as run, preemptions.
 
 matplotlib is imported here, lazily, with the Agg backend: no display is needed.
 """
@@ -95,7 +95,7 @@ def _draw_memory(
     ax.set_ylabel("memory in use (GiB)")
     ax.set_title(
         f"{result.name}: memory by workload (utilisation {result.utilization:.0%}, "
-        f"{result.preemptions} preemptions)",
+        f"goodput {result.goodput:.0%}, {result.preemptions} preemptions)",
         loc="left",
         fontsize=10,
     )
@@ -108,14 +108,20 @@ def _draw_quality(ax: Any, result: SchedulerResult, edges: list[float]) -> None:
         label = workload.value + ("" if mean is None else f" (mean {mean:.2f})")
         ax.plot(minutes, _binned(steps, edges), color=_COLOURS[workload], label=label)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("quality target")
-    ax.set_title(f"{result.name}: mean quality target of holders", loc="left", fontsize=10)
+    ax.set_ylabel("quality run at")
+    ax.set_title(f"{result.name}: mean quality that holders run at", loc="left", fontsize=10)
 
 
 def write_plot(
-    path: str | Path, trace: Trace, budget: int, results: Sequence[SchedulerResult]
+    path: str | Path,
+    trace: Trace,
+    budget: int,
+    results: Sequence[SchedulerResult],
+    *,
+    format: str = "png",
 ) -> None:
-    """Draw one row per scheduler (memory left, quality right) and save a PNG at ``path``.
+    """Draw one row per scheduler (memory left, quality right) and save it at ``path``
+    in ``format`` (``png``, ``svg``, ``pdf``, ``jpg``).
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed.
@@ -164,6 +170,6 @@ def write_plot(
             fontsize=12,
         )
         fig.tight_layout(rect=(0, 0, 1, 0.96))
-        fig.savefig(Path(path), dpi=100, format="png")
+        fig.savefig(Path(path), dpi=100, format=format)
     finally:
         plt.close(fig)

@@ -33,7 +33,7 @@ class Timeline:
     """Step functions for the plot: each list holds ``(time, value)`` from that time on.
 
     ``memory`` maps each workload to bytes granted to it; ``quality`` maps each
-    workload to the mean quality target of its holders (``None`` when none holds).
+    workload to the mean quality its holders run at (``None`` when none holds).
     """
 
     memory: dict[WorkloadType, list[tuple[float, int]]]
@@ -54,6 +54,7 @@ class SchedulerResult:
     preemptions: int
     mean_quality: dict[WorkloadType, float | None]
     utilization: float
+    goodput: float
     completed_by_priority: dict[Priority, int]
     first_arrival: float
     last_completion: float
@@ -61,15 +62,24 @@ class SchedulerResult:
 
 
 class Holding:
-    """One granted allocation as the recorder sees it: size and quality since ``since``."""
+    """One granted allocation as the recorder sees it: size and quality since ``since``.
 
-    __slots__ = ("memory", "quality", "since", "workload")
+    ``useful`` is the quality-seconds of work it has done: holding time from
+    ``useful_from`` on (before it, the job reloads what a preemption cost it), each
+    second weighted by the quality it ran at.
+    """
 
-    def __init__(self, workload: WorkloadType, memory: int, quality: float, since: float) -> None:
+    __slots__ = ("memory", "quality", "since", "useful", "useful_from", "workload")
+
+    def __init__(
+        self, workload: WorkloadType, memory: int, quality: float, since: float, useful_from: float
+    ) -> None:
         self.workload = workload
         self.memory = memory
         self.quality = quality
         self.since = since
+        self.useful_from = useful_from
+        self.useful = 0.0
 
 
 class Recorder:
@@ -79,6 +89,7 @@ class Recorder:
         "_budget",
         "_completed",
         "_first_arrival",
+        "_goodput_area",
         "_granted",
         "_granted_area",
         "_granted_since",
@@ -110,6 +121,7 @@ class Recorder:
         self._completed: dict[Priority, int] = dict.fromkeys(priorities, 0)
         self._timeouts = 0
         self._rejected = 0
+        self._goodput_area = 0.0
         self._preemptions: list[tuple[float, WorkloadType]] = []
         self._granted = 0
         self._granted_area = 0.0
@@ -132,9 +144,11 @@ class Recorder:
         """A request of the row's ``priority`` waited ``seconds`` (granted or timed out)."""
         self._waits[priority].append(max(0.0, seconds))
 
-    def completed(self, priority: Priority, now: float) -> None:
-        """A job finished its work."""
+    def completed(self, priority: Priority, now: float, memory: int, useful: float) -> None:
+        """A job of ``memory`` bytes finished its work, ``useful`` quality-seconds of it
+        kept (work lost to a preemption is not)."""
         self._completed[priority] += 1
+        self._goodput_area += memory * useful
         self._last_completion = max(self._last_completion, now)
 
     def timed_out(self) -> None:
@@ -151,9 +165,17 @@ class Recorder:
 
     # -- holdings ---------------------------------------------------------------
 
-    def grant(self, workload: WorkloadType, memory: int, quality: float, now: float) -> Holding:
-        """An allocation was granted; follow it until `release`."""
-        holding = Holding(workload, 0, quality, now)
+    def grant(
+        self,
+        workload: WorkloadType,
+        memory: int,
+        quality: float,
+        now: float,
+        useful_from: float | None = None,
+    ) -> Holding:
+        """An allocation was granted, running at ``quality``; follow it until `release`.
+        Its work counts from ``useful_from`` (default: at once)."""
+        holding = Holding(workload, 0, quality, now, now if useful_from is None else useful_from)
         self._holders[workload] += 1
         self._quality_sum[workload] += quality
         self._quality_step(workload, now)
@@ -166,7 +188,7 @@ class Recorder:
         self._set_memory(holding, memory, now)
 
     def quality(self, holding: Holding, quality: float, now: float) -> None:
-        """The allocation's quality target is now ``quality``."""
+        """The allocation now runs at ``quality``."""
         if quality == holding.quality:
             return
         self._close_quality(holding, now)
@@ -185,6 +207,9 @@ class Recorder:
     def _close_quality(self, holding: Holding, now: float) -> None:
         elapsed = max(0.0, now - holding.since)
         self._quality_area[holding.workload] += holding.quality * elapsed
+        working = now - max(holding.since, holding.useful_from)
+        if working > 0:
+            holding.useful += holding.quality * working
         self._quality_time[holding.workload] += elapsed
         holding.since = now
 
@@ -211,6 +236,7 @@ class Recorder:
             0.0, self._last_completion - self._granted_since
         )
         utilization = area / (self._budget * span) if span > 0 else 0.0
+        goodput = self._goodput_area / (self._budget * span) if span > 0 else 0.0
         mean_quality = {
             w: (self._quality_area[w] / t if (t := self._quality_time[w]) > 0 else None)
             for w in self._quality_time
@@ -225,6 +251,7 @@ class Recorder:
             preemptions=len(self._preemptions),
             mean_quality=mean_quality,
             utilization=utilization,
+            goodput=goodput,
             completed_by_priority=dict(self._completed),
             first_arrival=self._first_arrival,
             last_completion=self._last_completion,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._types import Priority
 from ._simulate import SCHEDULERS
 
 if TYPE_CHECKING:
@@ -14,21 +13,26 @@ if TYPE_CHECKING:
     from ._record import SchedulerResult
     from ._trace import Trace
 
-__all__ = ["as_json", "background_rate", "print_report", "verdict"]
+__all__ = ["as_json", "print_report", "verdict"]
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def as_json(vram_gb: float, results: Sequence[SchedulerResult]) -> dict[str, Any]:
+def as_json(
+    vram_gb: float, trace: Trace, seed: int, results: Sequence[SchedulerResult]
+) -> dict[str, Any]:
     """The ``--json`` object of DESIGN.md, with lower-case priority and workload names.
 
     A priority with no request that waited, or a workload that never held memory, maps
-    to ``null``.
+    to ``null``. It holds every figure the table shows.
     """
     return {
         "vram_gb": vram_gb,
+        "trace": trace.name,
+        "rows": len(trace.rows),
+        "seed": seed,
         "policies": {
             r.name: {
                 "wait_p50_s": {p.name.lower(): _round(s) for p, s in r.wait_p50.items()},
@@ -39,16 +43,11 @@ def as_json(vram_gb: float, results: Sequence[SchedulerResult]) -> dict[str, Any
                 "preemptions": r.preemptions,
                 "mean_quality": {w.value: _round(q) for w, q in r.mean_quality.items()},
                 "utilization": _round(r.utilization),
+                "goodput": _round(r.goodput),
             }
             for r in results
         },
     }
-
-
-def background_rate(result: SchedulerResult, priority: Priority) -> float:
-    """Jobs of ``priority`` completed per hour, from the first arrival to the last completion."""
-    span = result.last_completion - result.first_arrival
-    return result.completed_by_priority.get(priority, 0) * 3600.0 / span if span > 0 else 0.0
 
 
 def _seconds(value: float | None) -> str:
@@ -60,33 +59,24 @@ def _key(value: float | None) -> float:
 
 
 def verdict(results: Sequence[SchedulerResult]) -> str:
-    """One line: which scheduler wins on the top priority's p99 wait, and at what cost
-    to the bottom priority's throughput."""
+    """One line: which scheduler wins on the top priority's p99 wait, and the goodput
+    (useful work per budget and time) each delivered for it."""
     if not results:
         return "No scheduler was run."
     priorities = list(results[0].wait_p99)
     if not priorities:
         return "The trace has no rows."
-    top, bottom = max(priorities), min(priorities)
-    winner = min(results, key=lambda r: _key(r.wait_p99[top]))
+    top = max(priorities)
+    winner = min(results, key=lambda r: (_key(r.wait_p99[top]), -r.goodput))
     others = [r for r in results if r is not winner]
     line = f"{winner.name} wins on {top.name.lower()} p99 wait: {_seconds(winner.wait_p99[top])} s"
     if others:
         line += " against " + ", ".join(f"{r.name} {_seconds(r.wait_p99[top])} s" for r in others)
-    if bottom is top or not others:
+    if not others:
         return line + "."
-    mine = background_rate(winner, bottom)
-    best_other = max(background_rate(r, bottom) for r in others)
-    if best_other <= 0:
-        change = "no other scheduler completed any"
-    else:
-        ratio = mine / best_other - 1.0
-        change = f"{abs(ratio):.0%} {'lower' if ratio < 0 else 'higher'} than the best other"
-    return (
-        f"{line}; {bottom.name.lower()} throughput {mine:.1f} jobs/h ({change}: "
-        + ", ".join(f"{r.name} {background_rate(r, bottom):.1f}" for r in others)
-        + ")."
-    )
+    best = max(others, key=lambda r: r.goodput)
+    ratio = winner.goodput / best.goodput if best.goodput > 0 else float("inf")
+    return f"{line}; goodput {winner.goodput:.1%}, {ratio:.2f}x {best.name}'s {best.goodput:.1%}."
 
 
 def print_report(
@@ -107,8 +97,8 @@ def print_report(
         + "."
     )
     console.print(
-        "Elastic rows (adaptive) hold for duration x the quality of their first grant; "
-        "preempted jobs are re-queued at their priority and resume their remaining work."
+        "Elastic rows (adaptive) run at the quality of the memory they hold; a preempted "
+        "job is re-queued, reloads its memory and starts over (a resumable one resumes)."
     )
     table = Table(title="Schedulers compared on the same trace", title_justify="left")
     table.add_column("")
@@ -132,12 +122,6 @@ def print_report(
             *("-" if (q := r.mean_quality[workload]) is None else f"{q:.2f}" for r in results),
         )
     table.add_row("memory utilisation", *(f"{r.utilization:.1%}" for r in results))
-    bottom = min(first.completed_by_priority, default=None)
-    if bottom is not None:
-        table.add_row(
-            f"{bottom.name.lower()} jobs/h",
-            *(f"{background_rate(r, bottom):.1f}" for r in results),
-        )
-    table.add_row("last completion (min)", *(f"{r.last_completion / 60:.1f}" for r in results))
+    table.add_row("goodput", *(f"{r.goodput:.1%}" for r in results))
     console.print(table)
     console.print(verdict(results))

@@ -1,38 +1,47 @@
 """The simulation engine: replay a trace through the real `Arbiter` in virtual time.
 
-Each scheduler is a configuration of the same `Arbiter` on a `FakeGpu`, run on trio
-under ``trio.testing.MockClock(autojump_threshold=0)``: whenever every task is
-blocked the clock jumps to the next deadline, so an hour of trace runs in seconds
-and the library's own code runs unchanged.
+Each scheduler is a configuration of the same `Arbiter` on a `FakeGpu`, run on an
+asyncio loop whose clock is virtual (`VirtualTimeLoop`): whenever nothing is ready
+to run, the clock jumps to the next timer, so an hour of trace runs in seconds and
+the library's own code runs unchanged. asyncio runs ready callbacks first in, first
+out, so the same trace gives the same run, byte for byte, every time (trio shuffles
+its run queue on purpose, which made runs differ).
 
 What a simulated job does (the same for every scheduler):
 
-* at its row's ``at`` it requests its memory and records how long it waited;
-* it holds the memory for ``duration`` seconds; an elastic job (``min_memory_gb``,
-  adaptive only) holds for ``duration * quality``, the quality of its first grant,
-  since a lower quality means fewer steps or pixels (and a job keeps them once begun);
-* while it holds, an elastic job follows its quality target: it shrinks to the
+* at its row's ``at`` it requests its memory (``preemptible=False`` when the row
+  says so) and records how long it waited;
+* it holds the memory for ``duration`` seconds of work. An elastic job (adaptive
+  only) runs at the quality of the memory it holds (``min_memory`` gives the floor,
+  ``memory`` 1.0, linear between) and follows its quality target: it shrinks to the
   target's size when the target drops, and grows back with ``resize`` as far as the
-  arbiter grants at once (free memory, nobody waiting) when it rises;
-* when preempted it is re-queued at its priority and resumes the work it had left
-  (a resident model, re-granted smaller, still stays for the rest of its duration);
-  it counts as completed when it finishes, or as a timeout if a request of it waits
-  its whole ``timeout``.
+  arbiter grants at once (free memory, nobody waiting) when it rises. A job that
+  holds its full ``memory`` runs at 1.0, whatever target was announced;
+* when preempted it loses its progress (a ``resumable`` row keeps it), is re-queued
+  at its priority, and once re-granted first reloads for ``memory / load_bps``
+  seconds while holding its memory, then works on; it counts as completed when it
+  finishes, or as a timeout if a request of it waits its whole ``timeout``.
+
+``goodput`` sums quality x memory x seconds of kept work over completed jobs,
+divided by budget x span: work lost to preemption and reloads does not count.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Callable, Sequence
+import selectors
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .._arbiter import Arbiter
 from .._config import ArbiterConfig
-from .._errors import AllocationTimeout, InsufficientMemory, Preempted
-from .._types import MiB, Priority, WorkloadType
+from .._errors import AllocationTimeout, InsufficientMemory
+from .._quality import elastic_share_quality
+from .._types import GiB, MiB, Priority, WorkloadType
 from ..testing import FakeGpu
 from ._record import Holding, Recorder, SchedulerResult
 from ._trace import Trace, TraceRow
@@ -40,13 +49,84 @@ from ._trace import Trace, TraceRow
 if TYPE_CHECKING:
     from .._allocation import Allocation
 
-__all__ = ["SCHEDULERS", "Scheduler", "simulate", "simulate_scheduler"]
+__all__ = [
+    "DEFAULT_LOAD_GBPS",
+    "SCHEDULERS",
+    "Scheduler",
+    "SimulationDeadlock",
+    "VirtualTimeLoop",
+    "simulate",
+    "simulate_scheduler",
+]
 
 Progress = Callable[[int], None]
+
+# Weights come back from host RAM at this many GiB per second after a preemption.
+DEFAULT_LOAD_GBPS = 4.0
 
 # Elastic holders grow in steps of at least this much (a real server would not
 # reallocate for a few bytes of rounding); they shrink by whatever they are asked.
 _RESIZE_STEP = 64 * MiB
+
+
+# -- virtual time ----------------------------------------------------------------
+
+
+class SimulationDeadlock(RuntimeError):
+    """Every task waits for something that no timer will ever bring."""
+
+
+class _VirtualSelector(selectors.BaseSelector):
+    """A selector that never waits: a select with a timeout moves the clock instead.
+
+    The loop registers only its own self-pipe; nothing else does I/O in a simulation.
+    """
+
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        self._loop = loop
+        self._keys: dict[int, selectors.SelectorKey] = {}
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        key = selectors.SelectorKey(fileobj, fd, events, data)
+        self._keys[fd] = key
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        return self._keys.pop(fd)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:
+            raise SimulationDeadlock("every simulated task waits and no timer is due")
+        self._loop.advance(timeout)
+        return []
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self._keys
+
+    def close(self) -> None:
+        self._keys.clear()
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop whose ``time()`` is virtual: it starts at 0 and, when nothing
+    is ready, jumps to the next timer instead of sleeping."""
+
+    def __init__(self) -> None:
+        self._virtual_now = 0.0
+        super().__init__(_VirtualSelector(self))
+
+    def time(self) -> float:
+        return self._virtual_now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward (the loop's select does, when idle)."""
+        if seconds > 0:
+            self._virtual_now += seconds
+
+
+# -- schedulers ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +134,9 @@ class Scheduler:
     """A way to configure and call the same `Arbiter`.
 
     ``real_priorities``: each row at its own priority (else all at ``NORMAL``);
-    ``preemptible``: holders may be preempted (and asked to shrink);
-    ``elastic``: rows with ``min_memory_gb`` are requested elastic;
-    ``adaptive_quality``: quality targets follow memory pressure.
+    ``preemptible``: holders may be preempted (and asked to shrink), unless their row
+    says ``preemptible: false``; ``elastic``: rows with ``min_memory_gb`` are
+    requested elastic; ``adaptive_quality``: quality targets follow memory pressure.
     """
 
     name: str
@@ -86,17 +166,38 @@ SCHEDULERS: dict[str, Scheduler] = {
 }
 
 
+# -- one run ---------------------------------------------------------------------
+
+
 class _Run:
     """One scheduler's replay of one trace: the arbiter, the fake GPU and the jobs."""
 
-    __slots__ = ("arbiter", "config", "fake", "progress", "recorder", "scheduler", "start", "trace")
+    __slots__ = (
+        "arbiter",
+        "config",
+        "fake",
+        "floors",
+        "load_bps",
+        "progress",
+        "recorder",
+        "scheduler",
+        "start",
+        "trace",
+    )
 
     def __init__(
-        self, trace: Trace, scheduler: Scheduler, budget: int, progress: Progress | None
+        self,
+        trace: Trace,
+        scheduler: Scheduler,
+        budget: int,
+        progress: Progress | None,
+        load_gbps: float,
     ) -> None:
         self.trace = trace
         self.scheduler = scheduler
         self.config = scheduler.config(budget)
+        self.floors = (self.config.llm_min_quality, self.config.diffusion_min_quality)
+        self.load_bps = load_gbps * GiB
         self.fake = FakeGpu(budget)
         self.arbiter = Arbiter(self.config, probe=self.fake)
         self.recorder = Recorder(
@@ -138,88 +239,91 @@ class _Run:
         scheduler, recorder = self.scheduler, self.recorder
         priority = row.priority if scheduler.real_priorities else Priority.NORMAL
         min_memory = row.min_memory if scheduler.elastic and row.elastic else None
-        # Seconds of holding the job needs, fixed at its first grant (a render keeps the
-        # steps and pixels it started with), and seconds it has held so far.
-        work: float | None = None
-        done = 0.0
+        preemptible = scheduler.preemptible and row.preemptible
+        done = 0.0  # seconds of work kept
+        useful = 0.0  # quality-seconds of the work kept
+        reload = 0.0  # the first grant finds its weights where the trace says they are
         while True:
             asked = self.now()
-            holding: Holding | None = None
-            granted = 0.0
             try:
-                async with self.arbiter.allocate(
+                alloc = await self.arbiter.request_allocation(
                     row.workload,
                     priority,
-                    memory=row.memory,
+                    row.memory,
                     min_memory=min_memory,
                     timeout=row.timeout,
-                    preemptible=scheduler.preemptible,
-                    label=f"line {row.line}",
-                ) as alloc:
-                    granted = self.now()
-                    recorder.waited(row.priority, granted - asked)
-                    holding = recorder.grant(row.workload, alloc.memory, alloc.quality, granted)
-                    if work is None:
-                        # Lower quality means fewer steps or pixels: less time.
-                        scale = alloc.quality if min_memory is not None else 1.0
-                        work = row.duration * scale
-                    elastic = None if min_memory is None else (min_memory, row.memory)
-                    await self._hold(alloc, holding, elastic, max(0.0, work - done))
-            except Preempted:
-                assert holding is not None
-                now = self.now()
-                recorder.release(holding, now)
-                recorder.preempted(row.workload, now)
-                done += now - granted
-                continue  # re-queued at its priority; it resumes where it was cut
+                    preemptible=preemptible,
+                )
             except AllocationTimeout:
-                if holding is not None:
-                    raise  # only the request itself waits with a timeout
                 recorder.waited(row.priority, self.now() - asked)
                 recorder.timed_out()
                 return
             except InsufficientMemory:
-                if holding is not None:
-                    raise
                 recorder.rejected()
                 return
-            assert holding is not None
+            granted = self.now()
+            recorder.waited(row.priority, granted - asked)
+            holding = recorder.grant(
+                row.workload, alloc.memory, self._quality(alloc), granted, granted + reload
+            )
+            try:
+                seconds = reload + row.duration - done
+                if min_memory is not None:
+                    finished = await self._hold_elastic(alloc, holding, seconds)
+                elif preemptible:
+                    with anyio.move_on_after(seconds):
+                        await alloc.wait_preempted()
+                    finished = not alloc.preempted
+                else:
+                    await anyio.sleep(seconds)
+                    finished = True
+            finally:
+                alloc.release()
             now = self.now()
             recorder.release(holding, now)
-            recorder.completed(row.priority, now)
-            return
+            if finished:
+                recorder.completed(row.priority, now, row.memory, useful + holding.useful)
+                return
+            recorder.preempted(row.workload, now)
+            if row.resumable:
+                done += max(0.0, now - (granted + reload))
+                useful += holding.useful
+            else:
+                done = useful = 0.0
+            reload = row.memory / self.load_bps
 
-    async def _hold(
-        self, alloc: Allocation, holding: Holding, elastic: tuple[int, int] | None, seconds: float
-    ) -> None:
+    def _quality(self, alloc: Allocation) -> float:
+        """The quality ``alloc`` runs at: that of the memory it holds."""
+        if alloc.min_memory is None:
+            return 1.0
+        floor = self.floors[alloc.workload is not WorkloadType.LLM_INFERENCE]
+        return elastic_share_quality(alloc.memory, alloc.min_memory, alloc.max_memory, floor)
+
+    async def _hold_elastic(self, alloc: Allocation, holding: Holding, seconds: float) -> bool:
+        """Hold for ``seconds`` while following the quality target; False if preempted."""
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._follow_quality, alloc, holding, elastic)
-            await anyio.sleep(seconds)
+            tg.start_soon(self._follow_quality, alloc, holding)
+            with anyio.move_on_after(seconds):
+                await alloc.wait_preempted()
             tg.cancel_scope.cancel()
+        return not alloc.preempted
 
-    async def _follow_quality(
-        self, alloc: Allocation, holding: Holding, elastic: tuple[int, int] | None
-    ) -> None:
-        """Record each quality target; an elastic holder also resizes to match it.
+    async def _follow_quality(self, alloc: Allocation, holding: Holding) -> None:
+        """Resize to match each quality target.
 
-        While an elastic holder is below its target's size it retries growing every
-        ``poll_interval``, since the memory it was waiting for frees without a new target.
+        While the holder is below its target's size it retries growing every
+        ``poll_interval``, since the memory it waits for frees without a new target.
         """
         changes = alloc.quality_changes()
         try:
             while True:
-                below = (
-                    elastic is not None
-                    and alloc.memory_for_quality(alloc.quality) - alloc.memory >= _RESIZE_STEP
-                )
+                below = alloc.memory_for_quality(alloc.quality) - alloc.memory >= _RESIZE_STEP
                 with anyio.move_on_after(self.config.poll_interval if below else math.inf):
                     try:
-                        quality = await changes.__anext__()
+                        await changes.__anext__()
                     except StopAsyncIteration:
                         return
-                    self.recorder.quality(holding, quality, self.now())
-                if elastic is not None:
-                    await self._fit(alloc, holding)
+                await self._fit(alloc, holding)
         finally:
             with anyio.CancelScope(shield=True):
                 await changes.aclose()
@@ -242,17 +346,23 @@ class _Run:
                 return
         else:
             return
-        self.recorder.resize(holding, alloc.memory, self.now())
+        now = self.now()
+        self.recorder.resize(holding, alloc.memory, now)
+        self.recorder.quality(holding, self._quality(alloc), now)
 
 
 async def simulate_scheduler(
-    trace: Trace, scheduler: Scheduler, budget: int, progress: Progress | None = None
+    trace: Trace,
+    scheduler: Scheduler,
+    budget: int,
+    progress: Progress | None = None,
+    load_gbps: float = DEFAULT_LOAD_GBPS,
 ) -> SchedulerResult:
     """Replay ``trace`` through an `Arbiter` configured as ``scheduler`` with ``budget`` bytes.
 
     Runs in whatever clock the event loop has; `simulate` gives it a virtual one.
     """
-    return await _Run(trace, scheduler, budget, progress).run()
+    return await _Run(trace, scheduler, budget, progress, load_gbps).run()
 
 
 def simulate(
@@ -260,13 +370,16 @@ def simulate(
     schedulers: Sequence[Scheduler],
     budget: int,
     progress: Progress | None = None,
+    *,
+    load_gbps: float = DEFAULT_LOAD_GBPS,
 ) -> list[SchedulerResult]:
-    """Replay ``trace`` once per scheduler, each on trio in virtual time (a fresh clock each).
+    """Replay ``trace`` once per scheduler, each on a fresh `VirtualTimeLoop`.
 
-    ``progress`` is called with 1 each time a job of any run ends.
+    ``progress`` is called with 1 each time a job of any run ends; ``load_gbps`` is
+    how fast a preempted job reloads its memory (GiB per second).
     """
-    from trio.testing import MockClock
-
+    if not math.isfinite(load_gbps) or load_gbps <= 0:
+        raise ValueError(f"load_gbps must be a finite number > 0, got {load_gbps!r}")
     results = []
     for scheduler in schedulers:
         result = anyio.run(
@@ -275,8 +388,9 @@ def simulate(
             scheduler,
             budget,
             progress,
-            backend="trio",
-            backend_options={"clock": MockClock(autojump_threshold=0)},
+            load_gbps,
+            backend="asyncio",
+            backend_options={"loop_factory": VirtualTimeLoop},
         )
         results.append(result)
     return results

@@ -1,7 +1,9 @@
 """Workload traces: the JSON-lines format of DESIGN.md and the built-in shared-card trace.
 
 A trace row asks for memory at ``at`` seconds, holds it for ``duration`` seconds and
-may be elastic (``min_memory_gb``) or give up after ``timeout`` seconds. The format
+may be elastic (``min_memory_gb``), give up after ``timeout`` seconds, refuse to be
+preempted (``preemptible: false``, the weights the chats run on) or keep its progress
+when it is (``resumable: true``). The format
 has no row for memory used by other processes, so the built-in trace carries an
 external-use schedule beside its rows.
 """
@@ -11,14 +13,17 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .._types import GiB, Priority, WorkloadType, coerce_priority, coerce_workload
 
 __all__ = [
     "BUILTIN_MINUTES",
+    "BUILTIN_NAME",
+    "MAX_ROWS",
     "ExternalStep",
     "Trace",
     "TraceError",
@@ -30,9 +35,12 @@ __all__ = [
 
 # The built-in trace's length when none is asked for: an hour of a shared card.
 BUILTIN_MINUTES = 60.0
+BUILTIN_NAME = "built-in"
+# More rows than this is bad input: days of simulation, not a trace of one card.
+MAX_ROWS = 2_000_000
 
 _REQUIRED = ("at", "workload", "priority", "memory_gb", "duration")
-_OPTIONAL = ("min_memory_gb", "timeout")
+_OPTIONAL = ("min_memory_gb", "timeout", "preemptible", "resumable")
 
 
 class TraceError(ValueError):
@@ -51,6 +59,8 @@ class TraceRow:
     duration: float
     min_memory: int | None = None
     timeout: float | None = None
+    preemptible: bool = True
+    resumable: bool = False
 
     @property
     def elastic(self) -> bool:
@@ -73,6 +83,7 @@ class Trace:
     rows: tuple[TraceRow, ...]
     external: tuple[ExternalStep, ...] = ()
     source: str = "trace"
+    name: str = "trace"  # what ``--json`` calls it: the file as given, ``-`` or ``built-in``
 
     @property
     def first_arrival(self) -> float:
@@ -133,6 +144,12 @@ def _row(data: object, line: int) -> TraceRow:
     timeout = None
     if data.get("timeout") is not None:
         timeout = _seconds(data["timeout"], "timeout")
+    flags = {}
+    for key, default in (("preemptible", True), ("resumable", False)):
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        flags[key] = value
     workload, priority = data["workload"], data["priority"]
     if not isinstance(workload, str):
         raise ValueError(f"workload must be a string, got {workload!r}")
@@ -147,36 +164,48 @@ def _row(data: object, line: int) -> TraceRow:
         duration=_seconds(data["duration"], "duration"),
         min_memory=min_memory,
         timeout=timeout,
+        **flags,
     )
 
 
-def parse_trace(lines: Iterable[str], source: str = "trace") -> Trace:
+def parse_trace(lines: Iterable[str], source: str = "trace", name: str | None = None) -> Trace:
     """Parse JSON-lines trace text; blank lines are skipped.
 
     Raises:
         TraceError: naming ``source`` and ``line N`` for malformed JSON, an unknown or
-            missing key, an unknown workload or priority, or a bad number.
+            missing key, an unknown workload or priority, or a bad number; or a trace
+            with no rows, or with more than `MAX_ROWS`.
     """
-    rows = []
+    rows: list[TraceRow] = []
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
+        if len(rows) == MAX_ROWS:
+            raise TraceError(f"{source} line {number}: more than {MAX_ROWS:,} rows")
         try:
             rows.append(_row(json.loads(text), number))
         except json.JSONDecodeError as exc:
             raise TraceError(f"{source} line {number}: malformed JSON ({exc.msg})") from None
         except ValueError as exc:
             raise TraceError(f"{source} line {number}: {exc}") from None
+    if not rows:
+        raise TraceError(f"{source} has no rows")
     rows.sort(key=lambda row: row.at)
-    return Trace(rows=tuple(rows), source=source)
+    return Trace(rows=tuple(rows), source=source, name=source if name is None else name)
 
 
 def load_trace(path: str | Path) -> Trace:
-    """Read and parse the trace file at ``path``.
+    """Read and parse the trace file at ``path`` (``-``: standard input).
 
     Raises:
         TraceError: the file is missing or unreadable, or a line is bad (see `parse_trace`).
     """
+    if str(path) == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise TraceError("standard input is not UTF-8 text") from None
+        return parse_trace(text.splitlines(), source="standard input", name="-")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -186,7 +215,7 @@ def load_trace(path: str | Path) -> Trace:
         raise TraceError(f"trace file {path} is not UTF-8 text") from None
     except OSError as exc:
         raise TraceError(f"cannot read trace file {path}: {exc.strerror or exc}") from None
-    return parse_trace(text.splitlines(), source=str(path))
+    return parse_trace(text.splitlines(), source=str(path), name=str(path))
 
 
 def _gb(rng: random.Random, low: float, high: float) -> int:
@@ -207,7 +236,8 @@ def _poisson(rng: random.Random, mean_gap: float, start: float, end: float) -> l
 def builtin_trace(*, seed: int = 0, minutes: float = BUILTIN_MINUTES) -> Trace:
     """A shared 24 GiB card for ``minutes``, generated deterministically from ``seed``.
 
-    * a resident LLM of 14 GiB (elastic down to 8 GiB, ``HIGH``) for the whole trace;
+    * a resident LLM of 14 GiB (elastic down to 8 GiB, ``HIGH``) for the whole trace:
+      the weights and KV cache the chats run on, so not preemptible (and resumable);
     * user-facing chat requests, a Poisson process (one every 6 s on average), holding
       1-4 GiB of KV cache for 2-20 s, giving up after 30 s;
     * image generations (one every 45 s on average) of 6-10 GiB for 5-30 s at
@@ -229,7 +259,19 @@ def builtin_trace(*, seed: int = 0, minutes: float = BUILTIN_MINUTES) -> Trace:
         WorkloadType.IMAGE_GENERATION,
         WorkloadType.VIDEO_GENERATION,
     )
-    rows = [TraceRow(0, 0.0, llm, Priority.HIGH, 14 * GiB, end, min_memory=8 * GiB)]
+    rows = [
+        TraceRow(
+            0,
+            0.0,
+            llm,
+            Priority.HIGH,
+            14 * GiB,
+            end,
+            min_memory=8 * GiB,
+            preemptible=False,
+            resumable=True,
+        )
+    ]
     for at in _poisson(rng, 6.0, 1.0, end):
         duration = round(rng.uniform(2.0, 20.0), 2)
         rows.append(
@@ -253,8 +295,10 @@ def builtin_trace(*, seed: int = 0, minutes: float = BUILTIN_MINUTES) -> Trace:
         external.append(ExternalStep(at, _gb(rng, 3, 6)))
         external.append(ExternalStep(round(at + rng.uniform(60.0, 240.0), 3), 0))
     rows.sort(key=lambda row: row.at)
-    numbered = tuple(
-        TraceRow(i, r.at, r.workload, r.priority, r.memory, r.duration, r.min_memory, r.timeout)
-        for i, r in enumerate(rows, start=1)
+    numbered = tuple(replace(r, line=i) for i, r in enumerate(rows, start=1))
+    return Trace(
+        rows=numbered,
+        external=tuple(external),
+        source=f"built-in trace (seed {seed})",
+        name=BUILTIN_NAME,
     )
-    return Trace(rows=numbered, external=tuple(external), source=f"built-in (seed {seed})")
