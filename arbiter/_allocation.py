@@ -1,30 +1,57 @@
-"""The Allocation handle a holder keeps, and the async iterator of its quality targets."""
+"""The `Allocation` handle a holder keeps, and the async iterator of its quality targets.
+
+A handle is the core's ticket (its `Holding`, read but never written here) plus the
+`AllocationPort` it came from: everything it asks or changes goes through that port,
+so the same handle serves any arbiter that implements it.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from threading import Lock
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio.lowlevel
 
 from ._arguments import DEFAULT, Default, RequestArgs
-from ._backend import CancelScopeLike, LoopEntry, Parker, current_backend
+from ._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
 from ._checks import check_quality_argument
 from ._errors import Preempted
 from ._quality import size_for_quality
 from ._records import Holding
 from ._types import Priority, WorkloadType, check_memory, check_timeout
 
-if TYPE_CHECKING:
-    from ._arbiter import Arbiter
-
-__all__ = ["Allocation", "AllocationContext", "QualityChanges"]
+__all__ = ["Allocation", "AllocationContext", "AllocationPort", "QualityChanges"]
 
 
-class Allocation(Holding):
+class AllocationPort(Protocol):
+    """What a handle needs of the arbiter that granted it."""
+
+    _lock: Lock  # guards the handles' wake-up lists as well as the core
+
+    async def _admit(
+        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
+    ) -> Allocation: ...
+
+    def release_allocation(self, alloc: Allocation) -> None: ...
+
+    async def _resize(
+        self, alloc: Allocation, memory: int, timeout: float | Default | None
+    ) -> None: ...
+
+    def _quality_of(self, alloc: Allocation) -> float: ...  # the caller holds the lock
+
+    def _floor_of(self, alloc: Allocation) -> float: ...
+
+    def _set_busy(self, alloc: Allocation, busy: bool) -> None: ...
+
+    def _watch(self, alloc: Allocation, delta: int) -> None: ...
+
+
+class Allocation:
     """GPU memory granted by an `Arbiter`, held until `release`.
 
     ``memory`` is the bytes held now, ``quality`` the current quality target in
@@ -33,9 +60,10 @@ class Allocation(Holding):
     """
 
     __slots__ = (
-        "_arbiter",
+        "_holding",
         "_loop",
         "_number",
+        "_port",
         "_preempt_waiters",
         "_quality_waiters",
         "_scope",
@@ -45,20 +73,15 @@ class Allocation(Holding):
 
     def __init__(
         self,
-        arbiter: Arbiter,
+        port: AllocationPort,
+        holding: Holding,
         loop: LoopEntry,
         number: int,
-        workload: WorkloadType,
-        priority: Priority,
-        memory: int,
-        min_memory: int | None,
-        preemptible: bool,
-        keep_alive: float | None,
         label: str | None,
         created_at: float,
     ) -> None:
-        Holding.__init__(self, workload, priority, memory, min_memory, preemptible, keep_alive)
-        self._arbiter = arbiter
+        self._port = port
+        self._holding = holding  # the core's record: this handle's ticket
         self._loop = loop  # the event loop it was requested in
         self._number = number
         self.label = label
@@ -66,7 +89,7 @@ class Allocation(Holding):
         # The cancel scope of an `Arbiter.allocate` body; preemption cancels it.
         self._scope: CancelScopeLike | None = None
         # Tasks sleeping in `wait_preempted` and `quality_changes` (any loop). These
-        # three fields are guarded by the arbiter's lock.
+        # three fields are guarded by the port's lock.
         self._preempt_waiters: list[Parker] | None = None
         self._quality_waiters: list[Parker] | None = None
 
@@ -83,21 +106,57 @@ class Allocation(Holding):
         return f"alloc-{self._number}"
 
     @property
+    def workload(self) -> WorkloadType:
+        return self._holding.workload
+
+    @property
+    def priority(self) -> Priority:
+        return self._holding.priority
+
+    @property
+    def memory(self) -> int:
+        """Bytes held now (0 once released)."""
+        return self._holding.memory
+
+    @property
+    def min_memory(self) -> int | None:
+        return self._holding.min_memory
+
+    @property
+    def max_memory(self) -> int:
+        """The most this allocation has asked for: its request's ``memory``, or more
+        after growing past it."""
+        return self._holding.max_memory
+
+    @property
+    def preemptible(self) -> bool:
+        return self._holding.preemptible
+
+    @property
+    def keep_alive(self) -> float | None:
+        return self._holding.keep_alive
+
+    @property
     def quality(self) -> float:
         """The current quality target, in ``[min_quality(workload), 1.0]``; after
         `release`, the target it had when released."""
-        arbiter = self._arbiter
-        with arbiter._lock:
-            return arbiter._ledger.target(self)
+        port = self._port
+        with port._lock:
+            return port._quality_of(self)
 
     @property
     def preempted(self) -> bool:
         """True once the arbiter asked for this allocation's memory back."""
-        return self.preempt_requested
+        return self._holding.preempt_requested
+
+    @property
+    def released(self) -> bool:
+        return self._holding.released
 
     def release(self) -> None:
-        """Return the memory at once and hand it to waiters. Idempotent; never blocks."""
-        self._arbiter.release_allocation(self)
+        """Return the memory at once and hand it to waiters. Idempotent; never blocks;
+        any thread."""
+        self._port.release_allocation(self)
 
     async def resize(self, memory: int, *, timeout: float | Default | None = DEFAULT) -> None:
         """Change the held memory to ``memory`` bytes.
@@ -109,9 +168,9 @@ class Allocation(Holding):
         becomes) released.
         """
         check_memory(memory, "memory")
-        limit = self._arbiter._default_timeout if isinstance(timeout, Default) else timeout
-        limit = check_timeout(limit)
-        await self._arbiter._resize(self, memory, limit)
+        if not isinstance(timeout, Default):
+            timeout = check_timeout(timeout)
+        await self._port._resize(self, memory, timeout)
 
     def memory_for_quality(self, quality: float) -> int:
         """The bytes this allocation needs to run at ``quality``: for an elastic one,
@@ -122,10 +181,11 @@ class Allocation(Holding):
             TypeError, ValueError: ``quality`` is not a number in [0, 1].
         """
         quality = check_quality_argument(quality)
-        if self.min_memory is None:
-            return self.max_memory
-        floor = self._arbiter._ledger.floor(self)
-        return size_for_quality(quality, self.min_memory, self.max_memory, floor)
+        holding = self._holding
+        if holding.min_memory is None:
+            return holding.max_memory
+        floor = self._port._floor_of(self)
+        return size_for_quality(quality, holding.min_memory, holding.max_memory, floor)
 
     def quality_changes(self) -> QualityChanges:
         """An async iterator of quality targets: the current one first, then each change.
@@ -138,8 +198,8 @@ class Allocation(Holding):
     async def wait_preempted(self) -> None:
         """Return when preemption is requested or the allocation is released."""
         backend = current_backend()
-        with self._arbiter._lock:
-            if self.preempt_requested or self.released:
+        with self._port._lock:
+            if self.preempted or self.released:
                 parker = None
             else:
                 parker = backend.parker()
@@ -156,25 +216,24 @@ class Allocation(Holding):
     def busy(self) -> Iterator[None]:
         """Mark a working span: a busy holder is never reclaimed for keep_alive, and
         idle holders are preempted before busy ones of the same priority."""
-        self._arbiter._set_busy(self, True)
+        self._port._set_busy(self, True)
         try:
             yield
         finally:
-            self._arbiter._set_busy(self, False)
+            self._port._set_busy(self, False)
 
     async def _sleep(self, parker: Parker, waiters: list[Parker] | None) -> None:
         """Park until woken; a cancelled sleeper takes itself off ``waiters``."""
         try:
             await parker.park(math.inf)
         except BaseException:
-            with self._arbiter._lock:
+            with self._port._lock:
                 if waiters is not None and parker in waiters:
                     waiters.remove(parker)
             raise
 
-    # Hooks the arbiter calls, under its lock, when the ledger decides something
-    # about this holder. They only schedule: the body's scope is cancelled in the
-    # loop that runs it.
+    # Called by the port, under its lock, when the core decides something about this
+    # holder. They only schedule: the body's scope is cancelled in the loop that runs it.
 
     def _on_preempt(self) -> None:
         scope = self._scope
@@ -210,22 +269,22 @@ class QualityChanges:
 
     async def __anext__(self) -> float:
         alloc = self._alloc
-        arbiter = alloc._arbiter
+        port = alloc._port
         backend = current_backend()
         if self._last is None:
             await backend.checkpoint()
-            with arbiter._lock:
+            with port._lock:
                 if alloc.released:
                     raise StopAsyncIteration
                 self._watching = True
-                arbiter._ledger.watch(alloc, +1)
-                self._last = quality = arbiter._ledger.target(alloc)
+                port._watch(alloc, +1)
+                self._last = quality = port._quality_of(alloc)
             return quality
         while True:
-            with arbiter._lock:
+            with port._lock:
                 if alloc.released:
                     break
-                quality = arbiter._ledger.target(alloc)
+                quality = port._quality_of(alloc)
                 if quality != self._last:
                     self._last = quality
                     return quality
@@ -241,9 +300,9 @@ class QualityChanges:
     def _stop_watching(self) -> None:
         if self._watching:
             self._watching = False
-            arbiter = self._alloc._arbiter
-            with arbiter._lock:
-                arbiter._ledger.watch(self._alloc, -1)
+            port = self._alloc._port
+            with port._lock:
+                port._watch(self._alloc, -1)
 
     async def aclose(self) -> None:
         """Stop reading; safe to call more than once."""
@@ -257,10 +316,10 @@ class AllocationContext:
     Its body runs in a cancel scope owned by the allocation; see `Arbiter.allocate`.
     """
 
-    __slots__ = ("_alloc", "_arbiter", "_args")
+    __slots__ = ("_alloc", "_args", "_port")
 
-    def __init__(self, arbiter: Arbiter, args: RequestArgs) -> None:
-        self._arbiter = arbiter
+    def __init__(self, port: AllocationPort, args: RequestArgs) -> None:
+        self._port = port
         self._args = args
         self._alloc: Allocation | None = None
 
@@ -269,7 +328,7 @@ class AllocationContext:
             raise RuntimeError("this allocate() context was already entered")
         backend = current_backend()
         scope = backend.cancel_scope()
-        alloc = self._alloc = await self._arbiter._request(self._args, backend, scope)
+        alloc = self._alloc = await self._port._admit(self._args, backend, scope)
         scope.__enter__()
         return alloc
 
@@ -284,7 +343,7 @@ class AllocationContext:
         try:
             swallowed = alloc._scope.__exit__(exc_type, exc, tb)
         finally:
-            self._arbiter._release(alloc)
+            self._port.release_allocation(alloc)
         if alloc._scope.cancelled_caught:
             raise Preempted(f"{alloc.id} was preempted by a higher priority")
         return swallowed

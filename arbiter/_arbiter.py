@@ -1,15 +1,19 @@
-"""The async shell: argument checks, parking waiters, lifecycle, the background tasks.
+"""The async shell around the core: parking waiters, lifecycle, the background tasks.
 
-Decisions are the ledger's; this module only turns them into wake-ups, cancel
-scopes and log lines. A waiter parks on a `Parker` that the releaser wakes after
-the ledger has already handed it the memory.
+Decisions are the core's (`Ledger`); this module drives it through its port and turns
+what it reports into wake-ups, cancel scopes and log lines. A waiter parks on a
+`Parker` that the releaser wakes after the core has already handed it the memory.
 
 One arbiter may serve tasks of several event loops in several threads: every call
-into the ledger is made under ``Arbiter._lock`` (see `Ledger` for what it guards),
+into the core is made under ``Arbiter._lock`` (see `Ledger` for what it guards),
 never across an ``await``, and wake-ups reach another loop through its thread-safe
-entry. The ledger reads one clock, the arbiter's: that of the loop that entered
+entry. The core reads one clock, the arbiter's: that of the loop that entered
 ``async with arbiter``, else of the loop that last found it idle. A request's own
 timeout is measured on its own loop's clock.
+
+The core owns time: `Ledger.advance` makes every timed decision and says when it is
+next due. ``async with arbiter`` runs one timer task that calls it then; without it,
+a waiter that the core gave a reclaim deadline calls it itself.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 from collections.abc import Callable
 from itertools import count
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 import anyio
 import anyio.abc
@@ -36,10 +40,10 @@ from ._errors import (
     InsufficientQuality,
     ShuttingDown,
 )
-from ._gpu import MemoryProbe
-from ._ledger import Ledger
+from ._gpu import GpuReading, MemoryProbe
+from ._ledger import Event, Ledger, Outcome
 from ._log import debug, log
-from ._records import FAILED, GRANTED, Holding, Request
+from ._records import FAILED, GRANTED, Family, Growth, Holding, NewAllocation, Request
 from ._stats import ArbiterState, ArbiterStats
 from ._types import (
     MemoryPressure,
@@ -52,19 +56,13 @@ from ._types import (
 __all__ = ["Arbiter"]
 
 
-class _Waiter(Request):
-    """A queued request and the place its task sleeps until the ledger decides."""
-
-    __slots__ = ("parker",)
-    parker: Parker
-
-
 class Arbiter:
     """Hands out the memory of one GPU to awaiting tasks, by priority, then arrival.
 
     Build it anywhere (no event loop needed). Used without ``async with`` it is pure
     accounting; ``async with arbiter`` runs the memory-pressure poller (when a probe
-    is there) and the keep_alive timer in its own task group until ``aclose()``.
+    is there) and the core's timer (keep_alive, reclaim graces) in its own task group
+    until ``aclose()``.
 
     Args:
         config: the policy numbers; ``None`` detects the GPU (`ArbiterConfig.auto_detect`).
@@ -79,27 +77,22 @@ class Arbiter:
             config = ArbiterConfig.auto_detect()
         elif not isinstance(config, ArbiterConfig):
             raise TypeError(f"config must be an ArbiterConfig or None, got {config!r}")
-        self._config = config
-        self._default_timeout = config.allocation_timeout
-        self._ledger = Ledger(
-            config,
-            wake=self._wake,
-            preempt=self._preempt,
-            quality_changed=self._quality_changed,
-        )
         if probe is not None and not callable(getattr(probe, "read", None)):
             raise TypeError(f"probe must be a MemoryProbe (with async read()), got {probe!r}")
+        self._config = config
+        self._default_timeout = config.allocation_timeout
+        self._ledger = Ledger(config, sink=self._on_event)
         self._probe = probe
         self._owns_probe = False
         self._lock = threading.Lock()
-        self._loop: LoopEntry | None = None  # whose clock the ledger reads; see the module
+        self._loop: LoopEntry | None = None  # whose clock the core reads; see the module
         self._ids = count(1)
         self._closed = False
         self._task_group: anyio.abc.TaskGroup | None = None
         # The loop that runs the services, and how to reach it from another thread.
         self._home: LoopEntry | None = None
         self._services: anyio.CancelScope | None = None
-        self._keep_alive_changed: anyio.Event | None = None
+        self._timer_changed: anyio.Event | None = None
 
     @property
     def config(self) -> ArbiterConfig:
@@ -113,15 +106,14 @@ class Arbiter:
             f"external={ledger.external} waiting={ledger.waiting}>"
         )
 
-    # -- lifecycle -------------------------------------------------------------
+    # == lifecycle =============================================================
 
     async def __aenter__(self) -> Self:
         if self._closed:
             raise ShuttingDown("this arbiter is closed")
         if self._task_group is not None:
             raise RuntimeError("this arbiter is already running")
-        backend = current_backend()
-        self._home = self._loop = backend.loop()
+        self._home = self._loop = current_backend().loop()
         with self._lock:
             self._ledger.observe(self._home.clock())
         task_group = anyio.create_task_group()
@@ -165,13 +157,13 @@ class Arbiter:
             home.call(services.cancel)
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Run the poller and the keep_alive timer until the arbiter closes."""
-        from ._services import start_services
-
+        """Run the core's timer and, when a probe is there, the poller, until closed."""
         try:
             with anyio.CancelScope() as self._services:
                 async with anyio.create_task_group() as services:
-                    await start_services(self, services)
+                    self._timer_changed = anyio.Event()
+                    services.start_soon(self._run_timer, name="arbiter timer")
+                    await self._start_poller(services)
                     task_status.started()
         finally:
             self._services = None
@@ -180,7 +172,61 @@ class Arbiter:
                 with anyio.CancelScope(shield=True):
                     await self._probe.aclose()
 
-    # -- requesting memory -----------------------------------------------------
+    async def _run_timer(self) -> None:
+        """Call the core's `advance` whenever it says it is next due."""
+        while True:
+            # Replaced before the core is read: a change made after this read sets the
+            # new event, whichever thread makes it (see `_poke_timer`).
+            changed = self._timer_changed = anyio.Event()
+            with self._lock:
+                due = self._ledger.advance(self._now())
+            with anyio.CancelScope(deadline=math.inf if due is None else self._home_time(due)):
+                await changed.wait()
+
+    def _home_time(self, due: float) -> float:
+        """A time on the core's clock, on the clock of the loop that runs the services."""
+        home = self._home
+        assert home is not None
+        return home.clock() + (due - self._now())
+
+    def _poke_timer(self) -> None:
+        changed, home = self._timer_changed, self._home
+        if changed is not None and home is not None:
+            home.call(changed.set)
+
+    async def _start_poller(self, task_group: anyio.abc.TaskGroup) -> None:
+        probe = self._probe
+        if probe is None:
+            from ._gpu import open_default_probe
+
+            probe = await open_default_probe(self._config.device)
+            if probe is None:
+                return
+            self._probe = probe
+            self._owns_probe = True
+        from ._poller import MemoryPoller
+
+        ledger = self._ledger
+
+        def on_reading(reading: GpuReading) -> None:
+            with self._lock:
+                if reading.external is not None:
+                    external = reading.external
+                else:
+                    # No per-process figures: whatever is used beyond our grants is
+                    # someone else's (Ollama's estimate): never count on what we cannot see.
+                    external = max(0, reading.used - ledger.granted)
+                ledger.set_external(external, self._now())
+
+        poller = MemoryPoller(
+            probe,
+            interval=self._config.poll_interval,
+            max_backoff=max(self._config.poll_interval, self._config.poll_backoff_max),
+            on_reading=on_reading,
+        )
+        task_group.start_soon(poller.run, name="arbiter poller")
+
+    # == requesting memory =====================================================
 
     async def request_allocation(
         self,
@@ -212,170 +258,7 @@ class Arbiter:
             workload, priority, memory, min_memory, timeout, min_quality, preemptible,
             keep_alive, label,
         )  # fmt: skip
-        return await self._request(args, current_backend())
-
-    async def _request(
-        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
-    ) -> Allocation:
-        """Admit checked arguments: fail at once, grant at once, or wait in the queue.
-
-        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is: it checks for
-        cancellation before anything is decided; a grant at once or a failure at once
-        then yields (a grant cancelled at that yield is given back), and a wait yields
-        by parking. So a task that allocates in a loop lets the others run. ``scope``
-        (the body scope of an ``allocate()``) is registered with the grant, under the
-        same lock.
-        """
-        (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
-         label) = args  # fmt: skip
-        ledger = self._ledger
-        stats = ledger.stats
-        try:
-            await backend.checkpoint_if_cancelled()
-        except BaseException:
-            with self._lock:
-                stats.cancelled += 1
-            raise
-        smallest = memory if min_memory is None else min_memory
-        limit = self._default_timeout if isinstance(timeout, Default) else timeout
-        loop = backend.loop()
-        clock = loop.clock
-        started = clock()
-        alloc = Allocation(
-            self, loop, next(self._ids), workload, priority, memory, min_memory, preemptible,
-            keep_alive, label, started,
-        )  # fmt: skip
-        request: _Waiter | None = None
-        with self._lock:
-            refused = smallest > ledger.budget or self._closed
-            if not refused:
-                if loop is not self._loop and not ledger.waiting and not ledger.granted:
-                    self._adopt(loop)
-                now = started if loop is self._loop else self._now()
-                if min_quality is not None or not ledger.grant_now(alloc, smallest, memory, now):
-                    request = _Waiter(alloc, smallest, memory, min_quality=min_quality)
-                    request.may_reclaim = limit != 0
-                    if ledger.submit(request, now):
-                        request = None
-                    else:
-                        request.parker = backend.parker()
-                        request.parker.arm()
-                if request is None:
-                    stats.successful += 1
-                    alloc._scope = scope  # nothing can have preempted it yet
-        if refused:
-            try:
-                await backend.schedule_point()
-            except BaseException:
-                with self._lock:
-                    stats.cancelled += 1
-                raise
-            with self._lock:
-                stats.failed += 1
-            if smallest > ledger.budget:
-                raise InsufficientMemory(smallest, ledger.budget)
-            raise ShuttingDown("the arbiter is closed")
-        if request is None:
-            try:
-                await backend.schedule_point()
-            except BaseException:
-                with self._lock:
-                    ledger.release(alloc, self._now())  # the grant goes to the next waiter
-                    stats.successful -= 1
-                    stats.cancelled += 1
-                raise
-        else:
-            try:
-                await self._park(request, clock, started, limit)
-            except BaseException as exc:
-                with self._lock:
-                    if isinstance(exc, ShuttingDown | AllocationTimeout | InsufficientQuality):
-                        stats.failed += 1
-                    else:
-                        stats.cancelled += 1
-                raise
-            with self._lock:
-                stats.successful += 1
-                if scope is not None:  # a preemption from another thread sees it, or we see it
-                    alloc._scope = scope
-                    if alloc.preempt_requested:
-                        scope.cancel()
-        if keep_alive is not None:
-            self._keep_alive_touched(alloc)
-        if structlog.is_configured():
-            log.debug(
-                "allocation granted",
-                id=alloc.id,
-                workload=workload.value,
-                priority=priority.name.lower(),
-                memory=alloc.memory,
-                waited=clock() - started,
-            )
-        return alloc
-
-    async def _park(
-        self,
-        request: _Waiter,
-        clock: Callable[[], float],
-        started: float,
-        limit: float | None,
-    ) -> None:
-        """Sleep until the ledger grants ``request``; take it back on timeout or cancel.
-
-        The waiter never re-checks whether it fits: it only learns what the ledger
-        decided. It wakes by itself for its deadline (on its own loop's clock) and
-        for the end of the reclaim grace the ledger set (on the arbiter's clock).
-        """
-        ledger = self._ledger
-        parker = request.parker
-        deadline = math.inf if limit is None else started + limit
-        with self._lock:  # the ledger may already have set a reclaim deadline
-            wake_at = self._wake_at(request, deadline, clock(), self._now())
-        try:
-            while True:
-                await parker.park(wake_at)
-                with self._lock:
-                    state = request.state
-                    if state is GRANTED:
-                        return
-                    if state is FAILED:
-                        break
-                    own_now = clock()
-                    now = self._now()
-                    if own_now >= deadline:
-                        ledger.withdraw(request, now)
-                        break
-                    if request.reclaim_deadline <= now:
-                        ledger.escalate(request, now)
-                        if request.state is GRANTED:
-                            return
-                    wake_at = self._wake_at(request, deadline, own_now, now)
-                    parker.arm()
-        except BaseException:
-            with self._lock:
-                ledger.withdraw(request, self._now())  # gives back a grant that raced it
-            raise
-        if request.state is FAILED:
-            if request.grow and request.holding.released:
-                raise RuntimeError("the allocation was released while it waited to grow")
-            raise ShuttingDown("the arbiter closed while the request waited")
-        holding = request.holding
-        assert limit is not None and isinstance(holding, Allocation)
-        debug(
-            "allocation timed out",
-            id=holding.id,
-            memory=request.max_size,
-            min_memory=request.min_size,
-            priority=holding.priority.name.lower(),
-            waited=clock() - started,
-            grow=request.grow,
-        )
-        if request.best_quality is not None and request.min_quality is not None:
-            raise InsufficientQuality(request.min_quality, request.best_quality)
-        if not request.grow:  # a grow is no allocation: stats count requests only
-            with self._lock:
-                ledger.stats.timeouts += 1
-        raise AllocationTimeout(limit)
+        return await self._admit(args, current_backend())
 
     def allocate(
         self,
@@ -402,51 +285,215 @@ class Arbiter:
         )  # fmt: skip
         return AllocationContext(self, args)
 
+    async def _admit(
+        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
+    ) -> Allocation:
+        """Admit checked arguments: fail at once, grant at once, or wait in the queue.
+
+        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is: it checks for
+        cancellation before anything is decided; a grant at once or a failure at once
+        then yields (a grant cancelled at that yield is given back), and a wait yields
+        by parking. So a task that allocates in a loop lets the others run. ``scope``
+        (the body scope of an ``allocate()``) is registered with the grant, under the
+        same lock.
+        """
+        (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
+         label) = args  # fmt: skip
+        ledger = self._ledger
+        try:
+            await backend.checkpoint_if_cancelled()
+        except BaseException:
+            with self._lock:
+                ledger.count_unqueued(Outcome.CANCELLED)
+            raise
+        smallest = memory if min_memory is None else min_memory
+        limit = self._default_timeout if isinstance(timeout, Default) else timeout
+        loop = backend.loop()
+        clock = loop.clock
+        started = clock()
+        holding = Holding(workload, priority, memory, min_memory, preemptible, keep_alive, self)
+        alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
+        request: NewAllocation | None = None
+        with self._lock:
+            refused = smallest > ledger.budget or self._closed
+            if not refused:
+                if loop is not self._loop and not ledger.waiting and not ledger.granted:
+                    self._adopt(loop)
+                now = started if loop is self._loop else self._now()
+                if min_quality is not None or not ledger.grant_now(holding, smallest, memory, now):
+                    parker = backend.parker()
+                    request = NewAllocation(
+                        holding, smallest, memory, min_quality=min_quality, ticket=parker
+                    )
+                    request.may_reclaim = limit != 0
+                    if ledger.submit(request, now):
+                        request = None
+                    else:
+                        parker.arm()
+                if request is None:
+                    alloc._scope = scope  # nothing can have preempted it yet
+        if refused:
+            await self._refuse(backend)
+            if smallest > ledger.budget:
+                raise InsufficientMemory(smallest, ledger.budget)
+            raise ShuttingDown("the arbiter is closed")
+        if request is None:
+            try:
+                await backend.schedule_point()
+            except BaseException:
+                with self._lock:
+                    ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
+                raise
+        else:
+            await self._park(request, clock, started, limit)
+            if scope is not None:
+                with self._lock:  # a preemption from another thread sees it, or we see it
+                    alloc._scope = scope
+                    if holding.preempt_requested:
+                        scope.cancel()
+        if keep_alive is not None:
+            self._poke_timer()
+        if structlog.is_configured():
+            log.debug(
+                "allocation granted",
+                id=alloc.id,
+                workload=workload.value,
+                priority=priority.name.lower(),
+                memory=holding.memory,
+                waited=clock() - started,
+            )
+        return alloc
+
+    async def _refuse(self, backend: Backend) -> None:
+        """The checkpoint of a request refused at once, and its count."""
+        try:
+            await backend.schedule_point()
+        except BaseException:
+            with self._lock:
+                self._ledger.count_unqueued(Outcome.CANCELLED)
+            raise
+        with self._lock:
+            self._ledger.count_unqueued(Outcome.REFUSED)
+
+    async def _park(
+        self,
+        request: Request,
+        clock: Callable[[], float],
+        started: float,
+        limit: float | None,
+    ) -> None:
+        """Sleep until the core grants ``request``; take it back on timeout or cancel.
+
+        The waiter never re-checks whether it fits: it only learns what the core
+        decided. It wakes by itself for its deadline (on its own loop's clock) and
+        for the reclaim deadline the core set (on the arbiter's clock), when it calls
+        the core's `advance`.
+        """
+        ledger = self._ledger
+        parker = cast(Parker, request.ticket)
+        deadline = math.inf if limit is None else started + limit
+        with self._lock:  # the core may already have set a reclaim deadline
+            wake_at = self._wake_at(request, deadline, clock(), self._now())
+        try:
+            while True:
+                await parker.park(wake_at)
+                with self._lock:
+                    state = request.state
+                    if state is GRANTED or state is FAILED:
+                        break
+                    own_now = clock()
+                    now = self._now()
+                    if own_now >= deadline:
+                        quality_unmet = (
+                            request.best_quality is not None and request.min_quality is not None
+                        )
+                        ledger.withdraw(
+                            request,
+                            now,
+                            Outcome.QUALITY_UNMET if quality_unmet else Outcome.TIMED_OUT,
+                        )
+                        break
+                    if request.reclaim_deadline <= now:
+                        ledger.advance(now)
+                        if request.state is GRANTED:
+                            break
+                    wake_at = self._wake_at(request, deadline, own_now, now)
+                    parker.arm()
+        except BaseException:
+            with self._lock:  # gives back a grant that raced it
+                ledger.withdraw(request, self._now(), Outcome.CANCELLED)
+            raise
+        if request.state is GRANTED:
+            return
+        growth = type(request) is Growth
+        if request.state is FAILED:
+            if growth and request.holding.released:
+                raise RuntimeError("the allocation was released while it waited to grow")
+            raise ShuttingDown("the arbiter closed while the request waited")
+        assert limit is not None
+        holding = request.holding
+        alloc = holding.ticket
+        assert isinstance(alloc, Allocation)
+        debug(
+            "allocation timed out",
+            id=alloc.id,
+            memory=request.max_size,
+            min_memory=request.min_size,
+            priority=holding.priority.name.lower(),
+            waited=clock() - started,
+            grow=growth,
+        )
+        if request.best_quality is not None and request.min_quality is not None:
+            raise InsufficientQuality(request.min_quality, request.best_quality)
+        raise AllocationTimeout(limit)
+
     @staticmethod
     def _wake_at(request: Request, deadline: float, own_now: float, now: float) -> float:
         """When a waiter must wake by itself, on its own clock: at its deadline, or at
-        the reclaim deadline the ledger set on the arbiter's clock, if that is sooner."""
+        the reclaim deadline the core set on the arbiter's clock, if that is sooner."""
         due = request.reclaim_deadline
         if due == math.inf:
             return deadline
         return min(deadline, own_now + (due - now))
 
+    # == the handles' port (`AllocationPort`) ==================================
+
     def release_allocation(self, alloc: Allocation) -> None:
         """Return ``alloc``'s memory at once; the same as ``alloc.release()``. Any thread."""
-        if not isinstance(alloc, Allocation) or alloc._arbiter is not self:
+        if not isinstance(alloc, Allocation) or alloc._port is not self:
             raise TypeError(f"alloc must be an Allocation of this arbiter, got {alloc!r}")
-        self._release(alloc)
-
-    def _release(self, alloc: Allocation) -> None:
+        holding = alloc._holding
         with self._lock:
-            if alloc.released:
+            if holding.released:
                 return
-            memory = alloc.memory
-            self._ledger.release(alloc, self._now())
+            memory = holding.memory
+            self._ledger.release(holding, self._now())
             alloc._signal_preempt()
             alloc._signal_quality()
-        if alloc.keep_alive is not None:
-            self._keep_alive_touched(alloc)
+        if holding.keep_alive is not None:
+            self._poke_timer()
         if structlog.is_configured():
             log.debug(
                 "allocation released",
                 id=alloc.id,
-                priority=alloc.priority.name.lower(),
+                priority=holding.priority.name.lower(),
                 memory=memory,
-                preempted=alloc.preempt_requested,
+                preempted=holding.preempt_requested,
             )
 
-    async def _resize(self, alloc: Allocation, memory: int, timeout: float | None) -> None:
-        if alloc.min_memory is not None and memory < alloc.min_memory:
-            raise ValueError(f"memory must be >= min_memory ({alloc.min_memory}), got {memory}")
+    async def _resize(
+        self, alloc: Allocation, memory: int, timeout: float | Default | None
+    ) -> None:
+        holding = alloc._holding
+        if holding.min_memory is not None and memory < holding.min_memory:
+            raise ValueError(f"memory must be >= min_memory ({holding.min_memory}), got {memory}")
+        limit = self._default_timeout if isinstance(timeout, Default) else timeout
         ledger = self._ledger
         backend = current_backend()
         with self._lock:
-            if not alloc.released and memory <= alloc.memory:
-                ledger.shrink(alloc, memory, self._now())
-                shrunk = True
-            else:
-                shrunk = False
+            shrunk = not holding.released and memory <= holding.memory
+            if shrunk:
+                ledger.shrink(holding, memory, self._now())
         if shrunk:
             await backend.checkpoint()
             return
@@ -455,56 +502,56 @@ class Arbiter:
         clock = backend.loop().clock
         started = clock()
         with self._lock:
-            if alloc.released:
+            if holding.released:
                 raise RuntimeError(f"cannot resize {alloc.id}: it is released")
             if memory > ledger.budget:
                 raise InsufficientMemory(memory, ledger.budget)
             if self._closed:
                 raise ShuttingDown("the arbiter is closed")
-            delta = memory - alloc.memory
+            delta = memory - holding.memory
             if delta <= 0:  # it shrank meanwhile (preemption or its own resize)
-                ledger.shrink(alloc, memory, self._now())
+                ledger.shrink(holding, memory, self._now())
                 return
-            request = _Waiter(alloc, delta, delta, grow=True)
-            request.may_reclaim = timeout != 0
+            parker = backend.parker()
+            request = Growth(holding, delta, ticket=parker)
+            request.may_reclaim = limit != 0
             if ledger.submit(request, self._now()):
                 return
-            request.parker = backend.parker()
-            request.parker.arm()
-        await self._park(request, clock, started, timeout)
+            parker.arm()
+        await self._park(request, clock, started, limit)
 
-    # -- hooks called by the ledger (under the lock) ---------------------------
+    def _quality_of(self, alloc: Allocation) -> float:
+        return self._ledger.target(alloc._holding)  # the caller holds the lock
 
-    @staticmethod
-    def _wake(request: Request) -> None:
-        parker = getattr(request, "parker", None)
-        if parker is not None:
-            parker.wake()
-
-    @staticmethod
-    def _preempt(holding: Holding) -> None:
-        assert isinstance(holding, Allocation)
-        debug("allocation preempted", id=holding.id, memory=holding.memory)
-        holding._on_preempt()
-
-    @staticmethod
-    def _quality_changed(holding: Holding) -> None:
-        assert isinstance(holding, Allocation)
-        holding._signal_quality()
+    def _floor_of(self, alloc: Allocation) -> float:
+        return self._ledger.floor(alloc._holding)
 
     def _set_busy(self, alloc: Allocation, busy: bool) -> None:
         with self._lock:
-            self._ledger.set_busy(alloc, busy, self._now())
-        self._keep_alive_touched(alloc)
+            self._ledger.set_busy(alloc._holding, busy, self._now())
+        if alloc._holding.keep_alive is not None:
+            self._poke_timer()
 
-    def _keep_alive_touched(self, alloc: Allocation) -> None:
-        # Read after the ledger changed: the timer replaces the event before it reads
-        # the ledger, so whichever event this finds, the timer sees the change.
-        changed, home = self._keep_alive_changed, self._home
-        if alloc.keep_alive is not None and changed is not None and home is not None:
-            home.call(changed.set)
+    def _watch(self, alloc: Allocation, delta: int) -> None:
+        self._ledger.watch(alloc._holding, delta)  # the caller holds the lock
 
-    # -- the clock and snapshots (any thread) ----------------------------------
+    # == what the core reports (under the lock) ================================
+
+    def _on_event(self, event: Event, ticket: object) -> None:
+        if event is Event.GRANTED or event is Event.FAILED:
+            cast(Parker, ticket).wake()
+        elif event is Event.PREEMPT:
+            assert isinstance(ticket, Allocation)
+            debug("allocation preempted", id=ticket.id, memory=ticket.memory)
+            ticket._on_preempt()
+        elif event is Event.QUALITY:
+            assert isinstance(ticket, Allocation)
+            ticket._signal_quality()
+        else:  # RETIME: the waiter re-parks with the new deadline; the timer looks again
+            cast(Parker, ticket).wake()
+            self._poke_timer()
+
+    # == the clock and snapshots (any thread) ==================================
 
     def _adopt(self, loop: LoopEntry) -> None:
         """Read ``loop``'s clock from now on, unless the services' loop owns the arbiter."""
@@ -531,8 +578,8 @@ class Arbiter:
         with self._lock:
             pressure = ledger.pressure
             return ArbiterState(
-                active_llm_workloads=ledger.active(False),
-                active_diffusion_workloads=ledger.active(True),
+                active_llm_workloads=ledger.active(Family.LLM),
+                active_diffusion_workloads=ledger.active(Family.DIFFUSION),
                 llm_quality=ledger.recommended(WorkloadType.LLM_INFERENCE, Priority.NORMAL),
                 diffusion_quality=ledger.recommended(
                     WorkloadType.IMAGE_GENERATION, Priority.NORMAL

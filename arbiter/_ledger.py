@@ -1,8 +1,16 @@
 """The sync core: who holds what, who waits in which order, who is granted next.
 
-No ``await``, no clock, no I/O: every method takes ``now`` from the caller and
-reports what happened through three hooks (``wake``, ``preempt``,
-``quality_changed``) that the async shell turns into events and cancellations.
+No ``await``, no clock, no I/O. This is the port the shells drive (the in-process
+`Arbiter`, and the daemon that serves it to other processes): every call takes
+``now`` from the caller's clock, every timed decision (the reclaim grace, keep_alive,
+the time-weighted averages) is made here from those times, and `Ledger.advance`
+says when the core next needs to be called. What happens is reported through one
+sink, ``sink(event, ticket)``, where the ticket is the caller's own name for the
+request or holding (`Event` lists what is reported).
+
+It is composed of three parts that own their state: the `Tallies` it keeps, a
+`QualityCalculator` that reads them, and a `Reclaimer` that owns the shrink
+requests it makes.
 
 Invariants (checked by ``check_invariants`` and the stateful tests):
 
@@ -18,63 +26,83 @@ Invariants (checked by ``check_invariants`` and the stateful tests):
 * The queues hold exactly the ``WAITING`` requests: a request that leaves (granted,
   withdrawn, failed) leaves its queue at once, so what the ledger keeps grows with
   the live holders and waiters, never with past requests (trio#548).
+* Outcomes add up: every request that passed its argument checks is counted once,
+  as successful, failed or cancelled (a growth is no allocation and is not counted).
 
-Threads: the ledger is not thread-safe by itself. Its owner (`Arbiter`) calls every
-method under one ``threading.Lock`` (``Arbiter._lock``), which guards all of the
-ledger's state, the records' fields it writes (`Holding`, `Request`) and its stats.
-No method awaits, so the lock is never held across an ``await``; the hooks run under
-it and only schedule wake-ups (they never call back into the ledger).
+Threads: the ledger is not thread-safe by itself. Its owner calls every method under
+one ``threading.Lock`` (``Arbiter._lock``), which guards all of the ledger's state and
+the records it keeps; no method awaits, so the lock is never held across an
+``await``. The sink runs under it and must only schedule wake-ups (never call back).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from enum import Enum
 from itertools import count
 
 from ._config import ArbiterConfig
-from ._preemption import DegradeBeforePreempt
-from ._records import FAILED, GRANTED, WAITING, WITHDRAWN, FamilyTally, Holding, Request
+from ._preemption import Reclaimer
+from ._quality import size_for_quality
+from ._records import (
+    FAILED,
+    GRANTED,
+    WAITING,
+    WITHDRAWN,
+    Family,
+    Growth,
+    Holding,
+    NewAllocation,
+    ReclaimPhase,
+    Request,
+    Tallies,
+)
 from ._stats import StatsRecorder
-from ._targets import QualityTargets
-from ._types import Priority
+from ._targets import QualityCalculator
+from ._types import Priority, WorkloadType
 
-# The records and their states are part of the ledger's interface.
-__all__ = ["FAILED", "GRANTED", "WAITING", "WITHDRAWN", "Holding", "Ledger", "Request"]
+__all__ = ["Event", "Ledger", "Outcome"]
 
 _PRIORITIES_HIGH_FIRST = sorted(Priority, reverse=True)
+_NORMAL = Priority.NORMAL
 
 
-def _noop(_: object) -> None:
+class Event(Enum):
+    """What the core reports through its sink, with the ticket it concerns."""
+
+    GRANTED = "granted"  # a request (its ticket) holds its memory now
+    FAILED = "failed"  # a request can never be granted (closing; its holding released)
+    RETIME = "retime"  # a request's reclaim deadline moved: call `advance` by then
+    PREEMPT = "preempt"  # a holding (its ticket) is asked to give everything back
+    QUALITY = "quality"  # a watched holding's quality target changed
+
+
+class Outcome(Enum):
+    """How a request that did not end in a grant ended, for the counts."""
+
+    REFUSED = "refused"  # never queued: too large, or the arbiter is closed
+    TIMED_OUT = "timed out"  # waited its whole timeout
+    QUALITY_UNMET = "quality unmet"  # timed out while only a lower quality was possible
+    CANCELLED = "cancelled"  # cancelled from outside
+
+
+def _ignore(event: Event, ticket: object) -> None:
     pass
 
 
-class Ledger(QualityTargets, DegradeBeforePreempt):
-    """Accounting and grant decisions for one GPU budget."""
+class Ledger:
+    """Accounting and grant decisions for one GPU budget (see the module)."""
 
     def __init__(
-        self,
-        config: ArbiterConfig,
-        *,
-        wake: Callable[[Request], None] = _noop,
-        preempt: Callable[[Holding], None] = _noop,
-        quality_changed: Callable[[Holding], None] = _noop,
+        self, config: ArbiterConfig, *, sink: Callable[[Event, object], None] = _ignore
     ) -> None:
         self.config = config
         self.budget = config.vram_budget
-        self.granted = 0
-        self.external = 0
-        self.on_the_way = 0
-        self.waiting = 0
-        # Smallest sizes of the waiting requests, per priority value (for quality targets).
-        self.waiting_at = [0] * len(Priority)
+        self.tallies = tallies = Tallies(config.vram_budget)
         self.stats = StatsRecorder()
-        self._wake = wake
-        self._preempt = preempt
-        self._quality_changed = quality_changed
-        self._policy = config.effective_policy
-        self._threshold = config.pressure_threshold
-        self._floors = (config.llm_min_quality, config.diffusion_min_quality)
+        self.targets = QualityCalculator(config, tallies)
+        self._sink = sink
         # Per priority, in arrival order; an OrderedDict so a request leaves in O(1).
         self._queues: dict[Priority, OrderedDict[Request, None]] = {
             p: OrderedDict() for p in Priority
@@ -83,28 +111,59 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         # The elastic subset, so asking for shrinks never scans the rigid holders.
         self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
-        self._families = (FamilyTally(), FamilyTally())  # llm, diffusion: index by `diffusion`
-        self._asked: dict[Holding, None] = {}  # holders with shrink requests pending
         self._watched: dict[Holding, None] = {}  # a dict: notified in a stable order
         self._keep_alive: dict[Holding, None] = {}
+        self.reclaimer = Reclaimer(
+            config,
+            tallies,
+            self.targets,
+            self._holders,
+            self._elastic,
+            self.stats,
+            preempt=self._request_preemption,
+            retime=self._retime,
+        )
         self._seq = count()
 
-    # -- queries ---------------------------------------------------------------
+    # == queries ===============================================================
+
+    @property
+    def granted(self) -> int:
+        return self.tallies.granted
+
+    @property
+    def external(self) -> int:
+        return self.tallies.external
+
+    @property
+    def waiting(self) -> int:
+        return self.tallies.waiting
+
+    @property
+    def on_the_way(self) -> int:
+        return self.tallies.on_the_way
 
     @property
     def available(self) -> int:
-        return max(0, self.budget - self.granted - self.external)
+        tallies = self.tallies
+        return max(0, self.budget - tallies.granted - tallies.external)
 
     @property
     def pressure(self) -> float:
-        return (self.granted + self.external) / self.budget
+        return (self.tallies.granted + self.tallies.external) / self.budget
 
-    def active(self, diffusion: bool) -> int:
-        return self._families[diffusion].count
+    def active(self, family: Family) -> int:
+        """How many allocations of ``family`` hold memory."""
+        return self.tallies.families[family].count
 
     def holdings(self) -> Iterator[Holding]:
         for held in self._holders.values():
             yield from held
+
+    def waiters(self) -> Iterator[Request]:
+        """The queued requests, in grant order."""
+        for priority in _PRIORITIES_HIGH_FIRST:
+            yield from self._queues[priority]
 
     def head(self) -> Request | None:
         """The next request to be granted."""
@@ -114,17 +173,29 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 return next(iter(queue))
         return None
 
-    # -- requests --------------------------------------------------------------
+    def target(self, holding: Holding) -> float:
+        """``holding``'s current quality target (after release: the last one it had)."""
+        return self.targets.target(holding)
+
+    def floor(self, holding: Holding) -> float:
+        return self.targets.floor(holding.family)
+
+    def recommended(self, workload: WorkloadType, priority: Priority) -> float:
+        return self.targets.recommended(workload, priority)
+
+    # == requests ==============================================================
 
     def grant_now(self, holding: Holding, min_size: int, max_size: int, now: float) -> bool:
         """The fast path of a new allocation: grant it at once if nothing waits and it
         fits, without queueing a request; False (and nothing changed) otherwise."""
-        if self.waiting:
+        tallies = self.tallies
+        if tallies.waiting:
             return False
-        free = self.budget - self.granted - self.external
+        free = self.budget - tallies.granted - tallies.external
         if free < min_size:
             return False
         self._hold(holding, max_size if max_size < free else free, now)
+        self.stats.successful += 1
         self.stats.record_wait(holding.priority, 0.0)
         self._refresh(now)
         return True
@@ -132,93 +203,107 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
     def submit(self, request: Request, now: float) -> bool:
         """Queue ``request``; True when it was granted at once (nothing ahead, and it fits)."""
         request.enqueued_at = now
-        if request.grow:
+        if type(request) is Growth:
             request.holding.growing.append(request)
         self._queues[request.priority][request] = None
-        self.waiting += 1
-        self.waiting_at[request.priority] += request.min_size
+        tallies = self.tallies
+        tallies.waiting += 1
+        tallies.waiting_at[request.priority] += request.min_size
         self._dispatch(now)
         return request.state is GRANTED
 
-    def withdraw(self, request: Request, now: float) -> None:
+    def withdraw(self, request: Request, now: float, outcome: Outcome) -> None:
         """Take back a request whose waiter timed out or was cancelled.
 
         A grant that raced with it is returned, so the memory goes to the next waiter.
         """
+        counted = type(request) is NewAllocation
         if request.state is WAITING:
             request.state = WITHDRAWN
-            if request.grow:
-                request.holding.growing.remove(request)
+            if not counted:
+                request.holding.growing.remove(request)  # type: ignore[arg-type]
             self._dequeue(request)
-            self._end_reclaim(request)
+            self.reclaimer.end(request)
+            if counted:
+                self._count(outcome)
+            self._dispatch(now)
         elif request.state is GRANTED:
             request.state = WITHDRAWN
-            if request.grow:
-                # The holder may have shrunk (or released) since: undo no more than it holds.
-                holding = request.holding
-                if not holding.released:
-                    holding.max_memory = max(request.max_before, holding.memory - request.size)
-                    if not holding.elastic:
-                        self._elastic[holding.priority].pop(holding, None)
-                    self._give_back(holding, min(request.size, holding.memory), now)
-            else:
-                self.release(request.holding, now)
-            return
-        else:
-            return
-        self._dispatch(now)
+            holding = request.holding
+            if counted:
+                self.stats.successful -= 1
+                self._count(outcome)
+                self.release(holding, now)
+            elif not holding.released:
+                # The holder may have shrunk since: undo no more than it holds.
+                assert isinstance(request, Growth)
+                holding.max_memory = max(request.max_before, holding.memory - request.size)
+                if not holding.elastic:
+                    self._elastic[holding.priority].pop(holding, None)
+                self._give_back(holding, min(request.size, holding.memory), now)
 
-    def observe(self, now: float) -> None:
-        """Start (or continue) the time-weighted averages at ``now``."""
-        self._refresh(now)
+    def count_unqueued(self, outcome: Outcome) -> None:
+        """Count a request that ended before it reached the queue (refused at once, or
+        cancelled at its entry checkpoint)."""
+        self._count(outcome)
+
+    def ungrant(self, holding: Holding, now: float) -> None:
+        """A grant at once whose caller was cancelled before it ran: count it as
+        cancelled and hand the memory on."""
+        self.stats.successful -= 1
+        self.stats.cancelled += 1
+        self.release(holding, now)
+
+    def _count(self, outcome: Outcome) -> None:
+        stats = self.stats
+        if outcome is Outcome.CANCELLED:
+            stats.cancelled += 1
+        else:
+            stats.failed += 1
+            if outcome is Outcome.TIMED_OUT:
+                stats.timeouts += 1
 
     def fail_waiting(self, now: float) -> None:
         """Fail every waiting request (the arbiter is closing)."""
-        failed = []
+        failed = list(self.waiters())
         for queue in self._queues.values():
-            for request in queue:
-                request.state = FAILED
-                self._end_reclaim(request)
-                failed.append(request)
             queue.clear()
-        self.waiting = 0
-        self.waiting_at = [0] * len(Priority)
+        tallies = self.tallies
+        tallies.waiting = 0
+        tallies.waiting_at = [0] * len(Priority)
         for request in failed:
-            self._wake(request)
+            request.state = FAILED
+            self.reclaimer.end(request)
+            if type(request) is NewAllocation:
+                self.stats.failed += 1
+            self._sink(Event.FAILED, request.ticket)
         self._refresh(now)
 
-    def escalate(self, request: Request, now: float) -> None:
-        """The reclaim grace of ``request`` has passed: preempt if shrinking was not enough."""
-        if request.state is WAITING and request.reclaim_phase == 1:
-            request.reclaim_phase = 2
-            request.reclaim_deadline = float("inf")
-            self._dispatch(now)
-
-    # -- holdings --------------------------------------------------------------
+    # == holdings ==============================================================
 
     def release(self, holding: Holding, now: float) -> None:
         """Return all of ``holding``'s memory; idempotent."""
         if holding.released:
             return
-        holding.notified_quality = self.target(holding)  # what `quality` reads from now on
+        holding.notified_quality = self.targets.target(holding)  # what `quality` reads now
         holding.released = True
         if holding.growing:
             self._fail_growing(holding)
         if holding.granted_seq < 0:
             return
         memory = holding.memory
+        tallies = self.tallies
         if holding.preempt_requested:
-            self.on_the_way -= memory
-        self.granted -= memory
-        family = self._families[holding.diffusion]
+            tallies.on_the_way -= memory
+        tallies.granted -= memory
+        family = tallies.families[holding.family]
         family.granted -= memory
         family.at[holding.priority] -= memory
         family.count -= 1
         holding.memory = 0
         del self._holders[holding.priority][holding]
         # Membership tests first: most holders are in none of these registries.
-        if holding.shrink_asks:
-            self._asked.pop(holding, None)
+        self.reclaimer.forget(holding)
         if holding.min_memory is not None:
             self._elastic[holding.priority].pop(holding, None)
         if holding.keep_alive is not None:
@@ -227,6 +312,14 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             self._watched.pop(holding, None)
         self._dispatch(now)
 
+    def release_owner(self, owner: object, now: float) -> None:
+        """Release every holding of ``owner`` and withdraw its waiting requests (as
+        cancelled): a session that ended."""
+        for request in [r for r in self.waiters() if r.holding.owner is owner]:
+            self.withdraw(request, now, Outcome.CANCELLED)
+        for holding in [h for h in self.holdings() if h.owner is owner]:
+            self.release(holding, now)
+
     def _fail_growing(self, holding: Holding) -> None:
         """``holding`` is released: nothing is left to grow."""
         for growing in holding.growing:
@@ -234,14 +327,15 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 continue
             growing.state = FAILED
             self._dequeue(growing)
-            self._end_reclaim(growing)
-            self._wake(growing)
+            self.reclaimer.end(growing)
+            self._sink(Event.FAILED, growing.ticket)
         holding.growing.clear()
 
     def _dequeue(self, request: Request) -> None:
         del self._queues[request.priority][request]
-        self.waiting -= 1
-        self.waiting_at[request.priority] -= request.min_size
+        tallies = self.tallies
+        tallies.waiting -= 1
+        tallies.waiting_at[request.priority] -= request.min_size
 
     def shrink(self, holding: Holding, size: int, now: float) -> None:
         """Lower ``holding`` to ``size`` bytes at once, waking whoever now fits."""
@@ -249,17 +343,19 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
 
     def _give_back(self, holding: Holding, amount: int, now: float) -> None:
         holding.memory -= amount
-        self.granted -= amount
-        self._families[holding.diffusion].granted -= amount
-        self._families[holding.diffusion].at[holding.priority] -= amount
+        tallies = self.tallies
+        tallies.granted -= amount
+        family = tallies.families[holding.family]
+        family.granted -= amount
+        family.at[holding.priority] -= amount
         if holding.preempt_requested:
-            self.on_the_way -= amount
+            tallies.on_the_way -= amount
         self._dispatch(now)
 
     def set_external(self, external: int, now: float) -> None:
         """Record memory used on the device by other processes."""
-        if external != self.external:
-            self.external = external
+        if external != self.tallies.external:
+            self.tallies.external = external
             self._dispatch(now)
 
     def watch(self, holding: Holding, delta: int) -> None:
@@ -275,8 +371,16 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         if holding.busy_spans == 0:
             holding.idle_since = now
 
-    def reclaim_idle(self, now: float) -> float | None:
-        """Ask holders idle past their keep_alive to give back; the next expiry, if any."""
+    def _request_preemption(self, holding: Holding) -> None:
+        holding.preempt_requested = True
+        self.tallies.on_the_way += holding.memory
+        self._sink(Event.PREEMPT, holding.ticket)
+
+    # == time ==================================================================
+
+    def advance(self, now: float) -> float | None:
+        """Make the decisions that are due at ``now``: the end of a reclaim grace,
+        keep_alive expiries. Returns when it is next due (None: nothing is timed)."""
         next_due: float | None = None
         for holding in list(self._keep_alive):
             if holding.busy_spans or holding.preempt_requested:
@@ -288,32 +392,47 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 self._request_preemption(holding)
             elif next_due is None or due < next_due:
                 next_due = due
+        head = self.head()
+        if head is not None and head.reclaim_deadline <= now:
+            self._dispatch(now)
+            head = self.head()
+        if head is not None and head.reclaim_phase is ReclaimPhase.ASKED:
+            due = head.reclaim_deadline
+            if due > now and (next_due is None or due < next_due):
+                next_due = due
         return next_due
 
-    # -- the grant loop --------------------------------------------------------
+    def observe(self, now: float) -> None:
+        """Start (or continue) the time-weighted averages at ``now``."""
+        self._refresh(now)
+
+    def _retime(self, request: Request) -> None:
+        self._sink(Event.RETIME, request.ticket)
+
+    # == the grant loop ========================================================
 
     def _dispatch(self, now: float) -> None:
-        while self.waiting and (request := self.head()) is not None:
+        tallies = self.tallies
+        while tallies.waiting and (request := self.head()) is not None:
             size = self._fit(request)
             if size is None:
-                self._reclaim_for(request, now)
+                self.reclaimer.reclaim_for(request, now)
                 break
             self._dequeue(request)
             self._grant(request, size, now)
         self._refresh(now)
 
     def _fit(self, request: Request) -> int | None:
-        free = self.budget - self.granted - self.external
+        tallies = self.tallies
+        free = self.budget - tallies.granted - tallies.external
         if free < request.min_size:
             return None
         size = min(request.max_size, free)
         if request.min_quality is not None:
             # The target it would have right after the grant.
             holding = request.holding
-            if request.grow:
-                quality = self._target_at(holding, holding.memory + size, self.granted + size)
-            else:
-                quality = self._target_at(holding, size, self.granted + size)
+            memory = size if type(request) is NewAllocation else holding.memory + size
+            quality = self.targets.target_at(holding, memory, tallies.granted + size)
             if quality < request.min_quality:
                 if request.best_quality is None or quality > request.best_quality:
                     request.best_quality = quality
@@ -325,29 +444,34 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         request.state = GRANTED
         request.size = size
         holding = request.holding
-        if request.grow:
+        if type(request) is NewAllocation:
+            self._hold(holding, size, now)
+            self.stats.successful += 1
+        else:
+            assert isinstance(request, Growth)
             holding.growing.remove(request)
+            tallies = self.tallies
             if holding.preempt_requested:  # it all goes back with the holder
-                self.on_the_way += size
-            self.granted += size
-            self._families[holding.diffusion].granted += size
-            self._families[holding.diffusion].at[holding.priority] += size
+                tallies.on_the_way += size
+            tallies.granted += size
+            family = tallies.families[holding.family]
+            family.granted += size
+            family.at[holding.priority] += size
             holding.memory += size
             request.max_before = holding.max_memory
             if holding.memory > holding.max_memory:
                 holding.max_memory = holding.memory
                 if holding.elastic:  # min_memory == old size: it just became elastic
                     self._elastic[holding.priority].setdefault(holding, None)
-        else:
-            self._hold(holding, size, now)
         self.stats.record_wait(request.priority, now - request.enqueued_at)
-        self._end_reclaim(request)
-        self._wake(request)
+        self.reclaimer.end(request)
+        self._sink(Event.GRANTED, request.ticket)
 
     def _hold(self, holding: Holding, size: int, now: float) -> None:
         """Register a new holding of ``size`` bytes."""
-        self.granted += size
-        family = self._families[holding.diffusion]
+        tallies = self.tallies
+        tallies.granted += size
+        family = tallies.families[holding.family]
         family.granted += size
         family.at[holding.priority] += size
         family.count += 1
@@ -360,35 +484,58 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             holding.idle_since = now
             self._keep_alive[holding] = None
 
-    # -- quality targets -------------------------------------------------------
+    # == quality targets =======================================================
 
     def _refresh(self, now: float) -> None:
         """Record the time-weighted averages and tell watchers whose target moved."""
-        pressure = (self.granted + self.external) / self.budget
-        llm_family, diffusion_family = self._families
-        if pressure < self._threshold:  # every policy gives 1.0
+        tallies = self.tallies
+        pressure = (tallies.granted + tallies.external) / self.budget
+        llm_family, diffusion_family = tallies.families
+        if pressure < self.config.pressure_threshold:  # every policy gives 1.0
             llm = 1.0 if llm_family.count else None
             diffusion = 1.0 if diffusion_family.count else None
         else:
-            llm = self._policy_for(False, Priority.NORMAL, pressure) if llm_family.count else None
+            policy_for = self.targets.policy_for
+            llm = policy_for(Family.LLM, _NORMAL, pressure) if llm_family.count else None
             diffusion = (
-                self._policy_for(True, Priority.NORMAL, pressure)
-                if diffusion_family.count
-                else None
+                policy_for(Family.DIFFUSION, _NORMAL, pressure) if diffusion_family.count else None
             )
         self.stats.observe(now, pressure, llm, diffusion)
-        self._retarget_all()
+        for holding in self._watched:
+            if self._retarget(holding):
+                self._sink(Event.QUALITY, holding.ticket)
+        for elastic in self._elastic.values():
+            for holding in elastic:
+                if not holding.watchers:
+                    self._retarget(holding)
+
+    def _retarget(self, holding: Holding) -> bool:
+        """Recompute a holding's target; True when it changed. A drop that asks an
+        elastic holder to shrink (watched or not: an unwatched one reads ``quality``)
+        counts as a quality reduction."""
+        quality = self.targets.target(holding)
+        previous = holding.notified_quality
+        if quality == previous:
+            return False
+        holding.notified_quality = quality
+        if quality < previous and holding.min_memory is not None:
+            floor = self.targets.floor(holding.family)
+            wanted = size_for_quality(quality, holding.min_memory, holding.max_memory, floor)
+            if wanted < holding.memory:
+                self.stats.quality_reductions += 1
+        return True
 
     def check_invariants(self) -> None:
         """Assert the invariants written at the top of this module (for tests)."""
+        tallies = self.tallies
         live = list(self.holdings())
-        assert self.granted == sum(h.memory for h in live), "granted != sum of holdings"
-        assert self.on_the_way == sum(h.memory for h in live if h.preempt_requested)
-        assert self.waiting == sum(len(q) for q in self._queues.values())
+        assert tallies.granted == sum(h.memory for h in live), "granted != sum of holdings"
+        assert tallies.on_the_way == sum(h.memory for h in live if h.preempt_requested)
+        assert tallies.waiting == sum(len(q) for q in self._queues.values())
         assert all(r.state is WAITING for q in self._queues.values() for r in q)
-        for family in self._families:
+        for family in tallies.families:
             assert sum(family.at) == family.granted, "per-priority tallies drift"
-        assert self.waiting_at == [sum(r.min_size for r in self._queues[p]) for p in Priority], (
+        assert tallies.waiting_at == [sum(r.min_size for r in self._queues[p]) for p in Priority], (
             "waiting bytes drift"
         )
         head = self.head()

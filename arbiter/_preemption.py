@@ -1,4 +1,6 @@
-"""Victim choice for degrade-before-preempt: pure functions over the holders' registry.
+"""Degrade before preempt: victim choice (pure functions over the holders' registry)
+and the `Reclaimer`, which asks elastic holders to shrink and preempts for the head
+of the queue.
 
 The registry maps each priority to its holders in grant order. Victims come
 lowest priority first; within one priority idle before busy, then the most
@@ -12,11 +14,12 @@ from collections.abc import Callable, Iterator, Mapping
 
 from ._config import ArbiterConfig
 from ._quality import elastic_share_quality, size_for_quality
-from ._records import Holding, Request
+from ._records import Holding, ReclaimPhase, Request, Tallies
 from ._stats import StatsRecorder
+from ._targets import QualityCalculator
 from ._types import Priority
 
-__all__ = ["DegradeBeforePreempt", "choose_victims", "plan_shrinks", "victims"]
+__all__ = ["Reclaimer", "choose_victims", "plan_shrinks", "victims"]
 
 Registry = Mapping[Priority, dict[Holding, None]]
 
@@ -75,25 +78,38 @@ def choose_victims(
     return None, total
 
 
-class DegradeBeforePreempt:
-    """The `Ledger`'s reclaim decisions for the head of its queue (a mixin: the
-    attributes below are the ledger's)."""
+class Reclaimer:
+    """Degrade-before-preempt for the head of the queue. It owns the shrink requests it
+    made (each holder's ``shrink_asks`` and the set of holders asked); the registries
+    and tallies it reads are the core's, and it acts through two callbacks: ``preempt``
+    (ask a holder for everything back) and ``retime`` (a request's reclaim deadline
+    moved: its waiter and the core's timer must look again)."""
 
-    config: ArbiterConfig
-    budget: int
-    granted: int
-    external: int
-    on_the_way: int
-    stats: StatsRecorder
-    _holders: dict[Priority, dict[Holding, None]]
-    _elastic: dict[Priority, dict[Holding, None]]
-    _asked: dict[Holding, None]
-    _floors: tuple[float, float]
-    target: Callable[[Holding], float]
-    _wake: Callable[[Request], None]
-    _preempt: Callable[[Holding], None]
+    __slots__ = ("_asked", "_elastic", "_grace", "_holders", "_preempt", "_retime", "_stats",
+                 "_tallies", "_targets")  # fmt: skip
 
-    def _reclaim_for(self, request: Request, now: float) -> None:
+    def __init__(
+        self,
+        config: ArbiterConfig,
+        tallies: Tallies,
+        targets: QualityCalculator,
+        holders: Registry,
+        elastic: Registry,
+        stats: StatsRecorder,
+        preempt: Callable[[Holding], None],
+        retime: Callable[[Request], None],
+    ) -> None:
+        self._grace = config.reclaim_grace
+        self._tallies = tallies
+        self._targets = targets
+        self._holders = holders
+        self._elastic = elastic
+        self._stats = stats
+        self._preempt = preempt
+        self._retime = retime
+        self._asked: dict[Holding, None] = {}  # holders with shrink requests pending
+
+    def reclaim_for(self, request: Request, now: float) -> None:
         """Degrade before preempt, for the head of the queue that does not fit.
 
         Whenever the situation changes (a first look, a holder leaving, more external
@@ -104,8 +120,9 @@ class DegradeBeforePreempt:
         or when no elastic holder has anything to give, does it preempt victims until
         enough will be freed, counting no promised shrink.
         """
-        shortfall = request.min_size - (self.budget - self.granted - self.external)
-        shortfall -= self.on_the_way
+        tallies = self._tallies
+        shortfall = request.min_size - (tallies.budget - tallies.granted - tallies.external)
+        shortfall -= tallies.on_the_way
         if shortfall <= 0 or not request.may_reclaim or shortfall > request.reclaimable:
             return
         chosen, total = choose_victims(self._holders, request.priority, shortfall)
@@ -114,43 +131,48 @@ class DegradeBeforePreempt:
             # needs no new scan.
             request.reclaimable = total
             return  # even preempting everyone allowed would not be enough: harm no one
-        grace = self.config.reclaim_grace
-        promised = self._promised()
+        promised = self.promised()
         if promised < shortfall:
             asked = self._ask_to_shrink(request, shortfall - promised)
             if asked > 0:
                 promised += asked
-                request.reclaim_phase = 1
-                request.reclaim_deadline = now + grace  # a new ask: a fresh grace
-                if grace > 0:
-                    self._wake(request)  # it re-parks with the grace as its next deadline
-        if promised > 0 and request.reclaim_phase == 0:
+                self._start_grace(request, now)  # a new ask: a fresh grace
+        if promised > 0 and request.reclaim_phase is ReclaimPhase.NONE:
             # Others' promised shrinks may cover it: wait for them, up to the grace.
-            request.reclaim_phase = 1
-            request.reclaim_deadline = now + grace
-            if grace > 0:
-                self._wake(request)
-        if promised > 0 and request.reclaim_phase == 1 and now < request.reclaim_deadline:
+            self._start_grace(request, now)
+        if (
+            promised > 0
+            and request.reclaim_phase is ReclaimPhase.ASKED
+            and now < request.reclaim_deadline
+        ):
             return  # wait for the shrinks, up to the grace
+        request.reclaim_phase = ReclaimPhase.PREEMPTING
         for holding in chosen:
-            self.stats.preemptions += 1
-            self._request_preemption(holding)
+            self._stats.preemptions += 1
+            self._preempt(holding)
 
-    def _promised(self) -> int:
+    def _start_grace(self, request: Request, now: float) -> None:
+        request.reclaim_phase = ReclaimPhase.ASKED
+        request.reclaim_deadline = now + self._grace
+        if self._grace > 0:
+            self._retime(request)
+
+    def promised(self) -> int:
         """Bytes that elastic holders were asked to give back and still hold: asked by a
         waiter (a shrink request) or by their own target (the policy's pressure fell on
         them), preemptible or not."""
         promised = 0
+        targets = self._targets
         for elastic in self._elastic.values():
             for holding in elastic:
                 if holding.preempt_requested:
                     continue  # all it holds is already on its way
                 assert holding.min_memory is not None
                 size = size_for_quality(
-                    self.target(holding),
+                    targets.target(holding),
                     holding.min_memory,
                     holding.max_memory,
-                    self._floors[holding.diffusion],
+                    targets.floor(holding.family),
                 )
                 if size < holding.memory:
                     promised += holding.memory - size
@@ -168,7 +190,7 @@ class DegradeBeforePreempt:
             self._cap(holding)
             if previous is None:
                 request.shrunk.append(holding)
-            # The drop it causes is counted where targets are recomputed (`_retarget`).
+            # The drop it causes is counted where targets are recomputed.
         return asked
 
     def _cap(self, holding: Holding) -> None:
@@ -181,15 +203,10 @@ class DegradeBeforePreempt:
             min(holding.shrink_asks.values()),
             holding.min_memory,
             holding.max_memory,
-            self._floors[holding.diffusion],
+            self._targets.floor(holding.family),
         )
 
-    def _request_preemption(self, holding: Holding) -> None:
-        holding.preempt_requested = True
-        self.on_the_way += holding.memory
-        self._preempt(holding)
-
-    def _end_reclaim(self, request: Request) -> None:
+    def end(self, request: Request) -> None:
         """The pressure that caused ``request``'s shrink requests has passed."""
         for holding in request.shrunk:
             del holding.shrink_asks[request]
@@ -197,3 +214,8 @@ class DegradeBeforePreempt:
                 self._asked.pop(holding, None)
             self._cap(holding)
         request.shrunk.clear()
+
+    def forget(self, holding: Holding) -> None:
+        """``holding`` is released: it is asked for nothing any more."""
+        if holding.shrink_asks:
+            self._asked.pop(holding, None)

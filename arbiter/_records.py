@@ -1,24 +1,68 @@
-"""The ledger's records: a `Holding` per allocation and a `Request` per queued demand."""
+"""The core's records: a `Holding` per allocation, a request per queued demand (a
+`NewAllocation` or a `Growth`), and the `Tallies` that quality targets are read from.
+
+These are the core's own: the user's `Allocation` handle keeps its `Holding` only as
+an opaque ticket to pass back through the port, and never writes to it.
+"""
 
 from __future__ import annotations
 
+from enum import Enum, IntEnum
+from typing import Final
+
 from ._types import Priority, WorkloadType
 
-__all__ = ["FAILED", "GRANTED", "WAITING", "WITHDRAWN", "FamilyTally", "Holding", "Request"]
+__all__ = [
+    "FAILED",
+    "GRANTED",
+    "WAITING",
+    "WITHDRAWN",
+    "Family",
+    "FamilyTally",
+    "Growth",
+    "Holding",
+    "NewAllocation",
+    "ReclaimPhase",
+    "Request",
+    "Tallies",
+]
 
 # Enum members are looked up through the metaclass; a grant should not pay for it.
 _LLM = WorkloadType.LLM_INFERENCE
 
-# A request's states; it is queued only while WAITING.
-WAITING, GRANTED, WITHDRAWN, FAILED = "waiting", "granted", "withdrawn", "failed"
+# A request's states; it is queued only while WAITING. Plain strings: compared by
+# identity on the hot path.
+WAITING: Final = "waiting"
+GRANTED: Final = "granted"
+WITHDRAWN: Final = "withdrawn"
+FAILED: Final = "failed"
+
+
+class Family(IntEnum):
+    """The two workload families, whose targets have their own floors."""
+
+    LLM = 0
+    DIFFUSION = 1
+
+    @classmethod
+    def of(cls, workload: WorkloadType) -> Family:
+        return cls.LLM if workload is _LLM else cls.DIFFUSION
+
+
+class ReclaimPhase(Enum):
+    """Where degrade-before-preempt stands for a request at the head of the queue."""
+
+    NONE = "none"  # nothing asked of anyone
+    ASKED = "asked"  # elastic holders were asked to shrink; the grace runs
+    PREEMPTING = "preempting"  # the grace has passed: victims are preempted
 
 
 class Holding:
-    """The ledger's record of one allocation, waiting or held. `Allocation` extends it."""
+    """The core's record of one allocation, from its request until its release."""
 
     __slots__ = (
         "busy_spans",
-        "diffusion",
+        "family",
         "granted_seq",
         "growing",
         "idle_since",
@@ -27,12 +71,14 @@ class Holding:
         "memory",
         "min_memory",
         "notified_quality",
+        "owner",
         "preempt_requested",
         "preemptible",
         "priority",
         "released",
         "shrink_asks",
         "shrink_cap",
+        "ticket",
         "watchers",
         "workload",
     )
@@ -45,17 +91,23 @@ class Holding:
         min_memory: int | None,
         preemptible: bool = True,
         keep_alive: float | None = None,
+        owner: object = None,
+        ticket: object = None,
     ) -> None:
         self.workload = workload
-        self.diffusion = workload is not _LLM
+        self.family = Family.LLM if workload is _LLM else Family.DIFFUSION
         self.priority = priority
         self.max_memory = max_memory
         self.min_memory = min_memory
         self.memory = 0
         self.preemptible = preemptible
         self.keep_alive = keep_alive
+        # Whose it is (a session): `Ledger.release_owner` returns all of an owner's.
+        self.owner = owner
+        # The caller's name for it (its handle): the core hands it back in events only.
+        self.ticket = ticket
         self.granted_seq = -1
-        self.growing: list[Request] = []  # its queued grow requests
+        self.growing: list[Growth] = []  # its queued growths
         self.busy_spans = 0
         self.idle_since = 0.0
         self.preempt_requested = False
@@ -73,14 +125,12 @@ class Holding:
 
 
 class Request:
-    """A queued demand for memory: a new allocation, or the growth of one (``grow``)."""
+    """A queued demand for memory of one holding: see `NewAllocation` and `Growth`."""
 
     __slots__ = (
         "best_quality",
         "enqueued_at",
-        "grow",
         "holding",
-        "max_before",
         "max_size",
         "may_reclaim",
         "min_quality",
@@ -92,6 +142,7 @@ class Request:
         "shrunk",
         "size",
         "state",
+        "ticket",
     )
 
     def __init__(
@@ -101,33 +152,47 @@ class Request:
         max_size: int,
         *,
         min_quality: float | None = None,
-        grow: bool = False,
+        ticket: object = None,
     ) -> None:
         self.holding = holding
+        self.ticket = ticket  # the caller's name for it (its parked waiter), for events
         self.priority = holding.priority
         self.min_size = min_size
         self.max_size = max_size
         self.min_quality = min_quality
-        self.grow = grow
-        self.state = WAITING
+        self.state: str = WAITING
         self.size = 0
-        self.max_before = 0  # a granted grow's holder's max_memory before it
         self.enqueued_at = 0.0
         # The best quality it could have had while blocked only by min_quality.
         self.best_quality: float | None = None
         # False for a request that will not wait (timeout 0): it must not disturb anyone.
         self.may_reclaim = True
-        self.reclaim_phase = 0  # 0: none yet, 1: asked elastic holders to shrink, 2: preempting
+        self.reclaim_phase = ReclaimPhase.NONE
+        # When the grace of its shrink requests ends (the core's clock); inf: none runs.
         self.reclaim_deadline = float("inf")
         # What all its victims held when preempting them could not cover the shortfall.
-        # While it is head no victim can appear or grow (only the head is granted), so
-        # a shortfall above this needs no new scan.
         self.reclaimable = float("inf")
-        self.shrunk: list[Holding] = []
+        self.shrunk: list[Holding] = []  # the holders it asked to shrink
+
+
+class NewAllocation(Request):
+    """A request for a holding that holds nothing yet."""
+
+    __slots__ = ()
+
+
+class Growth(Request):
+    """A request to grow a holding that already holds memory (``resize`` upward)."""
+
+    __slots__ = ("max_before",)
+
+    def __init__(self, holding: Holding, size: int, *, ticket: object = None) -> None:
+        super().__init__(holding, size, size, ticket=ticket)
+        self.max_before = 0  # the holding's max_memory before the grant
 
 
 class FamilyTally:
-    """What one workload family (LLM or diffusion) holds, kept by the ledger."""
+    """What one workload family (LLM or diffusion) holds."""
 
     __slots__ = ("at", "count", "granted")
 
@@ -137,3 +202,32 @@ class FamilyTally:
         # Bytes granted at each priority (indexed by its value): the pressure a holder
         # sees counts only its own priority and above (no priority inversion).
         self.at = [0] * len(Priority)
+
+
+class Tallies:
+    """The sums the core keeps up to date and quality targets are computed from."""
+
+    __slots__ = (
+        "budget",
+        "external",
+        "families",
+        "granted",
+        "on_the_way",
+        "waiting",
+        "waiting_at",
+    )
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.granted = 0
+        self.external = 0
+        # Memory of holdings asked to give everything back that have not released yet.
+        self.on_the_way = 0
+        self.families = (FamilyTally(), FamilyTally())  # indexed by `Family`
+        self.waiting = 0  # queued requests
+        # Smallest sizes of the waiting requests, per priority value.
+        self.waiting_at = [0] * len(Priority)
+
+    @property
+    def holders(self) -> int:
+        return self.families[0].count + self.families[1].count

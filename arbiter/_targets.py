@@ -1,8 +1,9 @@
 """Quality targets: what each holder should run at, from the ledger's tallies.
 
-The policy functions in `_quality` know nothing of holders; this mixin applies them
-to one: its family, its priority, the pressure it sees, and (for an elastic holder)
-the share of memory it holds or could grow into. Three rules shape what it sees:
+The policy functions in `_quality` know nothing of holders; `QualityCalculator`
+applies them to one, reading only the core's `Tallies`: its family, its priority, the
+pressure it sees, and (for an elastic holder) the share of memory it holds or could
+grow into. Three rules shape what it sees:
 
 * no priority inversion: a holder of priority p sees external use, memory granted
   at priorities >= p and memory waited for at priorities >= p, never what lower
@@ -17,112 +18,84 @@ the share of memory it holds or could grow into. Three rules shape what it sees:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from ._quality import QualityPolicy, fixed_point_quality, policy_target, size_for_quality
-from ._records import FamilyTally, Holding
-from ._stats import StatsRecorder
+from ._config import ArbiterConfig
+from ._quality import QualityPolicy, fixed_point_quality, policy_target
+from ._records import Family, Holding, Tallies
 from ._types import Priority, WorkloadType
 
-__all__ = ["QualityTargets"]
+__all__ = ["QualityCalculator"]
 
 
-class QualityTargets:
-    """Quality targets for the `Ledger` (a mixin: the attributes below are the ledger's)."""
+class QualityCalculator:
+    """Quality targets from a policy and the core's tallies; it keeps no state of its own."""
 
-    budget: int
-    granted: int
-    external: int
-    waiting: int
-    waiting_at: list[int]
-    stats: StatsRecorder
-    _policy: QualityPolicy
-    _threshold: float
-    _floors: tuple[float, float]
-    _families: tuple[FamilyTally, FamilyTally]
-    _watched: dict[Holding, None]
-    _elastic: dict[Priority, dict[Holding, None]]
-    _quality_changed: Callable[[Holding], None]
+    __slots__ = ("_floors", "_policy", "_tallies", "_threshold", "budget")
 
-    def floor(self, holding: Holding) -> float:
-        """The lowest quality target of ``holding``'s family."""
-        return self._floors[holding.diffusion]
+    def __init__(self, config: ArbiterConfig, tallies: Tallies) -> None:
+        self._policy = config.effective_policy
+        self._threshold = config.pressure_threshold
+        self._floors = (config.llm_min_quality, config.diffusion_min_quality)
+        self._tallies = tallies
+        self.budget = tallies.budget
+
+    def floor(self, family: Family) -> float:
+        """The lowest quality target of ``family``."""
+        return self._floors[family]
 
     def seen(self, priority: Priority) -> int:
         """Bytes that count in the pressure a holder of ``priority`` sees: external use,
         memory granted and memory waited for at ``priority`` and above."""
-        llm, diffusion = self._families[0].at, self._families[1].at
-        total = self.external
+        tallies = self._tallies
+        llm, diffusion = tallies.families[0].at, tallies.families[1].at
+        waiting_at = tallies.waiting_at
+        total = tallies.external
         for value in range(priority, len(llm)):
-            total += llm[value] + diffusion[value] + self.waiting_at[value]
+            total += llm[value] + diffusion[value] + waiting_at[value]
         return total
 
     def recommended(self, workload: WorkloadType, priority: Priority) -> float:
         """The policy's target for a new request of this kind at the pressure it would see."""
-        if not self.waiting and not (self._families[0].count or self._families[1].count):
+        tallies = self._tallies
+        if not tallies.waiting and not tallies.holders:
             return 1.0  # it would be alone on the card
-        return self._policy_at(workload.is_diffusion, priority, self.seen(priority), 0)
+        return self._policy_at(Family.of(workload), priority, self.seen(priority), 0)
 
     def target(self, holding: Holding) -> float:
         """A holding's current quality target (after release: the last one it had)."""
         if holding.released:
             return holding.notified_quality
-        if holding.shrink_cap is None and self._alone():
-            return 1.0
+        tallies = self._tallies
+        if holding.shrink_cap is None and not tallies.waiting and tallies.holders == 1:
+            return 1.0  # alone on the card
         seen = self.seen(holding.priority)
         if holding.min_memory is None:
             if seen < self._threshold * self.budget:
                 return 1.0  # the common case, without the policy's arithmetic
-            quality = self._policy_at(holding.diffusion, holding.priority, seen, 0)
+            quality = self._policy_at(holding.family, holding.priority, seen, 0)
         else:
             quality = self._elastic_target(holding, seen - holding.memory)
         if holding.shrink_cap is not None:
-            quality = max(self._floors[holding.diffusion], min(quality, holding.shrink_cap))
+            quality = max(self._floors[holding.family], min(quality, holding.shrink_cap))
         return quality
 
-    def _target_at(self, holding: Holding, memory: int, granted: int) -> float:
+    def target_at(self, holding: Holding, memory: int, granted: int) -> float:
         """The target ``holding`` would have holding ``memory`` bytes once ``granted``
-        bytes are granted in all (``_fit`` asks it before a grant)."""
-        extra = granted - self.granted
-        holders = self._families[0].count + self._families[1].count
+        bytes are granted in all (asked before a grant with ``min_quality``)."""
+        tallies = self._tallies
+        extra = granted - tallies.granted
         new = holding.granted_seq < 0
-        if self.waiting <= 1 and holders == (0 if new else 1):
+        if tallies.waiting <= 1 and tallies.holders == (0 if new else 1):
             return 1.0  # it will be alone on the card
         seen = self.seen(holding.priority) + extra
         if new:  # it leaves the queue: what it waits for no longer counts
             seen -= holding.max_memory if holding.min_memory is None else holding.min_memory
         if holding.min_memory is None:
-            return self._policy_at(holding.diffusion, holding.priority, seen, extra)
+            return self._policy_at(holding.family, holding.priority, seen, extra)
         return self._elastic_target(holding, seen - memory)
 
-    def _alone(self) -> bool:
-        return not self.waiting and self._families[0].count + self._families[1].count == 1
-
-    def _retarget_all(self) -> None:
-        """Tell watchers whose target moved; count every drop that asks an elastic
-        holder to shrink, watched or not (an unwatched one reads ``quality``)."""
-        for holding in self._watched:
-            if self._retarget(holding):
-                self._quality_changed(holding)
-        for elastic in self._elastic.values():
-            for holding in elastic:
-                if not holding.watchers:
-                    self._retarget(holding)
-
-    def _retarget(self, holding: Holding) -> bool:
-        """Recompute a watched holding's target; True when it changed. A drop that asks
-        an elastic holder to shrink counts as a quality reduction."""
-        quality = self.target(holding)
-        previous = holding.notified_quality
-        if quality == previous:
-            return False
-        holding.notified_quality = quality
-        if quality < previous and holding.min_memory is not None:
-            floor = self._floors[holding.diffusion]
-            wanted = size_for_quality(quality, holding.min_memory, holding.max_memory, floor)
-            if wanted < holding.memory:
-                self.stats.quality_reductions += 1
-        return True
+    def policy_for(self, family: Family, priority: Priority, pressure: float) -> float:
+        """The policy value at a given ``pressure`` ratio (the arbiter-wide averages)."""
+        return self._policy_at(family, priority, round(pressure * self.budget), 0)
 
     def _elastic_target(self, holding: Holding, others: int) -> float:
         """The best quality an elastic holder can run at, given that ``others`` bytes
@@ -130,19 +103,20 @@ class QualityTargets:
         share and its policy value cross, over the sizes it could hold (what it holds
         plus free memory, which its own resizing leaves unchanged)."""
         assert holding.min_memory is not None
+        tallies = self._tallies
         low = holding.min_memory
-        free = self.budget - self.granted - self.external
+        free = self.budget - tallies.granted - tallies.external
         high = max(low, min(holding.max_memory, holding.memory + free))
-        diffusion, priority = holding.diffusion, holding.priority
+        family, priority = holding.family, holding.priority
         mine = other_family = 0
         if self._policy is QualityPolicy.PROPORTIONAL:
-            mine = sum(self._families[diffusion].at[priority:]) - holding.memory
-            other_family = sum(self._families[not diffusion].at[priority:])
+            mine = sum(tallies.families[family].at[priority:]) - holding.memory
+            other_family = sum(tallies.families[1 - family].at[priority:])
         return fixed_point_quality(
             self._policy,
             priority,
             threshold=self._threshold,
-            floor=self._floors[diffusion],
+            floor=self._floors[family],
             budget=self.budget,
             others=others,
             low=low,
@@ -152,7 +126,7 @@ class QualityTargets:
             other_family=other_family,
         )
 
-    def _policy_at(self, diffusion: bool, priority: Priority, seen: int, extra: int) -> float:
+    def _policy_at(self, family: Family, priority: Priority, seen: int, extra: int) -> float:
         """The policy value at ``seen`` bytes of pressure for a holder of ``priority``;
         ``extra`` bytes more (or fewer) in its own family for ``PROPORTIONAL``'s share."""
         pressure = seen / self.budget
@@ -160,18 +134,15 @@ class QualityTargets:
             return 1.0  # every policy's answer below the threshold
         share = 1.0
         if self._policy is QualityPolicy.PROPORTIONAL:
-            mine = sum(self._families[diffusion].at[priority:]) + extra
-            other = sum(self._families[not diffusion].at[priority:])
+            families = self._tallies.families
+            mine = sum(families[family].at[priority:]) + extra
+            other = sum(families[1 - family].at[priority:])
             share = mine / (mine + other) if other and mine + other > 0 else 1.0
         return policy_target(
             self._policy,
             priority,
             pressure,
             threshold=self._threshold,
-            floor=self._floors[diffusion],
+            floor=self._floors[family],
             family_share=share,
         )
-
-    def _policy_for(self, diffusion: bool, priority: Priority, pressure: float) -> float:
-        """The policy value at a given ``pressure`` ratio (the arbiter-wide averages)."""
-        return self._policy_at(diffusion, priority, round(pressure * self.budget), 0)

@@ -71,7 +71,7 @@ async def test_the_charge_is_one_background_elastic_allocation(tmp_path) -> None
         (holding,) = list(arbiter._ledger.holdings())
         assert holding.priority is Priority.BACKGROUND
         assert holding.preemptible and holding.elastic
-        assert holding.label == "fragment-cache"  # type: ignore[attr-defined]
+        assert holding.ticket.label == "fragment-cache"  # type: ignore[attr-defined]
 
 
 async def test_vram_stand_in_shrinks_when_a_higher_priority_needs_the_memory(tmp_path) -> None:

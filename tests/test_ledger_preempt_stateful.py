@@ -1,12 +1,12 @@
 """The sync core under preemption, driven by hypothesis on a virtual clock.
 
 The machine plays the async shell and well-behaved holders: victims unwind and
-release when they like, elastic holders asked to shrink comply (or not), parked
-waiters escalate when their reclaim grace has passed, and the keep_alive timer
-fires. After every step the ledger's books must be exact; at every preemption
-request the victim must be fair game: strictly below the waiter it is taken for,
-preemptible, chosen in DESIGN.md's order, only after the grace when elastic holders
-were asked to shrink, and only when enough will then be freed.
+release when they like, elastic holders asked to shrink comply (or not), and the
+core's timer (`advance`) fires: reclaim graces end, keep_alive expires. After every
+step the ledger's books must be exact; at every preemption request the victim must
+be fair game: strictly below the waiter it is taken for, preemptible, chosen in
+DESIGN.md's order, only after the grace when elastic holders were asked to shrink,
+and only when enough will then be freed.
 """
 
 from __future__ import annotations
@@ -18,8 +18,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from arbiter import ArbiterConfig, Priority, WorkloadType
-from arbiter._ledger import GRANTED, WAITING, Holding, Ledger, Request
+from arbiter._ledger import Event, Ledger, Outcome
 from arbiter._quality import size_for_quality
+from arbiter._records import (
+    GRANTED,
+    WAITING,
+    Growth,
+    Holding,
+    NewAllocation,
+    ReclaimPhase,
+    Request,
+)
 
 BUDGET = 100
 
@@ -67,19 +76,26 @@ class PreemptionMachine(RuleBasedStateMachine):
     def build(self, grace: float) -> None:
         self.grace = grace
         config = ArbiterConfig(vram_budget=BUDGET, reclaim_grace=grace)
-        self.ledger = DispatchCountingLedger(config, wake=self.on_wake, preempt=self.on_preempt)
+        self.keep_alive_seen = 0
+        self.ledger = DispatchCountingLedger(config, sink=self.on_event)
 
     # -- the hooks ---------------------------------------------------------------
 
-    def on_wake(self, request: Request) -> None:
-        if request.state is GRANTED:
+    def on_event(self, event: Event, ticket: object) -> None:
+        if event is Event.GRANTED:
             ledger = self.ledger
             assert ledger.granted + ledger.external <= ledger.budget
+        elif event is Event.PREEMPT:
+            assert isinstance(ticket, Holding)
+            self.on_preempt(ticket)
 
     def on_preempt(self, holding: Holding) -> None:
         assert not holding.released and holding.preempt_requested
         self.preempted_total += 1
-        if self.in_timer:  # keep_alive: any priority, but never a busy holder
+        reclaims = self.ledger.stats.keep_alive_reclaims
+        if self.in_timer and reclaims > self.keep_alive_seen:
+            # keep_alive: any priority, but never a busy holder
+            self.keep_alive_seen = reclaims
             assert holding.keep_alive is not None and holding.busy_spans == 0
             assert holding.idle_since + holding.keep_alive <= self.now
             return
@@ -146,7 +162,7 @@ class PreemptionMachine(RuleBasedStateMachine):
 
     def note_asks(self) -> None:
         for request in self.pending:
-            if request.state is WAITING and request.reclaim_phase == 1:
+            if request.state is WAITING and request.reclaim_phase is ReclaimPhase.ASKED:
                 self.asked_at.setdefault(request, self.now)
 
     def adopt_grants(self) -> None:
@@ -154,7 +170,7 @@ class PreemptionMachine(RuleBasedStateMachine):
         for request in list(self.pending):
             if request.state is GRANTED:
                 self.pending.remove(request)
-                if not request.grow:
+                if not isinstance(request, Growth):
                     self.holdings.append(request.holding)
             elif request.state is not WAITING:
                 self.pending.remove(request)
@@ -197,7 +213,8 @@ class PreemptionMachine(RuleBasedStateMachine):
             preemptible=preemptible,
             keep_alive=keep_alive,
         )
-        self.submit(Request(holding, size, top))
+        holding.ticket = holding
+        self.submit(NewAllocation(holding, size, top))
 
     @precondition(lambda self: self.holdings)
     @rule(data=st.data())
@@ -240,36 +257,33 @@ class PreemptionMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.holdings)
     @rule(data=st.data())
     def grow(self, data: st.DataObject) -> None:
-        growing = {id(r.holding) for r in self.pending if r.grow}
+        growing = {id(r.holding) for r in self.pending if isinstance(r, Growth)}
         pool = [h for h in self.holdings if h.memory < BUDGET and id(h) not in growing]
         if not pool:
             return
         holding = data.draw(st.sampled_from(pool))
         delta = data.draw(st.integers(1, BUDGET - holding.memory))
-        self.submit(Request(holding, delta, delta, grow=True))
+        self.submit(Growth(holding, delta))
 
     @precondition(lambda self: self.waiting())
     @rule(data=st.data())
     def give_up(self, data: st.DataObject) -> None:
         """A parked waiter times out or is cancelled."""
         request = data.draw(st.sampled_from(self.waiting()))
-        self.call(self.ledger.withdraw, request)
+        self.call(lambda now: self.ledger.withdraw(request, now, Outcome.CANCELLED))
         assert request.state is not WAITING and request not in self.pending
 
     @rule(wait=st.sampled_from([0.1, 0.6, 1.0, 2.5]))
     def time_passes(self, wait: float) -> None:
-        """Parked waiters whose grace has passed escalate; the keep_alive timer looks."""
+        """The core's timer: graces that have passed end, keep_alive expires."""
         self.now += wait
-        for request in self.waiting():
-            if request.reclaim_deadline <= self.now:
-                self.call(self.ledger.escalate, request)
         self.in_timer = True
-        asked_before = self.preempted_total
+        reclaims_before = self.ledger.stats.keep_alive_reclaims
         try:
-            self.call(self.ledger.reclaim_idle)
+            self.call(self.ledger.advance)
         finally:
             self.in_timer = False
-        if self.preempted_total > asked_before:
+        if self.ledger.stats.keep_alive_reclaims > reclaims_before:
             self.judged = False
 
     @precondition(lambda self: self.holdings)
@@ -322,7 +336,7 @@ class PreemptionMachine(RuleBasedStateMachine):
             return
         free = ledger.budget - ledger.granted - ledger.external
         short = head.min_size - free - ledger.on_the_way
-        if short <= 0 or head.reclaim_phase == 1:
+        if short <= 0 or head.reclaim_phase is ReclaimPhase.ASKED:
             return
         assert sum(h.memory for h in self.eligible(head)) < short, "a waiter stalls"
 
@@ -331,7 +345,7 @@ class PreemptionMachine(RuleBasedStateMachine):
             return
         ledger = self.ledger
         for request in self.waiting():
-            ledger.withdraw(request, self.now)
+            ledger.withdraw(request, self.now, Outcome.CANCELLED)
         self.adopt_grants()
         for holding in self.holdings:
             ledger.release(holding, self.now)

@@ -22,7 +22,8 @@ from hypothesis.stateful import (
 )
 
 from arbiter import Arbiter, ArbiterConfig, Priority, WorkloadType
-from arbiter._ledger import GRANTED, WAITING, Holding, Ledger, Request
+from arbiter._ledger import Event, Ledger, Outcome
+from arbiter._records import GRANTED, WAITING, Growth, Holding, NewAllocation, Request
 
 BUDGET = 100
 
@@ -46,16 +47,18 @@ class LedgerMachine(RuleBasedStateMachine):
     @initialize(grace=st.sampled_from([0.0, 2.0]))
     def build(self, grace: float) -> None:
         config = ArbiterConfig(vram_budget=BUDGET, reclaim_grace=grace)
-        self.ledger = Ledger(config, wake=self.on_wake)
+        self.ledger = Ledger(config, sink=self.on_event)
         # The arbiter's snapshot reads this ledger, so state() is checked as well.
         self.arbiter = Arbiter(config, probe=None)
         self.arbiter._ledger = self.ledger
 
     # -- the hooks -------------------------------------------------------------
 
-    def on_wake(self, request: Request) -> None:
-        if request.state is not GRANTED:
-            return  # a failed grow, or a waiter asked to re-park for the reclaim grace
+    def on_event(self, event: Event, ticket: object) -> None:
+        if event is not Event.GRANTED:
+            return  # a failed grow, a reclaim deadline, a preemption or a quality change
+        assert isinstance(ticket, Request)
+        request = ticket
         self.grants += 1
         ledger = self.ledger
         assert ledger.granted + ledger.external <= ledger.budget, "granted over the budget"
@@ -69,9 +72,10 @@ class LedgerMachine(RuleBasedStateMachine):
     # -- helpers ---------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
+        request.ticket = request  # the events name the request itself
         self.order[request] = next(self.seq)
         if self.ledger.submit(request, self.now):
-            if not request.grow:
+            if not isinstance(request, Growth):
                 self.holdings.append(request.holding)
         else:
             self.pending.append(request)
@@ -80,13 +84,18 @@ class LedgerMachine(RuleBasedStateMachine):
         return [r for r in self.pending if r.state is WAITING]
 
     def growing(self, holding: Holding) -> bool:
-        return any(r.grow and r.holding is holding for r in self.pending)
+        return any(isinstance(r, Growth) and r.holding is holding for r in self.pending)
+
+    def granted_growths(self, holding: Holding) -> list[Request]:
+        return [
+            r
+            for r in self.pending
+            if isinstance(r, Growth) and r.holding is holding and r.state is GRANTED
+        ]
 
     def escalate_due(self) -> None:
-        """A parked waiter wakes at its reclaim deadline and asks the ledger to go on."""
-        for request in self.waiting():
-            if request.reclaim_deadline <= self.now:
-                self.ledger.escalate(request, self.now)
+        """The core's timer: whatever is due at the new time is decided."""
+        self.ledger.advance(self.now)
 
     # -- rules -----------------------------------------------------------------
 
@@ -109,10 +118,10 @@ class LedgerMachine(RuleBasedStateMachine):
     ) -> None:
         if elastic is None:
             holding = Holding(workload, priority, size, None, preemptible=preemptible)
-            request = Request(holding, size, size, min_quality=min_quality)
+            request = NewAllocation(holding, size, size, min_quality=min_quality)
         else:  # min_memory = size, memory = size + elastic (may exceed the budget)
             holding = Holding(workload, priority, size + elastic, size, preemptible=preemptible)
-            request = Request(holding, size, size + elastic, min_quality=min_quality)
+            request = NewAllocation(holding, size, size + elastic, min_quality=min_quality)
         self.submit(request)
 
     @precondition(lambda self: self.holdings)
@@ -133,7 +142,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         request = data.draw(st.sampled_from(woken))
         self.pending.remove(request)
-        if request.state is GRANTED and not request.grow:
+        if request.state is GRANTED and not isinstance(request, Growth):
             self.holdings.append(request.holding)
 
     @precondition(lambda self: self.pending)
@@ -146,7 +155,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         request = data.draw(st.sampled_from(choices))
         self.pending.remove(request)
-        self.ledger.withdraw(request, self.now)
+        self.ledger.withdraw(request, self.now, Outcome.CANCELLED)
         assert request.state is not WAITING and request.state is not GRANTED
 
     @precondition(lambda self: self.pending)
@@ -159,7 +168,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if waiting:
             request = data.draw(st.sampled_from(waiting))
             self.pending.remove(request)
-            self.ledger.withdraw(request, self.now)
+            self.ledger.withdraw(request, self.now, Outcome.CANCELLED)
 
     @precondition(lambda self: self.pending)
     @rule(
@@ -173,11 +182,14 @@ class LedgerMachine(RuleBasedStateMachine):
         if head is None or priority > head.priority:
             return
         for size in sizes:
-            request = Request(Holding(WorkloadType.LLM_INFERENCE, priority, size, None), size, size)
+            request = NewAllocation(
+                Holding(WorkloadType.LLM_INFERENCE, priority, size, None), size, size
+            )
             request.may_reclaim = False  # a request that will not wait disturbs no one
             self.order[request] = next(self.seq)
+            request.ticket = request
             assert not self.ledger.submit(request, self.now), "granted past a blocked head"
-            self.ledger.withdraw(request, self.now)
+            self.ledger.withdraw(request, self.now, Outcome.CANCELLED)
             del self.order[request]
         queued = sum(len(queue) for queue in self.ledger._queues.values())
         assert queued == len(self.waiting())
@@ -195,10 +207,18 @@ class LedgerMachine(RuleBasedStateMachine):
         if holding.memory < lowest:
             return
         size = data.draw(st.integers(lowest, holding.memory))
-        grown = [r for r in self.pending if r.grow and r.holding is holding and r.state is GRANTED]
+        grown = [
+            r
+            for r in self.pending
+            if isinstance(r, Growth) and r.holding is holding and r.state is GRANTED
+        ]
         self.ledger.shrink(holding, size, self.now)
         # What it freed may have granted its own queued growth at once.
-        grown += [r for r in self.pending if r.grow and r.holding is holding and r.state is GRANTED]
+        grown += [
+            r
+            for r in self.pending
+            if isinstance(r, Growth) and r.holding is holding and r.state is GRANTED
+        ]
         if not grown:
             assert holding.memory == size
 
@@ -217,7 +237,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         holding = data.draw(st.sampled_from(holdings))
         delta = data.draw(st.integers(1, BUDGET - holding.memory))
-        self.submit(Request(holding, delta, delta, grow=True))
+        self.submit(Growth(holding, delta))
 
     @rule(external=st.integers(0, BUDGET + 30))
     def set_external(self, external: int) -> None:
@@ -234,7 +254,7 @@ class LedgerMachine(RuleBasedStateMachine):
         ledger.check_invariants()
         live = {id(h): h for h in self.holdings}
         for request in self.pending:
-            if request.state is GRANTED and not request.grow:
+            if request.state is GRANTED and not isinstance(request, Growth):
                 live[id(request.holding)] = request.holding
         held = sum(h.memory for h in live.values() if not h.released)
         assert ledger.granted == held
@@ -267,10 +287,10 @@ class LedgerMachine(RuleBasedStateMachine):
         ledger = self.ledger
         for request in self.waiting():
             self.pending.remove(request)
-            ledger.withdraw(request, self.now)
+            ledger.withdraw(request, self.now, Outcome.CANCELLED)
         for request in list(self.pending):
             self.pending.remove(request)
-            if request.state is GRANTED and not request.grow:
+            if request.state is GRANTED and not isinstance(request, Growth):
                 self.holdings.append(request.holding)
         for holding in self.holdings:
             ledger.release(holding, self.now)

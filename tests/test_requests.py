@@ -25,7 +25,8 @@ from arbiter import (
     Priority,
     WorkloadType,
 )
-from arbiter._ledger import Holding, Ledger, Request
+from arbiter._ledger import Event, Ledger, Outcome
+from arbiter._records import Growth, Holding, NewAllocation
 from arbiter.testing import FakeGpu
 
 LLM = WorkloadType.LLM_INFERENCE
@@ -480,50 +481,70 @@ async def test_cancellation_racing_a_grant_passes_the_memory_on() -> None:
 
 def test_ledger_withdraw_after_a_raced_grant_gives_the_memory_to_the_next_waiter() -> None:
     """The shell withdraws a request whose timeout or cancellation raced its grant."""
-    woken: list[Request] = []
-    ledger = Ledger(ArbiterConfig(vram_budget=100), wake=woken.append)
+    granted: list[object] = []
+
+    def sink(event: Event, ticket: object) -> None:
+        if event is Event.GRANTED:
+            granted.append(ticket)
+
+    ledger = Ledger(ArbiterConfig(vram_budget=100), sink=sink)
     holder = Holding(LLM, NORMAL, 100, None)
-    assert ledger.submit(Request(holder, 100, 100), now=0.0)
+    assert ledger.submit(NewAllocation(holder, 100, 100, ticket="holder"), now=0.0)
     first_holding = Holding(LLM, NORMAL, 70, None)
-    first = Request(first_holding, 70, 70)
-    second = Request(Holding(LLM, NORMAL, 60, None), 60, 60)
+    first = NewAllocation(first_holding, 70, 70, ticket="first")
+    second = NewAllocation(Holding(LLM, NORMAL, 60, None), 60, 60, ticket="second")
     assert not ledger.submit(first, now=1.0)
     assert not ledger.submit(second, now=2.0)
-    woken.clear()
+    granted.clear()
     ledger.release(holder, now=3.0)
-    assert woken == [first] and ledger.granted == 70
-    ledger.withdraw(first, now=3.0)  # its waiter timed out before it could run
-    assert woken == [first, second]
+    assert granted == ["first"] and ledger.granted == 70
+    ledger.withdraw(first, now=3.0, outcome=Outcome.TIMED_OUT)  # it timed out before it ran
+    assert granted == ["first", "second"]
     assert ledger.granted == 60 and ledger.waiting == 0
     assert first_holding.memory == 0
+    stats = ledger.stats.snapshot(3.0)
+    assert (stats.successful_allocations, stats.timeouts) == (2, 1)
     ledger.check_invariants()
 
 
-def test_ledger_drops_withdrawn_entries_once_nothing_waits() -> None:
-    """A withdrawn request stays queued until the queue is next looked at; once nothing
-    waits, nothing holds on to it (and to its holder) any longer."""
+def test_ledger_lets_go_of_a_withdrawn_request_at_once() -> None:
+    """A withdrawn request leaves the queue at once, even behind a blocked head."""
     ledger = Ledger(ArbiterConfig(vram_budget=100))
     holder = Holding(LLM, NORMAL, 100, None)
-    assert ledger.submit(Request(holder, 100, 100), now=0.0)
-    waiters = [Request(Holding(LLM, priority, 50, None), 50, 50) for priority in (NORMAL, HIGH)]
+    assert ledger.submit(NewAllocation(holder, 100, 100), now=0.0)
+    waiters = [NewAllocation(Holding(LLM, p, 50, None), 50, 50) for p in (HIGH, NORMAL)]
     for request in waiters:
         assert not ledger.submit(request, now=1.0)
-    ledger.withdraw(waiters[0], now=2.0)
-    assert any(ledger._queues.values())  # HIGH still waits
-    ledger.withdraw(waiters[1], now=3.0)
-    assert ledger.waiting == 0 and not any(ledger._queues.values())
+    ledger.withdraw(waiters[1], now=2.0, outcome=Outcome.CANCELLED)  # behind the head
+    assert list(ledger.waiters()) == [waiters[0]]
+    ledger.withdraw(waiters[0], now=3.0, outcome=Outcome.CANCELLED)
+    assert ledger.waiting == 0 and not list(ledger.waiters())
     ledger.check_invariants()
 
 
-def test_ledger_drops_a_failed_growth_once_nothing_waits() -> None:
+def test_ledger_drops_a_failed_growth_at_once() -> None:
     """Releasing a holder fails its queued growth; the queue lets go of it (and of the
-    released holder) at once, not when the next request happens to queue."""
+    released holder) at once."""
     ledger = Ledger(ArbiterConfig(vram_budget=100))
     big, small = Holding(LLM, NORMAL, 60, None), Holding(LLM, NORMAL, 20, None)
     assert ledger.grant_now(big, 60, 60, now=0.0) and ledger.grant_now(small, 20, 20, now=0.0)
-    assert not ledger.submit(Request(small, 40, 40, grow=True), now=1.0)
+    assert not ledger.submit(Growth(small, 40), now=1.0)
     ledger.release(small, now=2.0)
-    assert ledger.waiting == 0 and not any(ledger._queues.values())
+    assert ledger.waiting == 0 and not list(ledger.waiters())
+    ledger.check_invariants()
+
+
+def test_ledger_releases_everything_an_owner_holds_or_waits_for() -> None:
+    ledger = Ledger(ArbiterConfig(vram_budget=100))
+    session, other = object(), object()
+    mine = Holding(LLM, NORMAL, 50, None, owner=session)
+    theirs = Holding(LLM, NORMAL, 30, None, owner=other)
+    assert ledger.grant_now(mine, 50, 50, now=0.0) and ledger.grant_now(theirs, 30, 30, now=0.0)
+    waiting = NewAllocation(Holding(LLM, NORMAL, 40, None, owner=session), 40, 40)
+    assert not ledger.submit(waiting, now=1.0)
+    ledger.release_owner(session, now=2.0)
+    assert mine.released and not theirs.released and waiting.state == "withdrawn"
+    assert ledger.granted == 30 and ledger.waiting == 0
     ledger.check_invariants()
 
 

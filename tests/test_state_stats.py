@@ -28,7 +28,8 @@ from arbiter import (
     ShuttingDown,
     WorkloadType,
 )
-from arbiter._ledger import Holding, Ledger, Request
+from arbiter._ledger import Ledger
+from arbiter._records import Holding, NewAllocation
 from arbiter.testing import FakeGpu
 
 LLM = WorkloadType.LLM_INFERENCE
@@ -248,8 +249,8 @@ def test_time_weighted_averages_on_the_ledger() -> None:
     ledger = Ledger(ArbiterConfig(vram_budget=100))
     llm = Holding(LLM, NORMAL, 50, None)
     image = Holding(IMAGE, NORMAL, 40, None)
-    assert ledger.submit(Request(llm, 50, 50), now=0.0)  # pressure 0.5 for 10 s
-    assert ledger.submit(Request(image, 40, 40), now=10.0)  # 0.9 for 10 s
+    assert ledger.submit(NewAllocation(llm, 50, 50), now=0.0)  # pressure 0.5 for 10 s
+    assert ledger.submit(NewAllocation(image, 40, 40), now=10.0)  # 0.9 for 10 s
     llm_at_09 = ledger.recommended(LLM, NORMAL)
     diffusion_at_09 = ledger.recommended(IMAGE, NORMAL)
     assert llm_at_09 < 1.0 and diffusion_at_09 < 1.0  # above the 0.85 threshold
@@ -270,7 +271,7 @@ def test_time_weighted_averages_on_the_ledger() -> None:
 def test_time_weighted_averages_follow_external_use_and_shrinks() -> None:
     ledger = Ledger(ArbiterConfig(vram_budget=100))
     holding = Holding(LLM, NORMAL, 60, 20)
-    assert ledger.submit(Request(holding, 20, 60), now=0.0)  # 0.6 for 5 s
+    assert ledger.submit(NewAllocation(holding, 20, 60), now=0.0)  # 0.6 for 5 s
     ledger.set_external(30, now=5.0)  # 0.9 for 5 s
     ledger.shrink(holding, 20, now=10.0)  # 0.5 for 10 s
     ledger.set_external(0, now=20.0)  # 0.2 for 20 s
@@ -306,17 +307,17 @@ async def test_time_weighted_pressure_is_plausible_on_a_real_loop() -> None:
 def test_wait_percentiles_per_priority_on_the_ledger() -> None:
     ledger = Ledger(ArbiterConfig(vram_budget=100))
     holder = Holding(LLM, Priority.USER_FACING, 100, None)
-    assert ledger.submit(Request(holder, 100, 100), now=0.0)
+    assert ledger.submit(NewAllocation(holder, 100, 100), now=0.0)
     waiters = [Holding(LLM, NORMAL, 100, None) for _ in range(100)]
     for holding in waiters:
-        assert not ledger.submit(Request(holding, 100, 100), now=0.0)
+        assert not ledger.submit(NewAllocation(holding, 100, 100), now=0.0)
     # Each waiter is granted one second after the one before: waits 1, 2, ... 100 s.
     ledger.release(holder, now=1.0)
     for n, holding in enumerate(waiters[:-1], start=2):
         ledger.release(holding, now=float(n))
     ledger.release(waiters[-1], now=101.0)
     high = Holding(IMAGE, Priority.HIGH, 10, None)
-    assert ledger.submit(Request(high, 10, 10), now=200.0)
+    assert ledger.submit(NewAllocation(high, 10, 10), now=200.0)
     stats = ledger.stats.snapshot(300.0)
     assert set(stats.wait_percentiles) == set(Priority)
     normal = stats.wait_percentiles[NORMAL]
