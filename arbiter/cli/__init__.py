@@ -1,4 +1,4 @@
-"""The ``arbiter`` command line: ``arbiter detect`` and ``arbiter simulate``.
+"""The ``arbiter`` command line: ``detect``, ``simulate``, ``serve`` and ``status``.
 
 Bad input (a usage error, a missing or malformed trace, a bad size) ends with exit
 status 2 and one line on stderr, never a traceback.
@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-
-from rich.console import Console
 
 from ._args import UsageError, build_parser
 from ._trace import BUILTIN_MINUTES, Trace, TraceError, builtin_trace, load_trace
@@ -37,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command in ("serve", "status"):
+            return _run_daemon_command(args)
+        from rich.console import Console
+
         if args.command == "detect":
             from ._detect import run_detect
 
@@ -52,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{exc.name} is missing: pip install 'gpu-arbiter[cli]'")
     except KeyboardInterrupt:
         return 130
+
+
+def _run_daemon_command(args: argparse.Namespace) -> int:
+    # Neither needs the cli extra (rich, trio): serve runs on asyncio.
+    if args.command == "serve":
+        from ._serve import run_serve
+
+        return run_serve(args)
+    from ._status import run_status
+
+    return run_status(args)
 
 
 def _fail(message: str) -> int:
@@ -97,6 +110,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(as_json(args.vram_gb, results)))
         return 0
+    from rich.console import Console
+
     console = Console()
     print_report(console, trace, args.vram_gb, results)
     if args.plot is not None:
@@ -147,6 +162,7 @@ class _LazyProgress:
         self._bar.update(self._task, completed=self._done)
 
     def _start(self) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         columns: list[Any] = [
