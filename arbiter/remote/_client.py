@@ -376,7 +376,9 @@ class RemoteArbiter:
             if self._allocations:
                 await self._reconnect()
 
-    def _end(self, connection: _Connection, error: BaseException, *, keep_held: bool = False):
+    def _end(
+        self, connection: _Connection, error: BaseException, *, keep_held: bool = False
+    ) -> None:
         connection.closed = True
         for pending in connection.pending.values():
             pending.error = error

@@ -482,6 +482,7 @@ class SessionHost:
         with anyio.move_on_after(math.inf if limit is None else limit):
             await self._admit_new.wait()
         if not self._admit_new.is_set():
+            assert limit is not None
             raise AllocationTimeout(limit)
         return None if limit is None else max(0.0, limit - (anyio.current_time() - started))
 
