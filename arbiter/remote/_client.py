@@ -185,6 +185,8 @@ class RemoteArbiter:
         self._connecting = anyio.Lock()
         self._reconnected: anyio.Event | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._services: anyio.CancelScope | None = None
         self._config: ArbiterConfig | None = None
         self._ttl = 10.0
         self._state: ArbiterState | None = None
@@ -224,14 +226,26 @@ class RemoteArbiter:
         await task_group.__aenter__()
         self._task_group = task_group
         try:
+            await task_group.start(self._supervise, name="RemoteArbiter session")
             await self._open([])
             await self.refresh()
         except BaseException:
-            task_group.cancel_scope.cancel()
+            self._close()
             self._task_group = None
             await task_group.__aexit__(None, None, None)
             raise
         return self
+
+    async def _supervise(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Own the sessions' tasks (reader, writer, pinger, reconnection) until closed."""
+        try:
+            with anyio.CancelScope() as self._services:
+                async with anyio.create_task_group() as tasks:
+                    self._tasks = tasks
+                    task_status.started()
+                    await anyio.sleep_forever()
+        finally:
+            self._services = self._tasks = None
 
     async def __aexit__(
         self,
@@ -242,15 +256,14 @@ class RemoteArbiter:
         self._close()
         task_group, self._task_group = self._task_group, None
         if task_group is not None:
-            task_group.cancel_scope.cancel()
+            # The body's own exception (or cancellation) passes through untouched: the
+            # task group only holds our services, which are cancelled now.
             await task_group.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
         """Close the session: waiting and later requests raise `ShuttingDown`, and what
         this client still holds is released. Idempotent."""
         self._close()
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
         await anyio.lowlevel.checkpoint()
 
     def _close(self) -> None:
@@ -266,6 +279,8 @@ class RemoteArbiter:
         self._allocations.clear()
         if self._reconnected is not None:
             self._reconnected.set()
+        if self._services is not None:
+            self._services.cancel()
 
     # -- the connection -----------------------------------------------------------
 
@@ -301,8 +316,10 @@ class RemoteArbiter:
         self._ttl = welcome.ttl
         self._config = welcome.config
         self._connection = connection
-        assert self._task_group is not None
-        self._task_group.start_soon(self._run, connection)
+        if self._tasks is None:
+            await anyio.aclose_forcefully(stream)
+            raise ShuttingDown("the RemoteArbiter is closed")
+        self._tasks.start_soon(self._run, connection)
         return connection
 
     def _read_handshake(self, data: bytes) -> Welcome:

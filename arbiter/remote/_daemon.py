@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
 from .._allocation import Allocation
@@ -412,8 +413,8 @@ class SessionHost:
                 elif held.busy:
                     held.busy.pop().__exit__(None, None, None)
         elif isinstance(message, Sync):
-            self.refresh_stats()
-            session.push(Synced(message.key))
+            assert session.task_group is not None
+            session.task_group.start_soon(self._sync, session, message.key)
         else:
             assert isinstance(message, Status)
             session.push(self.status(message.key))
@@ -474,6 +475,13 @@ class SessionHost:
             waited_s=round(waited, 6),
         )
         await self._watch(session, key, held)
+
+    async def _sync(self, session: Session, key: int) -> None:
+        # Tasks run in the order they were started: one checkpoint lets the requests
+        # received before this Sync reach the arbiter (and park) before it is answered.
+        await anyio.lowlevel.checkpoint()
+        self.refresh_stats()
+        session.push(Synced(key))
 
     async def _wait_admission(self, timeout: Any) -> Any:
         """Wait (a restarted daemon) until new grants are admitted; the timeout left."""
