@@ -92,7 +92,7 @@ SOCK = sys.argv[1]
 def say(*words):
     print(*words, flush=True)
 async def line():
-    return (await anyio.to_thread.run_sync(sys.stdin.readline)).strip()
+    return (await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)).strip()
 """
 
 
@@ -141,6 +141,9 @@ class Client:
         self.proc.stdin.flush()
 
     def finish(self, timeout: float = 15.0) -> tuple[int, str]:
+        """Wait for the process to exit (its stdin closed: a thread reading it returns)."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

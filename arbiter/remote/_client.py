@@ -38,7 +38,7 @@ from .._errors import (
     SessionLost,
     ShuttingDown,
 )
-from .._log import log
+from .._log import log, note
 from .._quality import size_for_quality
 from .._stats import ArbiterState, ArbiterStats
 from .._types import (
@@ -416,7 +416,7 @@ class RemoteArbiter:
                 try:
                     async with self._connecting:
                         await self._open(reclaims)
-                    log.info("arbiter daemon reconnected", socket=str(self._path))
+                    note("arbiter daemon reconnected", socket=str(self._path))
                     return
                 except ArbiterUnavailable:
                     if anyio.current_time() + RECONNECT_INTERVAL >= deadline:
