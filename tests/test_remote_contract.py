@@ -215,8 +215,7 @@ async def test_quality_changes_end_at_release(arbiter: Any) -> None:
     async with anyio.create_task_group() as tg:
 
         async def read() -> None:
-            async for quality in alloc.quality_changes():
-                seen.append(quality)
+            seen.extend([quality async for quality in alloc.quality_changes()])
 
         tg.start_soon(read)
         await settle(arbiter)

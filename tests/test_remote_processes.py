@@ -177,7 +177,7 @@ def test_status_without_daemon_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_no_daemon_is_arbiter_unavailable(tmp_path: Path) -> None:
-    with pytest.raises(ArbiterUnavailable, match="nothing.sock"):
+    with pytest.raises(ArbiterUnavailable, match=r"nothing\.sock"):
         async with RemoteArbiter(tmp_path / "nothing.sock"):
             pass
 
