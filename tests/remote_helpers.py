@@ -43,14 +43,21 @@ def wait_connectable(sock: Path, proc: subprocess.Popen[Any] | None = None) -> N
     raise TimeoutError(f"nothing serves {sock}")
 
 
+def daemon_log(sock: Path) -> Path:
+    """Where `start_daemon` writes the daemon's stderr (its structlog events)."""
+    return sock.with_name(sock.name + ".log")
+
+
 def start_daemon(sock: Path, *args: str, vram_gb: float = 10) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        serve_command(sock, *args, vram_gb=vram_gb),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    # stderr to a file, not a pipe: nobody reads a pipe, and a full one would stall it.
+    with open(daemon_log(sock), "a") as log:
+        proc = subprocess.Popen(
+            serve_command(sock, *args, vram_gb=vram_gb),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+            cwd=ROOT,
+        )
     try:
         wait_connectable(sock, proc)
     except BaseException:

@@ -33,7 +33,6 @@ from .._arbiter import Arbiter
 from .._arguments import DEFAULT
 from .._errors import (
     AllocationTimeout,
-    ArbiterError,
     InsufficientMemory,
     InsufficientQuality,
     ShuttingDown,
@@ -447,7 +446,7 @@ class SessionHost:
                     keep_alive=message.keep_alive,
                     label=message.label,
                 )
-        except (ArbiterError, TypeError, ValueError) as exc:
+        except Exception as exc:  # any bad argument is that request's failure, never ours
             session.push(_failure(key, exc))
             return
         finally:
@@ -529,7 +528,7 @@ class SessionHost:
         try:
             with waiting.scope:
                 await alloc.resize(message.memory, timeout=timeout)
-        except (ArbiterError, TypeError, ValueError, RuntimeError) as exc:
+        except Exception as exc:
             session.push(_failure(message.key, exc))
             return
         finally:
@@ -553,7 +552,7 @@ class SessionHost:
                 keep_alive=reclaim.keep_alive,
                 label=reclaim.label,
             )
-        except (ArbiterError, TypeError, ValueError):
+        except Exception:
             session.push(Reclaimed(reclaim.key, None, 0.0))
             return
         if session.key_in_use(reclaim.key) or alloc.memory != reclaim.memory:
@@ -673,6 +672,9 @@ class Daemon:
                     if reason in ("expired", "bad_input"):
                         await self._flush(session, stream)
                     tasks.cancel_scope.cancel()
+            except Exception as exc:  # a bug serving one session must not end the others
+                reason = "failed"
+                log.error("session failed", session=session.number, pid=pid, exc_info=exc)
             finally:
                 self.host.close(session)
                 self._streams.pop(session.number, None)
@@ -688,9 +690,13 @@ class Daemon:
             try:
                 while not frames:
                     frames = buffer.feed(await stream.receive(_RECEIVE_BYTES))
-            except (FrameError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            except FrameError as exc:
+                log.warning("session refused", pid=pid, reason=str(exc))
+                return None
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 return None
         if not frames:
+            log.warning("session refused", pid=pid, reason="no hello")
             return None
         try:
             version = _VERSION_DECODER.decode(frames[0]).version
@@ -731,7 +737,10 @@ class Daemon:
                 except msgspec.MsgspecError as exc:
                     session.push(Error(f"bad frame: {exc}"))
                     continue
-                host.handle(session, message)
+                try:
+                    host.handle(session, message)
+                except Exception as exc:
+                    session.push(Error(f"bad request: {type(exc).__name__}: {exc}"))
             chunk = b""
             with anyio.move_on_after(self._ttl):
                 try:
