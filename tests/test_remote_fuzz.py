@@ -13,10 +13,10 @@ from typing import Any
 
 import msgspec
 import pytest
+from remote_helpers import Client, daemon, daemon_log, status_json
 
 from arbiter import GiB
 from arbiter.remote._wire import MAX_FRAME, PROTOCOL_VERSION, Hello, frame
-from remote_helpers import Client, daemon, daemon_log, status_json
 
 HOLD = """
 async def main():
@@ -71,14 +71,50 @@ def _garbage(rng: random.Random) -> bytes:
     choices: list[Any] = [
         lambda: frame(rng.randbytes(rng.randrange(0, 64))),
         lambda: frame(enc(["Nope", 1, 2])),
-        lambda: frame(enc(["Request", key, "llm_inference", 1, "lots", None, None, True,
-                           None, True, None, None])),  # fmt: skip
-        lambda: frame(enc(["Request", key, "llm_inference", 99, GiB, None, None, True,
-                           None, True, None, None])),  # fmt: skip
-        lambda: frame(enc(["Request", key, "nope", 1, -5, None, None, True,
-                           None, True, None, None])),  # fmt: skip
-        lambda: frame(enc(["Request", key, "llm_inference", 1, 2 * GiB, 3 * GiB, -1.0, False,
-                           float("nan"), True, -3.0, None])),  # fmt: skip
+        lambda: frame(
+            enc(
+                [
+                    "Request",
+                    key,
+                    "llm_inference",
+                    1,
+                    "lots",
+                    None,
+                    None,
+                    True,
+                    None,
+                    True,
+                    None,
+                    None,
+                ]
+            )
+        ),  # fmt: skip
+        lambda: frame(
+            enc(
+                ["Request", key, "llm_inference", 99, GiB, None, None, True, None, True, None, None]
+            )
+        ),  # fmt: skip
+        lambda: frame(
+            enc(["Request", key, "nope", 1, -5, None, None, True, None, True, None, None])
+        ),  # fmt: skip
+        lambda: frame(
+            enc(
+                [
+                    "Request",
+                    key,
+                    "llm_inference",
+                    1,
+                    2 * GiB,
+                    3 * GiB,
+                    -1.0,
+                    False,
+                    float("nan"),
+                    True,
+                    -3.0,
+                    None,
+                ]
+            )
+        ),  # fmt: skip
         lambda: frame(enc(["Release", key])),
         lambda: frame(enc(["Release", "alloc-1"])),
         lambda: frame(enc(["Withdraw", key])),
