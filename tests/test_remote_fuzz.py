@@ -68,6 +68,7 @@ def _garbage(rng: random.Random) -> bytes:
     """One malformed thing: a frame of the wrong shape, or bytes that are no frame."""
     enc = msgspec.msgpack.encode
     key = rng.randrange(1, 6)
+    # fmt: off
     choices: list[Any] = [
         lambda: frame(rng.randbytes(rng.randrange(0, 64))),
         lambda: frame(enc(["Nope", 1, 2])),
@@ -88,15 +89,15 @@ def _garbage(rng: random.Random) -> bytes:
                     None,
                 ]
             )
-        ),  # fmt: skip
+        ),
         lambda: frame(
             enc(
                 ["Request", key, "llm_inference", 99, GiB, None, None, True, None, True, None, None]
             )
-        ),  # fmt: skip
+        ),
         lambda: frame(
             enc(["Request", key, "nope", 1, -5, None, None, True, None, True, None, None])
-        ),  # fmt: skip
+        ),
         lambda: frame(
             enc(
                 [
@@ -114,7 +115,7 @@ def _garbage(rng: random.Random) -> bytes:
                     None,
                 ]
             )
-        ),  # fmt: skip
+        ),
         lambda: frame(enc(["Release", key])),
         lambda: frame(enc(["Release", "alloc-1"])),
         lambda: frame(enc(["Withdraw", key])),
@@ -128,6 +129,7 @@ def _garbage(rng: random.Random) -> bytes:
         lambda: frame(enc(["Sync"])),
         lambda: frame(b"\xc1"),
     ]
+    # fmt: on
     return rng.choice(choices)()  # type: ignore[no-any-return]
 
 
