@@ -57,6 +57,7 @@ from ._wire import (
     Failed,
     FrameBuffer,
     FrameError,
+    FrameSender,
     Goodbye,
     Granted,
     HandshakeReply,
@@ -132,7 +133,7 @@ class _Pending:
 class _Connection:
     """One session with the daemon: its socket, what it sends, what waits for answers."""
 
-    __slots__ = ("buffer", "closed", "early", "instance", "outbox", "pending", "stream", "wake")
+    __slots__ = ("buffer", "closed", "early", "instance", "pending", "sender", "stream")
 
     def __init__(
         self,
@@ -145,16 +146,14 @@ class _Connection:
         self.instance = instance
         self.buffer = buffer
         self.early = early
-        self.outbox: list[bytes] = []
-        self.wake = anyio.Event()
+        self.sender = FrameSender(stream)
         self.pending: dict[int, _Pending] = {}
         self.closed = False
 
     def send(self, message: Any) -> None:
-        """Queue ``message``; the writer sends queued frames in order. Never blocks."""
+        """Send ``message`` in order with every other; never blocks."""
         if not self.closed:
-            self.outbox.append(frame(_ENCODER.encode(message)))
-            self.wake.set()
+            self.sender.send(frame(_ENCODER.encode(message)))
 
 
 class RemoteArbiter:
@@ -367,7 +366,7 @@ class RemoteArbiter:
         reason = "closed"
         try:
             async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self._write, connection)
+                tasks.start_soon(connection.sender.run)
                 tasks.start_soon(self._ping, connection)
                 reason = await self._read(connection)
                 tasks.cancel_scope.cancel()
@@ -431,20 +430,6 @@ class RemoteArbiter:
         finally:
             event, self._reconnected = self._reconnected, None
             event.set()
-
-    async def _write(self, connection: _Connection) -> None:
-        stream = connection.stream
-        while True:
-            if not connection.outbox:
-                connection.wake = anyio.Event()
-                await connection.wake.wait()
-                continue
-            data = b"".join(connection.outbox)
-            connection.outbox.clear()
-            try:
-                await stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                return
 
     async def _ping(self, connection: _Connection) -> None:
         while True:

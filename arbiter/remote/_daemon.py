@@ -49,6 +49,7 @@ from ._wire import (
     Failed,
     FrameBuffer,
     FrameError,
+    FrameSender,
     Goodbye,
     Granted,
     Hello,
@@ -225,33 +226,48 @@ class Session:
     __slots__ = (
         "closed",
         "held",
+        "host",
         "number",
-        "outbox",
         "pid",
+        "sender",
         "snapshot_version",
         "task_group",
         "uid",
         "waiting",
-        "wake",
     )
 
-    def __init__(self, number: int, pid: int, uid: int) -> None:
+    def __init__(
+        self, host: SessionHost, number: int, pid: int, uid: int, sender: FrameSender
+    ) -> None:
+        self.host = host
         self.number = number
         self.pid = pid
         self.uid = uid
+        self.sender = sender
         self.held: dict[int, _Held] = {}
         self.waiting: dict[int, _Waiting] = {}
-        self.outbox: list[bytes] = []
-        self.wake = anyio.Event()
         self.snapshot_version = -1
         self.closed = False
         self.task_group: anyio.abc.TaskGroup | None = None
 
     def push(self, message: Any) -> None:
-        """Queue ``message`` for the session's writer; never blocks."""
-        if not self.closed:
-            self.outbox.append(frame(_ENCODER.encode(message)))
-            self.wake.set()
+        """Send ``message`` (after the daemon's state, when it changed); never blocks."""
+        if self.closed:
+            return
+        data = frame(_ENCODER.encode(message))
+        host = self.host
+        if self.snapshot_version != host.version:
+            # State first: a client that reads a grant already sees it in state().
+            self.snapshot_version = host.version
+            data = host.snapshot_frame() + data
+        self.sender.send(data)
+
+    def send_snapshot(self) -> None:
+        """Send the daemon's state if it changed since this session last got it."""
+        host = self.host
+        if not self.closed and self.snapshot_version != host.version:
+            self.snapshot_version = host.version
+            self.sender.send(host.snapshot_frame())
 
     def key_in_use(self, key: int) -> bool:
         return key in self.held or key in self.waiting
@@ -501,13 +517,14 @@ class SessionHost:
     async def _watch(self, session: Session, key: int, held: _Held) -> None:
         """Push the allocation's preemption and quality changes until it is released."""
         alloc = held.alloc
-        async with anyio.create_task_group() as watchers:
-            watchers.start_soon(self._watch_preempted, session, key, held)
-            async for quality in alloc.quality_changes():
-                if quality != held.sent_quality and not session.closed:
-                    held.sent_quality = quality
-                    self.changed()
-                    session.push(Update(key, alloc.memory, quality, alloc.preempted))
+        assert session.task_group is not None
+        # Both watchers end when the allocation is released.
+        session.task_group.start_soon(self._watch_preempted, session, key, held)
+        async for quality in alloc.quality_changes():
+            if quality != held.sent_quality and not session.closed:
+                held.sent_quality = quality
+                self.changed()
+                session.push(Update(key, alloc.memory, quality, alloc.preempted))
 
     async def _watch_preempted(self, session: Session, key: int, held: _Held) -> None:
         alloc = held.alloc
@@ -646,7 +663,7 @@ class Daemon:
             if received is None:
                 return
             hello, early = received
-            session = Session(next(self._numbers), pid, uid)
+            session = Session(self.host, next(self._numbers), pid, uid, FrameSender(stream))
             self.host.open(session)
             self._streams[session.number] = stream
             log.info(
@@ -667,10 +684,11 @@ class Daemon:
                             session.push(Reclaimed(reclaim.key, None, 0.0))
                         else:
                             await self.host.reclaim(session, reclaim)
-                    tasks.start_soon(self._write, session, stream)
+                    tasks.start_soon(session.sender.run)
                     reason = await self._read(session, stream, buffer, early)
                     if reason in ("expired", "bad_input"):
-                        await self._flush(session, stream)
+                        with anyio.move_on_after(self._ttl):
+                            await session.sender.flush()
                     tasks.cancel_scope.cancel()
             except Exception as exc:  # a bug serving one session must not end the others
                 reason = "failed"
@@ -756,30 +774,6 @@ class Daemon:
                 session.push(Goodbye("bad_input", str(exc)))
                 return "bad_input"
 
-    async def _write(self, session: Session, stream: anyio.abc.SocketStream) -> None:
-        while True:
-            if not session.outbox and session.snapshot_version == self.host.version:
-                session.wake = anyio.Event()
-                await session.wake.wait()
-                continue
-            if not await self._flush(session, stream):
-                return
-
-    async def _flush(self, session: Session, stream: anyio.abc.SocketStream) -> bool:
-        host = self.host
-        frames = session.outbox
-        session.outbox = []
-        if session.snapshot_version != host.version:
-            # Before the replies: a client that reads a grant already sees it in state().
-            session.snapshot_version = host.version
-            frames.insert(0, host.snapshot_frame())
-        try:
-            with anyio.fail_after(self._ttl):
-                await stream.send(b"".join(frames))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, TimeoutError):
-            return False
-        return True
-
     async def tick(self) -> None:
         """Send changed state to idle sessions; refresh the stats now and then."""
         host = self.host
@@ -797,8 +791,7 @@ class Daemon:
                 if host.stats_stale():
                     host.refresh_stats()
             for session in list(host.sessions.values()):
-                if session.snapshot_version != host.version:
-                    session.wake.set()
+                session.send_snapshot()
 
     async def close_all(self) -> None:
         """End every session (their allocations released) and close their sockets."""

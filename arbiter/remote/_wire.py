@@ -19,6 +19,8 @@ import struct
 from pathlib import Path
 from typing import TypeAlias
 
+import anyio
+import anyio.abc
 import msgspec
 
 from .._config import ArbiterConfig
@@ -35,6 +37,7 @@ __all__ = [
     "Failed",
     "FrameBuffer",
     "FrameError",
+    "FrameSender",
     "Goodbye",
     "Granted",
     "HandshakeReply",
@@ -342,3 +345,66 @@ class FrameBuffer:
     def pending(self) -> int:
         """Bytes of an incomplete frame held."""
         return len(self._buffer)
+
+
+class FrameSender:
+    """Sends frames on a socket stream in order, from sync code too.
+
+    A frame goes straight to the socket when nothing is queued (a Unix socket takes a
+    small frame whole, without a hop through another task); what the socket does not
+    take is queued for `run`, the writer task, and later frames queue behind it.
+    """
+
+    __slots__ = ("_busy", "_outbox", "_sock", "_stream", "_wake", "closed")
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self._stream = stream
+        self._sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        self._outbox: list[bytes] = []
+        self._busy = False
+        self._wake = anyio.Event()
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        """Send or queue ``data``; never blocks. A broken socket marks the sender closed
+        (the reader sees the end of the stream)."""
+        if self.closed:
+            return
+        if not self._outbox and not self._busy:
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.closed = True
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._outbox.append(data)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Send what is queued, until the socket breaks or the task is cancelled."""
+        while not self.closed:
+            if not self._outbox:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                continue
+            await self._send_queued()
+
+    async def flush(self) -> None:
+        """Send what is queued now (a goodbye before the connection closes)."""
+        if self._outbox and not self._busy:
+            await self._send_queued()
+
+    async def _send_queued(self) -> None:
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        self._busy = True
+        try:
+            await self._stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self.closed = True
+        finally:
+            self._busy = False
