@@ -133,7 +133,8 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 async def echo_round_trip(sock: Path, rounds: int) -> list[float]:
-    server = subprocess.Popen(
+    # Blocking process starts are fine here: nothing else runs on this loop meanwhile.
+    server = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, "-c", ECHO_SERVER, str(sock)], stdout=subprocess.PIPE, cwd=ROOT
     )
     try:
@@ -173,7 +174,7 @@ async def kill_to_grant(sock: Path, rounds: int) -> list[float]:
     samples: list[float] = []
     async with RemoteArbiter(sock) as arbiter:
         for _ in range(rounds):
-            holder = subprocess.Popen(
+            holder = subprocess.Popen(  # noqa: ASYNC220
                 [sys.executable, "-c", HOLDER, str(sock)], stdout=subprocess.PIPE, cwd=ROOT
             )
             assert holder.stdout is not None
@@ -181,12 +182,12 @@ async def kill_to_grant(sock: Path, rounds: int) -> list[float]:
             async with anyio.create_task_group() as tg:
                 granted = anyio.Event()
 
-                async def wait() -> None:
+                async def wait(granted: anyio.Event) -> None:
                     alloc = await arbiter.request_allocation("llm_inference", "normal", 4 * GiB)
                     granted.set()
                     alloc.release()
 
-                tg.start_soon(wait)
+                tg.start_soon(wait, granted)
                 await arbiter.refresh()  # the waiter is queued
                 await anyio.sleep(0.05)
                 start = time.perf_counter()
@@ -204,7 +205,7 @@ async def preempt_to_cancel(sock: Path, rounds: int) -> list[float]:
             started = anyio.Event()
             cancelled_at: list[float] = []
 
-            async def body() -> None:
+            async def body(started: anyio.Event, cancelled_at: list[float]) -> None:
                 try:
                     async with victim_side.allocate(
                         "image_generation", "background", memory=8 * GiB
@@ -218,7 +219,7 @@ async def preempt_to_cancel(sock: Path, rounds: int) -> list[float]:
                     pass
 
             async with anyio.create_task_group() as tg:
-                tg.start_soon(body)
+                tg.start_soon(body, started, cancelled_at)
                 await started.wait()
                 start = time.perf_counter()
                 alloc = await urgent_side.request_allocation(
@@ -237,7 +238,7 @@ def churn(sock: Path, clients: int, seconds: float, daemon_pid: int) -> tuple[fl
             [sys.executable, "-c", CHURNER, str(sock), str(start_at), str(seconds)],
             stdout=subprocess.PIPE,
             cwd=ROOT,
-        )  # fmt: skip
+        )
         for _ in range(clients)
     ]
     time.sleep(max(0.0, start_at - time.time()))

@@ -168,6 +168,18 @@ class Client:
 
 
 def status_json(sock: Path) -> dict[str, Any]:
+    """What ``arbiter status --json`` prints, asked from this process (a process start
+    per observation would dominate the tests' time)."""
+    import anyio
+
+    from arbiter.cli._status import _fetch
+    from arbiter.cli._status import status_json as as_json
+
+    return as_json(*anyio.run(_fetch, sock))
+
+
+def status_json_command(sock: Path) -> dict[str, Any]:
+    """``arbiter status --json`` run as a command."""
     done = subprocess.run(
         [sys.executable, "-m", "arbiter", "status", "--socket", str(sock), "--json"],
         capture_output=True,

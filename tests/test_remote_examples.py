@@ -14,7 +14,7 @@ def test_llm_process_preempts_diffusion_process(tmp_path: Path) -> None:
     with daemon(sock, vram_gb=24):
         diffusion = subprocess.Popen(
             [sys.executable, "examples/remote_diffusion.py", "--socket", str(sock),
-             "--jobs", "2", "--seconds", "0.8"],
+             "--jobs", "2", "--seconds", "0.5"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
         try:

@@ -106,7 +106,7 @@ def test_random_kills_and_restarts_never_double_grant(tmp_path: Path) -> None:
     killed: dict[str, float] = {}
     observations = 0
     try:
-        deadline = time.monotonic() + 4.0
+        deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
             time.sleep(rng.uniform(0.2, 0.5))
             fault = rng.choice(["observe", "observe", "kill client", "restart daemon"])

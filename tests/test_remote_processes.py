@@ -23,6 +23,7 @@ from remote_helpers import (
     serve_command,
     start_daemon,
     status_json,
+    status_json_command,
     stop,
     wait_connectable,
     wait_for,
@@ -138,7 +139,7 @@ def test_status_json_shape(shared: Path, clients: list[Client]) -> None:
     holder = hold(shared, 3, "high")
     clients.append(holder)
     holder.expect("granted")
-    status = status_json(shared)
+    status = status_json_command(shared)
     assert set(status) == {"state", "stats", "holders", "waiters"}
     assert status["state"]["vram_used"] == 3 * GiB
     assert status["state"]["pressure_level"] in {"low", "moderate", "high", "critical"}
@@ -283,7 +284,7 @@ def test_daemon_kill_9_and_restart_keeps_a_live_holder(
     tmp_path: Path, clients: list[Client]
 ) -> None:
     sock = tmp_path / "restart.sock"
-    first = start_daemon(sock, "--ttl", "3")
+    first = start_daemon(sock, "--ttl", "1.5")
     try:
         holder = body(sock, 6, "normal")
         clients.append(holder)
@@ -292,7 +293,7 @@ def test_daemon_kill_9_and_restart_keeps_a_live_holder(
         first.wait(timeout=10)
     finally:
         stop(first)
-    with daemon(sock, "--ttl", "3") as second:
+    with daemon(sock, "--ttl", "1.5") as second:
         wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
         newcomer = hold(sock, 6, "normal", timeout=10)  # waits: the re-claim holds 6 GiB
         clients.append(newcomer)
