@@ -317,3 +317,127 @@ def test_what_is_not_reclaimed_in_time_is_unavailable(
     finally:
         stop(first, signal.SIGKILL)
     holder.expect("unavailable")
+
+
+def test_sigterm_restart_within_the_ttl_keeps_a_live_holder(
+    tmp_path: Path, clients: list[Client]
+) -> None:
+    sock = tmp_path / "handover.sock"
+    first = start_daemon(sock, "--ttl", "2")
+    try:
+        holder = body(sock, 6, "normal")
+        clients.append(holder)
+        holder.expect("body")
+    finally:
+        assert stop(first, signal.SIGTERM) == 0
+    assert not sock.exists()
+    with daemon(sock, "--ttl", "2"):
+        wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
+        newcomer = hold(sock, 6, "user_facing", timeout=10)  # waits behind the re-claim
+        clients.append(newcomer)
+        holder.tell("done")
+        holder.expect("finished")
+        newcomer.expect("granted")
+        newcomer.tell("release")
+        newcomer.expect("released")
+
+
+def _hello_as(sock: Path, uid: int) -> dict[str, object]:
+    """Connect as ``uid`` from a forked child and return the daemon's first answer."""
+    import msgspec
+
+    from arbiter.remote._wire import PROTOCOL_VERSION, Hello, frame
+
+    hello = frame(msgspec.msgpack.encode(Hello(PROTOCOL_VERSION)))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: stdlib sockets only, then _exit
+        code = 0
+        try:
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as raw:
+                raw.settimeout(10)
+                raw.connect(str(sock))
+                raw.sendall(hello)
+                os.write(write_end, raw.recv(65536)[4:])
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reply:
+        data = reply.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    answer: dict[str, object] = msgspec.msgpack.decode(data)
+    return answer
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def test_other_uids_are_refused_unless_allowed() -> None:
+    import tempfile
+
+    nobody = 65534
+    for allow, expected in (((), "Refused"), (("--allow-uid", str(nobody)), "Welcome")):
+        # Under /tmp (pytest's folders are closed to other users).
+        with tempfile.TemporaryDirectory(prefix="arbiter-uid-") as folder:
+            sock = Path(folder) / "u.sock"
+            with daemon(sock, *allow):
+                # Open the folder and socket to everyone: only the uid check is left.
+                sock.parent.chmod(0o755)
+                sock.chmod(0o666)
+                assert _hello_as(sock, nobody)["type"] == expected
+
+
+WAIT_THEN_AGAIN = """
+async def main():
+    async with RemoteArbiter(SOCK) as arbiter:
+        try:
+            await arbiter.request_allocation("llm_inference", "normal", 8 * GiB, timeout=None)
+        except ArbiterError as exc:
+            say("failed", type(exc).__name__)
+        await line()
+        alloc = await arbiter.request_allocation("llm_inference", "normal", GiB, timeout=10)
+        say("again", alloc.memory)
+anyio.run(main)
+"""
+
+
+def test_a_waiting_request_fails_at_once_when_the_daemon_dies(
+    tmp_path: Path, clients: list[Client]
+) -> None:
+    sock = tmp_path / "dies.sock"
+    first = start_daemon(sock, "--ttl", "2")
+    try:
+        holder = hold(sock, 8)
+        clients.append(holder)
+        holder.expect("granted")
+        waiter = Client(sock, WAIT_THEN_AGAIN)
+        clients.append(waiter)
+        wait_for(lambda: len(status_json(sock)["waiters"]) == 1)
+        started = time.monotonic()
+    finally:
+        stop(first, signal.SIGKILL)
+    waiter.expect("failed ArbiterUnavailable")
+    assert time.monotonic() - started < 1.5  # at once, not after the ttl
+    with daemon(sock, "--ttl", "2"):  # grants nothing new for 2 s (its start was stale)
+        holder.kill()  # its re-claim is not what this test is about
+        waiter.tell("go")  # a later call opens a new session by itself
+        waiter.expect(f"again {GiB}")
+
+
+def test_later_calls_open_a_new_session_after_session_lost(
+    tmp_path: Path, clients: list[Client]
+) -> None:
+    sock = tmp_path / "again.sock"
+    with daemon(sock, "--ttl", "1"):
+        waiter = Client(sock, WAIT_THEN_AGAIN.replace("8 * GiB, timeout=None", "20 * GiB"))
+        clients.append(waiter)
+        waiter.expect("failed InsufficientMemory")
+        waiter.kill(signal.SIGSTOP)
+        try:
+            wait_for(lambda: status_json(sock)["state"]["vram_used"] == 0, timeout=5)
+            time.sleep(1.5)  # past the ttl: the silent session is ended
+        finally:
+            waiter.kill(signal.SIGCONT)
+        waiter.tell("go")
+        waiter.expect(f"again {GiB}")
