@@ -358,16 +358,18 @@ def _hello_as(sock: Path, uid: int) -> dict[str, object]:
             with socket.socket(socket.AF_UNIX) as raw:
                 raw.settimeout(10)
                 raw.connect(str(sock))
-                raw.sendall(hello)
+                with contextlib.suppress(OSError):  # a refusal may come before the hello
+                    raw.sendall(hello)
                 os.write(write_end, raw.recv(65536)[4:])
-        except BaseException:
+        except BaseException as exc:
+            os.write(write_end, repr(exc).encode())
             code = 1
         os._exit(code)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as reply:
         data = reply.read()
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.waitstatus_to_exitcode(status) == 0, data
     answer: dict[str, object] = msgspec.msgpack.decode(data)
     return answer
 

@@ -133,7 +133,7 @@ class _Pending:
 class _Connection:
     """One session with the daemon: its socket, what it sends, what waits for answers."""
 
-    __slots__ = ("buffer", "closed", "early", "instance", "pending", "sender", "stream")
+    __slots__ = ("buffer", "closed", "early", "instance", "pending", "scope", "sender", "stream")
 
     def __init__(
         self,
@@ -147,6 +147,7 @@ class _Connection:
         self.buffer = buffer
         self.early = early
         self.sender = FrameSender(stream)
+        self.scope = anyio.CancelScope()  # of the task that reads, writes and pings
         self.pending: dict[int, _Pending] = {}
         self.closed = False
 
@@ -349,7 +350,7 @@ class RemoteArbiter:
         if self._task_group is None:
             raise RuntimeError("enter the RemoteArbiter with async with first")
         connection = self._connection
-        if connection is not None and not connection.closed:
+        if connection is not None and not connection.closed and not self._silent(connection):
             return connection
         if self._reconnected is not None:
             await self._reconnected.wait()
@@ -365,11 +366,12 @@ class RemoteArbiter:
         """Read, write and ping for one session; then follow the loss rules."""
         reason = "closed"
         try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(connection.sender.run)
-                tasks.start_soon(self._ping, connection)
-                reason = await self._read(connection)
-                tasks.cancel_scope.cancel()
+            with connection.scope:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(connection.sender.run)
+                    tasks.start_soon(self._ping, connection)
+                    reason = await self._read(connection)
+                    tasks.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(connection.stream)
@@ -432,9 +434,20 @@ class RemoteArbiter:
             event.set()
 
     async def _ping(self, connection: _Connection) -> None:
-        while True:
-            await anyio.sleep(self._ttl / 3)
+        while not self._silent(connection):
             connection.send(Ping())
+            await anyio.sleep(self._ttl / 3)
+
+    def _silent(self, connection: _Connection) -> bool:
+        """Whether this client sent nothing for the ttl (it was stopped): the daemon has
+        ended the session, so it is ended here too, before anything else is sent on it."""
+        if connection.closed or anyio.current_time() - connection.sender.last_sent <= self._ttl:
+            return False
+        if self._connection is connection:
+            self._connection = None
+        self._end(connection, SessionLost("the daemon ended this session (silent past ttl)"))
+        connection.scope.cancel()
+        return True
 
     async def _read(self, connection: _Connection) -> str:
         """Apply the daemon's frames until the session ends; returns why it ended."""

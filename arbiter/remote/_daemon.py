@@ -663,6 +663,15 @@ class Daemon:
             if received is None:
                 return
             hello, early = received
+            welcome = Welcome(
+                PROTOCOL_VERSION, self.host.instance, self._ttl, self.host.arbiter.config
+            )
+            try:
+                await stream.send(frame(msgspec.msgpack.encode(welcome)))
+            except (anyio.BrokenResourceError, OSError):
+                return
+            # Only now is the session known to the rest of the daemon: nothing may be
+            # sent on it before the welcome.
             session = Session(self.host, next(self._numbers), pid, uid, FrameSender(stream))
             self.host.open(session)
             self._streams[session.number] = stream
@@ -671,10 +680,6 @@ class Daemon:
             )
             reason = "closed"
             try:
-                welcome = Welcome(
-                    PROTOCOL_VERSION, self.host.instance, self._ttl, self.host.arbiter.config
-                )
-                await stream.send(frame(msgspec.msgpack.encode(welcome)))
                 async with anyio.create_task_group() as tasks:
                     session.task_group = tasks
                     for reclaim in hello.reclaims:

@@ -355,7 +355,7 @@ class FrameSender:
     take is queued for `run`, the writer task, and later frames queue behind it.
     """
 
-    __slots__ = ("_busy", "_outbox", "_sock", "_stream", "_wake", "closed")
+    __slots__ = ("_busy", "_outbox", "_sock", "_stream", "_wake", "closed", "last_sent")
 
     def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self._stream = stream
@@ -364,12 +364,14 @@ class FrameSender:
         self._busy = False
         self._wake = anyio.Event()
         self.closed = False
+        self.last_sent = anyio.current_time()
 
     def send(self, data: bytes) -> None:
         """Send or queue ``data``; never blocks. A broken socket marks the sender closed
         (the reader sees the end of the stream)."""
         if self.closed:
             return
+        self.last_sent = anyio.current_time()
         if not self._outbox and not self._busy:
             try:
                 sent = self._sock.send(data)
