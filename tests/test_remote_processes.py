@@ -6,6 +6,7 @@ Every process is a real subprocess, bounded by a timeout and ended by its own pi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
