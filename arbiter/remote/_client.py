@@ -13,17 +13,21 @@ session the daemon ended (silent past the ttl) loses everything with `SessionLos
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_thread
 import msgspec
 
 from .._arguments import DEFAULT, Default, RequestArgs, check_request
@@ -85,6 +89,7 @@ from ._wire import (
 
 __all__ = ["RemoteAllocation", "RemoteAllocationContext", "RemoteArbiter"]
 
+_T = TypeVar("_T")
 _WORKLOADS = tuple(WorkloadType)
 _PRIORITIES = tuple(Priority)
 _ENCODER = msgspec.msgpack.Encoder()
@@ -193,6 +198,10 @@ class RemoteArbiter:
         self._stats: ArbiterStats | None = None
         self._recommended: list[float] = []
         self._closed = False
+        # The loop that entered: every socket and session object lives there; calls from
+        # other threads' loops are run there (anyio.from_thread with its token).
+        self._owner_thread: int | None = None
+        self._token: Any = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self._connection else "idle"
@@ -222,6 +231,8 @@ class RemoteArbiter:
             raise ShuttingDown("this RemoteArbiter is closed")
         if self._task_group is not None:
             raise RuntimeError("this RemoteArbiter is already entered")
+        self._owner_thread = threading.get_ident()
+        self._token = anyio.lowlevel.current_token()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -263,8 +274,65 @@ class RemoteArbiter:
     async def aclose(self) -> None:
         """Close the session: waiting and later requests raise `ShuttingDown`, and what
         this client still holds is released. Idempotent."""
-        self._close()
+        if self._foreign():
+            self._in_owner_sync(self._close)
+        else:
+            self._close()
         await anyio.lowlevel.checkpoint()
+
+    # -- threads --------------------------------------------------------------------
+
+    def _foreign(self) -> bool:
+        """Whether the caller runs in another thread than the loop that entered."""
+        owner = self._owner_thread
+        return owner is not None and owner != threading.get_ident()
+
+    def _in_owner_sync(self, function: Any, *args: Any) -> Any:
+        """Run a sync ``function`` on the owning loop (it is quick); from any thread."""
+        try:
+            return anyio.from_thread.run_sync(function, *args, token=self._token)
+        except RuntimeError:  # the owning loop is gone: so is the session
+            return None
+
+    async def _in_owner(self, function: Any, *args: Any) -> Any:
+        """Await ``function(*args)`` on the owning loop from another thread's loop.
+
+        The wait is a worker thread of the caller's loop. Cancelled, it is withdrawn on
+        the owning loop; a result that arrives anyway (a grant) is given back.
+        """
+        token = self._token
+        lock = threading.Lock()
+        box: dict[str, Any] = {"abandoned": False, "scope": None, "result": None}
+
+        async def on_owner() -> Any:
+            with anyio.CancelScope() as scope:
+                with lock:
+                    if box["abandoned"]:
+                        return None
+                    box["scope"] = scope
+                return await function(*args)
+            return None
+
+        def in_worker() -> Any:
+            result = anyio.from_thread.run(on_owner, token=token)
+            with lock:
+                box["result"] = result
+                abandoned = box["abandoned"]
+            if abandoned and isinstance(result, RemoteAllocation):
+                result.release()
+            return result
+
+        try:
+            return await anyio.to_thread.run_sync(in_worker, abandon_on_cancel=True)
+        except BaseException:
+            with lock:
+                box["abandoned"] = True
+                scope, result = box["scope"], box["result"]
+            if isinstance(result, RemoteAllocation):
+                result.release()
+            elif scope is not None:
+                self._in_owner_sync(scope.cancel)
+            raise
 
     def _close(self) -> None:
         if self._closed:
@@ -564,6 +632,16 @@ class RemoteArbiter:
         return await self._request(args)
 
     async def _request(self, args: RequestArgs) -> RemoteAllocation:
+        """Request on the owning loop (from any thread's loop); the allocation then
+        belongs to the caller's loop, where its body runs and its waits wake."""
+        if not self._foreign():
+            return await self._request_here(args)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        alloc: RemoteAllocation = await self._in_owner(self._request_here, args)
+        alloc._adopt()
+        return alloc
+
+    async def _request_here(self, args: RequestArgs) -> RemoteAllocation:
         await anyio.lowlevel.checkpoint_if_cancelled()
         connection = await self._live()
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
@@ -649,6 +727,9 @@ class RemoteArbiter:
     async def refresh(self) -> None:
         """Wait until the daemon has acted on every call sent so far, and take its
         state and fresh stats (which it otherwise pushes every half second)."""
+        if self._foreign():
+            await self._in_owner(self.refresh)
+            return
         await anyio.lowlevel.checkpoint_if_cancelled()
         connection = await self._live()
         key = next(self._keys)
@@ -668,6 +749,8 @@ class RemoteAllocation:
         "_busy",
         "_instance",
         "_key",
+        "_loop_thread",
+        "_loop_token",
         "_lost",
         "_owner",
         "_preempt_event",
@@ -708,6 +791,9 @@ class RemoteAllocation:
         self.released = False
         self._busy = 0
         self._instance = owner._instance
+        # The loop whose tasks wait on this allocation (its body, its events).
+        self._loop_thread = owner._owner_thread
+        self._loop_token: Any = owner._token
         self._lost: BaseException | None = None
         self._scope: anyio.CancelScope | None = None
         self._preempt_event: anyio.Event | None = None
@@ -728,12 +814,36 @@ class RemoteAllocation:
         )
 
     def release(self) -> None:
-        """Return the memory: sent to the daemon in order, without waiting. Idempotent."""
+        """Return the memory: sent to the daemon in order, without waiting. Idempotent;
+        from any thread."""
         if self.released:
+            return
+        if self._owner._foreign():
+            self._owner._in_owner_sync(self.release)
             return
         self.released = True
         self._owner._release(self)
         self._signal()
+
+    def _adopt(self) -> None:
+        """Belong to the calling thread's loop (requested there through the owner)."""
+        self._loop_thread = threading.get_ident()
+        self._loop_token = anyio.lowlevel.current_token()
+        if self.preempted or self.released:
+            self._signal()
+
+    def _in_loop(self, function: Any) -> None:
+        """Run ``function`` (a cancel, an event) in this allocation's loop, never blocking
+        the caller: from the owning loop to another thread's, a helper thread waits."""
+        if self._loop_thread == threading.get_ident():
+            function()
+            return
+
+        def deliver() -> None:
+            with contextlib.suppress(RuntimeError):  # that loop is gone
+                anyio.from_thread.run_sync(function, token=self._loop_token)
+
+        threading.Thread(target=deliver, daemon=True, name="arbiter signal").start()
 
     async def resize(self, memory: int, *, timeout: float | Default | None = DEFAULT) -> None:
         """Change the held memory; see `Allocation.resize`."""
@@ -745,6 +855,12 @@ class RemoteAllocation:
         if memory < self.memory and self.min_memory is not None and memory < self.min_memory:
             raise ValueError(f"memory must be >= min_memory ({self.min_memory}), got {memory}")
         await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._owner._foreign():
+            await self._owner._in_owner(self._resize_here, memory, timeout)
+        else:
+            await self._resize_here(memory, timeout)
+
+    async def _resize_here(self, memory: int, timeout: float | Default | None) -> None:
         owner = self._owner
         connection = await owner._live()
         key = next(owner._keys)
@@ -788,6 +904,9 @@ class RemoteAllocation:
             self._send_busy(False)
 
     def _send_busy(self, busy: bool) -> None:
+        if self._owner._foreign():
+            self._owner._in_owner_sync(self._send_busy, busy)
+            return
         self._busy += 1 if busy else -1
         connection = self._owner._connection
         if not self.released and connection is not None and not connection.closed:
@@ -808,10 +927,13 @@ class RemoteAllocation:
             self._signal_quality()
         if preempted and not self.preempted:
             self.preempted = True
-            if self._scope is not None:
-                self._scope.cancel()
-            if self._preempt_event is not None:
-                self._preempt_event.set()
+            self._in_loop(self._on_preempt)
+
+    def _on_preempt(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._preempt_event is not None:
+            self._preempt_event.set()
 
     def _lose(self, error: BaseException | None) -> None:
         """The session's allocations are gone: the body is cancelled with ``error``."""
@@ -819,16 +941,25 @@ class RemoteAllocation:
             return
         self.released = True
         self._lost = error
-        if error is not None and self._scope is not None:
+        self._in_loop(self._on_lost)
+
+    def _on_lost(self) -> None:
+        if self._lost is not None and self._scope is not None:
             self._scope.cancel()
-        self._signal()
+        self._signal_here()
 
     def _signal(self) -> None:
+        self._in_loop(self._signal_here)
+
+    def _signal_here(self) -> None:
         if self._preempt_event is not None:
             self._preempt_event.set()
-        self._signal_quality()
+        self._signal_quality_here()
 
     def _signal_quality(self) -> None:
+        self._in_loop(self._signal_quality_here)
+
+    def _signal_quality_here(self) -> None:
         event, self._quality_event = self._quality_event, None
         if event is not None:
             event.set()
