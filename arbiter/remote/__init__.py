@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from ._client import RemoteAllocation, RemoteAllocationContext, RemoteArbiter
+from ._client import RemoteArbiter
+from ._handle import RemoteAllocation, RemoteAllocationContext
 
 __all__ = ["RemoteAllocation", "RemoteAllocationContext", "RemoteArbiter"]

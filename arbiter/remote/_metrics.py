@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 from .._types import Priority
 
 if TYPE_CHECKING:
-    from ._daemon import SessionHost
+    from ._sessions import SessionHost
 
 __all__ = ["Metrics"]
 
