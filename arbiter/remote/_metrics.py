@@ -43,7 +43,6 @@ class _StateCollector(Collector):
         outcomes.add_metric(["granted"], stats.successful_allocations)
         outcomes.add_metric(["failed"], stats.failed_allocations)
         outcomes.add_metric(["cancelled"], stats.cancelled)
-        outcomes.add_metric(["timeout"], stats.timeouts)
         yield outcomes
         yield CounterMetricFamily(
             "gpu_arbiter_preemptions", "Holders preempted", value=stats.preemptions
