@@ -444,3 +444,23 @@ def test_later_calls_open_a_new_session_after_session_lost(
             waiter.kill(signal.SIGCONT)
         waiter.tell("go")
         waiter.expect(f"again {GiB}")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--vram-gb", "-1"],
+        ["serve", "--ttl", "0"],
+        ["serve", "--metrics", "nowhere"],
+        ["serve", "--allow-uid", "root"],
+        ["serve", "--socket", "/tmp/" + "x" * 120],
+    ],
+    ids=["vram", "ttl", "metrics", "uid", "long-path"],
+)
+def test_bad_serve_flags_are_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from arbiter.cli import main
+
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("arbiter: error: ")

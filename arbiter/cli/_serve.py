@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ import anyio
 from ._args import UsageError
 
 __all__ = ["add_serve_arguments", "run_serve"]
+
+# sun_path holds 108 bytes on Linux, the terminating NUL included.
+MAX_SOCKET_PATH = 107
 
 
 def _seconds(text: str) -> float:
@@ -98,6 +102,10 @@ def run_serve(args: argparse.Namespace) -> int:
         else ArbiterConfig.for_vram_gb(args.vram_gb)
     )
     path = Path(args.socket) if args.socket else default_socket_path(config.device)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise UsageError(
+            f"socket path too long for a Unix socket ({MAX_SOCKET_PATH} bytes): {path}"
+        )
     daemon_config = DaemonConfig(socket=path, ttl=args.ttl, allow_uids=frozenset(args.allow_uid))
     try:
         claim = claim_socket(path, daemon_config.ttl)
@@ -116,7 +124,10 @@ def run_serve(args: argparse.Namespace) -> int:
                     f"{exc.strerror or exc}"
                 ) from None
         _configure_logging()
-        anyio.run(_serve_until_signal, claim, config, daemon_config, metrics, backend="asyncio")
+        try:
+            anyio.run(_serve_until_signal, claim, config, daemon_config, metrics, backend="asyncio")
+        except OSError as exc:
+            raise UsageError(f"cannot serve {path}: {exc.strerror or exc}") from None
     finally:
         claim.release()
     return 0
