@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+# The daemon needs peer credentials on Unix sockets.
+LINUX_ONLY = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="arbiter serve needs Linux"
+)
 START_TIMEOUT = 20.0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
-from remote_helpers import daemon
+from remote_helpers import LINUX_ONLY, daemon
 
 from arbiter import (
     AllocationTimeout,
@@ -31,7 +31,7 @@ from arbiter import (
 )
 from arbiter.testing import FakeGpu
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, LINUX_ONLY]
 
 LLM = WorkloadType.LLM_INFERENCE
 IMAGE = WorkloadType.IMAGE_GENERATION

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from remote_helpers import ROOT, daemon
+from remote_helpers import LINUX_ONLY, ROOT, daemon
+
+pytestmark = LINUX_ONLY
 
 
 def test_llm_process_preempts_diffusion_process(tmp_path: Path) -> None:

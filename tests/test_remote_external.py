@@ -8,12 +8,13 @@ from pathlib import Path
 
 import anyio
 import pytest
+from remote_helpers import LINUX_ONLY
 
 from arbiter import Arbiter, ArbiterConfig, GiB, RemoteArbiter
 from arbiter.remote._daemon import DaemonConfig, claim_socket, serve
 from arbiter.testing import FakeGpu
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, LINUX_ONLY]
 
 NOT_A_CLIENT = 2**22 + 17  # a pid that is no client of the daemon
 

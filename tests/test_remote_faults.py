@@ -19,9 +19,11 @@ import threading
 import time
 from pathlib import Path
 
-from remote_helpers import ROOT, start_daemon, status_json, stop
+from remote_helpers import LINUX_ONLY, ROOT, start_daemon, status_json, stop
 
 from arbiter import GiB
+
+pytestmark = LINUX_ONLY
 
 BUDGET_GB = 10
 CLIENT = """

@@ -13,10 +13,12 @@ from typing import Any
 
 import msgspec
 import pytest
-from remote_helpers import Client, daemon, daemon_log, status_json
+from remote_helpers import LINUX_ONLY, Client, daemon, daemon_log, status_json
 
 from arbiter import GiB
 from arbiter.remote._wire import MAX_FRAME, PROTOCOL_VERSION, Hello, frame
+
+pytestmark = LINUX_ONLY
 
 HOLD = """
 async def main():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from remote_helpers import (
+    LINUX_ONLY,
     ROOT,
     Client,
     daemon,
@@ -31,6 +32,8 @@ from remote_helpers import (
 )
 
 from arbiter import ArbiterUnavailable, GiB, RemoteArbiter
+
+pytestmark = LINUX_ONLY
 
 HOLD = """
 async def main():

@@ -12,11 +12,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
-from remote_helpers import daemon
+from remote_helpers import LINUX_ONLY, daemon
 
 from arbiter import GiB, Preempted, RemoteArbiter
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, LINUX_ONLY]
 
 
 @pytest.fixture(scope="module")
