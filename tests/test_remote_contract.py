@@ -257,3 +257,16 @@ async def test_request_is_a_checkpoint(arbiter: Any) -> None:
     assert scope.cancelled_caught
     await settle(arbiter)
     assert arbiter.state().vram_used == 0
+
+
+async def test_a_cancelled_growth_keeps_the_old_size(arbiter: Any) -> None:
+    holder = await arbiter.request_allocation(LLM, "high", 7 * GiB, preemptible=False)
+    alloc = await arbiter.request_allocation(LLM, "normal", 2 * GiB)
+    with anyio.move_on_after(0.1) as scope:
+        await alloc.resize(6 * GiB, timeout=None)
+    assert scope.cancelled_caught
+    holder.release()
+    await settle(arbiter)
+    assert alloc.memory == 2 * GiB
+    assert arbiter.state().vram_used == 2 * GiB
+    alloc.release()

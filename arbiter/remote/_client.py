@@ -179,6 +179,8 @@ class RemoteArbiter:
         self._keys = itertools.count(1)
         self._allocations: dict[int, RemoteAllocation] = {}
         self._pending_args: dict[int, RequestArgs] = {}
+        # Resizes withdrawn while waiting, until the daemon answers: (allocation, old size).
+        self._withdrawn_resizes: dict[int, tuple[RemoteAllocation, int]] = {}
         self._connection: _Connection | None = None
         self._instance: str | None = None
         self._connecting = anyio.Lock()
@@ -460,6 +462,7 @@ class RemoteArbiter:
         self, connection: _Connection, error: BaseException, *, keep_held: bool = False
     ) -> None:
         connection.closed = True
+        self._withdrawn_resizes.clear()
         for pending in connection.pending.values():
             pending.error = error
             pending.event.set()
@@ -572,6 +575,12 @@ class RemoteArbiter:
         elif isinstance(message, Failed | Resized | Synced | StatusReply):
             pending = connection.pending.pop(message.key, None)
             self._pending_args.pop(message.key, None)
+            withdrawn = self._withdrawn_resizes.pop(message.key, None)
+            if withdrawn is not None and isinstance(message, Resized):
+                alloc, size = withdrawn
+                if not alloc.released and message.memory > size:
+                    key = next(self._keys)  # shrinking back: answered at once, not awaited
+                    connection.send(Resize(key, alloc._key, size, 0.0, False))
             if pending is not None:
                 if isinstance(message, Failed):
                     pending.error = _error(message)
@@ -694,7 +703,13 @@ class RemoteArbiter:
         default = isinstance(timeout, Default)
         message = Resize(key, alloc._key, memory, None if isinstance(timeout, Default) else timeout,
                          default)  # fmt: skip
-        resized: Resized = await self._call(connection, key, message)
+        try:
+            resized: Resized = await self._call(connection, key, message)
+        except BaseException:
+            if key not in connection.pending and not connection.closed:
+                # Withdrawn: a growth that the daemon grants anyway is given back.
+                self._withdrawn_resizes[key] = (alloc, alloc.memory)
+            raise
         return resized.memory, resized.quality
 
     def _set_busy(self, alloc: RemoteAllocation, busy: bool) -> None:

@@ -466,6 +466,8 @@ class SessionHost:
             session.waiting.pop(message.key, None)
             self.changed()
         if waiting.scope.cancelled_caught:
+            # Withdrawn: the client waits for this answer to forget the resize.
+            session.push(Failed(message.key, "cancelled", []))
             return
         held.sent_quality = alloc.quality
         session.push(Resized(message.key, alloc.memory, alloc.quality))
