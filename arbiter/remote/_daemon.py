@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -304,15 +304,6 @@ class Daemon:
                 await stream.aclose()
 
 
-@contextlib.contextmanager
-def _removing(path: Path) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
 async def serve(
     claim: SocketClaim,
     arbiter: Arbiter,
@@ -342,17 +333,20 @@ async def serve(
         hold_new_s=round(claim.hold_new_for, 3),
     )
     try:
-        with _removing(claim.path):
-            async with listener, anyio.create_task_group() as tasks:
-                tasks.start_soon(daemon.tick)
-                tasks.start_soon(host.admit_new_after_hold)
-                tasks.start_soon(listener.serve, daemon.handle_connection)
-                task_status.started(host)
+        async with listener, anyio.create_task_group() as tasks:
+            tasks.start_soon(daemon.tick)
+            tasks.start_soon(host.admit_new_after_hold)
+            tasks.start_soon(listener.serve, daemon.handle_connection)
+            task_status.started(host)
     finally:
+        # No longer accepting: record the handover (before anyone can start in our
+        # place), end the sessions, remove the socket.
         with anyio.CancelScope(shield=True):
             held = any(session.held for session in host.sessions.values())
             if held:
                 with contextlib.suppress(OSError):
-                    claim.handover_path.write_text(repr(time.time()))
+                    await anyio.Path(claim.handover_path).write_text(repr(time.time()))
             await daemon.close_all()
+            with contextlib.suppress(FileNotFoundError):
+                await anyio.Path(claim.path).unlink()
         log.info("daemon stopped", socket=str(claim.path), handover=held)
