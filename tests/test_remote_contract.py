@@ -270,3 +270,44 @@ async def test_a_cancelled_growth_keeps_the_old_size(arbiter: Any) -> None:
     assert alloc.memory == 2 * GiB
     assert arbiter.state().vram_used == 2 * GiB
     alloc.release()
+
+
+async def test_elastic_grant_takes_what_fits(arbiter: Any) -> None:
+    holder = await arbiter.request_allocation(LLM, "high", 7 * GiB, preemptible=False)
+    alloc = await arbiter.request_allocation(LLM, "normal", 6 * GiB, min_memory=2 * GiB)
+    assert (alloc.memory, alloc.min_memory) == (3 * GiB, 2 * GiB)
+    assert alloc.quality < 1.0
+    alloc.release()
+    holder.release()
+
+
+async def test_keep_alive_asks_an_idle_holder_back(arbiter: Any) -> None:
+    alloc = await arbiter.request_allocation(LLM, "normal", 2 * GiB, keep_alive=0.1)
+    with anyio.fail_after(10):
+        await alloc.wait_preempted()
+    assert alloc.preempted and not alloc.released
+    alloc.release()
+
+
+async def test_degrade_before_preempt_across_the_port(arbiter: Any) -> None:
+    alloc = await arbiter.request_allocation(IMAGE, "background", 8 * GiB, min_memory=2 * GiB)
+    seen: list[float] = []
+    async with anyio.create_task_group() as tg:
+
+        async def follow() -> None:
+            async for quality in alloc.quality_changes():
+                seen.append(quality)
+                size = alloc.memory_for_quality(quality)
+                if size < alloc.memory:
+                    await alloc.resize(size)
+
+        tg.start_soon(follow)
+        await settle(arbiter)
+        with anyio.fail_after(10):
+            urgent = await arbiter.request_allocation(LLM, "user_facing", 6 * GiB)
+        await settle(arbiter)  # remote: the shrink's answer may follow the grant it made
+        assert not alloc.preempted
+        assert alloc.memory <= 4 * GiB and min(seen) < 1.0
+        assert arbiter.state().vram_used <= BUDGET_GB * GiB
+        urgent.release()
+        alloc.release()
