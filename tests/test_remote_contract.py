@@ -55,7 +55,8 @@ async def arbiter(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     sock = request.getfixturevalue("daemon_socket")
     async with RemoteArbiter(sock) as remote:
         yield remote
-        await remote.refresh()
+        with anyio.fail_after(10):
+            await remote.refresh()
         state = remote.state()
         assert (state.vram_used, state.waiting) == (0, 0), "a test left memory held"
 
@@ -64,7 +65,8 @@ async def settle(arbiter: Any) -> None:
     """Until what was sent has been acted on (and, remote, its state pushed back)."""
     await anyio.wait_all_tasks_blocked()
     if isinstance(arbiter, RemoteArbiter):
-        await arbiter.refresh()
+        with anyio.fail_after(10):  # a daemon that stopped answering fails, never hangs
+            await arbiter.refresh()
         await anyio.wait_all_tasks_blocked()
 
 
