@@ -170,7 +170,13 @@ class RemoteAllocation:
             await self._resize_here(memory, timeout)
 
     async def _resize_here(self, memory: int, timeout: float | Default | None) -> None:
-        memory, quality = await self._owner._resize(self, memory, timeout)
+        shrinking = memory <= self.memory
+        try:
+            memory, quality = await self._owner._resize(self, memory, timeout)
+        except RuntimeError:
+            if shrinking and self.released:
+                return  # released while the shrink was on its way: nothing is held
+            raise
         self.memory = memory
         self.max_memory = max(self.max_memory, memory)
         self._update(memory, quality, self.preempted)

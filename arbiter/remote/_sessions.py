@@ -449,7 +449,12 @@ class SessionHost:
             log.info("allocation preempted", id=alloc.id, pid=session.pid, memory=alloc.memory)
 
     async def _resize(self, session: Session, message: Resize) -> None:
-        held = session.held[message.alloc]
+        held = session.held.get(message.alloc)
+        if held is None:  # released since the resize was received
+            session.push(
+                Failed(message.key, "runtime", [f"allocation {message.alloc} is released"])
+            )
+            return
         alloc = held.alloc
         waiting = _Waiting(
             alloc.workload, alloc.priority, message.memory, alloc.label, anyio.current_time()
