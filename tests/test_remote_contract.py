@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
-from remote_helpers import LINUX_ONLY, daemon
+from remote_helpers import LINUX_ONLY, daemon, daemon_log
 
 from arbiter import (
     AllocationTimeout,
@@ -43,6 +43,7 @@ def daemon_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     sock = tmp_path_factory.mktemp("contract") / "gpu.sock"
     with daemon(sock, vram_gb=BUDGET_GB):
         yield sock
+    assert "session failed" not in daemon_log(sock).read_text()
 
 
 @pytest.fixture(params=["local", "remote"])

@@ -22,6 +22,7 @@ from remote_helpers import (
     ROOT,
     Client,
     daemon,
+    daemon_log,
     serve_command,
     start_daemon,
     status_json,
@@ -82,6 +83,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     sock = tmp_path_factory.mktemp("procs") / "gpu.sock"
     with daemon(sock, vram_gb=10):
         yield sock
+    assert "session failed" not in daemon_log(sock).read_text()
 
 
 @pytest.fixture
