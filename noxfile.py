@@ -39,5 +39,6 @@ def bench(session: nox.Session) -> None:
         "bench_poller.py",
         "bench_cache.py",
         "bench_simulate.py",
+        "bench_remote.py",
     ):
         session.run("python", f"benchmarks/{script}", *session.posargs)

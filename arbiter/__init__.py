@@ -15,6 +15,7 @@ from ._config import ArbiterConfig
 from ._errors import (
     AllocationTimeout,
     ArbiterError,
+    ArbiterUnavailable,
     FragmentError,
     FragmentUnavailable,
     GpuProbeError,
@@ -22,6 +23,7 @@ from ._errors import (
     InsufficientQuality,
     IntegrityError,
     Preempted,
+    SessionLost,
     ShuttingDown,
 )
 from ._gpu import (
@@ -38,6 +40,7 @@ from ._quality import QualityPolicy
 from ._stats import ArbiterState, ArbiterStats, WaitPercentiles
 from ._types import GiB, KiB, MemoryPressure, MiB, Priority, WorkloadType
 from .cache import CacheConfig, CacheStats, CacheTier, FragmentCache
+from .remote import RemoteAllocation, RemoteArbiter
 
 __all__ = [
     "Allocation",
@@ -47,6 +50,7 @@ __all__ = [
     "ArbiterConfig",
     "ArbiterError",
     "ArbiterState",
+    "ArbiterUnavailable",
     "ArbiterStats",
     "CacheConfig",
     "CacheStats",
@@ -74,6 +78,9 @@ __all__ = [
     "Priority",
     "QualityChanges",
     "QualityPolicy",
+    "RemoteAllocation",
+    "RemoteArbiter",
+    "SessionLost",
     "ShuttingDown",
     "WaitPercentiles",
     "WorkloadType",

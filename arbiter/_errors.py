@@ -9,6 +9,8 @@ ours and raise ``TypeError`` or ``ValueError`` at the call instead.
   * AllocationTimeout (also a ``TimeoutError``) - the request waited its whole timeout
   * Preempted - a higher priority took this allocation's memory
   * ShuttingDown - the arbiter is closing or closed
+  * ArbiterUnavailable - no arbiter daemon answers, or it did not come back within the ttl
+  * SessionLost - the daemon ended this client's session; its allocations are gone
   * GpuProbeError - the GPU could not be read (NVML failed, the device is gone)
   * FragmentError
     * IntegrityError - a fragment's bytes do not match its manifest entry
@@ -22,6 +24,7 @@ from ._types import format_bytes
 __all__ = [
     "AllocationTimeout",
     "ArbiterError",
+    "ArbiterUnavailable",
     "FragmentError",
     "FragmentUnavailable",
     "GpuProbeError",
@@ -29,6 +32,7 @@ __all__ = [
     "InsufficientQuality",
     "IntegrityError",
     "Preempted",
+    "SessionLost",
     "ShuttingDown",
 ]
 
@@ -78,6 +82,16 @@ class Preempted(ArbiterError):
 
 class ShuttingDown(ArbiterError):
     """The arbiter is closing or closed."""
+
+
+class ArbiterUnavailable(ArbiterError):
+    """No arbiter daemon answers on the socket, or it went away and did not come back
+    within the ttl (a `RemoteArbiter`'s allocations are then gone)."""
+
+
+class SessionLost(ArbiterError):
+    """The daemon ended this client's session (it was silent past the ttl, as a stopped
+    process is); its allocations and waiting requests are gone."""
 
 
 class GpuProbeError(ArbiterError):

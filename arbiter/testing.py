@@ -13,6 +13,10 @@ or make its reads fail to play a driver outage::
         fake.external_used = 6 * GiB     # another process took 6 GiB
         ...                              # within two poll intervals, state().external_used == 6 GiB
         fake.fail_next(3)                # the next three reads raise; the poller backs off
+
+Per-process figures: ``fake.set_process_memory(pid, n)`` plays process ``pid`` using
+``n`` bytes; it counts as external unless ``pid`` is in ``fake.own_pids`` (as a daemon
+sets its clients' pids on its probe).
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ class FakeGpu:
         "_external_used",
         "_failures_left",
         "_ours",
+        "_own_pids",
         "_per_process",
+        "_processes",
         "_reads",
         "_total",
     )
@@ -70,6 +76,8 @@ class FakeGpu:
             raise ValueError("total must be > 0 bytes, got 0")
         self._external_used = 0
         self._ours = 0
+        self._processes: dict[int, int] = {}
+        self._own_pids: frozenset[int] = frozenset()
         self._per_process = True
         self.external_used = external_used
         self.ours = ours
@@ -127,6 +135,41 @@ class FakeGpu:
         self._ours = value
 
     @property
+    def own_pids(self) -> frozenset[int]:
+        """Pids whose memory (`set_process_memory`) counts as ours, not external. Settable.
+
+        Raises:
+            TypeError: not a set of ints.
+        """
+        return self._own_pids
+
+    @own_pids.setter
+    def own_pids(self, pids: frozenset[int]) -> None:
+        if not isinstance(pids, frozenset | set) or not all(
+            isinstance(pid, int) and not isinstance(pid, bool) for pid in pids
+        ):
+            raise TypeError(f"own_pids must be a set of pids, got {pids!r}")
+        self._own_pids = frozenset(pids)
+
+    def set_process_memory(self, pid: int, used: int) -> None:
+        """Play process ``pid`` using ``used`` bytes of the device (0 removes it).
+
+        Raises:
+            TypeError, ValueError: ``pid`` not an int, ``used`` not an int >= 0, or the
+                figures would exceed ``total``.
+        """
+        if isinstance(pid, bool) or not isinstance(pid, int):
+            raise TypeError(f"pid must be an int, got {pid!r}")
+        check_bytes("used", used)
+        others = sum(n for p, n in self._processes.items() if p != pid)
+        if self._ours + self._external_used + others + used > self._total:
+            raise ValueError(f"process {pid} using {used} would exceed total {self._total}")
+        if used:
+            self._processes[pid] = used
+        else:
+            self._processes.pop(pid, None)
+
+    @property
     def per_process(self) -> bool:
         """Whether readings report ``ours`` and ``external`` (else ``None``). Settable."""
         return self._per_process
@@ -166,11 +209,15 @@ class FakeGpu:
 
     def reading(self) -> GpuReading:
         """What a read would return now, without counting it or failing."""
+        own = sum(n for pid, n in self._processes.items() if pid in self._own_pids)
+        others = sum(self._processes.values()) - own
+        ours = self._ours + own
+        external = self._external_used + others
         return GpuReading(
             total=self._total,
-            used=self._ours + self._external_used,
-            ours=self._ours if self._per_process else None,
-            external=self._external_used if self._per_process else None,
+            used=ours + external,
+            ours=ours if self._per_process else None,
+            external=external if self._per_process else None,
         )
 
     async def read(self) -> GpuReading:

@@ -11,6 +11,7 @@ import arbiter
 from arbiter import (
     AllocationTimeout,
     ArbiterError,
+    ArbiterUnavailable,
     FragmentUnavailable,
     GiB,
     InsufficientMemory,
@@ -21,6 +22,7 @@ from arbiter import (
     MiB,
     Preempted,
     Priority,
+    SessionLost,
     ShuttingDown,
     WorkloadType,
 )
@@ -84,6 +86,8 @@ ARBITER_ERRORS = [
     AllocationTimeout,
     Preempted,
     ShuttingDown,
+    ArbiterUnavailable,
+    SessionLost,
     IntegrityError,
     FragmentUnavailable,
 ]
@@ -143,6 +147,8 @@ def test_insufficient_quality_names_both_qualities() -> None:
         AllocationTimeout(30.0),
         Preempted("alloc-1 was preempted"),
         ShuttingDown("closed"),
+        ArbiterUnavailable("no arbiter daemon answers on /run/gpu0.sock"),
+        SessionLost("the daemon ended this session"),
     ],
     ids=lambda exc: type(exc).__name__,
 )

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from contextlib import contextmanager
 from typing import Any
 
@@ -197,8 +197,13 @@ def _pid_visible(pid: int) -> bool:
     return True
 
 
-def per_process_usage(nvml: Any, handle: Any, own_pid: int) -> tuple[int | None, int | None]:
+def per_process_usage(
+    nvml: Any, handle: Any, own_pid: int | Set[int]
+) -> tuple[int | None, int | None]:
     """``(ours, external)`` from NVML's process lists, or ``(None, None)`` when unknown.
+
+    ``own_pid`` is our pid, or the set of pids whose memory is ours (a daemon counts
+    its clients' processes as its own: their memory is what it granted them).
 
     Unknown means: a list call failed or is unsupported, a process's memory is not
     reported (``usedGpuMemory`` is ``None``), no process is listed at all, or the pids are
@@ -224,13 +229,16 @@ def per_process_usage(nvml: Any, handle: Any, own_pid: int) -> tuple[int | None,
             usage[pid] = max(usage.get(pid, 0), used)
     if not usage:
         return None, None
-    if own_pid not in usage and not all(_pid_visible(pid) for pid in usage):
+    own = {own_pid} if isinstance(own_pid, int) else own_pid
+    if own.isdisjoint(usage) and not all(_pid_visible(pid) for pid in usage):
         return None, None
-    ours = usage.get(own_pid, 0)
+    ours = sum(used for pid, used in usage.items() if pid in own)
     return ours, sum(usage.values()) - ours
 
 
-def read_memory(nvml: Any, handle: Any, own_pid: int) -> tuple[int, int, int | None, int | None]:
+def read_memory(
+    nvml: Any, handle: Any, own_pid: int | Set[int]
+) -> tuple[int, int, int | None, int | None]:
     """``(total, used, ours, external)`` in bytes for one device.
 
     Raises:

@@ -94,7 +94,7 @@ class NvmlProbe:
         TypeError, ValueError: ``device`` is not an index >= 0 or a non-empty string.
     """
 
-    __slots__ = ("_closed", "_device", "_handle", "_lock", "_nvml")
+    __slots__ = ("_closed", "_device", "_handle", "_lock", "_nvml", "_own_pids")
 
     def __init__(self, device: int | str = 0) -> None:
         self._device = check_device(device)
@@ -102,6 +102,7 @@ class NvmlProbe:
         self._nvml: Any = None
         self._handle: Any = None
         self._closed = False
+        self._own_pids: frozenset[int] = frozenset()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._handle is not None else "idle"
@@ -111,6 +112,24 @@ class NvmlProbe:
     def device(self) -> int | str:
         """The GPU this probe reads."""
         return self._device
+
+    @property
+    def own_pids(self) -> frozenset[int]:
+        """Processes besides this one whose GPU memory counts as ours, not external
+        (the daemon's clients). Settable.
+
+        Raises:
+            TypeError: not a set of ints.
+        """
+        return self._own_pids
+
+    @own_pids.setter
+    def own_pids(self, pids: frozenset[int]) -> None:
+        if not isinstance(pids, frozenset | set) or not all(
+            isinstance(pid, int) and not isinstance(pid, bool) for pid in pids
+        ):
+            raise TypeError(f"own_pids must be a set of pids, got {pids!r}")
+        self._own_pids = frozenset(pids)
 
     async def read(self) -> GpuReading:
         """Read the device's memory; per-process figures when NVML gives them.
@@ -168,7 +187,8 @@ class NvmlProbe:
         # The NVML call runs outside the lock, so a read stuck in the driver cannot keep
         # aclose() from returning.
         try:
-            total, used, ours, external = read_memory(nvml, handle, os.getpid())
+            own = self._own_pids | {os.getpid()}
+            total, used, ours, external = read_memory(nvml, handle, own)
         except Exception as exc:
             with self._lock:
                 if self._handle is handle:

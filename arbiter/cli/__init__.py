@@ -1,4 +1,4 @@
-"""The ``arbiter`` command line: ``arbiter detect`` and ``arbiter simulate``.
+"""The ``arbiter`` command line: ``detect``, ``simulate``, ``serve`` and ``status``.
 
 Bad input (a usage error, a missing or malformed trace, a bad size) ends with exit
 status 2 and one line on stderr, never a traceback. Ctrl-C ends with exit status 130
@@ -15,14 +15,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
 from ._args import PLOT_FORMATS, UsageError, build_parser
 from ._trace import BUILTIN_MINUTES, Trace, TraceError, builtin_trace, load_trace
 
 if TYPE_CHECKING:
     import argparse
 
+    from rich.console import Console
     from rich.progress import Progress, TaskID
 
     from ._record import SchedulerResult
@@ -44,10 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if args.command in ("serve", "status"):
+            return _run_daemon_command(args)
         if args.command == "detect":
             from ._detect import run_detect
 
-            return run_detect(_PipeConsole(), as_json_output=args.json)
+            return run_detect(_pipe_console(), as_json_output=args.json)
         return _run_simulate(args)
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else 0
@@ -76,12 +77,28 @@ def _silence_stdout() -> None:
         pass
 
 
-class _PipeConsole(Console):
-    """A rich console that lets a closed pipe reach `main` (rich would exit with 1)."""
+def _pipe_console() -> Console:
+    """A rich console that lets a closed pipe reach `main` (rich would exit with 1).
+    rich is imported here: ``serve`` and ``status`` run without the cli extra."""
+    from rich.console import Console
 
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        raise BrokenPipeError
+    class PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    return PipeConsole()
+
+
+def _run_daemon_command(args: argparse.Namespace) -> int:
+    # Neither needs the cli extra (rich, trio): serve runs on asyncio.
+    if args.command == "serve":
+        from ._serve import run_serve
+
+        return run_serve(args)
+    from ._status import run_status
+
+    return run_status(args)
 
 
 def _fail(message: str) -> int:
@@ -128,7 +145,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(as_json(args.vram_gb, trace, args.seed, results)))
         sys.stdout.flush()  # a closed pipe raises here, inside main
         return 0
-    console = _PipeConsole()
+    console = _pipe_console()
     print_report(console, trace, args.vram_gb, results)
     if args.plot is not None:
         console.print(f"Plot written to {args.plot}")
@@ -206,6 +223,7 @@ class _LazyProgress:
         self._bar.update(self._task, completed=self._done)
 
     def _start(self) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         columns: list[Any] = [

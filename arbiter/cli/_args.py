@@ -157,4 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help=f"length of the built-in trace in minutes (default: {BUILTIN_MINUTES:g})",
     )
+    from ._serve import add_serve_arguments
+
+    add_serve_arguments(commands, _positive_gb)
     return parser

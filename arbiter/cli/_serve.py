@@ -1,0 +1,158 @@
+"""``arbiter serve``: the daemon of one GPU, on a Unix socket, until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ._args import UsageError
+
+__all__ = ["add_serve_arguments", "run_serve"]
+
+# sun_path holds 108 bytes on Linux, the terminating NUL included.
+MAX_SOCKET_PATH = 107
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most a day, got {text!r}")
+    return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _uid(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a uid (an int >= 0), got {text!r}")
+    return int(text)
+
+
+def add_serve_arguments(commands: Any, positive_gb: Any) -> None:
+    """Add ``serve`` and ``status`` to the parser's subcommands."""
+    serve = commands.add_parser(
+        "serve",
+        help="serve this GPU's arbiter to other processes on a Unix socket",
+        description="Run the one arbiter of a GPU and serve it to RemoteArbiter clients "
+        "on a Unix socket until SIGTERM or SIGINT (Linux).",
+    )
+    serve.add_argument("--socket", metavar="PATH", help="the socket (default: per device)")
+    serve.add_argument(
+        "--vram-gb", type=positive_gb, default=None, metavar="N", help="budget in GiB"
+    )
+    serve.add_argument(
+        "--ttl", type=_seconds, default=10.0, metavar="S", help="session ttl (default: 10)"
+    )
+    serve.add_argument(
+        "--metrics", type=_host_port, default=None, metavar="HOST:PORT", help="Prometheus"
+    )
+    serve.add_argument(
+        "--allow-uid", type=_uid, nargs="+", default=[], metavar="UID", help="also serve UIDs"
+    )
+    status = commands.add_parser(
+        "status",
+        help="show the daemon's state, holders and waiters",
+        description="Show what the arbiter daemon holds and who waits.",
+    )
+    status.add_argument("--socket", metavar="PATH", help="the socket (default: per device)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _configure_logging() -> None:
+    import structlog
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Claim the socket (a refusal is one line, before any log line), then serve."""
+    from .._config import ArbiterConfig
+    from ..remote._daemon import DaemonConfig, DaemonRefused, claim_socket
+    from ..remote._wire import default_socket_path
+
+    if not sys.platform.startswith("linux"):
+        raise UsageError("arbiter serve needs Linux (peer credentials on Unix sockets)")
+    # Everything that can refuse the start comes before detection, which may log.
+    device = ArbiterConfig().device
+    path = Path(args.socket) if args.socket else default_socket_path(device)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise UsageError(
+            f"socket path too long for a Unix socket ({MAX_SOCKET_PATH} bytes): {path}"
+        )
+    daemon_config = DaemonConfig(socket=path, ttl=args.ttl, allow_uids=frozenset(args.allow_uid))
+    try:
+        claim = claim_socket(path, daemon_config.ttl)
+    except DaemonRefused as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        config = (
+            ArbiterConfig.auto_detect()
+            if args.vram_gb is None
+            else ArbiterConfig.for_vram_gb(args.vram_gb)
+        )
+        metrics = None
+        if args.metrics is not None:
+            from ..remote._metrics import Metrics
+
+            try:
+                metrics = Metrics(*args.metrics)
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot serve metrics on {args.metrics[0]}:{args.metrics[1]}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        _configure_logging()
+        try:
+            anyio.run(_serve_until_signal, claim, config, daemon_config, metrics, backend="asyncio")
+        except OSError as exc:
+            raise UsageError(f"cannot serve {path}: {exc.strerror or exc}") from None
+    finally:
+        claim.release()
+    return 0
+
+
+async def _serve_until_signal(claim: Any, config: Any, daemon_config: Any, metrics: Any) -> None:
+    from .._arbiter import Arbiter
+    from .._gpu import open_default_probe
+    from .._log import log
+    from ..remote._daemon import serve
+
+    probe = await open_default_probe(config.device)
+    try:
+        async with Arbiter(config, probe=probe) as arbiter, anyio.create_task_group() as tasks:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                on_host = None if metrics is None else metrics.attach
+                await tasks.start(serve, claim, arbiter, daemon_config, probe, on_host)
+                async for signum in signals:
+                    log.info("daemon stopping", signal=signal.Signals(signum).name)
+                    break
+                tasks.cancel_scope.cancel()
+    finally:
+        if probe is not None:
+            with anyio.CancelScope(shield=True):
+                await probe.aclose()

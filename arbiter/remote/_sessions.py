@@ -1,0 +1,545 @@
+"""The daemon's sessions and its one door into the arbiter.
+
+`SessionHost` drives the daemon's real `Arbiter` through its public API only: it runs
+each remote request as a task that awaits ``request_allocation``, holds the granted
+`Allocation` on the session's behalf, watches its preemption and quality and pushes
+them to the client, and releases everything a session holds when it ends. It is the
+seam where the daemon will be switched to the core's port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import msgspec
+
+from .._allocation import Allocation
+from .._arbiter import Arbiter
+from .._arguments import DEFAULT
+from .._errors import (
+    AllocationTimeout,
+    InsufficientMemory,
+    InsufficientQuality,
+    ShuttingDown,
+)
+from .._gpu import MemoryProbe
+from .._log import log
+from .._stats import ArbiterStats
+from .._types import Priority, WorkloadType
+from ._wire import (
+    Busy,
+    ClientMessage,
+    Failed,
+    FrameSender,
+    Granted,
+    HolderInfo,
+    Ping,
+    Reclaim,
+    Reclaimed,
+    Release,
+    Request,
+    Resize,
+    Resized,
+    Snapshot,
+    Status,
+    StatusReply,
+    Sync,
+    Synced,
+    Update,
+    WaiterInfo,
+    Withdraw,
+    frame,
+)
+
+__all__ = ["DaemonConfig", "Session", "SessionHost"]
+
+_WORKLOADS = tuple(WorkloadType)
+_PRIORITIES = tuple(Priority)
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """How the daemon serves; every number here is a policy.
+
+    Args:
+        socket: the Unix socket path.
+        ttl: seconds a silent session lives; also how long a restarted daemon waits
+            for re-claims before it grants anything new.
+        allow_uids: uids served besides the daemon's own.
+        snapshot_interval: how often sessions with nothing else to receive are sent
+            the daemon's changed state.
+        stats_interval: how often fresh stats (percentiles sort their samples) are
+            computed for the snapshots.
+    """
+
+    socket: Path
+    ttl: float = 10.0
+    allow_uids: frozenset[int] = field(default_factory=frozenset)
+    snapshot_interval: float = 0.05
+    stats_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("ttl", "snapshot_interval", "stats_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+class _Held:
+    """An allocation held for a session, with the busy spans the client opened."""
+
+    __slots__ = ("alloc", "busy", "sent_quality")
+
+    def __init__(self, alloc: Allocation) -> None:
+        self.alloc = alloc
+        self.busy: list[contextlib.AbstractContextManager[None]] = []
+        self.sent_quality = alloc.quality
+
+
+class _Waiting:
+    """A request or growing resize in progress for a session."""
+
+    __slots__ = ("label", "memory", "priority", "scope", "since", "workload")
+
+    def __init__(
+        self,
+        workload: WorkloadType,
+        priority: Priority,
+        memory: int,
+        label: str | None,
+        since: float,
+    ) -> None:
+        self.workload = workload
+        self.priority = priority
+        self.memory = memory
+        self.label = label
+        self.since = since
+        self.scope = anyio.CancelScope()
+
+
+class Session:
+    """One client connection: what it holds, what it waits for, what it is sent."""
+
+    __slots__ = (
+        "closed",
+        "held",
+        "host",
+        "number",
+        "pid",
+        "sender",
+        "snapshot_version",
+        "task_group",
+        "uid",
+        "waiting",
+    )
+
+    def __init__(
+        self, host: SessionHost, number: int, pid: int, uid: int, sender: FrameSender
+    ) -> None:
+        self.host = host
+        self.number = number
+        self.pid = pid
+        self.uid = uid
+        self.sender = sender
+        self.held: dict[int, _Held] = {}
+        self.waiting: dict[int, _Waiting] = {}
+        self.snapshot_version = -1
+        self.closed = False
+        self.task_group: anyio.abc.TaskGroup | None = None
+
+    def push(self, message: Any) -> None:
+        """Send ``message`` (after the daemon's state, when it changed); never blocks."""
+        if self.closed:
+            return
+        data = frame(_ENCODER.encode(message))
+        host = self.host
+        if self.snapshot_version != host.version:
+            # State first: a client that reads a grant already sees it in state().
+            self.snapshot_version = host.version
+            data = host.snapshot_frame() + data
+        self.sender.send(data)
+
+    def send_snapshot(self) -> None:
+        """Send the daemon's state if it changed since this session last got it."""
+        host = self.host
+        if not self.closed and self.snapshot_version != host.version:
+            self.snapshot_version = host.version
+            self.sender.send(host.snapshot_frame())
+
+    def key_in_use(self, key: int) -> bool:
+        return key in self.held or key in self.waiting
+
+
+def _failure(key: int, exc: BaseException) -> Failed:
+    if isinstance(exc, InsufficientMemory):
+        return Failed(key, "insufficient_memory", [exc.requested, exc.available])
+    if isinstance(exc, InsufficientQuality):
+        return Failed(key, "insufficient_quality", [exc.minimum, exc.available])
+    if isinstance(exc, AllocationTimeout):
+        return Failed(key, "timeout", [exc.timeout])
+    if isinstance(exc, ShuttingDown):
+        return Failed(key, "shutting_down", [str(exc)])
+    if isinstance(exc, TypeError):
+        return Failed(key, "type", [str(exc)])
+    if isinstance(exc, ValueError):
+        return Failed(key, "value", [str(exc)])
+    return Failed(key, "runtime", [str(exc)])
+
+
+class SessionHost:
+    """The daemon's use of the arbiter, on behalf of sessions (the arbiter's public API).
+
+    Args:
+        arbiter: the running arbiter.
+        config: the daemon's config.
+        probe: the arbiter's probe; when it has ``own_pids``, the sessions' pids are
+            set there so that their GPU memory does not count as external.
+        hold_new_for: seconds from now during which nothing new is granted (re-claims are).
+    """
+
+    def __init__(
+        self,
+        arbiter: Arbiter,
+        config: DaemonConfig,
+        *,
+        probe: MemoryProbe | None = None,
+        hold_new_for: float = 0.0,
+    ) -> None:
+        self.arbiter = arbiter
+        self.config = config
+        self.instance = uuid.uuid4().hex
+        self.sessions: dict[int, Session] = {}
+        self.version = 0
+        self._probe = probe
+        self._snapshot: tuple[int, bytes] | None = None
+        self._stats: ArbiterStats = arbiter.stats()
+        self.last_state = arbiter.state()  # for readers in other threads (metrics)
+        self._stats_version = -1
+        self._admit_new_at = anyio.current_time() + hold_new_for
+        self._admit_new = anyio.Event()
+        if hold_new_for <= 0:
+            self._admit_new.set()
+        self.on_grant: Callable[[Priority, float], None] | None = None
+
+    # -- snapshots --------------------------------------------------------------
+
+    def changed(self) -> None:
+        self.version += 1
+
+    def refresh_stats(self) -> None:
+        self._stats = self.arbiter.stats()
+        self._stats_version = self.version
+        self.changed()
+
+    @property
+    def last_stats(self) -> ArbiterStats:
+        """The stats last computed (every ``stats_interval``, or on a client's sync)."""
+        return self._stats
+
+    def stats_stale(self) -> bool:
+        return self._stats_version != self.version
+
+    def snapshot_frame(self) -> bytes:
+        """The state now (and the last stats) as one frame, built once per version."""
+        cached = self._snapshot
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        arbiter = self.arbiter
+        recommended = [
+            arbiter.recommended_quality(workload, priority)
+            for workload in _WORKLOADS
+            for priority in _PRIORITIES
+        ]
+        data = frame(_ENCODER.encode(Snapshot(arbiter.state(), recommended, self._stats)))
+        self._snapshot = (self.version, data)
+        return data
+
+    # -- sessions ---------------------------------------------------------------
+
+    def open(self, session: Session) -> None:
+        self.sessions[session.number] = session
+        self._update_pids()
+        self.changed()
+
+    def close(self, session: Session) -> None:
+        """Release everything ``session`` holds and withdraw what it waits for. Idempotent."""
+        if session.closed:
+            return
+        session.closed = True
+        for waiting in session.waiting.values():
+            waiting.scope.cancel()
+        for held in session.held.values():
+            self._drop(held)
+        session.held.clear()
+        self.sessions.pop(session.number, None)
+        self._update_pids()
+        self.changed()
+
+    def _update_pids(self) -> None:
+        probe = self._probe
+        if probe is not None and hasattr(probe, "own_pids"):
+            probe.own_pids = frozenset(s.pid for s in self.sessions.values())
+
+    @staticmethod
+    def _drop(held: _Held) -> None:
+        while held.busy:
+            held.busy.pop().__exit__(None, None, None)
+        held.alloc.release()
+
+    # -- operations -------------------------------------------------------------
+
+    def handle(self, session: Session, message: ClientMessage) -> None:
+        """Act on one decoded message from ``session``."""
+        if isinstance(message, Ping):
+            return  # any frame is a sign of life; the reader already counted it
+        self.changed()
+        if isinstance(message, Request):
+            if session.key_in_use(message.key):
+                session.push(Failed(message.key, "value", [f"key {message.key} is in use"]))
+                return
+            assert session.task_group is not None
+            session.task_group.start_soon(self._request, session, message)
+        elif isinstance(message, Release):
+            held = session.held.pop(message.key, None)
+            if held is not None:
+                self._drop(held)
+        elif isinstance(message, Withdraw):
+            waiting = session.waiting.get(message.key)
+            if waiting is not None:
+                waiting.scope.cancel()
+        elif isinstance(message, Resize):
+            if session.key_in_use(message.key):
+                session.push(Failed(message.key, "value", [f"key {message.key} is in use"]))
+            elif message.alloc not in session.held:
+                session.push(Failed(message.key, "runtime", [f"no allocation {message.alloc}"]))
+            else:
+                assert session.task_group is not None
+                session.task_group.start_soon(self._resize, session, message)
+        elif isinstance(message, Busy):
+            held = session.held.get(message.key)
+            if held is not None:
+                if message.busy:
+                    span = held.alloc.busy()
+                    span.__enter__()
+                    held.busy.append(span)
+                elif held.busy:
+                    held.busy.pop().__exit__(None, None, None)
+        elif isinstance(message, Sync):
+            assert session.task_group is not None
+            session.task_group.start_soon(self._sync, session, message.key)
+        else:
+            assert isinstance(message, Status)
+            session.push(self.status(message.key))
+
+    async def _request(self, session: Session, message: Request) -> None:
+        key = message.key
+        try:
+            workload = WorkloadType(message.workload)
+            priority = Priority(message.priority)
+        except ValueError as exc:
+            session.push(Failed(key, "value", [str(exc)]))
+            return
+        started = anyio.current_time()
+        waiting = _Waiting(workload, priority, message.memory, message.label, started)
+        session.waiting[key] = waiting
+        timeout: Any = DEFAULT if message.default_timeout else message.timeout
+        alloc: Allocation | None = None
+        try:
+            with waiting.scope:
+                if not self._admit_new.is_set():
+                    timeout = await self._wait_admission(timeout)
+                alloc = await self.arbiter.request_allocation(
+                    workload,
+                    priority,
+                    message.memory,
+                    min_memory=message.min_memory,
+                    timeout=timeout,
+                    min_quality=message.min_quality,
+                    preemptible=message.preemptible,
+                    keep_alive=message.keep_alive,
+                    label=message.label,
+                )
+        except Exception as exc:  # any bad argument is that request's failure, never ours
+            session.push(_failure(key, exc))
+            return
+        finally:
+            session.waiting.pop(key, None)
+            self.changed()
+        if alloc is None:
+            return  # withdrawn, or the session closed
+        if session.closed:
+            alloc.release()
+            return
+        held = _Held(alloc)
+        session.held[key] = held
+        session.push(Granted(key, alloc.id, alloc.memory, held.sent_quality, alloc.preempted))
+        waited = anyio.current_time() - started
+        if self.on_grant is not None:
+            self.on_grant(priority, waited)
+        log.info(
+            "allocation granted",
+            id=alloc.id,
+            pid=session.pid,
+            label=alloc.label,
+            workload=workload.value,
+            priority=priority.name.lower(),
+            memory=alloc.memory,
+            waited_s=round(waited, 6),
+        )
+        await self._watch(session, key, held)
+
+    async def _sync(self, session: Session, key: int) -> None:
+        # Tasks run in the order they were started: one checkpoint lets the requests
+        # received before this Sync reach the arbiter (and park) before it is answered.
+        await anyio.lowlevel.checkpoint()
+        self.refresh_stats()
+        session.push(Synced(key))
+
+    async def _wait_admission(self, timeout: Any) -> Any:
+        """Wait (a restarted daemon) until new grants are admitted; the timeout left."""
+        limit = self.arbiter.config.allocation_timeout if timeout is DEFAULT else timeout
+        started = anyio.current_time()
+        with anyio.move_on_after(math.inf if limit is None else limit):
+            await self._admit_new.wait()
+        if not self._admit_new.is_set():
+            assert limit is not None
+            raise AllocationTimeout(limit)
+        return None if limit is None else max(0.0, limit - (anyio.current_time() - started))
+
+    async def admit_new_after_hold(self) -> None:
+        """Open new grants once the hold of a restarted daemon is over."""
+        await anyio.sleep_until(self._admit_new_at)
+        self._admit_new.set()
+
+    async def _watch(self, session: Session, key: int, held: _Held) -> None:
+        """Push the allocation's preemption and quality changes until it is released."""
+        alloc = held.alloc
+        assert session.task_group is not None
+        # Both watchers end when the allocation is released.
+        session.task_group.start_soon(self._watch_preempted, session, key, held)
+        async for quality in alloc.quality_changes():
+            if quality != held.sent_quality and not session.closed:
+                held.sent_quality = quality
+                self.changed()
+                session.push(Update(key, alloc.memory, quality, alloc.preempted))
+
+    async def _watch_preempted(self, session: Session, key: int, held: _Held) -> None:
+        alloc = held.alloc
+        await alloc.wait_preempted()
+        if alloc.preempted and not alloc.released and not session.closed:
+            self.changed()
+            session.push(Update(key, alloc.memory, alloc.quality, True))
+            log.info("allocation preempted", id=alloc.id, pid=session.pid, memory=alloc.memory)
+
+    async def _resize(self, session: Session, message: Resize) -> None:
+        held = session.held.get(message.alloc)
+        if held is None:  # released since the resize was received
+            session.push(
+                Failed(message.key, "runtime", [f"allocation {message.alloc} is released"])
+            )
+            return
+        alloc = held.alloc
+        waiting = _Waiting(
+            alloc.workload, alloc.priority, message.memory, alloc.label, anyio.current_time()
+        )
+        session.waiting[message.key] = waiting
+        timeout: Any = DEFAULT if message.default_timeout else message.timeout
+        try:
+            with waiting.scope:
+                await alloc.resize(message.memory, timeout=timeout)
+        except Exception as exc:
+            session.push(_failure(message.key, exc))
+            return
+        finally:
+            session.waiting.pop(message.key, None)
+            self.changed()
+        if waiting.scope.cancelled_caught:
+            # Withdrawn: the client waits for this answer to forget the resize.
+            session.push(Failed(message.key, "cancelled", []))
+            return
+        held.sent_quality = alloc.quality
+        session.push(Resized(message.key, alloc.memory, alloc.quality))
+
+    async def reclaim(self, session: Session, reclaim: Reclaim) -> None:
+        """Admit an allocation a client held with this daemon's predecessor, if it fits."""
+        try:
+            alloc = await self.arbiter.request_allocation(
+                WorkloadType(reclaim.workload),
+                Priority(reclaim.priority),
+                reclaim.memory,
+                min_memory=reclaim.min_memory if reclaim.min_memory != reclaim.memory else None,
+                timeout=0,
+                preemptible=reclaim.preemptible,
+                keep_alive=reclaim.keep_alive,
+                label=reclaim.label,
+            )
+        except Exception:
+            session.push(Reclaimed(reclaim.key, None, 0.0))
+            return
+        if session.key_in_use(reclaim.key) or alloc.memory != reclaim.memory:
+            alloc.release()
+            session.push(Reclaimed(reclaim.key, None, 0.0))
+            return
+        held = _Held(alloc)
+        for _ in range(max(0, reclaim.busy)):
+            span = alloc.busy()
+            span.__enter__()
+            held.busy.append(span)
+        session.held[reclaim.key] = held
+        session.push(Reclaimed(reclaim.key, alloc.id, held.sent_quality))
+        log.info("allocation reclaimed", id=alloc.id, pid=session.pid, memory=alloc.memory)
+        assert session.task_group is not None
+        session.task_group.start_soon(self._watch, session, reclaim.key, held)
+
+    # -- status -------------------------------------------------------------------
+
+    def status(self, key: int) -> StatusReply:
+        now = anyio.current_time()
+        holders: list[HolderInfo] = []
+        waiters: list[WaiterInfo] = []
+        for session in self.sessions.values():
+            for held in session.held.values():
+                alloc = held.alloc
+                holders.append(
+                    HolderInfo(
+                        id=alloc.id,
+                        pid=session.pid,
+                        label=alloc.label,
+                        workload=alloc.workload.value,
+                        priority=alloc.priority.name.lower(),
+                        memory=alloc.memory,
+                        quality=alloc.quality,
+                        busy=bool(held.busy),
+                        age_s=max(0.0, now - alloc.created_at),
+                    )
+                )
+            for wkey, waiting in session.waiting.items():
+                waiters.append(
+                    WaiterInfo(
+                        id=f"{session.pid}/{wkey}",
+                        pid=session.pid,
+                        label=waiting.label,
+                        workload=waiting.workload.value,
+                        priority=waiting.priority.name.lower(),
+                        memory=waiting.memory,
+                        waited_s=max(0.0, now - waiting.since),
+                    )
+                )
+        return StatusReply(key, holders, waiters)
