@@ -14,63 +14,10 @@ import anyio
 
 from ._args import UsageError
 
-__all__ = ["add_serve_arguments", "run_serve"]
+__all__ = ["MAX_SOCKET_PATH", "run_serve"]
 
 # sun_path holds 108 bytes on Linux, the terminating NUL included.
 MAX_SOCKET_PATH = 107
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"must be > 0 and at most a day, got {text!r}")
-    return value
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"must be HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
-def _uid(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be a uid (an int >= 0), got {text!r}")
-    return int(text)
-
-
-def add_serve_arguments(commands: Any, positive_gb: Any) -> None:
-    """Add ``serve`` and ``status`` to the parser's subcommands."""
-    serve = commands.add_parser(
-        "serve",
-        help="serve this GPU's arbiter to other processes on a Unix socket",
-        description="Run the one arbiter of a GPU and serve it to RemoteArbiter clients "
-        "on a Unix socket until SIGTERM or SIGINT (Linux).",
-    )
-    serve.add_argument("--socket", metavar="PATH", help="the socket (default: per device)")
-    serve.add_argument(
-        "--vram-gb", type=positive_gb, default=None, metavar="N", help="budget in GiB"
-    )
-    serve.add_argument(
-        "--ttl", type=_seconds, default=10.0, metavar="S", help="session ttl (default: 10)"
-    )
-    serve.add_argument(
-        "--metrics", type=_host_port, default=None, metavar="HOST:PORT", help="Prometheus"
-    )
-    serve.add_argument(
-        "--allow-uid", type=_uid, nargs="+", default=[], metavar="UID", help="also serve UIDs"
-    )
-    status = commands.add_parser(
-        "status",
-        help="show the daemon's state, holders and waiters",
-        description="Show what the arbiter daemon holds and who waits.",
-    )
-    status.add_argument("--socket", metavar="PATH", help="the socket (default: per device)")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _configure_logging() -> None:
