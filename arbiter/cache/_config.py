@@ -21,6 +21,25 @@ MIN_READ_CHUNK = 1 * MiB
 MIN_WRITE_CHUNK = 64 * KiB
 
 
+# The largest number a numeric field takes: what a signed 64-bit file offset holds. A
+# larger int cannot be a size or a count the OS could use, and overflows (OverflowError)
+# once turned into a float.
+MAX_NUMBER = 2**63 - 1
+# The longest time a field takes (about 31 years): socket timeouts and the loop's clock
+# count nanoseconds in 64 bits and overflow past about 292 years.
+MAX_SECONDS = 10**9
+
+
+def _check_magnitude(name: str, value: object, limit: int) -> None:
+    """ValueError for a number beyond ``limit`` (named, without printing all its digits)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) > limit:
+        return  # NaN, wrong types and the rest are for the field's own check
+    shown = f"an int of {value.bit_length()} bits" if isinstance(value, int) else repr(value)
+    sign = "-" if isinstance(value, int) and value < 0 else ""
+    bound = "2**63 - 1" if limit == MAX_NUMBER else f"{limit:.0e}"
+    raise ValueError(f"{name} must be at most {bound} in size, got {sign}{shown}")
+
+
 def _check_ratio(name: str, value: object, *, low_open: bool, high_open: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {value!r}")
@@ -106,6 +125,9 @@ class CacheConfig:
     latency_window: int = 1024
 
     def __post_init__(self) -> None:
+        for field in _NUMERIC_FIELDS:
+            limit = MAX_SECONDS if field in _SECONDS_FIELDS else MAX_NUMBER
+            _check_magnitude(field, getattr(self, field), limit)
         if isinstance(self.manifest, Mapping):
             pass
         elif isinstance(self.manifest, str | os.PathLike):
@@ -168,3 +190,29 @@ class CacheConfig:
         """``source_dir`` as an expanded `Path`, or ``None``."""
         assert self.source_dir is None or isinstance(self.source_dir, Path)
         return self.source_dir
+
+
+_NUMERIC_FIELDS = (
+    "ram_capacity",
+    "disk_capacity",
+    "vram_capacity",
+    "vram_grow_timeout",
+    "max_concurrent_fetches",
+    "fetch_retries",
+    "integrity_retries",
+    "retry_backoff_base",
+    "retry_backoff_cap",
+    "retry_jitter",
+    "http_timeout",
+    "read_chunk_size",
+    "read_parallelism",
+    "write_chunk_size",
+    "writeback_step",
+    "small_queue_share",
+    "ghost_share",
+    "max_frequency",
+    "latency_window",
+)
+_SECONDS_FIELDS = frozenset(
+    {"vram_grow_timeout", "retry_backoff_base", "retry_backoff_cap", "http_timeout"}
+)

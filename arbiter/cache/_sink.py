@@ -1,9 +1,14 @@
 """DownloadSink: where one download's bytes go, hashed as they arrive.
 
-The bytes go to a temp file inside the disk tier (when the disk tier takes the
-fragment), to a `FragmentBuffer` (when the caller wants the bytes), or to both. The
-temp file becomes the fragment only through `DiskLayout.commit`, after `matches`.
-Every method but `matches` blocks and runs in a worker thread.
+The bytes go to a `FragmentBuffer` (when the caller wants them), to a temp file inside
+the disk tier (when the disk tier takes the fragment), or to both. With a buffer, each
+batch is copied in once and everything else (sha256, the xxh3-128 of the checksum
+record, the write to the temp file) reads that same memory. The temp file becomes the
+fragment only through `DiskLayout.commit`, after `matches`.
+
+A disk that runs out of room (ENOSPC, a quota) does not fail a download that fills a
+buffer: the temp file is dropped and the bytes go on into memory only. Every method
+but `matches` blocks and runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -12,14 +17,19 @@ import hashlib
 import os
 from collections.abc import Sequence
 
-from ._buffer import Buffer, FragmentBuffer
-from ._disk import DiskLayout
+from ._buffer import FragmentBuffer
+from ._disk import DISK_FULL_ERRNOS, DiskLayout
 from ._manifest import FragmentInfo, disk_name
+from ._record import ChecksumRecord, Hasher, fast_hasher
 
-__all__ = ["DownloadSink"]
+__all__ = ["DiskFull", "DownloadSink"]
 
 # pwritev takes at most IOV_MAX (1024 on Linux) pieces; more small pieces are joined first.
 IOV_LIMIT = 512
+
+
+class DiskFull(OSError):
+    """The disk tier has no room for a download that has nowhere else to go (internal)."""
 
 
 class DownloadSink:
@@ -30,17 +40,23 @@ class DownloadSink:
         buffer: where the bytes go in memory, or ``None``.
         layout: the disk tier to download into (through a temp file), or ``None``.
         writeback_step: bytes of the temp file between two starts of writeback (0: none).
+
+    Attributes:
+        disk_refused: why the disk tier did not take the fragment after all (no room),
+            or ``None``.
     """
 
     __slots__ = (
         "_buffer",
         "_committed",
+        "_fast",
         "_flushed",
         "_hasher",
         "_layout",
         "_temp_fd",
         "_temp_path",
         "_writeback_step",
+        "disk_refused",
         "info",
         "offset",
     )
@@ -58,37 +74,51 @@ class DownloadSink:
         self._buffer = buffer
         self._layout = layout
         self._hasher = hashlib.sha256()
+        self._fast: Hasher | None = fast_hasher() if layout is not None else None
         self._temp_fd = -1
         self._temp_path: str | None = None
         self._committed = False
         self._flushed = 0
         self._writeback_step = writeback_step if hasattr(os, "posix_fadvise") else 0
+        self.disk_refused: str | None = None
 
     @property
     def to_disk(self) -> bool:
-        """Whether the download lands in the disk tier."""
+        """Whether the download (still) lands in the disk tier."""
         return self._layout is not None
 
     def open(self) -> None:
-        """Create the temp file (when downloading to disk)."""
-        if self._layout is not None and self._temp_fd < 0:
-            self._temp_fd, self._temp_path = self._layout.new_temp(disk_name(self.info.id))
+        """Create the temp file (when downloading to disk and the file system has room)."""
+        if self._layout is None or self._temp_fd >= 0:
+            return
+        free = self._layout.free_bytes()
+        if free < self.info.size:
+            self._give_up_disk(f"the file system has {free} bytes free, the fragment needs more")
+            return
+        self._temp_fd, self._temp_path = self._layout.new_temp(disk_name(self.info.id))
 
     def write(self, chunks: Sequence[bytes]) -> None:
         """Hash ``chunks`` and store them at the current offset."""
-        if len(chunks) > IOV_LIMIT:
-            chunks = [b"".join(chunks)]
         length = sum(len(c) for c in chunks)
         if self._buffer is not None:
-            self._buffer.pwritev(chunks, self.offset)
-            # One large update instead of one per network chunk: each update lets go of
-            # the GIL and takes it back, and every take can keep the event loop waiting.
-            self._buffer.digest_into(self._hasher, self.offset, length)
+            self._buffer.write(chunks, self.offset)
+            # One large update per hash instead of one per network chunk: each update
+            # lets go of the GIL and takes it back, and every take can keep the loop waiting.
+            with self._buffer.view()[self.offset : self.offset + length] as stored:
+                self._hasher.update(stored)
+                if self._fast is not None:
+                    self._fast.update(stored)
+                if self._temp_fd >= 0:
+                    self._store([stored])
         else:
             for chunk in chunks:
                 self._hasher.update(chunk)
-        if self._temp_fd >= 0:
-            _pwrite_all(self._temp_fd, chunks, self.offset)
+                if self._fast is not None:
+                    self._fast.update(chunk)
+            if self._temp_fd >= 0:
+                if len(chunks) > IOV_LIMIT:
+                    chunks = [b"".join(chunks)]
+                self._store(chunks)
         self.offset += length
         step = self._writeback_step
         if step and self._temp_fd >= 0 and self.offset - self._flushed >= step:
@@ -98,9 +128,28 @@ class DownloadSink:
             os.posix_fadvise(self._temp_fd, self._flushed, length, os.POSIX_FADV_DONTNEED)
             self._flushed = self.offset
 
+    def _store(self, chunks: Sequence[bytes | memoryview]) -> None:
+        try:
+            _pwrite_all(self._temp_fd, chunks, self.offset)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            self._give_up_disk(os.strerror(exc.errno))
+            if self._buffer is None:
+                raise DiskFull(exc.errno, f"no room for {self.info.id!r} on disk") from exc
+
+    def _give_up_disk(self, reason: str) -> None:
+        """Go on without the disk tier: the temp file goes, the bytes go to memory only."""
+        self.disk_refused = reason
+        self._layout = None
+        self._fast = None
+        self._close_temp()
+
     def restart(self) -> None:
         """Forget every byte received: the next byte is byte 0 again."""
         self._hasher = hashlib.sha256()
+        if self._fast is not None:
+            self._fast = fast_hasher()
         self.offset = 0
         self._flushed = 0
         if self._temp_fd >= 0:
@@ -110,13 +159,24 @@ class DownloadSink:
         """Whether exactly the manifest's size arrived and it hashes to the manifest's sha256."""
         return self.offset == self.info.size and self._hasher.hexdigest() == self.info.sha256
 
-    def commit(self) -> None:
-        """Make the verified temp file the disk tier's copy (fsync, replace, fsync the folder)."""
-        assert self._layout is not None and self._temp_path is not None
-        self._layout.commit(self._temp_fd, self._temp_path, disk_name(self.info.id))
+    def commit(self) -> bool:
+        """Make the verified temp file the disk tier's copy (fsync, replace, fsync the
+        folder), with its checksum record. False when the disk had no room after all
+        (the bytes are still in the buffer, if any); other errors raise."""
+        if self._layout is None or self._fast is None or self._temp_path is None:
+            return False
+        record = ChecksumRecord(self._fast.hexdigest(), self.info.size, self.info.sha256)
+        try:
+            self._layout.commit(self._temp_fd, self._temp_path, disk_name(self.info.id), record)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            self._give_up_disk(os.strerror(exc.errno))
+            return False
         self._committed = True
+        return True
 
-    def result(self) -> Buffer | None:
+    def result(self) -> bytes | None:
         """The verified bytes (when a buffer was given); the buffer is spent."""
         if self._buffer is None:
             return None
@@ -126,6 +186,12 @@ class DownloadSink:
 
     def discard(self) -> None:
         """Close everything; the temp file goes unless it was committed (idempotent)."""
+        self._close_temp()
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+
+    def _close_temp(self) -> None:
         if self._temp_fd >= 0:
             os.close(self._temp_fd)
             self._temp_fd = -1
@@ -135,12 +201,9 @@ class DownloadSink:
             except FileNotFoundError:
                 pass
         self._temp_path = None
-        if self._buffer is not None:
-            self._buffer.close()
-            self._buffer = None
 
 
-def _pwrite_all(fd: int, chunks: Sequence[bytes], offset: int) -> None:
+def _pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], offset: int) -> None:
     expected = sum(len(c) for c in chunks)
     written = os.pwritev(fd, chunks, offset)
     if written < expected:

@@ -12,6 +12,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from .._log import log, note
 from ._buffer import Buffer, Reaper
 from ._config import CacheConfig
 from ._disk import DiskLayout
@@ -73,7 +74,7 @@ class RamTier:
 class DiskTier:
     """Verified fragment files under ``disk_path``, at most ``capacity`` bytes."""
 
-    __slots__ = ("_stats", "_tg", "_unlinking", "layout", "policy")
+    __slots__ = ("_full", "_stats", "_tg", "_unlinking", "layout", "policy")
 
     def __init__(self, config: CacheConfig, stats: StatsRecorder) -> None:
         self.policy = new_policy(config.disk_capacity, config)
@@ -81,14 +82,31 @@ class DiskTier:
         self._stats = stats
         self._unlinking: dict[str, anyio.Event] = {}
         self._tg: anyio.abc.TaskGroup | None = None
+        self._full = False
+
+    def refused(self, fragment_id: str, reason: str) -> None:
+        """A fragment could not be written to disk (no room): it goes through RAM only.
+        The first refusal logs a warning; the next ones are quiet until a write succeeds."""
+        if not self._full:
+            self._full = True
+            log.warning(
+                "disk tier cannot write; fragments bypass it until it can",
+                fragment=fragment_id,
+                reason=reason,
+                path=str(self.layout.root),
+            )
+        else:
+            note("disk tier still cannot write", fragment=fragment_id, reason=reason)
 
     async def open(self, manifest: Manifest, tg: anyio.abc.TaskGroup) -> None:
         """Create the folders, clean leftover temp files, and take in the fragment files
-        (oldest first). A file of the wrong size, or one that no longer fits, is removed;
-        a file that belongs to no id of ``manifest`` is left alone."""
-        found = await anyio.to_thread.run_sync(self.layout.prepare)
-        stale = []
-        for file in sorted(found, key=lambda f: f.mtime):
+        (oldest first). A file of the wrong size, one that no longer fits, anything that
+        is not a regular file at a fragment's path, and a checksum record without its
+        fragment are removed; what belongs to no id of ``manifest`` is left alone."""
+        scan = await anyio.to_thread.run_sync(self.layout.prepare)
+        stale = [name for name in scan.others if manifest.id_for_disk_name(name) is not None]
+        kept = set()
+        for file in sorted(scan.files, key=lambda f: f.mtime):
             fragment_id = manifest.id_for_disk_name(file.name)
             if fragment_id is None:
                 continue
@@ -99,7 +117,14 @@ class DiskTier:
             if evicted is None:
                 stale.append(file.name)
             else:
+                kept.add(file.name)
                 stale.extend(disk_name(victim) for victim in evicted)
+                kept.difference_update(disk_name(victim) for victim in evicted)
+        stale.extend(
+            name
+            for name in scan.records - kept
+            if manifest.id_for_disk_name(name) is not None and name not in stale
+        )
         for name in stale:
             await anyio.to_thread.run_sync(self.layout.remove, name)
         self._tg = tg
@@ -120,6 +145,7 @@ class DiskTier:
 
     def admit(self, info: FragmentInfo) -> None:
         """Account a file just committed, evicting (unlinking) colder ones."""
+        self._full = False
         evicted = self.policy.admit(info.id, info.size)
         if evicted is None:
             self._unlink_later(info.id)  # no room any more (capacity taken meanwhile)
