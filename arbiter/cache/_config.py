@@ -86,7 +86,8 @@ class CacheConfig:
         retry_jitter: share of that wait drawn at random, in [0, 1].
         http_timeout: seconds of network silence before a try is abandoned.
         read_chunk_size: bytes per disk read (at least 1 MiB).
-        read_parallelism: disk reads of one fragment in flight at once.
+        read_parallelism: reader threads of one fragment checked with sha256 (one more
+            thread hashes behind them); a fast-checksum read takes one thread.
         write_chunk_size: bytes gathered from the network before a write (>= 64 KiB).
         writeback_step: bytes of a download between two starts of its writeback to disk,
             so that the fsync before the commit is short (0: leave it all to the fsync).
@@ -116,7 +117,7 @@ class CacheConfig:
     retry_jitter: float = 0.5
     http_timeout: float = 30.0
     read_chunk_size: int = 4 * MiB
-    read_parallelism: int = 4
+    read_parallelism: int = 1
     write_chunk_size: int = 1 * MiB
     writeback_step: int = 16 * MiB
     small_queue_share: float = 0.1

@@ -24,7 +24,6 @@ import queue
 import shutil
 import stat
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +226,7 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOC
 class _Checks:
     """The hashes a read feeds, and what each must come to (``None``: recorded after)."""
 
-    __slots__ = ("expected", "hashers")
+    __slots__ = ("expected", "hashers", "slow")
 
     def __init__(self, file: LocalFile, fd: int) -> None:
         self.hashers: list[Hasher] = []
@@ -238,7 +237,9 @@ class _Checks:
                 raise CorruptFragment(f"{file.record} is damaged or made for other bytes")
             self.hashers.append(fast_hasher())
             self.expected.append(record.xxh3)
+            self.slow = False
             return
+        self.slow = True  # sha256 is slower than the reads: it gets a thread of its own
         self.hashers.append(hashlib.sha256())
         self.expected.append(file.sha256)
         if file.on_recorded is not None:
@@ -308,12 +309,15 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 
 class _Read:
-    """One read of a local file into a buffer, shared by its reader and hasher threads.
+    """One read of a local file into a buffer, by one thread or by readers and a hasher.
 
-    The first reader opens the file and reads the record; the other threads wait for
-    that (`_opened`). Readers take the next chunk from a shared counter and announce it
-    to the hasher, which hashes the chunks in order as they come. A thread that fails
-    wakes the others with `_ABORT` so that none waits for a chunk that never comes.
+    `start` opens the file and takes its record in a worker thread. When the check is
+    the fast hash (or the file is one chunk), that thread reads and hashes each chunk
+    in turn, while the chunk is still in its core's cache. A sha256 check, which is
+    several times slower than the reads, gets a pipeline instead: reader threads take
+    the next chunk from a shared counter and announce it; one hasher thread hashes the
+    chunks in order as they come. A thread that fails wakes the others with `_ABORT`,
+    so that none waits for a chunk that never comes.
     """
 
     __slots__ = (
@@ -322,8 +326,6 @@ class _Read:
         "_fd",
         "_file",
         "_next_chunk",
-        "_open_error",
-        "_opened",
         "_progress",
         "_ready",
         "_view",
@@ -342,49 +344,28 @@ class _Read:
         self.chunks = -(-file.size // chunk)
         self._next_chunk = itertools.count()  # next() on a count is atomic in CPython
         self._ready: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._opened = threading.Event()
-        self._open_error = False
         self._fd = -1
         self._checks: _Checks | None = None
 
-    def whole(self) -> None:
-        """Open, read, hash and check in this one thread (a fragment of one chunk)."""
-        fd = _open_checked(self._file)
-        try:
-            checks = _Checks(self._file, fd)
-            _pread_into(fd, self._view, 0)
-        finally:
-            os.close(fd)
-        checks.update(self._view)
+    def start(self) -> bool:
+        """Open the file and take its record; read it all here when that is best.
+        True when the read is done (and checked), False when the pipeline is to run."""
+        self._fd = _open_checked(self._file)
+        self._checks = checks = _Checks(self._file, self._fd)
+        if self.chunks > 1 and checks.slow:
+            return False
+        for index in range(self.chunks):
+            with self._read_chunk(index) as part:
+                checks.update(part)
+                self._report(len(part))
         checks.finish(self._file)
-        if self._progress is not None:
-            anyio.from_thread.run_sync(self._progress, self._file.size)
+        return True
 
-    def open(self) -> None:
-        """Open the file and take its record (the first reader, before reading)."""
+    def read(self) -> None:
+        """A reader thread of the pipeline: take chunks until none is left."""
         try:
-            self._fd = _open_checked(self._file)
-            self._checks = _Checks(self._file, self._fd)
-        except BaseException:
-            self._open_error = True
-            raise
-        finally:
-            self._opened.set()
-
-    def read(self, first: bool) -> None:
-        """A reader thread: take chunks until none is left."""
-        try:
-            if first:
-                self.open()
-            else:
-                self._opened.wait()
-                if self._open_error:
-                    return
-            size, chunk = self._file.size, self._chunk
             while (index := next(self._next_chunk)) < self.chunks:
-                start = index * chunk
-                with self._view[start : min(size, start + chunk)] as part:
-                    _pread_into(self._fd, part, start)
+                self._read_chunk(index).release()
                 self._ready.put(index)
         except BaseException:
             self._next_chunk = itertools.count(self.chunks)  # the other readers stop
@@ -392,12 +373,9 @@ class _Read:
             raise
 
     def hash(self) -> None:
-        """The hasher thread: hash chunks in order as they are read, then check."""
-        self._opened.wait()
-        if self._open_error:
-            return
-        assert self._checks is not None
-        size, chunk, view = self._file.size, self._chunk, self._view
+        """The hasher thread of the pipeline: hash chunks in order as they are read."""
+        checks = self._checks
+        assert checks is not None
         arrived: set[int] = set()
         for index in range(self.chunks):
             while index not in arrived:
@@ -406,18 +384,39 @@ class _Read:
                     return
                 arrived.add(got)
             arrived.discard(index)
-            start = index * chunk
-            with view[start : min(size, start + chunk)] as part:
-                self._checks.update(part)
-                if self._progress is not None:
-                    anyio.from_thread.run_sync(self._progress, len(part))
-        self._checks.finish(self._file)
+            with self._chunk_view(index) as part:
+                checks.update(part)
+                self._report(len(part))
+        checks.finish(self._file)
 
     def close(self) -> None:
         """Close the file (once every thread is done)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def _chunk_view(self, index: int) -> memoryview:
+        start = index * self._chunk
+        return self._view[start : min(self._file.size, start + self._chunk)]
+
+    def _read_chunk(self, index: int) -> memoryview:
+        """Read chunk ``index`` and ask the kernel to start on the next one meanwhile
+        (from a cold disk, so that one read is always queued behind the current)."""
+        part = self._chunk_view(index)
+        start = index * self._chunk
+        following = start + len(part)
+        if following < self._file.size and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, following, self._chunk, os.POSIX_FADV_WILLNEED)
+        try:
+            _pread_into(self._fd, part, start)
+        except BaseException:
+            part.release()
+            raise
+        return part
+
+    def _report(self, done: int) -> None:
+        if self._progress is not None:
+            anyio.from_thread.run_sync(self._progress, done)
 
 
 async def read_verified(
@@ -431,8 +430,8 @@ async def read_verified(
 
     A disk-tier file (``file.record`` set) is checked against its xxh3-128 record, or,
     without a record, against its sha256 (and then recorded); a ``source_dir`` file
-    against its sha256. A fragment of one chunk is read and hashed by one worker thread;
-    a larger one by ``parallelism`` reader threads and one hasher thread behind them.
+    against its sha256. The fast hash is computed by the reading thread, a sha256 of
+    more than one chunk by a thread of its own behind ``parallelism`` reader threads.
 
     Raises:
         CorruptFragment: the size, the checksum or the record is wrong.
@@ -442,19 +441,17 @@ async def read_verified(
     buffer = FragmentBuffer(file.size)  # no memory is touched yet: fine on the loop
     read = _Read(file, buffer.view(), chunk_size, progress)
     try:
-        if read.chunks <= 1:
-            await anyio.to_thread.run_sync(read.whole)
-        else:
-            # Its own limiter: a read never waits for threads that other reads hold.
-            readers = min(parallelism, read.chunks)
-            limiter = anyio.CapacityLimiter(readers + 1)
-            try:
+        try:
+            if not await anyio.to_thread.run_sync(read.start):
+                # Its own limiter: a read never waits for threads that other reads hold.
+                readers = min(parallelism, read.chunks)
+                limiter = anyio.CapacityLimiter(readers + 1)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_in_thread, read.hash, limiter)
-                    for k in range(readers):
-                        tg.start_soon(_in_thread, read.read, limiter, k == 0)
-            finally:
-                read.close()
+                    for _ in range(readers):
+                        tg.start_soon(_in_thread, read.read, limiter)
+        finally:
+            read.close()
         return buffer.freeze()
     except BaseExceptionGroup as group:
         # The hasher's verdict, else a reader's error, rather than the group.

@@ -105,21 +105,25 @@ class DownloadSink:
             # One large update per hash instead of one per network chunk: each update
             # lets go of the GIL and takes it back, and every take can keep the loop waiting.
             with self._buffer.view()[self.offset : self.offset + length] as stored:
-                self._hasher.update(stored)
-                if self._fast is not None:
-                    self._fast.update(stored)
+                self._hash(stored)
                 if self._temp_fd >= 0:
                     self._store([stored])
         else:
             for chunk in chunks:
-                self._hasher.update(chunk)
-                if self._fast is not None:
-                    self._fast.update(chunk)
+                self._hash(chunk)
             if self._temp_fd >= 0:
                 if len(chunks) > IOV_LIMIT:
                     chunks = [b"".join(chunks)]
                 self._store(chunks)
         self.offset += length
+        self._writeback()
+
+    def _hash(self, data: bytes | memoryview) -> None:
+        self._hasher.update(data)
+        if self._fast is not None:
+            self._fast.update(data)
+
+    def _writeback(self) -> None:
         step = self._writeback_step
         if step and self._temp_fd >= 0 and self.offset - self._flushed >= step:
             # DONTNEED starts writing the range back without waiting for it (Linux): the
