@@ -30,9 +30,11 @@ MAX_NUMBER = 2**63 - 1
 MAX_SECONDS = 10**9
 
 
-def _check_magnitude(name: str, value: object, limit: int) -> None:
-    """ValueError for a number beyond ``limit`` (named, without printing all its digits)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) > limit:
+def _check_magnitude(name: str, value: object, limit: int, *, floats: bool) -> None:
+    """ValueError for a number beyond ``limit`` (named, without printing all its digits);
+    a float is looked at only where ``floats`` are taken (elsewhere it is a TypeError)."""
+    kinds = (int, float) if floats else (int,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not abs(value) > limit:
         return  # NaN, wrong types and the rest are for the field's own check
     shown = f"an int of {value.bit_length()} bits" if isinstance(value, int) else repr(value)
     sign = "-" if isinstance(value, int) and value < 0 else ""
@@ -128,7 +130,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         for field in _NUMERIC_FIELDS:
             limit = MAX_SECONDS if field in _SECONDS_FIELDS else MAX_NUMBER
-            _check_magnitude(field, getattr(self, field), limit)
+            floats = field in _FLOAT_FIELDS
+            _check_magnitude(field, getattr(self, field), limit, floats=floats)
         if isinstance(self.manifest, Mapping):
             pass
         elif isinstance(self.manifest, str | os.PathLike):
@@ -217,3 +220,4 @@ _NUMERIC_FIELDS = (
 _SECONDS_FIELDS = frozenset(
     {"vram_grow_timeout", "retry_backoff_base", "retry_backoff_cap", "http_timeout"}
 )
+_FLOAT_FIELDS = _SECONDS_FIELDS | {"retry_jitter", "small_queue_share", "ghost_share"}

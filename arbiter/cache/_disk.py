@@ -17,7 +17,6 @@ hash overlap and nothing is copied.
 from __future__ import annotations
 
 import errno
-import hashlib
 import itertools
 import os
 import queue
@@ -26,6 +25,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 
 import anyio
@@ -36,7 +36,6 @@ from ._buffer import FragmentBuffer
 from ._record import RECORD_MAX_SIZE, ChecksumRecord, Hasher, fast_hasher
 
 __all__ = [
-    "DISK_FULL_ERRNOS",
     "CorruptFragment",
     "DiskFile",
     "DiskLayout",
@@ -45,9 +44,6 @@ __all__ = [
 ]
 
 Progress = Callable[[int], None]
-
-# Write errors that mean "no room here" rather than "this disk is broken".
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class CorruptFragment(Exception):
@@ -240,7 +236,7 @@ class _Checks:
             self.slow = False
             return
         self.slow = True  # sha256 is slower than the reads: it gets a thread of its own
-        self.hashers.append(hashlib.sha256())
+        self.hashers.append(sha256())
         self.expected.append(file.sha256)
         if file.on_recorded is not None:
             self.hashers.append(fast_hasher())

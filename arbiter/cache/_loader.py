@@ -21,7 +21,7 @@ from ._flight import Flight
 from ._http import CdnFetcher
 from ._manifest import FragmentInfo, disk_name
 from ._record import ChecksumRecord
-from ._sink import DiskFull, DownloadSink
+from ._sink import DiskUnwritable, DownloadSink
 from ._stats import CacheTier, StatsRecorder
 from ._tiers import DiskTier
 
@@ -146,13 +146,13 @@ class Loader:
             writeback_step=self._config.writeback_step,
         )
         try:
-            await anyio.to_thread.run_sync(sink.open)
             try:
+                await anyio.to_thread.run_sync(sink.open)
                 await self._fetcher.fetch(info.url(self._config.cdn_url), sink, flight.advance)
-            except DiskFull:
+            except DiskUnwritable:
                 assert sink.disk_refused is not None
                 self._disk.refused(info.id, sink.disk_refused)
-                return None  # a disk-only prefetch with no room on the disk
+                return None  # a disk-only prefetch, and the disk tier cannot take it
             if sink.to_disk:
                 await self._disk.wait_unlinked(info.id)  # an old unlink must not hit the new copy
                 if await anyio.to_thread.run_sync(sink.commit):

@@ -6,8 +6,9 @@ batch is copied in once and everything else (sha256, the xxh3-128 of the checksu
 record, the write to the temp file) reads that same memory. The temp file becomes the
 fragment only through `DiskLayout.commit`, after `matches`.
 
-A disk that runs out of room (ENOSPC, a quota) does not fail a download that fills a
-buffer: the temp file is dropped and the bytes go on into memory only. Every method
+A disk tier that cannot take the bytes (no room, a quota, a file system remounted
+read-only, a failing drive) does not fail a download that fills a buffer: the temp
+file is dropped and the bytes go on into memory only. The disk tier is a cache. Every method
 but `matches` blocks and runs in a worker thread.
 """
 
@@ -17,19 +18,20 @@ import hashlib
 import os
 from collections.abc import Sequence
 
+from .._types import format_bytes
 from ._buffer import FragmentBuffer
-from ._disk import DISK_FULL_ERRNOS, DiskLayout
+from ._disk import DiskLayout
 from ._manifest import FragmentInfo, disk_name
 from ._record import ChecksumRecord, Hasher, fast_hasher
 
-__all__ = ["DiskFull", "DownloadSink"]
+__all__ = ["DiskUnwritable", "DownloadSink"]
 
 # pwritev takes at most IOV_MAX (1024 on Linux) pieces; more small pieces are joined first.
 IOV_LIMIT = 512
 
 
-class DiskFull(OSError):
-    """The disk tier has no room for a download that has nowhere else to go (internal)."""
+class DiskUnwritable(OSError):
+    """The disk tier cannot take a download that has nowhere else to go (internal)."""
 
 
 class DownloadSink:
@@ -42,8 +44,8 @@ class DownloadSink:
         writeback_step: bytes of the temp file between two starts of writeback (0: none).
 
     Attributes:
-        disk_refused: why the disk tier did not take the fragment after all (no room),
-            or ``None``.
+        disk_refused: why the disk tier did not take the fragment after all (no room,
+            a write error), or ``None``.
     """
 
     __slots__ = (
@@ -91,11 +93,16 @@ class DownloadSink:
         """Create the temp file (when downloading to disk and the file system has room)."""
         if self._layout is None or self._temp_fd >= 0:
             return
-        free = self._layout.free_bytes()
-        if free < self.info.size:
-            self._give_up_disk(f"the file system has {free} bytes free, the fragment needs more")
-            return
-        self._temp_fd, self._temp_path = self._layout.new_temp(disk_name(self.info.id))
+        try:
+            free = self._layout.free_bytes()
+            if free < self.info.size:
+                self._give_up_disk(f"{format_bytes(free)} free on the file system")
+                return
+            self._temp_fd, self._temp_path = self._layout.new_temp(disk_name(self.info.id))
+        except OSError as exc:
+            self._give_up_disk(repr(exc))
+        if self._layout is None and self._buffer is None:
+            raise DiskUnwritable(f"the disk tier cannot take {self.info.id!r}")
 
     def write(self, chunks: Sequence[bytes]) -> None:
         """Hash ``chunks`` and store them at the current offset."""
@@ -136,11 +143,9 @@ class DownloadSink:
         try:
             _pwrite_all(self._temp_fd, chunks, self.offset)
         except OSError as exc:
-            if exc.errno not in DISK_FULL_ERRNOS:
-                raise
-            self._give_up_disk(os.strerror(exc.errno))
+            self._give_up_disk(repr(exc))
             if self._buffer is None:
-                raise DiskFull(exc.errno, f"no room for {self.info.id!r} on disk") from exc
+                raise DiskUnwritable(f"the disk tier cannot take {self.info.id!r}") from exc
 
     def _give_up_disk(self, reason: str) -> None:
         """Go on without the disk tier: the temp file goes, the bytes go to memory only."""
@@ -165,17 +170,15 @@ class DownloadSink:
 
     def commit(self) -> bool:
         """Make the verified temp file the disk tier's copy (fsync, replace, fsync the
-        folder), with its checksum record. False when the disk had no room after all
-        (the bytes are still in the buffer, if any); other errors raise."""
+        folder), with its checksum record. False when the disk tier could not take it
+        after all (the bytes are still in the buffer, if any)."""
         if self._layout is None or self._fast is None or self._temp_path is None:
             return False
         record = ChecksumRecord(self._fast.hexdigest(), self.info.size, self.info.sha256)
         try:
             self._layout.commit(self._temp_fd, self._temp_path, disk_name(self.info.id), record)
         except OSError as exc:
-            if exc.errno not in DISK_FULL_ERRNOS:
-                raise
-            self._give_up_disk(os.strerror(exc.errno))
+            self._give_up_disk(repr(exc))
             return False
         self._committed = True
         return True
