@@ -112,6 +112,22 @@ async def test_a_fragment_without_record_is_checked_with_sha256_then_recorded(
     assert len(origin.requests) == 1
 
 
+async def test_an_empty_record_is_a_missing_one(tmp_path, origin, monkeypatch) -> None:
+    # Records are not fsynced: what a crash leaves of one is nothing, or an empty file.
+    fragments = make_fragments(1, 200_000)
+    config = await prefetched(tmp_path, origin, fragments)
+    record = record_file(tmp_path, "frag/00")
+    kept = record.read_bytes()
+    record.write_bytes(b"")
+    sha256 = Sha256Counter(monkeypatch)
+    async with FragmentCache(config) as cache:
+        assert bytes(await cache.get("frag/00")) == fragments["frag/00"]
+        stats = cache.stats()
+    assert sha256.started == 1
+    assert stats.integrity_failures == 0 and stats.misses == 0
+    assert record.read_bytes() == kept
+
+
 async def test_a_corrupt_fragment_without_record_fails_sha256(tmp_path, origin) -> None:
     fragments = make_fragments(1, 5 * MiB)
     config = await prefetched(tmp_path, origin, fragments, read_chunk_size=1 * MiB)

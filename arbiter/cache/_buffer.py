@@ -17,6 +17,8 @@ and copied into ``bytes`` instead.
 from __future__ import annotations
 
 import ctypes
+import mmap
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +52,26 @@ def _c_api() -> tuple[Any, Any, Any] | None:
 
 _C_API = _c_api()
 
+# madvise(MADV_POPULATE_WRITE) faults a range of pages in at once (Linux >= 5.14).
+_MADV_POPULATE_WRITE = 23
+_PAGE = mmap.PAGESIZE
+
+
+def _madvise() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
+
+
+# A foreign call through ctypes.CDLL lets go of the GIL while it runs.
+_MADVISE = _madvise()
+
 
 class FragmentBuffer:
     """``size`` bytes to fill once through `view`, then `freeze` into ``bytes``.
@@ -60,17 +82,19 @@ class FragmentBuffer:
     outlive `freeze` or `close`.
     """
 
-    __slots__ = ("_array", "_bytes", "_view", "size")
+    __slots__ = ("_address", "_array", "_bytes", "_view", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._bytes: bytes | None = None
         self._array: bytearray | None = None
+        self._address = 0
         if _C_API is not None and size > 0:
             new_bytes, address, view = _C_API
             self._bytes = new_bytes(None, size)
+            self._address = address(self._bytes)
             # The view does not keep the bytes alive: this buffer does, until freeze.
-            self._view: memoryview = view(address(self._bytes), size, _PYBUF_WRITE)
+            self._view: memoryview = view(self._address, size, _PYBUF_WRITE)
         else:
             self._array = bytearray(size)
             self._view = memoryview(self._array)
@@ -81,11 +105,23 @@ class FragmentBuffer:
 
     def write(self, chunks: Sequence[bytes], offset: int) -> None:
         """Copy ``chunks`` in, one after the other, from ``offset``."""
+        self.populate(offset, sum(len(chunk) for chunk in chunks))
         view = self._view
         for chunk in chunks:
             end = offset + len(chunk)
             view[offset:end] = chunk
             offset = end
+
+    def populate(self, offset: int, length: int) -> None:
+        """Fault the pages of a range in without holding the GIL (where the OS can), so
+        that copying into them with the GIL held (a slice assignment) takes no page faults:
+        a fault costs microseconds, a MiB has 256 of them, and the event loop waits."""
+        if _MADVISE is None or self._bytes is None:
+            return
+        start = -(-(self._address + offset) // _PAGE) * _PAGE
+        end = (self._address + offset + length) // _PAGE * _PAGE
+        if end > start:
+            _MADVISE(start, end - start, _MADV_POPULATE_WRITE)  # a failure only costs faults
 
     def freeze(self) -> bytes:
         """The content as ``bytes`` (no copy where the C API is there); the buffer is spent."""

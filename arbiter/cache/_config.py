@@ -121,7 +121,7 @@ class CacheConfig:
     read_chunk_size: int = 4 * MiB
     read_parallelism: int = 1
     write_chunk_size: int = 1 * MiB
-    writeback_step: int = 16 * MiB
+    writeback_step: int = 4 * MiB
     small_queue_share: float = 0.1
     ghost_share: float = 0.9
     max_frequency: int = 3

@@ -137,13 +137,12 @@ class DiskLayout:
     def commit(self, fd: int, temp_path: str, name: str, record: ChecksumRecord) -> None:
         """Make a verified temp file the fragment ``name``, with its checksum record.
 
-        The record is written (and fsynced) first and put in place last, so that a crash
+        The old record goes first and the new one is put in place last, so that a crash
         in between leaves a fragment without a record (verified with sha256 when read),
-        never a record beside bytes it was not made for.
+        never a record beside bytes it was not made for. Only the fragment is fsynced: a
+        record lost in a crash is missing or empty, which reads as missing.
         """
         os.fsync(fd)
-        # Only the fragment's folder is fsynced: a record lost in a crash is a missing
-        # record (sha256 once more), and one kept without its fragment vouches for nothing.
         record_temp = self._write_temp_record(name, record)
         try:
             _clear(self.record_path(name))
@@ -176,8 +175,7 @@ class DiskLayout:
     def _write_temp_record(self, name: str, record: ChecksumRecord) -> str:
         fd, temp = tempfile.mkstemp(prefix=name[:16] + ".", suffix=".record", dir=self.tmp)
         try:
-            os.write(fd, record.encode())
-            os.fsync(fd)
+            os.write(fd, record.encode())  # a few bytes: one write never comes out short
         except BaseException:
             os.close(fd)
             _clear(Path(temp))
@@ -258,7 +256,8 @@ class _Checks:
 
 
 def _read_record(path: Path) -> ChecksumRecord | None:
-    """The record at ``path``; ``None`` when there is none. A damaged one raises."""
+    """The record at ``path``; ``None`` when there is none, or it is empty (what a crash
+    leaves of a record written without fsync). A damaged one raises."""
     try:
         fd = os.open(path, _OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
@@ -271,6 +270,8 @@ def _read_record(path: Path) -> ChecksumRecord | None:
         raw = os.read(fd, RECORD_MAX_SIZE + 1)
     finally:
         os.close(fd)
+    if not raw:
+        return None
     record = ChecksumRecord.decode(raw)
     if record is None:
         raise CorruptFragment(f"{path} is damaged")

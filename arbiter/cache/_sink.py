@@ -107,21 +107,24 @@ class DownloadSink:
     def write(self, chunks: Sequence[bytes]) -> None:
         """Hash ``chunks`` and store them at the current offset."""
         length = sum(len(c) for c in chunks)
-        if self._buffer is not None:
+        if self._buffer is not None and self._temp_fd >= 0 and self._store(chunks):
+            # Into the buffer from the temp file just written: a second copy, but one call
+            # without the GIL (page faults included), where a copy here would hold the GIL
+            # that the event loop waits for.
+            with self._buffer.view()[self.offset : self.offset + length] as stored:
+                _pread_all(self._temp_fd, stored, self.offset)
+                self._hash(stored)
+        elif self._buffer is not None:
             self._buffer.write(chunks, self.offset)
             # One large update per hash instead of one per network chunk: each update
             # lets go of the GIL and takes it back, and every take can keep the loop waiting.
             with self._buffer.view()[self.offset : self.offset + length] as stored:
                 self._hash(stored)
-                if self._temp_fd >= 0:
-                    self._store([stored])
         else:
             for chunk in chunks:
                 self._hash(chunk)
-            if self._temp_fd >= 0:
-                if len(chunks) > IOV_LIMIT:
-                    chunks = [b"".join(chunks)]
-                self._store(chunks)
+            if self._temp_fd >= 0 and not self._store(chunks):
+                raise DiskUnwritable(f"the disk tier cannot take {self.info.id!r}")
         self.offset += length
         self._writeback()
 
@@ -139,13 +142,16 @@ class DownloadSink:
             os.posix_fadvise(self._temp_fd, self._flushed, length, os.POSIX_FADV_DONTNEED)
             self._flushed = self.offset
 
-    def _store(self, chunks: Sequence[bytes | memoryview]) -> None:
+    def _store(self, chunks: Sequence[bytes]) -> bool:
+        """Write ``chunks`` to the temp file; False (the disk given up) when that fails."""
+        if len(chunks) > IOV_LIMIT:
+            chunks = [b"".join(chunks)]
         try:
             _pwrite_all(self._temp_fd, chunks, self.offset)
         except OSError as exc:
             self._give_up_disk(repr(exc))
-            if self._buffer is None:
-                raise DiskUnwritable(f"the disk tier cannot take {self.info.id!r}") from exc
+            return False
+        return True
 
     def _give_up_disk(self, reason: str) -> None:
         """Go on without the disk tier: the temp file goes, the bytes go to memory only."""
@@ -208,6 +214,15 @@ class DownloadSink:
             except FileNotFoundError:
                 pass
         self._temp_path = None
+
+
+def _pread_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"the temp file ended at {offset + done} bytes")
+        done += n
 
 
 def _pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], offset: int) -> None:
