@@ -312,8 +312,9 @@ async def test_a_full_disk_serves_from_the_origin_through_ram(
     assert len(warnings(logs)) == 1
     assert "disk tier cannot write" in warnings(logs)[0]["event"]
     assert stats.misses == 3 and stats.hits[CacheTier.RAM] == 3
-    assert stats.bytes_held[CacheTier.NVME] == 0
     assert stats.bytes_held[CacheTier.RAM] == 6 * MiB
+    # A failed commit (in the background) takes its fragment out of the disk tier.
+    assert cache.stats().bytes_held[CacheTier.NVME] == 0
     assert list((tmp_path / "cache" / "fragments").iterdir()) == []
     assert list((tmp_path / "cache" / "tmp").iterdir()) == []
     assert len(origin.requests) == 3
@@ -365,3 +366,92 @@ async def test_a_disk_that_cannot_create_files_is_bypassed(tmp_path, origin, mon
     async with FragmentCache(config) as cache:
         assert bytes(await cache.get("frag/00")) == fragments["frag/00"]
         assert cache.stats().bytes_held[CacheTier.NVME] == 0
+
+
+# -- commits in the background -----------------------------------------------------------
+
+
+class HeldCommits:
+    """Makes every commit of a download wait until `release` (from a worker thread)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import threading
+
+        self.released = threading.Event()
+        self.started = threading.Semaphore(0)
+        real = _disk.DiskLayout.commit
+
+        def held(layout: _disk.DiskLayout, *args: Any) -> None:
+            self.started.release()
+            assert self.released.wait(20)
+            real(layout, *args)
+
+        monkeypatch.setattr(_disk.DiskLayout, "commit", held)
+
+
+async def test_a_get_returns_before_the_commit_and_a_read_waits_for_it(
+    tmp_path, origin, monkeypatch
+) -> None:
+    import anyio
+
+    fragments = make_fragments(1, 1 * MiB)
+    origin.files.update(fragments)
+    config = make_config(tmp_path, fragments, cdn_url=origin.url, ram_capacity=0)
+    commits = HeldCommits(monkeypatch)
+    async with FragmentCache(config) as cache:
+        assert bytes(await cache.get("frag/00")) == fragments["frag/00"]
+        assert cache.stats().bytes_held[CacheTier.NVME] == 1 * MiB  # accounted already
+        await anyio.to_thread.run_sync(commits.started.acquire)
+        assert not fragment_file(tmp_path, "frag/00").exists()
+        got: list[bytes] = []
+
+        async def read_again() -> None:
+            got.append(bytes(await cache.get("frag/00")))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_again)
+            await anyio.wait_all_tasks_blocked()
+            assert got == []  # waiting for the commit, not downloading again
+            commits.released.set()
+        stats = cache.stats()
+    assert got == [fragments["frag/00"]]
+    assert stats.hits[CacheTier.NVME] == 1 and stats.misses == 1
+    assert len(origin.requests) == 1
+
+
+async def test_a_fragment_evicted_before_its_commit_leaves_no_file(
+    tmp_path, origin, monkeypatch
+) -> None:
+    import anyio
+
+    fragments = make_fragments(2, 100_000)
+    origin.files.update(fragments)
+    config = make_config(tmp_path, fragments, cdn_url=origin.url, disk_capacity=150_000)
+    commits = HeldCommits(monkeypatch)
+    async with FragmentCache(config) as cache:
+        await cache.get("frag/00", CacheTier.NVME)
+        await cache.get("frag/01", CacheTier.NVME)  # evicts frag/00 while it commits
+        await anyio.to_thread.run_sync(commits.started.acquire)
+        commits.released.set()
+        stats = cache.stats()
+    assert stats.evictions == 1 and stats.bytes_held[CacheTier.NVME] == 100_000
+    names = [p.name for p in (tmp_path / "cache" / "fragments").iterdir()]
+    assert names == [disk_name("frag/01")]
+    assert [p.name for p in (tmp_path / "cache" / "checksums").iterdir()] == names
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+
+
+async def test_closing_the_cache_waits_for_pending_commits(tmp_path, origin, monkeypatch) -> None:
+    import anyio
+
+    fragments = make_fragments(1, 100_000)
+    origin.files.update(fragments)
+    config = make_config(tmp_path, fragments, cdn_url=origin.url)
+    commits = HeldCommits(monkeypatch)
+    async with anyio.create_task_group() as tg:
+        async with FragmentCache(config) as cache:
+            await cache.get("frag/00")
+            await anyio.to_thread.run_sync(commits.started.acquire)
+            tg.start_soon(anyio.to_thread.run_sync, commits.released.set)
+    assert fragment_file(tmp_path, "frag/00").read_bytes() == fragments["frag/00"]
+    assert record_file(tmp_path, "frag/00").exists()

@@ -64,6 +64,8 @@ class Loader:
         info, config = flight.info, self._config
         corrupt = False
         if self._disk.holds(info.id):
+            await self._disk.wait_committed(info.id)
+        if self._disk.holds(info.id):
             if not flight.want_data:
                 return None, CacheTier.NVME
             try:
@@ -145,6 +147,7 @@ class Loader:
             layout=self._disk.layout if to_disk else None,
             writeback_step=self._config.writeback_step,
         )
+        handed_over = False
         try:
             try:
                 await anyio.to_thread.run_sync(sink.open)
@@ -153,13 +156,12 @@ class Loader:
                 assert sink.disk_refused is not None
                 self._disk.refused(info.id, sink.disk_refused)
                 return None  # a disk-only prefetch, and the disk tier cannot take it
-            if sink.to_disk:
-                await self._disk.wait_unlinked(info.id)  # an old unlink must not hit the new copy
-                if await anyio.to_thread.run_sync(sink.commit):
-                    self._disk.admit(info)
             if sink.disk_refused is not None:
                 self._disk.refused(info.id, sink.disk_refused)
-            return sink.result()
+            data = sink.result()  # before the sink is handed over
+            handed_over = sink.to_disk and self._disk.admit_download(info, sink)
+            return data
         finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(sink.discard)
+            if not handed_over:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(sink.discard)

@@ -1,8 +1,10 @@
 """The RAM and disk tiers: an S3-FIFO policy each, and what the policy's choices mean.
 
 RAM keeps the frozen bytes-like objects themselves. The disk tier keeps files named
-by a hash of the fragment id (see `DiskLayout`); an evicted file is unlinked in a
-worker thread, and a new copy of the same fragment waits for that unlink before it
+by a hash of the fragment id (see `DiskLayout`). A download is accounted when it is
+verified and committed (fsync, replace) in the background; a read of its file waits
+for that commit. An evicted file is unlinked in a worker thread, after its commit if
+one is pending, and a new copy of the same fragment waits for that unlink before it
 replaces the file, so an old unlink can never remove a new copy.
 """
 
@@ -18,6 +20,7 @@ from ._config import CacheConfig
 from ._disk import DiskLayout
 from ._manifest import FragmentInfo, Manifest, disk_name
 from ._s3fifo import S3FifoPolicy
+from ._sink import DownloadSink
 from ._stats import StatsRecorder
 
 __all__ = ["DiskTier", "RamTier", "new_policy"]
@@ -74,13 +77,14 @@ class RamTier:
 class DiskTier:
     """Verified fragment files under ``disk_path``, at most ``capacity`` bytes."""
 
-    __slots__ = ("_full", "_stats", "_tg", "_unlinking", "layout", "policy")
+    __slots__ = ("_committing", "_full", "_stats", "_tg", "_unlinking", "layout", "policy")
 
     def __init__(self, config: CacheConfig, stats: StatsRecorder) -> None:
         self.policy = new_policy(config.disk_capacity, config)
         self.layout = DiskLayout(config.disk_root)
         self._stats = stats
         self._unlinking: dict[str, anyio.Event] = {}
+        self._committing: dict[str, anyio.Event] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._full = False
 
@@ -143,16 +147,48 @@ class DiskTier:
         if pending is not None:
             await pending.wait()
 
-    def admit(self, info: FragmentInfo) -> None:
-        """Account a file just committed, evicting (unlinking) colder ones."""
-        self._full = False
+    async def wait_committed(self, fragment_id: str) -> None:
+        """Return once the fragment's file is in place (or its commit failed)."""
+        pending = self._committing.get(fragment_id)
+        if pending is not None:
+            await pending.wait()
+
+    def admit_download(self, info: FragmentInfo, sink: DownloadSink) -> bool:
+        """Account a verified download, evicting (unlinking) colder fragments, and commit
+        its temp file in the background: the get that downloaded it has its bytes and
+        need not wait for the fsync. Reads of the file wait for the commit. Takes the
+        sink over (it is discarded once committed); False when the tier has no room (the
+        sink stays the caller's)."""
         evicted = self.policy.admit(info.id, info.size)
         if evicted is None:
-            self._unlink_later(info.id)  # no room any more (capacity taken meanwhile)
-            return
+            return False
         self._stats.evictions += len(evicted)
         for victim in evicted:
             self._unlink_later(victim)
+        done = anyio.Event()
+        self._committing[info.id] = done
+        assert self._tg is not None, "DiskTier.admit_download() before open()"
+        self._tg.start_soon(self._commit, info, sink, done)
+        return True
+
+    async def _commit(self, info: FragmentInfo, sink: DownloadSink, done: anyio.Event) -> None:
+        # Shielded: closing the cache waits for the fsync rather than lose the download.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.wait_unlinked(info.id)  # an old unlink must not hit the new copy
+                if await anyio.to_thread.run_sync(sink.commit):
+                    self._full = False
+                else:
+                    self.policy.remove(info.id)
+                    self.refused(info.id, sink.disk_refused or "the commit failed")
+            except Exception as exc:  # the bytes were served; only the disk copy is lost
+                self.policy.remove(info.id)
+                log.warning("disk tier commit failed", fragment=info.id, error=repr(exc))
+            finally:
+                await anyio.to_thread.run_sync(sink.discard)
+                if self._committing.get(info.id) is done:
+                    del self._committing[info.id]
+                done.set()
 
     async def forget(self, fragment_id: str) -> None:
         """Drop a copy that failed verification or vanished, and its file."""
@@ -163,12 +199,18 @@ class DiskTier:
     def _unlink_later(self, fragment_id: str) -> None:
         done = anyio.Event()
         self._unlinking[fragment_id] = done
-        assert self._tg is not None, "DiskTier.admit() before open()"
-        self._tg.start_soon(self._unlink, fragment_id, done)
+        # The commit pending now, if any: a later copy's commit waits for this unlink.
+        committed = self._committing.get(fragment_id)
+        assert self._tg is not None, "DiskTier used before open()"
+        self._tg.start_soon(self._unlink, fragment_id, done, committed)
 
-    async def _unlink(self, fragment_id: str, done: anyio.Event) -> None:
+    async def _unlink(
+        self, fragment_id: str, done: anyio.Event, committed: anyio.Event | None
+    ) -> None:
         try:
             with anyio.CancelScope(shield=True):
+                if committed is not None:
+                    await committed.wait()  # else the commit would put the file back after
                 await anyio.to_thread.run_sync(self.layout.remove, disk_name(fragment_id))
         finally:
             if self._unlinking.get(fragment_id) is done:
