@@ -320,6 +320,31 @@ async def test_a_full_disk_serves_from_the_origin_through_ram(
     assert len(origin.requests) == 3
 
 
+async def test_a_disk_tier_larger_than_its_file_system_evicts_to_fit_it(
+    tmp_path, origin, monkeypatch
+) -> None:
+    fragments = make_fragments(5, 100_000)
+    origin.files.update(fragments)
+    config = make_config(tmp_path, fragments, cdn_url=origin.url, disk_capacity=1 << 40)
+    folder = tmp_path / "cache" / "fragments"
+    room = 250_000  # a file system of 250 kB, whatever disk_capacity says
+
+    def free_bytes(self: _disk.DiskLayout) -> int:
+        files = [*folder.iterdir(), *self.tmp.iterdir()]  # downloads take room too
+        return max(0, room - sum(p.stat().st_size for p in files))
+
+    monkeypatch.setattr(_disk.DiskLayout, "free_bytes", free_bytes)
+    with capture_logs() as logs:
+        async with FragmentCache(config) as cache:
+            for fragment_id, data in fragments.items():
+                assert bytes(await cache.get(fragment_id, CacheTier.NVME)) == data
+                assert cache.stats().bytes_held[CacheTier.NVME] <= room
+            stats = cache.stats()
+    assert warnings(logs) == []  # eviction made room: nothing bypassed the disk
+    assert stats.evictions == 3 and stats.bytes_held[CacheTier.NVME] == 200_000
+    assert sum(p.stat().st_size for p in folder.iterdir()) == 200_000
+
+
 async def test_the_disk_tier_is_used_again_once_it_has_room(tmp_path, origin, monkeypatch) -> None:
     fragments = make_fragments(2, 100_000)
     origin.files.update(fragments)

@@ -14,6 +14,7 @@ import anyio.to_thread
 
 from .._errors import FragmentUnavailable, IntegrityError
 from .._log import log, note
+from .._types import format_bytes
 from ._buffer import Buffer, FragmentBuffer
 from ._config import CacheConfig
 from ._disk import CorruptFragment, LocalFile, read_verified
@@ -150,7 +151,12 @@ class Loader:
         handed_over = False
         try:
             try:
-                await anyio.to_thread.run_sync(sink.open)
+                free = await anyio.to_thread.run_sync(sink.open)
+                if free is not None and not await self._disk.make_room(info.size, free):
+                    reason = f"{format_bytes(free)} free on the file system"
+                    await anyio.to_thread.run_sync(sink.give_up_disk, reason)
+                if sink.disk_refused is not None and not flight.want_data:
+                    raise DiskUnwritable(sink.disk_refused)
                 await self._fetcher.fetch(info.url(self._config.cdn_url), sink, flight.advance)
             except DiskUnwritable:
                 assert sink.disk_refused is not None

@@ -18,7 +18,6 @@ import hashlib
 import os
 from collections.abc import Sequence
 
-from .._types import format_bytes
 from ._buffer import FragmentBuffer
 from ._disk import DiskLayout
 from ._manifest import FragmentInfo, disk_name
@@ -89,20 +88,18 @@ class DownloadSink:
         """Whether the download (still) lands in the disk tier."""
         return self._layout is not None
 
-    def open(self) -> None:
-        """Create the temp file (when downloading to disk and the file system has room)."""
+    def open(self) -> int | None:
+        """Create the temp file (when downloading to disk); returns the bytes the file
+        system has free, or ``None`` (no disk, or it cannot be written)."""
         if self._layout is None or self._temp_fd >= 0:
-            return
+            return None
         try:
             free = self._layout.free_bytes()
-            if free < self.info.size:
-                self._give_up_disk(f"{format_bytes(free)} free on the file system")
-                return
             self._temp_fd, self._temp_path = self._layout.new_temp(disk_name(self.info.id))
         except OSError as exc:
-            self._give_up_disk(repr(exc))
-        if self._layout is None and self._buffer is None:
-            raise DiskUnwritable(f"the disk tier cannot take {self.info.id!r}")
+            self.give_up_disk(repr(exc))
+            return None
+        return free
 
     def write(self, chunks: Sequence[bytes]) -> None:
         """Hash ``chunks`` and store them at the current offset."""
@@ -149,11 +146,11 @@ class DownloadSink:
         try:
             _pwrite_all(self._temp_fd, chunks, self.offset)
         except OSError as exc:
-            self._give_up_disk(repr(exc))
+            self.give_up_disk(repr(exc))
             return False
         return True
 
-    def _give_up_disk(self, reason: str) -> None:
+    def give_up_disk(self, reason: str) -> None:
         """Go on without the disk tier: the temp file goes, the bytes go to memory only."""
         self.disk_refused = reason
         self._layout = None
@@ -184,7 +181,7 @@ class DownloadSink:
         try:
             self._layout.commit(self._temp_fd, self._temp_path, disk_name(self.info.id), record)
         except OSError as exc:
-            self._give_up_disk(repr(exc))
+            self.give_up_disk(repr(exc))
             return False
         self._committed = True
         return True

@@ -77,9 +77,19 @@ class RamTier:
 class DiskTier:
     """Verified fragment files under ``disk_path``, at most ``capacity`` bytes."""
 
-    __slots__ = ("_committing", "_full", "_stats", "_tg", "_unlinking", "layout", "policy")
+    __slots__ = (
+        "_capacity",
+        "_committing",
+        "_full",
+        "_stats",
+        "_tg",
+        "_unlinking",
+        "layout",
+        "policy",
+    )
 
     def __init__(self, config: CacheConfig, stats: StatsRecorder) -> None:
+        self._capacity = config.disk_capacity
         self.policy = new_policy(config.disk_capacity, config)
         self.layout = DiskLayout(config.disk_root)
         self._stats = stats
@@ -138,8 +148,32 @@ class DiskTier:
         return fragment_id in self.policy
 
     def takes(self, size: int) -> bool:
-        """Whether a fragment of ``size`` bytes may go to disk (else it bypasses the tier)."""
-        return self.policy.capacity > 0 and self.policy.fits(size)
+        """Whether a fragment of ``size`` bytes may go to disk (else it bypasses the tier),
+        as far as ``disk_capacity`` goes (see `make_room` for the file system)."""
+        return 0 < self._capacity and size <= self._capacity
+
+    async def make_room(self, size: int, free: int) -> bool:
+        """Before a download of ``size`` bytes is written: fit the tier to the file system,
+        which has ``free`` bytes free, and evict (unlink) colder fragments until the bytes
+        fit on it. The tier holds at most what it holds now plus what is free (never more
+        than ``disk_capacity``); the bound is taken anew at every download, so the tier
+        grows back when space is freed. False when the bytes cannot fit."""
+        room = min(self._capacity, self.policy.bytes_held + max(0, free))
+        if room != self.policy.capacity:
+            self.policy.resize(room)  # evicts nothing: room >= bytes held
+        if size > room:
+            return False
+        # The bytes are written before they are admitted: the room is made first.
+        evicted = self.policy.evict_until(room - size)
+        self._stats.evictions += len(evicted)
+        waits = [victim for victim in evicted if victim not in self._committing]
+        for victim in evicted:
+            self._unlink_later(victim)  # after its commit, when one is pending
+        for victim in waits:
+            # A victim still committing frees its space after the commit (the download
+            # must not wait for that fsync; a disk still full then falls back to RAM).
+            await self.wait_unlinked(victim)
+        return True
 
     async def wait_unlinked(self, fragment_id: str) -> None:
         """Return once no unlink of an older copy of the fragment is pending."""
