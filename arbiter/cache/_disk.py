@@ -33,6 +33,7 @@ import anyio.from_thread
 import anyio.to_thread
 
 from ._buffer import FragmentBuffer
+from ._config import MIN_READ_CHUNK
 from ._record import RECORD_MAX_SIZE, ChecksumRecord, Hasher, fast_hasher
 
 __all__ = [
@@ -350,6 +351,10 @@ class _Read:
         self._fd = _open_checked(self._file)
         self._checks = checks = _Checks(self._file, self._fd)
         if self.chunks > 1 and checks.slow:
+            # The hasher finishes one chunk after the last read: smaller chunks (down to
+            # MIN_READ_CHUNK) keep that tail short for fragments of a few chunks.
+            self._chunk = max(MIN_READ_CHUNK, min(self._chunk, -(-self._file.size // 8)))
+            self.chunks = -(-self._file.size // self._chunk)
             return False
         for index in range(self.chunks):
             with self._read_chunk(index) as part:
