@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 from collections.abc import Sequence
 
 from ._buffer import FragmentBuffer
@@ -24,6 +25,9 @@ from ._manifest import FragmentInfo, disk_name
 from ._record import ChecksumRecord, Hasher, fast_hasher
 
 __all__ = ["DiskUnwritable", "DownloadSink"]
+
+# Ranges of the buffer for the sha256 thread, ``None`` at the end.
+Regions = queue.SimpleQueue[tuple[int, int] | None]
 
 # pwritev takes at most IOV_MAX (1024 on Linux) pieces; more small pieces are joined first.
 IOV_LIMIT = 512
@@ -54,6 +58,7 @@ class DownloadSink:
         "_flushed",
         "_hasher",
         "_layout",
+        "_regions",
         "_temp_fd",
         "_temp_path",
         "_writeback_step",
@@ -76,6 +81,8 @@ class DownloadSink:
         self._layout = layout
         self._hasher = hashlib.sha256()
         self._fast: Hasher | None = fast_hasher() if layout is not None else None
+        # Set while a thread of its own computes the sha256 behind the writes.
+        self._regions: Regions | None = None
         self._temp_fd = -1
         self._temp_path: str | None = None
         self._committed = False
@@ -126,9 +133,38 @@ class DownloadSink:
         self._writeback()
 
     def _hash(self, data: bytes | memoryview) -> None:
-        self._hasher.update(data)
+        if self._regions is not None:
+            self._regions.put((self.offset, len(data)))  # the sha256 thread takes it
+        else:
+            self._hasher.update(data)
         if self._fast is not None:
             self._fast.update(data)
+
+    def start_hashing(self) -> Regions | None:
+        """From now on, leave the sha256 to `hash_behind` in a thread of its own (the
+        bytes must be in the buffer for that): returns what to hand it, or ``None``
+        when there is no buffer."""
+        if self._buffer is None:
+            return None
+        self._regions = queue.SimpleQueue()
+        return self._regions
+
+    def hash_behind(self, regions: Regions) -> None:
+        """The sha256 thread: hash the written ranges of the buffer in order until
+        `stop_hashing`. sha256 is the slowest step of a download: in a thread of its
+        own it runs beside the copies and the fast hash instead of after them."""
+        assert self._buffer is not None
+        view = self._buffer.view()  # the buffer's own: released by the buffer, not here
+        while (region := regions.get()) is not None:
+            start, length = region
+            with view[start : start + length] as part:
+                self._hasher.update(part)
+
+    def stop_hashing(self) -> None:
+        """End `hash_behind` once it has hashed what was written (idempotent)."""
+        if self._regions is not None:
+            self._regions.put(None)
+            self._regions = None
 
     def _writeback(self) -> None:
         step = self._writeback_step
