@@ -181,3 +181,76 @@ def test_config_is_frozen() -> None:
 def test_cache_wants_a_config() -> None:
     with pytest.raises(TypeError, match="CacheConfig"):
         FragmentCache({"manifest": manifest()})  # type: ignore[arg-type]
+
+
+NUMERIC_FIELDS = [
+    "ram_capacity",
+    "disk_capacity",
+    "vram_capacity",
+    "vram_grow_timeout",
+    "max_concurrent_fetches",
+    "fetch_retries",
+    "integrity_retries",
+    "retry_backoff_base",
+    "retry_backoff_cap",
+    "retry_jitter",
+    "http_timeout",
+    "read_chunk_size",
+    "read_parallelism",
+    "write_chunk_size",
+    "writeback_step",
+    "small_queue_share",
+    "ghost_share",
+    "max_frequency",
+    "latency_window",
+]
+
+
+def test_every_numeric_field_is_covered() -> None:
+    import dataclasses
+
+    others = {"manifest", "disk_path", "cdn_url", "source_dir", "vram_workload"}
+    assert {f.name for f in dataclasses.fields(CacheConfig)} - others == set(NUMERIC_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [10**400, -(10**400), 10**5000, 2**63, 1e300],
+    ids=["10**400", "-10**400", "10**5000", "2**63", "1e300"],
+)
+@pytest.mark.parametrize("field", NUMERIC_FIELDS)
+def test_huge_numbers_are_value_errors_naming_the_field(field: str, value: object) -> None:
+    kwargs: dict[str, Any] = {"manifest": manifest(), field: value}
+    if field == "retry_backoff_base":
+        kwargs["retry_backoff_cap"] = 1e9
+    if isinstance(value, float) and field in (
+        "ram_capacity",
+        "disk_capacity",
+        "vram_capacity",
+        "max_concurrent_fetches",
+        "fetch_retries",
+        "integrity_retries",
+        "read_chunk_size",
+        "read_parallelism",
+        "write_chunk_size",
+        "writeback_step",
+        "max_frequency",
+        "latency_window",
+    ):
+        error: type[Exception] = TypeError  # a float where an int is due
+    else:
+        error = ValueError
+    with pytest.raises(error, match=field):
+        CacheConfig(**kwargs)
+
+
+def test_the_largest_numbers_taken_still_work() -> None:
+    config = CacheConfig(
+        manifest(),
+        ram_capacity=2**63 - 1,
+        disk_capacity=2**63 - 1,
+        http_timeout=1e9,
+        retry_backoff_cap=1e9,
+        latency_window=2**63 - 1,
+    )
+    assert config.disk_capacity == 2**63 - 1

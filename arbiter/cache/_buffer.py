@@ -1,22 +1,23 @@
-"""FragmentBuffer: preallocated storage for one fragment, filled once, then frozen read-only.
+"""FragmentBuffer: storage for one fragment, filled once in place, then handed out as ``bytes``.
 
-Callers of the cache get bytes-like objects they cannot write to, so that no caller can
-corrupt the copy the RAM tier keeps. A fragment is filled in place (``os.preadv`` from
-disk, ``os.pwritev`` from the network), so its storage must be writable while it fills
-and immutable afterwards, without a copy (a copy of a large fragment would hold the GIL
-and stall the event loop). On Linux the storage is a ``memfd``: it is filled through a
-writable shared mapping or the descriptor, and frozen by mapping it again read-only (a
-read-only ``mmap`` refuses writes through any view of it, ``memoryview.obj`` included).
-Each frozen large fragment keeps one file descriptor until it is dropped (Python < 3.13
-duplicates the descriptor for every ``mmap``). Small fragments, and every fragment where
-``memfd_create`` is missing, are filled in a ``bytearray`` and frozen into ``bytes`` by a
-copy, which is cheap at their size.
+Callers of the cache get ``bytes``, so that no caller can corrupt the copy the RAM tier
+keeps. A fragment is filled in place (``os.preadv`` from disk, chunk by chunk from the
+network) and must not be copied afterwards: a copy of a large fragment costs a second
+pass over memory and, done with the GIL held, stalls the event loop.
+
+So the buffer is a ``bytes`` object created without content (C's
+``PyBytes_FromStringAndSize(NULL, size)``, the documented way to build a ``bytes``
+in place) and written through a view of its storage, before anyone else sees it. Its
+memory comes from ``malloc`` like a ``bytearray``'s (a large one reuses what was freed
+rather than faulting in fresh pages), and `freeze` hands the object itself out. Where
+the C API is not reachable through ``ctypes`` (not CPython), a ``bytearray`` is filled
+and copied into ``bytes`` instead.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,118 +26,119 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from .._types import MiB
-
 __all__ = ["Buffer", "FragmentBuffer", "Reaper"]
 
-# What the cache hands out: bytes, or a read-only memoryview of an immutable mapping.
+# What the cache hands out: bytes (a VRAM stand-in may hand back a read-only memoryview).
 Buffer = bytes | memoryview
 
-# Below this size a bytearray and a copy cost less than a memfd and two mappings.
-MEMFD_MIN_SIZE = 1 * MiB
+_PYBUF_WRITE = 0x200
 
 
-def _readonly_map(fd: int, size: int) -> mmap.mmap:
-    if sys.version_info >= (3, 13):
-        # Keeps no duplicate descriptor: the mapping alone holds the memory.
-        kwargs: dict[str, Any] = {"trackfd": False}
-        return mmap.mmap(fd, size, access=mmap.ACCESS_READ, **kwargs)
-    return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+def _c_api() -> tuple[Any, Any, Any] | None:
+    api = getattr(ctypes, "pythonapi", None)
+    if api is None:
+        return None
+    new_bytes = api.PyBytes_FromStringAndSize
+    new_bytes.restype = ctypes.py_object
+    new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+    address = api.PyBytes_AsString
+    address.restype = ctypes.c_void_p
+    address.argtypes = [ctypes.py_object]
+    view = api.PyMemoryView_FromMemory
+    view.restype = ctypes.py_object
+    view.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+    return new_bytes, address, view
+
+
+_C_API = _c_api()
+
+# madvise(MADV_POPULATE_WRITE) faults a range of pages in at once (Linux >= 5.14).
+_MADV_POPULATE_WRITE = 23
+_PAGE = mmap.PAGESIZE
+
+
+def _madvise() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
+
+
+# A foreign call through ctypes.CDLL lets go of the GIL while it runs.
+_MADVISE = _madvise()
 
 
 class FragmentBuffer:
-    """``size`` bytes to fill once through `view` or `pwritev`, then `freeze`.
+    """``size`` bytes to fill once through `view`, then `freeze` into ``bytes``.
 
-    Every method blocks (copying, mapping or unmapping memory takes milliseconds per
-    hundred MiB) and runs in a worker thread; threads never write the same range.
-    The writable mapping exists only once `view` asks for it (disk reads ``preadv``
-    into it); downloads write through the descriptor and read through the read-only
-    mapping that `freeze` hands out, so their freeze has nothing to unmap.
+    Creating one takes microseconds at any size (the memory is touched only when it is
+    filled), so it may be done on the event loop; filling runs in worker threads, which
+    never write the same range. The writable view is the buffer's own: it must not
+    outlive `freeze` or `close`.
     """
 
-    __slots__ = ("_array", "_fd", "_readonly", "_writable", "size")
+    __slots__ = ("_address", "_array", "_bytes", "_view", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._fd = -1
-        self._writable: mmap.mmap | None = None
-        self._readonly: mmap.mmap | None = None
+        self._bytes: bytes | None = None
         self._array: bytearray | None = None
-        if size >= MEMFD_MIN_SIZE and hasattr(os, "memfd_create"):
-            fd = os.memfd_create("arbiter-fragment", os.MFD_CLOEXEC)
-            try:
-                os.ftruncate(fd, size)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
+        self._address = 0
+        if _C_API is not None and size > 0:
+            new_bytes, address, view = _C_API
+            self._bytes = new_bytes(None, size)
+            self._address = address(self._bytes)
+            # The view does not keep the bytes alive: this buffer does, until freeze.
+            self._view: memoryview = view(self._address, size, _PYBUF_WRITE)
         else:
             self._array = bytearray(size)
+            self._view = memoryview(self._array)
 
     def view(self) -> memoryview:
-        """A writable view of the whole buffer (release it before `freeze`)."""
-        if self._fd >= 0:
-            if self._writable is None:
-                self._writable = mmap.mmap(self._fd, self.size)
-            return memoryview(self._writable)
-        assert self._array is not None, "buffer already frozen or closed"
-        return memoryview(self._array)
+        """The writable view of the whole buffer."""
+        return self._view
 
-    def pwritev(self, chunks: Sequence[bytes], offset: int) -> None:
-        """Copy ``chunks`` in at ``offset`` (without the GIL where the storage is a memfd)."""
-        if self._fd >= 0:
-            expected = sum(len(c) for c in chunks)
-            written = os.pwritev(self._fd, chunks, offset)
-            if written != expected:  # shmem writes are never short but by a failure
-                joined = b"".join(chunks)[written:]
-                while joined:
-                    n = os.pwrite(self._fd, joined, offset + written)
-                    written += n
-                    joined = joined[n:]
-            return
-        assert self._array is not None, "buffer already frozen or closed"
+    def write(self, chunks: Sequence[bytes], offset: int) -> None:
+        """Copy ``chunks`` in, one after the other, from ``offset``."""
+        self.populate(offset, sum(len(chunk) for chunk in chunks))
+        view = self._view
         for chunk in chunks:
-            self._array[offset : offset + len(chunk)] = chunk
-            offset += len(chunk)
+            end = offset + len(chunk)
+            view[offset:end] = chunk
+            offset = end
 
-    def digest_into(self, hasher: Any, offset: int, length: int) -> None:
-        """Feed ``length`` bytes from ``offset`` to ``hasher`` in one call (one GIL release)."""
-        if self._fd >= 0:
-            if self._readonly is None:
-                self._readonly = _readonly_map(self._fd, self.size)
-            with memoryview(self._readonly) as view, view[offset : offset + length] as part:
-                hasher.update(part)
+    def populate(self, offset: int, length: int) -> None:
+        """Fault the pages of a range in without holding the GIL (where the OS can), so
+        that copying into them with the GIL held (a slice assignment) takes no page faults:
+        a fault costs microseconds, a MiB has 256 of them, and the event loop waits."""
+        if _MADVISE is None or self._bytes is None:
             return
-        with self.view() as view, view[offset : offset + length] as part:
-            hasher.update(part)
+        start = -(-(self._address + offset) // _PAGE) * _PAGE
+        end = (self._address + offset + length) // _PAGE * _PAGE
+        if end > start:
+            _MADVISE(start, end - start, _MADV_POPULATE_WRITE)  # a failure only costs faults
 
-    def freeze(self) -> Buffer:
-        """The content as an immutable bytes-like object; the buffer is spent afterwards."""
-        if self._array is not None:
-            data = bytes(self._array)
-            self._array = None
+    def freeze(self) -> bytes:
+        """The content as ``bytes`` (no copy where the C API is there); the buffer is spent."""
+        self._view.release()
+        if self._bytes is not None:
+            data, self._bytes = self._bytes, None
             return data
-        assert self._fd >= 0, "buffer already frozen or closed"
-        frozen = (
-            self._readonly if self._readonly is not None else _readonly_map(self._fd, self.size)
-        )
-        self._readonly = None
-        self.close()
-        return memoryview(frozen)
+        assert self._array is not None, "buffer already frozen or closed"
+        data = bytes(self._array)
+        self._array = None
+        return data
 
     def close(self) -> None:
-        """Let go of the storage (idempotent); frozen views stay valid."""
+        """Let go of the storage (idempotent); what `freeze` returned stays valid."""
+        self._view.release()
+        self._bytes = None
         self._array = None
-        for mapping in (self._writable, self._readonly):
-            if mapping is not None:
-                try:
-                    mapping.close()
-                except BufferError:
-                    pass  # a view is still exported; the mapping goes with that view
-        self._writable = self._readonly = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 class Reaper:

@@ -116,30 +116,34 @@ class FragmentCache:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._reaper.attach(self._tg)
+        fetcher = None
         try:
             await self._disk.open(self._manifest, self._tg)
             if self._vram is not None:
                 await self._vram.open(self._tg)
+            if self._config.cdn_url is not None:
+                # Building a client loads the TLS trust store: tens of ms, not on the loop.
+                self._client = await anyio.to_thread.run_sync(self._new_client)
+                fetcher = CdnFetcher(self._client, self._config, self._stats)
         except BaseException:
             self._state = "closed"
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
             self._reaper.attach(None)
             raise
-        fetcher = None
-        if self._config.cdn_url is not None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self._config.http_timeout),
-                limits=httpx.Limits(
-                    max_connections=self._config.max_concurrent_fetches,
-                    max_keepalive_connections=self._config.max_concurrent_fetches,
-                ),
-                follow_redirects=True,
-            )
-            fetcher = CdnFetcher(self._client, self._config, self._stats)
         self._loader = Loader(self._config, self._disk, self._stats, fetcher)
         self._state = "open"
         return self
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(self._config.http_timeout),
+            limits=httpx.Limits(
+                max_connections=self._config.max_concurrent_fetches,
+                max_keepalive_connections=self._config.max_concurrent_fetches,
+            ),
+            follow_redirects=True,
+        )
 
     async def __aexit__(
         self,

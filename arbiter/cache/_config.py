@@ -21,6 +21,27 @@ MIN_READ_CHUNK = 1 * MiB
 MIN_WRITE_CHUNK = 64 * KiB
 
 
+# The largest number a numeric field takes: what a signed 64-bit file offset holds. A
+# larger int cannot be a size or a count the OS could use, and overflows (OverflowError)
+# once turned into a float.
+MAX_NUMBER = 2**63 - 1
+# The longest time a field takes (about 31 years): socket timeouts and the loop's clock
+# count nanoseconds in 64 bits and overflow past about 292 years.
+MAX_SECONDS = 10**9
+
+
+def _check_magnitude(name: str, value: object, limit: int, *, floats: bool) -> None:
+    """ValueError for a number beyond ``limit`` (named, without printing all its digits);
+    a float is looked at only where ``floats`` are taken (elsewhere it is a TypeError)."""
+    kinds = (int, float) if floats else (int,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not abs(value) > limit:
+        return  # NaN, wrong types and the rest are for the field's own check
+    shown = f"an int of {value.bit_length()} bits" if isinstance(value, int) else repr(value)
+    sign = "-" if isinstance(value, int) and value < 0 else ""
+    bound = "2**63 - 1" if limit == MAX_NUMBER else f"{limit:.0e}"
+    raise ValueError(f"{name} must be at most {bound} in size, got {sign}{shown}")
+
+
 def _check_ratio(name: str, value: object, *, low_open: bool, high_open: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {value!r}")
@@ -67,7 +88,8 @@ class CacheConfig:
         retry_jitter: share of that wait drawn at random, in [0, 1].
         http_timeout: seconds of network silence before a try is abandoned.
         read_chunk_size: bytes per disk read (at least 1 MiB).
-        read_parallelism: disk reads of one fragment in flight at once.
+        read_parallelism: reader threads of one fragment checked with sha256 (one more
+            thread hashes behind them); a fast-checksum read takes one thread.
         write_chunk_size: bytes gathered from the network before a write (>= 64 KiB).
         writeback_step: bytes of a download between two starts of its writeback to disk,
             so that the fsync before the commit is short (0: leave it all to the fsync).
@@ -97,15 +119,19 @@ class CacheConfig:
     retry_jitter: float = 0.5
     http_timeout: float = 30.0
     read_chunk_size: int = 4 * MiB
-    read_parallelism: int = 4
+    read_parallelism: int = 1
     write_chunk_size: int = 1 * MiB
-    writeback_step: int = 16 * MiB
+    writeback_step: int = 4 * MiB
     small_queue_share: float = 0.1
     ghost_share: float = 0.9
     max_frequency: int = 3
     latency_window: int = 1024
 
     def __post_init__(self) -> None:
+        for field in _NUMERIC_FIELDS:
+            limit = MAX_SECONDS if field in _SECONDS_FIELDS else MAX_NUMBER
+            floats = field in _FLOAT_FIELDS
+            _check_magnitude(field, getattr(self, field), limit, floats=floats)
         if isinstance(self.manifest, Mapping):
             pass
         elif isinstance(self.manifest, str | os.PathLike):
@@ -168,3 +194,30 @@ class CacheConfig:
         """``source_dir`` as an expanded `Path`, or ``None``."""
         assert self.source_dir is None or isinstance(self.source_dir, Path)
         return self.source_dir
+
+
+_NUMERIC_FIELDS = (
+    "ram_capacity",
+    "disk_capacity",
+    "vram_capacity",
+    "vram_grow_timeout",
+    "max_concurrent_fetches",
+    "fetch_retries",
+    "integrity_retries",
+    "retry_backoff_base",
+    "retry_backoff_cap",
+    "retry_jitter",
+    "http_timeout",
+    "read_chunk_size",
+    "read_parallelism",
+    "write_chunk_size",
+    "writeback_step",
+    "small_queue_share",
+    "ghost_share",
+    "max_frequency",
+    "latency_window",
+)
+_SECONDS_FIELDS = frozenset(
+    {"vram_grow_timeout", "retry_backoff_base", "retry_backoff_cap", "http_timeout"}
+)
+_FLOAT_FIELDS = _SECONDS_FIELDS | {"retry_jitter", "small_queue_share", "ghost_share"}

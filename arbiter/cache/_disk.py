@@ -1,40 +1,58 @@
 """The disk tier's files, and verified reads of any local fragment file.
 
-Layout under ``disk_path``: ``fragments/<sha256 of the id>`` holds verified fragments
-and ``tmp/`` holds downloads in progress. A fragment file appears only by
-``os.replace`` of a temp file that was verified and fsynced, followed by an fsync of
-the directory, so a reader (or a restart after a crash) never sees a partial or
-unverified fragment. Whatever is left in ``tmp/`` at start is the remains of a killed
-process and is removed.
+Layout under ``disk_path``: ``fragments/<sha256 of the id>`` holds verified fragments,
+``checksums/<same name>`` the checksum record of each (see `ChecksumRecord`), and
+``tmp/`` holds downloads in progress. A fragment file appears only by ``os.replace``
+of a temp file that was verified and fsynced, followed by an fsync of the directory,
+so a reader (or a restart after a crash) never sees a partial or unverified fragment.
+Whatever is left in ``tmp/`` at start is the remains of a killed process and is
+removed; so is anything at a fragment's path that is not a regular file.
 
-Reads run in worker threads (``anyio.to_thread``) with ``os.preadv`` into a
-preallocated `FragmentBuffer`, in chunks of at least 1 MiB, several in flight at once
-for large fragments, while the sha256 follows the chunks in order.
+A read fills a `FragmentBuffer` in place: reader threads ``preadv`` large chunks
+straight into it while one more thread hashes the same memory, chunk by chunk in
+order, behind them (hashlib and xxhash let go of the GIL), so that the read and the
+hash overlap and nothing is copied.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
+import itertools
 import os
+import queue
+import shutil
+import stat
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from ._buffer import Buffer, FragmentBuffer
+from ._buffer import FragmentBuffer
+from ._config import MIN_READ_CHUNK
+from ._record import RECORD_MAX_SIZE, ChecksumRecord, Hasher, fast_hasher
 
-__all__ = ["CorruptFragment", "DiskFile", "DiskLayout", "read_verified"]
+__all__ = [
+    "CorruptFragment",
+    "DiskFile",
+    "DiskLayout",
+    "NotAFile",
+    "read_verified",
+]
 
 Progress = Callable[[int], None]
 
 
 class CorruptFragment(Exception):
-    """A local copy's size or sha256 does not match the manifest (internal signal)."""
+    """A local copy's size or checksum (or its checksum record) does not match (internal)."""
+
+
+class NotAFile(OSError):
+    """Something that is not a regular file lies where a fragment file should be."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,64 +64,231 @@ class DiskFile:
     mtime: float
 
 
+@dataclass(frozen=True, slots=True)
+class DiskScan:
+    """What `DiskLayout.prepare` found in ``fragments/``."""
+
+    files: list[DiskFile]
+    records: set[str]
+    others: list[str]
+
+
+def _clear(path: Path) -> None:
+    """Remove whatever is at ``path`` (a folder with all it holds); nothing there is fine."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 class DiskLayout:
     """The folders of the disk tier under ``root`` (all methods block: run them in threads)."""
 
-    __slots__ = ("fragments", "root", "tmp")
+    __slots__ = ("checksums", "fragments", "root", "tmp")
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.fragments = root / "fragments"
+        self.checksums = root / "checksums"
         self.tmp = root / "tmp"
 
-    def prepare(self) -> list[DiskFile]:
-        """Create the folders, remove leftover temp files, and list the fragment files."""
-        self.fragments.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+    def prepare(self) -> DiskScan:
+        """Create the folders, remove leftovers in ``tmp/``, and list ``fragments/``."""
+        for folder in (self.fragments, self.checksums, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
         with os.scandir(self.tmp) as leftovers:
             for entry in leftovers:
-                if entry.is_file(follow_symlinks=False) or entry.is_symlink():
-                    os.unlink(entry.path)
-        found = []
+                _clear(Path(entry.path))
+        scan = DiskScan([], set(), [])
+        with os.scandir(self.checksums) as records:
+            scan.records.update(entry.name for entry in records)
         with os.scandir(self.fragments) as entries:
             for entry in entries:
                 if entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
-                    found.append(DiskFile(entry.name, st.st_size, st.st_mtime))
-        return found
+                    scan.files.append(DiskFile(entry.name, st.st_size, st.st_mtime))
+                else:
+                    scan.others.append(entry.name)
+        return scan
 
     def path(self, name: str) -> Path:
         """The path of the fragment file called ``name``."""
         return self.fragments / name
 
+    def record_path(self, name: str) -> Path:
+        """The path of the checksum record of the fragment file ``name``."""
+        return self.checksums / name
+
+    def free_bytes(self) -> int:
+        """Bytes the file system of the disk tier still has for this user."""
+        st = os.statvfs(self.tmp)
+        return st.f_bavail * st.f_frsize
+
     def new_temp(self, name: str) -> tuple[int, str]:
         """Open a fresh temp file for a download of ``name``: ``(fd, path)``."""
         return tempfile.mkstemp(prefix=name[:16] + ".", suffix=".part", dir=self.tmp)
 
-    def commit(self, fd: int, temp_path: str, name: str) -> None:
-        """Make a verified temp file the fragment ``name``: fsync, replace, fsync the folder."""
+    def commit(self, fd: int, temp_path: str, name: str, record: ChecksumRecord) -> None:
+        """Make a verified temp file the fragment ``name``, with its checksum record.
+
+        The old record goes first and the new one is put in place last, so that a crash
+        in between leaves a fragment without a record (verified with sha256 when read),
+        never a record beside bytes it was not made for. Only the fragment is fsynced: a
+        record lost in a crash is missing or empty, which reads as missing.
+        """
         os.fsync(fd)
-        os.replace(temp_path, self.fragments / name)
+        record_temp = self._write_temp_record(name, record)
+        try:
+            _clear(self.record_path(name))
+            _clear(self.path(name))  # a folder (or a stranger) in the way goes
+            os.replace(temp_path, self.path(name))
+            os.replace(record_temp, self.record_path(name))
+        except BaseException:
+            _clear(Path(record_temp))
+            raise
+        self._fsync_folder()
+
+    def write_record(self, name: str, record: ChecksumRecord) -> None:
+        """Record the checksum of a fragment file found without one (verified just now)."""
+        record_temp = self._write_temp_record(name, record)
+        try:
+            os.replace(record_temp, self.record_path(name))
+        except BaseException:
+            _clear(Path(record_temp))
+            raise
+
+    def remove(self, name: str) -> None:
+        """Delete the fragment ``name`` and its record, whatever lies at their paths."""
+        _clear(self.path(name))
+        _clear(self.record_path(name))
+
+    def remove_record(self, name: str) -> None:
+        """Delete the record ``name`` (one left without its fragment)."""
+        _clear(self.record_path(name))
+
+    def _write_temp_record(self, name: str, record: ChecksumRecord) -> str:
+        fd, temp = tempfile.mkstemp(prefix=name[:16] + ".", suffix=".record", dir=self.tmp)
+        try:
+            os.write(fd, record.encode())  # a few bytes: one write never comes out short
+        except BaseException:
+            os.close(fd)
+            _clear(Path(temp))
+            raise
+        os.close(fd)
+        return temp
+
+    def _fsync_folder(self) -> None:
         dir_fd = os.open(self.fragments, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
 
-    def remove(self, name: str) -> None:
-        """Delete the fragment file ``name`` if it is there."""
-        try:
-            os.unlink(self.fragments / name)
-        except FileNotFoundError:
-            pass
+
+# -- verified reads --------------------------------------------------------------------
 
 
-def _open_checked(path: Path, size: int) -> int:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """A local fragment file to read and what to check it against.
+
+    Args:
+        path: the file.
+        size, sha256: the manifest entry.
+        record: where its checksum record lies (a disk-tier file), or ``None`` (a file
+            of ``source_dir``, always checked with sha256).
+        on_recorded: called (in a worker thread) with the xxh3-128 of a disk-tier file
+            found without a record once sha256 verified it, to record it.
+    """
+
+    path: Path
+    size: int
+    sha256: str
+    record: Path | None = None
+    on_recorded: Callable[[str], None] | None = None
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+class _Checks:
+    """The hashes a read feeds, and what each must come to (``None``: recorded after)."""
+
+    __slots__ = ("expected", "hashers", "slow")
+
+    def __init__(self, file: LocalFile, fd: int) -> None:
+        self.hashers: list[Hasher] = []
+        self.expected: list[str | None] = []
+        record = _read_record(file.record) if file.record is not None else None
+        if record is not None:
+            if not record.vouches_for(file.size, file.sha256):
+                raise CorruptFragment(f"{file.record} is damaged or made for other bytes")
+            self.hashers.append(fast_hasher())
+            self.expected.append(record.xxh3)
+            self.slow = False
+            return
+        self.slow = True  # sha256 is slower than the reads: it gets a thread of its own
+        self.hashers.append(sha256())
+        self.expected.append(file.sha256)
+        if file.on_recorded is not None:
+            self.hashers.append(fast_hasher())
+            self.expected.append(None)
+
+    def update(self, part: memoryview) -> None:
+        for hasher in self.hashers:
+            hasher.update(part)
+
+    def finish(self, file: LocalFile) -> None:
+        """Raise `CorruptFragment` on a mismatch; record what was to be recorded."""
+        digests = [hasher.hexdigest() for hasher in self.hashers]
+        for digest, expected in zip(digests, self.expected, strict=True):
+            if expected is not None and digest != expected:
+                what = "its checksum record" if len(digest) == 32 else "its sha256"
+                raise CorruptFragment(f"{file.path} does not match {what}")
+        if file.on_recorded is not None and None in self.expected:
+            file.on_recorded(digests[self.expected.index(None)])
+
+
+def _read_record(path: Path) -> ChecksumRecord | None:
+    """The record at ``path``; ``None`` when there is none, or it is empty (what a crash
+    leaves of a record written without fsync). A damaged one raises."""
     try:
-        actual = os.fstat(fd).st_size
-        if actual != size:
-            raise CorruptFragment(f"{path} holds {actual} bytes, the manifest says {size}")
+        fd = os.open(path, _OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CorruptFragment(f"{path} cannot be read as a record: {exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptFragment(f"{path} is not a file")
+        raw = os.read(fd, RECORD_MAX_SIZE + 1)
+    finally:
+        os.close(fd)
+    if not raw:
+        return None
+    record = ChecksumRecord.decode(raw)
+    if record is None:
+        raise CorruptFragment(f"{path} is damaged")
+    return record
+
+
+def _open_checked(file: LocalFile) -> int:
+    # The disk tier's own files are never links; a model folder's may be (hub caches).
+    flags = _OPEN_FLAGS | (getattr(os, "O_NOFOLLOW", 0) if file.record is not None else 0)
+    fd = os.open(file.path, flags)  # O_NONBLOCK: a FIFO in the way must not hang the read
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(errno.EINVAL, "not a regular file", str(file.path))
+        if st.st_size != file.size:
+            raise CorruptFragment(f"{file.path} holds {st.st_size} bytes, not {file.size}")
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     except BaseException:
@@ -121,152 +306,170 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         done += n
 
 
-def _read_small(path: Path, size: int, sha256: str) -> bytes:
-    """One read straight into ``bytes`` (no copy), then the hash, in one worker thread."""
-    fd = _open_checked(path, size)
-    try:
-        data = os.pread(fd, size, 0)
-        while len(data) < size:
-            more = os.pread(fd, size - len(data), len(data))
-            if not more:
-                raise CorruptFragment(f"{path} ended at {len(data)} bytes while being read")
-            data += more
-    finally:
-        os.close(fd)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise CorruptFragment(f"{path} does not match its sha256")
-    return data
+class _Read:
+    """One read of a local file into a buffer, by one thread or by readers and a hasher.
 
-
-class _OrderedHash:
-    """Hashes a buffer's chunks in order while readers fill them out of order.
-
-    Whichever reader thread completes the next chunk in order hashes it, and every
-    chunk after it that is already there; the other readers go on reading. No thread
-    ever waits for another, so the readers cannot deadlock on a full thread pool.
+    `start` opens the file and takes its record in a worker thread. When the check is
+    the fast hash (or the file is one chunk), that thread reads and hashes each chunk
+    in turn, while the chunk is still in its core's cache. A sha256 check, which is
+    several times slower than the reads, gets a pipeline instead: reader threads take
+    the next chunk from a shared counter and announce it; one hasher thread hashes the
+    chunks in order as they come. A thread that fails wakes the others with `_ABORT`,
+    so that none waits for a chunk that never comes.
     """
 
-    __slots__ = ("_busy", "_chunk", "_done", "_hasher", "_lock", "_next", "_report", "_view")
+    __slots__ = (
+        "_checks",
+        "_chunk",
+        "_fd",
+        "_file",
+        "_next_chunk",
+        "_progress",
+        "_ready",
+        "_view",
+        "chunks",
+    )
 
-    def __init__(self, view: memoryview, chunk: int, report: Progress | None) -> None:
+    _ABORT = -1
+
+    def __init__(
+        self, file: LocalFile, view: memoryview, chunk: int, progress: Progress | None
+    ) -> None:
+        self._file = file
         self._view = view
         self._chunk = chunk
-        self._report = report
-        self._hasher = hashlib.sha256()
-        self._lock = threading.Lock()
-        self._done: set[int] = set()
-        self._next = 0
-        self._busy = False
+        self._progress = progress
+        self.chunks = -(-file.size // chunk)
+        self._next_chunk = itertools.count()  # next() on a count is atomic in CPython
+        self._ready: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._fd = -1
+        self._checks: _Checks | None = None
 
-    def chunk_read(self, index: int) -> None:
-        """Record that chunk ``index`` is in the buffer; hash what is now in order."""
-        with self._lock:
-            self._done.add(index)
-            if self._busy:
-                return  # the thread hashing now will find it
-            self._busy = True
-        while True:
-            with self._lock:
-                if self._next not in self._done:
-                    self._busy = False
+    def start(self) -> bool:
+        """Open the file and take its record; read it all here when that is best.
+        True when the read is done (and checked), False when the pipeline is to run."""
+        self._fd = _open_checked(self._file)
+        self._checks = checks = _Checks(self._file, self._fd)
+        if self.chunks > 1 and checks.slow:
+            # The hasher finishes one chunk after the last read: smaller chunks (down to
+            # MIN_READ_CHUNK) keep that tail short for fragments of a few chunks.
+            self._chunk = max(MIN_READ_CHUNK, min(self._chunk, -(-self._file.size // 8)))
+            self.chunks = -(-self._file.size // self._chunk)
+            return False
+        for index in range(self.chunks):
+            with self._read_chunk(index) as part:
+                checks.update(part)
+                self._report(len(part))
+        checks.finish(self._file)
+        return True
+
+    def read(self) -> None:
+        """A reader thread of the pipeline: take chunks until none is left."""
+        try:
+            while (index := next(self._next_chunk)) < self.chunks:
+                self._read_chunk(index).release()
+                self._ready.put(index)
+        except BaseException:
+            self._next_chunk = itertools.count(self.chunks)  # the other readers stop
+            self._ready.put(self._ABORT)
+            raise
+
+    def hash(self) -> None:
+        """The hasher thread of the pipeline: hash chunks in order as they are read."""
+        checks = self._checks
+        assert checks is not None
+        arrived: set[int] = set()
+        for index in range(self.chunks):
+            while index not in arrived:
+                got = self._ready.get()
+                if got == self._ABORT:
                     return
-                start = self._next * self._chunk
-            # hashlib lets go of the GIL for large updates: the other readers go on.
-            with self._view[start : start + self._chunk] as part:
-                self._hasher.update(part)
-                done = len(part)
-            with self._lock:
-                self._done.discard(self._next)
-                self._next += 1
-            if self._report is not None:
-                anyio.from_thread.run_sync(self._report, done)
+                arrived.add(got)
+            arrived.discard(index)
+            with self._chunk_view(index) as part:
+                checks.update(part)
+                self._report(len(part))
+        checks.finish(self._file)
 
-    def hexdigest(self) -> str:
-        """The sha256 of the whole buffer (call once every chunk was hashed)."""
-        return self._hasher.hexdigest()
+    def close(self) -> None:
+        """Close the file (once every thread is done)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
+    def _chunk_view(self, index: int) -> memoryview:
+        start = index * self._chunk
+        return self._view[start : min(self._file.size, start + self._chunk)]
 
-def _read_stripe(
-    fd: int, view: memoryview, chunk: int, first: int, step: int, hasher: _OrderedHash
-) -> None:
-    """Read chunks ``first, first + step, ...`` into ``view``, handing each to ``hasher``."""
-    for index in range(first, -(-len(view) // chunk), step):
-        start = index * chunk
-        with view[start : start + chunk] as part:
-            _pread_into(fd, part, start)
-        hasher.chunk_read(index)
+    def _read_chunk(self, index: int) -> memoryview:
+        """Read chunk ``index`` into the buffer; returns the view of it (release it).
 
+        No ``WILLNEED`` advice for the chunks ahead: measured, it slows cold reads down
+        (the kernel's own sequential read-ahead already keeps the drive busy)."""
+        part = self._chunk_view(index)
+        start = index * self._chunk
+        try:
+            _pread_into(self._fd, part, start)
+        except BaseException:
+            part.release()
+            raise
+        return part
 
-def _open_with_buffer(path: Path, size: int) -> tuple[int, FragmentBuffer]:
-    fd = _open_checked(path, size)
-    try:
-        return fd, FragmentBuffer(size)
-    except BaseException:
-        os.close(fd)
-        raise
+    def _report(self, done: int) -> None:
+        if self._progress is not None:
+            anyio.from_thread.run_sync(self._progress, done)
 
 
 async def read_verified(
-    path: Path,
-    size: int,
-    sha256: str,
+    file: LocalFile,
     *,
     chunk_size: int,
     parallelism: int,
     progress: Progress | None = None,
-) -> Buffer:
-    """Read a local fragment file and check its size and sha256.
+) -> bytes:
+    """Read a local fragment file and check its size and checksum.
 
-    Fragments of up to two chunks are read by one worker thread; larger ones by up to
-    ``parallelism`` threads, each reading every ``parallelism``-th chunk, while the
-    sha256 follows the chunks in order.
+    A disk-tier file (``file.record`` set) is checked against its xxh3-128 record, or,
+    without a record, against its sha256 (and then recorded); a ``source_dir`` file
+    against its sha256. The fast hash is computed by the reading thread, a sha256 of
+    more than one chunk by a thread of its own behind ``parallelism`` reader threads.
 
     Raises:
-        CorruptFragment: the size or the sha256 differs.
+        CorruptFragment: the size, the checksum or the record is wrong.
+        NotAFile: the path holds a folder or another non-file.
         OSError: the file cannot be read (``FileNotFoundError`` when it is gone).
     """
-    if size <= 2 * chunk_size:
-        data = await anyio.to_thread.run_sync(_read_small, path, size, sha256)
-        if progress is not None:
-            progress(size)
-        return data
-    fd, buffer = await anyio.to_thread.run_sync(_open_with_buffer, path, size)
+    buffer = FragmentBuffer(file.size)  # no memory is touched yet: fine on the loop
+    read = _Read(file, buffer.view(), chunk_size, progress)
     try:
-        with buffer.view() as view:
-            hasher = _OrderedHash(view, chunk_size, progress)
-            stripes = min(parallelism, -(-size // chunk_size))
-            # Its own limiter: a read never waits for threads that other reads hold.
-            limiter = anyio.CapacityLimiter(stripes)
-            async with anyio.create_task_group() as tg:
-                for first in range(stripes):
-                    tg.start_soon(
-                        _run_stripe, fd, view, chunk_size, first, stripes, hasher, limiter
-                    )
-        if hasher.hexdigest() != sha256:
-            raise CorruptFragment(f"{path} does not match its sha256")
-        return await anyio.to_thread.run_sync(buffer.freeze)
+        try:
+            if not await anyio.to_thread.run_sync(read.start):
+                # Its own limiter: a read never waits for threads that other reads hold.
+                readers = min(parallelism, read.chunks)
+                limiter = anyio.CapacityLimiter(readers + 1)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_in_thread, read.hash, limiter)
+                    for _ in range(readers):
+                        tg.start_soon(_in_thread, read.read, limiter)
+        finally:
+            read.close()
+        return buffer.freeze()
     except BaseExceptionGroup as group:
-        # A task group wraps what a stripe raised; the caller wants the error itself.
+        # The hasher's verdict, else a reader's error, rather than the group.
+        await _drop(buffer)
         raise group.exceptions[0] from None
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_close_both, buffer, fd)
+    except BaseException:
+        await _drop(buffer)
+        raise
 
 
-def _close_both(buffer: FragmentBuffer, fd: int) -> None:
-    buffer.close()
-    os.close(fd)
+async def _drop(buffer: FragmentBuffer) -> None:
+    # Freeing a large filled buffer takes milliseconds: not on the loop.
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(buffer.close)
 
 
-async def _run_stripe(
-    fd: int,
-    view: memoryview,
-    chunk: int,
-    first: int,
-    step: int,
-    hasher: _OrderedHash,
-    limiter: anyio.CapacityLimiter,
+async def _in_thread(
+    function: Callable[..., None], limiter: anyio.CapacityLimiter, *args: object
 ) -> None:
-    await anyio.to_thread.run_sync(
-        _read_stripe, fd, view, chunk, first, step, hasher, limiter=limiter
-    )
+    await anyio.to_thread.run_sync(function, *args, limiter=limiter)

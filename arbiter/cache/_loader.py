@@ -9,20 +9,20 @@ the load fail, with `IntegrityError` if a copy was found corrupt, else
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anyio
 import anyio.to_thread
 
 from .._errors import FragmentUnavailable, IntegrityError
 from .._log import log, note
+from .._types import format_bytes
 from ._buffer import Buffer, FragmentBuffer
 from ._config import CacheConfig
-from ._disk import CorruptFragment, read_verified
+from ._disk import CorruptFragment, LocalFile, read_verified
 from ._flight import Flight
 from ._http import CdnFetcher
 from ._manifest import FragmentInfo, disk_name
-from ._sink import DownloadSink
+from ._record import ChecksumRecord
+from ._sink import DiskUnwritable, DownloadSink
 from ._stats import CacheTier, StatsRecorder
 from ._tiers import DiskTier
 
@@ -65,11 +65,12 @@ class Loader:
         info, config = flight.info, self._config
         corrupt = False
         if self._disk.holds(info.id):
+            await self._disk.wait_committed(info.id)
+        if self._disk.holds(info.id):
             if not flight.want_data:
                 return None, CacheTier.NVME
             try:
-                path = self._disk.layout.path(disk_name(info.id))
-                data = await self._read_local(path, flight)
+                data = await self._read_local(self._disk_file(info), flight)
             except CorruptFragment as exc:
                 corrupt = True
                 self._stats.integrity_failures += 1
@@ -90,7 +91,7 @@ class Loader:
                 return None, CacheTier.NVME  # a local model folder is the NVME tier already
             try:
                 async with self._limiter:
-                    data = await self._read_local(path, flight)
+                    data = await self._read_local(LocalFile(path, info.size, info.sha256), flight)
             except CorruptFragment as exc:
                 corrupt = True
                 self._stats.integrity_failures += 1
@@ -109,17 +110,28 @@ class Loader:
             raise IntegrityError(f"fragment {info.id!r}: every copy failed verification")
         raise FragmentUnavailable(f"fragment {info.id!r}: no tier or origin holds it")
 
-    async def _read_local(self, path: Path, flight: Flight) -> Buffer:
-        info = flight.info
-        data = await read_verified(
-            path,
+    def _disk_file(self, info: FragmentInfo) -> LocalFile:
+        layout, name = self._disk.layout, disk_name(info.id)
+
+        def record(xxh3: str) -> None:
+            layout.write_record(name, ChecksumRecord(xxh3, info.size, info.sha256))
+
+        return LocalFile(
+            layout.path(name),
             info.size,
             info.sha256,
+            record=layout.record_path(name),
+            on_recorded=record,
+        )
+
+    async def _read_local(self, file: LocalFile, flight: Flight) -> Buffer:
+        data = await read_verified(
+            file,
             chunk_size=self._config.read_chunk_size,
             parallelism=self._config.read_parallelism,
             progress=flight.advance if flight.watched else None,
         )
-        self._stats.bytes_read[CacheTier.NVME] += info.size
+        self._stats.bytes_read[CacheTier.NVME] += file.size
         return data
 
     async def _download(self, info: FragmentInfo, flight: Flight) -> Buffer | None:
@@ -128,21 +140,34 @@ class Loader:
         if not to_disk and not flight.want_data:
             note("fragment too large for the disk tier; not prefetched", fragment=info.id)
             return None
-        buffer = FragmentBuffer(info.size) if flight.want_data else None  # no mapping yet
+        # Creating the buffer touches no memory yet: fine on the loop.
+        buffer = FragmentBuffer(info.size) if flight.want_data else None
         sink = DownloadSink(
             info,
             buffer=buffer,
             layout=self._disk.layout if to_disk else None,
             writeback_step=self._config.writeback_step,
         )
+        handed_over = False
         try:
-            await anyio.to_thread.run_sync(sink.open)
-            await self._fetcher.fetch(info.url(self._config.cdn_url), sink, flight.advance)
-            if to_disk:
-                await self._disk.wait_unlinked(info.id)  # an old unlink must not hit the new copy
-                await anyio.to_thread.run_sync(sink.commit)
-                self._disk.admit(info)
-            return await anyio.to_thread.run_sync(sink.result)
+            try:
+                free = await anyio.to_thread.run_sync(sink.open)
+                if free is not None and not await self._disk.make_room(info.size, free):
+                    reason = f"{format_bytes(free)} free on the file system"
+                    await anyio.to_thread.run_sync(sink.give_up_disk, reason)
+                if sink.disk_refused is not None and not flight.want_data:
+                    raise DiskUnwritable(sink.disk_refused)
+                await self._fetcher.fetch(info.url(self._config.cdn_url), sink, flight.advance)
+            except DiskUnwritable:
+                assert sink.disk_refused is not None
+                self._disk.refused(info.id, sink.disk_refused)
+                return None  # a disk-only prefetch, and the disk tier cannot take it
+            if sink.disk_refused is not None:
+                self._disk.refused(info.id, sink.disk_refused)
+            data = sink.result()  # before the sink is handed over
+            handed_over = sink.to_disk and self._disk.admit_download(info, sink)
+            return data
         finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(sink.discard)
+            if not handed_over:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(sink.discard)

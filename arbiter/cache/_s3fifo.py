@@ -168,6 +168,11 @@ class S3FifoPolicy:
         self._trim_ghost()
         return evicted
 
+    def evict_until(self, limit: int) -> list[str]:
+        """Evict entries (pinned ones stay) until at most ``limit`` bytes are held, as an
+        admission would; the capacity stays. Returns the keys evicted."""
+        return self._evict_until(limit)
+
     def pin(self, key: str) -> None:
         """Protect ``key`` from eviction until a matching `unpin` (``KeyError`` if not held)."""
         entry = self._entries[key]

@@ -1,25 +1,40 @@
 """DownloadSink: where one download's bytes go, hashed as they arrive.
 
-The bytes go to a temp file inside the disk tier (when the disk tier takes the
-fragment), to a `FragmentBuffer` (when the caller wants the bytes), or to both. The
-temp file becomes the fragment only through `DiskLayout.commit`, after `matches`.
-Every method but `matches` blocks and runs in a worker thread.
+The bytes go to a `FragmentBuffer` (when the caller wants them), to a temp file inside
+the disk tier (when the disk tier takes the fragment), or to both. With a buffer, each
+batch is copied in once and everything else (sha256, the xxh3-128 of the checksum
+record, the write to the temp file) reads that same memory. The temp file becomes the
+fragment only through `DiskLayout.commit`, after `matches`.
+
+A disk tier that cannot take the bytes (no room, a quota, a file system remounted
+read-only, a failing drive) does not fail a download that fills a buffer: the temp
+file is dropped and the bytes go on into memory only. The disk tier is a cache. Every method
+but `matches` blocks and runs in a worker thread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 from collections.abc import Sequence
 
-from ._buffer import Buffer, FragmentBuffer
+from ._buffer import FragmentBuffer
 from ._disk import DiskLayout
 from ._manifest import FragmentInfo, disk_name
+from ._record import ChecksumRecord, Hasher, fast_hasher
 
-__all__ = ["DownloadSink"]
+__all__ = ["DiskUnwritable", "DownloadSink"]
+
+# Ranges of the buffer for the sha256 thread, ``None`` at the end.
+Regions = queue.SimpleQueue[tuple[int, int] | None]
 
 # pwritev takes at most IOV_MAX (1024 on Linux) pieces; more small pieces are joined first.
 IOV_LIMIT = 512
+
+
+class DiskUnwritable(OSError):
+    """The disk tier cannot take a download that has nowhere else to go (internal)."""
 
 
 class DownloadSink:
@@ -30,17 +45,24 @@ class DownloadSink:
         buffer: where the bytes go in memory, or ``None``.
         layout: the disk tier to download into (through a temp file), or ``None``.
         writeback_step: bytes of the temp file between two starts of writeback (0: none).
+
+    Attributes:
+        disk_refused: why the disk tier did not take the fragment after all (no room,
+            a write error), or ``None``.
     """
 
     __slots__ = (
         "_buffer",
         "_committed",
+        "_fast",
         "_flushed",
         "_hasher",
         "_layout",
+        "_regions",
         "_temp_fd",
         "_temp_path",
         "_writeback_step",
+        "disk_refused",
         "info",
         "offset",
     )
@@ -58,38 +80,93 @@ class DownloadSink:
         self._buffer = buffer
         self._layout = layout
         self._hasher = hashlib.sha256()
+        self._fast: Hasher | None = fast_hasher() if layout is not None else None
+        # Set while a thread of its own computes the sha256 behind the writes.
+        self._regions: Regions | None = None
         self._temp_fd = -1
         self._temp_path: str | None = None
         self._committed = False
         self._flushed = 0
         self._writeback_step = writeback_step if hasattr(os, "posix_fadvise") else 0
+        self.disk_refused: str | None = None
 
     @property
     def to_disk(self) -> bool:
-        """Whether the download lands in the disk tier."""
+        """Whether the download (still) lands in the disk tier."""
         return self._layout is not None
 
-    def open(self) -> None:
-        """Create the temp file (when downloading to disk)."""
-        if self._layout is not None and self._temp_fd < 0:
+    def open(self) -> int | None:
+        """Create the temp file (when downloading to disk); returns the bytes the file
+        system has free, or ``None`` (no disk, or it cannot be written)."""
+        if self._layout is None or self._temp_fd >= 0:
+            return None
+        try:
+            free = self._layout.free_bytes()
             self._temp_fd, self._temp_path = self._layout.new_temp(disk_name(self.info.id))
+        except OSError as exc:
+            self.give_up_disk(repr(exc))
+            return None
+        return free
 
     def write(self, chunks: Sequence[bytes]) -> None:
         """Hash ``chunks`` and store them at the current offset."""
-        if len(chunks) > IOV_LIMIT:
-            chunks = [b"".join(chunks)]
         length = sum(len(c) for c in chunks)
-        if self._buffer is not None:
-            self._buffer.pwritev(chunks, self.offset)
-            # One large update instead of one per network chunk: each update lets go of
-            # the GIL and takes it back, and every take can keep the event loop waiting.
-            self._buffer.digest_into(self._hasher, self.offset, length)
+        if self._buffer is not None and self._temp_fd >= 0 and self._store(chunks):
+            # Into the buffer from the temp file just written: a second copy, but one call
+            # without the GIL (page faults included), where a copy here would hold the GIL
+            # that the event loop waits for.
+            with self._buffer.view()[self.offset : self.offset + length] as stored:
+                _pread_all(self._temp_fd, stored, self.offset)
+                self._hash(stored)
+        elif self._buffer is not None:
+            self._buffer.write(chunks, self.offset)
+            # One large update per hash instead of one per network chunk: each update
+            # lets go of the GIL and takes it back, and every take can keep the loop waiting.
+            with self._buffer.view()[self.offset : self.offset + length] as stored:
+                self._hash(stored)
         else:
             for chunk in chunks:
-                self._hasher.update(chunk)
-        if self._temp_fd >= 0:
-            _pwrite_all(self._temp_fd, chunks, self.offset)
+                self._hash(chunk)
+            if self._temp_fd >= 0 and not self._store(chunks):
+                raise DiskUnwritable(f"the disk tier cannot take {self.info.id!r}")
         self.offset += length
+        self._writeback()
+
+    def _hash(self, data: bytes | memoryview) -> None:
+        if self._regions is not None:
+            self._regions.put((self.offset, len(data)))  # the sha256 thread takes it
+        else:
+            self._hasher.update(data)
+        if self._fast is not None:
+            self._fast.update(data)
+
+    def start_hashing(self) -> Regions | None:
+        """From now on, leave the sha256 to `hash_behind` in a thread of its own (the
+        bytes must be in the buffer for that): returns what to hand it, or ``None``
+        when there is no buffer."""
+        if self._buffer is None:
+            return None
+        self._regions = queue.SimpleQueue()
+        return self._regions
+
+    def hash_behind(self, regions: Regions) -> None:
+        """The sha256 thread: hash the written ranges of the buffer in order until
+        `stop_hashing`. sha256 is the slowest step of a download: in a thread of its
+        own it runs beside the copies and the fast hash instead of after them."""
+        assert self._buffer is not None
+        view = self._buffer.view()  # the buffer's own: released by the buffer, not here
+        while (region := regions.get()) is not None:
+            start, length = region
+            with view[start : start + length] as part:
+                self._hasher.update(part)
+
+    def stop_hashing(self) -> None:
+        """End `hash_behind` once it has hashed what was written (idempotent)."""
+        if self._regions is not None:
+            self._regions.put(None)
+            self._regions = None
+
+    def _writeback(self) -> None:
         step = self._writeback_step
         if step and self._temp_fd >= 0 and self.offset - self._flushed >= step:
             # DONTNEED starts writing the range back without waiting for it (Linux): the
@@ -98,9 +175,29 @@ class DownloadSink:
             os.posix_fadvise(self._temp_fd, self._flushed, length, os.POSIX_FADV_DONTNEED)
             self._flushed = self.offset
 
+    def _store(self, chunks: Sequence[bytes]) -> bool:
+        """Write ``chunks`` to the temp file; False (the disk given up) when that fails."""
+        if len(chunks) > IOV_LIMIT:
+            chunks = [b"".join(chunks)]
+        try:
+            _pwrite_all(self._temp_fd, chunks, self.offset)
+        except OSError as exc:
+            self.give_up_disk(repr(exc))
+            return False
+        return True
+
+    def give_up_disk(self, reason: str) -> None:
+        """Go on without the disk tier: the temp file goes, the bytes go to memory only."""
+        self.disk_refused = reason
+        self._layout = None
+        self._fast = None
+        self._close_temp()
+
     def restart(self) -> None:
         """Forget every byte received: the next byte is byte 0 again."""
         self._hasher = hashlib.sha256()
+        if self._fast is not None:
+            self._fast = fast_hasher()
         self.offset = 0
         self._flushed = 0
         if self._temp_fd >= 0:
@@ -110,13 +207,22 @@ class DownloadSink:
         """Whether exactly the manifest's size arrived and it hashes to the manifest's sha256."""
         return self.offset == self.info.size and self._hasher.hexdigest() == self.info.sha256
 
-    def commit(self) -> None:
-        """Make the verified temp file the disk tier's copy (fsync, replace, fsync the folder)."""
-        assert self._layout is not None and self._temp_path is not None
-        self._layout.commit(self._temp_fd, self._temp_path, disk_name(self.info.id))
+    def commit(self) -> bool:
+        """Make the verified temp file the disk tier's copy (fsync, replace, fsync the
+        folder), with its checksum record. False when the disk tier could not take it
+        after all (the bytes are still in the buffer, if any)."""
+        if self._layout is None or self._fast is None or self._temp_path is None:
+            return False
+        record = ChecksumRecord(self._fast.hexdigest(), self.info.size, self.info.sha256)
+        try:
+            self._layout.commit(self._temp_fd, self._temp_path, disk_name(self.info.id), record)
+        except OSError as exc:
+            self.give_up_disk(repr(exc))
+            return False
         self._committed = True
+        return True
 
-    def result(self) -> Buffer | None:
+    def result(self) -> bytes | None:
         """The verified bytes (when a buffer was given); the buffer is spent."""
         if self._buffer is None:
             return None
@@ -126,6 +232,12 @@ class DownloadSink:
 
     def discard(self) -> None:
         """Close everything; the temp file goes unless it was committed (idempotent)."""
+        self._close_temp()
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+
+    def _close_temp(self) -> None:
         if self._temp_fd >= 0:
             os.close(self._temp_fd)
             self._temp_fd = -1
@@ -135,12 +247,18 @@ class DownloadSink:
             except FileNotFoundError:
                 pass
         self._temp_path = None
-        if self._buffer is not None:
-            self._buffer.close()
-            self._buffer = None
 
 
-def _pwrite_all(fd: int, chunks: Sequence[bytes], offset: int) -> None:
+def _pread_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"the temp file ended at {offset + done} bytes")
+        done += n
+
+
+def _pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], offset: int) -> None:
     expected = sum(len(c) for c in chunks)
     written = os.pwritev(fd, chunks, offset)
     if written < expected:
