@@ -18,7 +18,7 @@ import anyio.lowlevel
 
 from ._arguments import DEFAULT, Default, RequestArgs
 from ._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
-from ._checks import check_quality_argument
+from ._checks import check_ratio
 from ._errors import Preempted
 from ._quality import size_for_quality
 from ._records import Holding
@@ -180,7 +180,7 @@ class Allocation:
         Raises:
             TypeError, ValueError: ``quality`` is not a number in [0, 1].
         """
-        quality = check_quality_argument(quality)
+        quality = check_ratio("quality", quality, zero=True)
         holding = self._holding
         if holding.min_memory is None:
             return holding.max_memory

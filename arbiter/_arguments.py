@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
-from ._checks import MAX_BYTES, shown
+from ._checks import MAX_BYTES, check_fraction
 from ._types import (
     Priority,
     WorkloadType,
@@ -43,14 +43,6 @@ RequestArgs: TypeAlias = tuple[
 ]
 
 
-def _check_quality(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"min_quality must be None or a number in (0, 1], got {value!r}")
-    if not 0 < value <= 1:  # also false for nan, and exact for an int of any size
-        raise ValueError(f"min_quality must be in (0, 1], got {shown(value)}")
-    return float(value)
-
-
 def check_request(
     workload: object,
     priority: object,
@@ -80,7 +72,7 @@ def check_request(
             raise ValueError(f"min_memory must be <= memory ({size}), got {floor}")
     if timeout is not DEFAULT:
         timeout = check_timeout(timeout)
-    quality = None if min_quality is None else _check_quality(min_quality)
+    quality = None if min_quality is None else check_fraction("min_quality", min_quality)
     if preemptible is not True and preemptible is not False:
         raise TypeError(f"preemptible must be a bool, got {preemptible!r}")
     alive = None if keep_alive is None else check_timeout(keep_alive, "keep_alive")

@@ -11,10 +11,12 @@ import math
 
 __all__ = [
     "MAX_BYTES",
+    "MAX_DEVICE",
     "check_bytes",
     "check_count",
+    "check_device",
     "check_fraction",
-    "check_quality_argument",
+    "check_ratio",
     "check_seconds",
     "shown",
 ]
@@ -22,6 +24,8 @@ __all__ = [
 # The largest byte count accepted: what a signed 64-bit field (NVML, the daemon's wire
 # format) holds, 8 EiB; far past any device or host, and exact enough as a float ratio.
 MAX_BYTES = 2**63 - 1
+# The largest device index: what the C int of CUDA's and NVML's device ordinals holds.
+MAX_DEVICE = 2**31 - 1
 # Ints longer than this are shown by their magnitude: their repr is long, and past
 # 4300 digits Python refuses to build it at all.
 _SHOWN_DIGITS = 30
@@ -75,10 +79,15 @@ def check_count(name: str, value: object, *, minimum: int, maximum: int | None =
 
 
 def check_seconds(
-    name: str, value: object, *, positive: bool = True, minimum: float | None = None
+    name: str,
+    value: object,
+    *,
+    positive: bool = True,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> float:
     """A finite number of seconds, > 0 (or >= 0 when not ``positive``; or >= ``minimum``
-    when given)."""
+    when given), and at most ``maximum`` when given."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {value!r}")
     seconds = _as_float(value)
@@ -90,22 +99,37 @@ def check_seconds(
     elif not 0.0 <= seconds < math.inf or (positive and seconds == 0.0):
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be a finite number {bound} seconds, got {shown(value)}")
+    if maximum is not None and seconds > maximum:
+        raise ValueError(f"{name} must be at most {maximum:g} seconds, got {shown(value)}")
     return seconds
 
 
+def check_ratio(name: str, value: object, *, zero: bool = False, one: bool = True) -> float:
+    """A number between 0 and 1; ``zero`` / ``one`` say whether each end is allowed."""
+    interval = f"{'[' if zero else '('}0, 1{']' if one else ')'}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number in {interval}, got {value!r}")
+    # Comparisons are false for nan, and exact for an int of any size.
+    low_ok = value >= 0 if zero else value > 0
+    high_ok = value <= 1 if one else value < 1
+    if not (low_ok and high_ok):
+        raise ValueError(f"{name} must be in {interval}, got {shown(value)}")
+    return float(value)
+
+
 def check_fraction(name: str, value: object) -> float:
-    """A number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not 0 < value <= 1:  # also false for nan, and exact for an int of any size
-        raise ValueError(f"{name} must be in (0, 1], got {shown(value)}")
-    return float(value)
+    """A number in (0, 1]: a quality floor, a threshold, ``min_quality``."""
+    return check_ratio(name, value)
 
 
-def check_quality_argument(value: object, name: str = "quality") -> float:
-    """A quality to size for: a number in [0, 1] (``Allocation.memory_for_quality``)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-    if not 0 <= value <= 1:  # also false for nan
-        raise ValueError(f"{name} must be in [0, 1], got {shown(value)}")
-    return float(value)
+def check_device(device: object) -> int | str:
+    """A device: an index >= 0 or a non-empty uuid string."""
+    if isinstance(device, bool) or not isinstance(device, int | str):
+        raise TypeError(f"device must be an index or a uuid string, got {device!r}")
+    if isinstance(device, int) and not 0 <= device <= MAX_DEVICE:
+        raise ValueError(
+            f"device must be an index in [0, {MAX_DEVICE}] or a uuid, got {shown(device)}"
+        )
+    if isinstance(device, str) and not device.strip():
+        raise ValueError(f"device uuid must not be empty, got {device!r}")
+    return device

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._checks import MAX_BYTES, check_bytes, check_fraction, check_seconds, shown
+from ._checks import MAX_BYTES, check_bytes, check_device, check_fraction, check_seconds, shown
 from ._log import log
 from ._quality import QualityPolicy
 from ._types import GiB, check_timeout
@@ -19,8 +19,6 @@ __all__ = ["ArbiterConfig"]
 ASSUMED_VRAM = 8 * GiB
 # Below this the poller would read the probe in a busy loop (1 ms).
 MIN_POLL_INTERVAL = 0.001
-# The largest device index: what the C int of CUDA's and NVML's device ordinals holds.
-MAX_DEVICE_INDEX = 2**31 - 1
 # The share of the managed device's VRAM that auto_detect() budgets.
 BUDGET_SHARE = 0.9
 # Host RAM budget for the fragment cache, as a multiple of the device's VRAM.
@@ -96,13 +94,7 @@ class ArbiterConfig:
                 ) from None
         if not isinstance(self.quality_policy, QualityPolicy):
             raise TypeError(f"quality_policy must be a QualityPolicy, got {self.quality_policy!r}")
-        if isinstance(self.device, bool) or not isinstance(self.device, int | str):
-            raise TypeError(f"device must be an index or a uuid string, got {self.device!r}")
-        if isinstance(self.device, int) and not 0 <= self.device <= MAX_DEVICE_INDEX:
-            raise ValueError(
-                f"device must be an index in [0, {MAX_DEVICE_INDEX}] or a uuid, "
-                f"got {shown(self.device)}"
-            )
+        check_device(self.device)
 
     @property
     def effective_policy(self) -> QualityPolicy:

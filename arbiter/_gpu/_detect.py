@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
 
+from .._checks import check_seconds
 from .._types import check_memory
 from ._info import DetectionMethod, GpuDetectionResult, GpuInfo, GpuVendor
 from ._nvml import list_gpus
@@ -55,11 +55,7 @@ class GpuDetector:
     __slots__ = ("_timeout",)
 
     def __init__(self, *, timeout: float = DEFAULT_TOOL_TIMEOUT) -> None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-        if math.isnan(timeout) or not 0 < timeout <= DEFAULT_TOOL_TIMEOUT:
-            raise ValueError(f"timeout must be in (0, {DEFAULT_TOOL_TIMEOUT:g}] s, got {timeout!r}")
-        self._timeout = float(timeout)
+        self._timeout = check_seconds("timeout", timeout, maximum=DEFAULT_TOOL_TIMEOUT)
 
     def __repr__(self) -> str:
         return f"GpuDetector(timeout={self._timeout:g})"

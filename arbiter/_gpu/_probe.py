@@ -15,22 +15,11 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 import anyio.to_thread
 
-from .._checks import check_bytes
+from .._checks import check_bytes, check_device
 from ._info import GpuProbeError
 from ._nvml import LIBRARY, LOCK_TIMEOUT, NvmlUnavailable, describe_error, open_device, read_memory
 
 __all__ = ["GpuReading", "MemoryProbe", "NvmlProbe", "open_default_probe"]
-
-
-def check_device(device: object) -> int | str:
-    """A device: an index >= 0 or a non-empty uuid string."""
-    if isinstance(device, bool) or not isinstance(device, int | str):
-        raise TypeError(f"device must be an index or a uuid string, got {device!r}")
-    if isinstance(device, int) and device < 0:
-        raise ValueError(f"device must be an index >= 0 or a uuid, got {device!r}")
-    if isinstance(device, str) and not device.strip():
-        raise ValueError(f"device uuid must not be empty, got {device!r}")
-    return device
 
 
 @dataclass(frozen=True, slots=True)

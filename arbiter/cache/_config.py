@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .._checks import check_bytes, check_count, check_seconds
+from .._checks import check_bytes, check_count, check_ratio, check_seconds
 from .._types import GiB, KiB, MiB, WorkloadType, coerce_workload
 
 __all__ = ["CacheConfig"]
@@ -40,16 +40,6 @@ def _check_magnitude(name: str, value: object, limit: int, *, floats: bool) -> N
     sign = "-" if isinstance(value, int) and value < 0 else ""
     bound = "2**63 - 1" if limit == MAX_NUMBER else f"{limit:.0e}"
     raise ValueError(f"{name} must be at most {bound} in size, got {sign}{shown}")
-
-
-def _check_ratio(name: str, value: object, *, low_open: bool, high_open: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    too_low = value <= 0.0 if low_open else value < 0.0
-    too_high = value >= 1.0 if high_open else value > 1.0
-    if math.isnan(value) or too_low or too_high:
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
 def _check_path(name: str, value: object, *, optional: bool) -> Path | None:
@@ -169,13 +159,13 @@ class CacheConfig:
                 f"retry_backoff_cap must be >= retry_backoff_base ({self.retry_backoff_base!r}), "
                 f"got {self.retry_backoff_cap!r}"
             )
-        _check_ratio("retry_jitter", self.retry_jitter, low_open=False, high_open=False)
+        check_ratio("retry_jitter", self.retry_jitter, zero=True)
         check_seconds("http_timeout", self.http_timeout, positive=True)
         check_count("read_chunk_size", self.read_chunk_size, minimum=MIN_READ_CHUNK)
         check_count("read_parallelism", self.read_parallelism, minimum=1)
         check_count("write_chunk_size", self.write_chunk_size, minimum=MIN_WRITE_CHUNK)
         check_count("writeback_step", self.writeback_step, minimum=0)
-        _check_ratio("small_queue_share", self.small_queue_share, low_open=True, high_open=True)
+        check_ratio("small_queue_share", self.small_queue_share, one=False)
         if isinstance(self.ghost_share, bool) or not isinstance(self.ghost_share, int | float):
             raise TypeError(f"ghost_share must be a number, got {self.ghost_share!r}")
         if math.isnan(self.ghost_share) or math.isinf(self.ghost_share) or self.ghost_share < 0:
