@@ -14,7 +14,7 @@ Two things here cannot be had from anyio's public API:
   ``allocate()`` body) are resolved once per event-loop library instead of
   through anyio's per-call backend lookup. On asyncio the cancellation check reads
   ``current_effective_deadline`` (public) and awaits only when the task is
-  cancelled; anyio's scope class is taken from one public construction.
+  cancelled.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _asyncio_backend() -> Backend:
         checkpoint,
         checkpoint_if_cancelled,
         partial(sleep, 0),
-        type(anyio.CancelScope()),  # called in the loop: anyio needs it to pick the class
+        anyio.CancelScope,
         AsyncioParker,
     )
 

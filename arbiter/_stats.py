@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._types import MemoryPressure, Priority
 
-__all__ = ["ArbiterState", "ArbiterStats", "StatsRecorder", "WaitPercentiles"]
+__all__ = ["ArbiterState", "ArbiterStats", "StatsRecorder", "WaitPercentiles", "percentile"]
 
 # Wait percentiles are computed over this many most recent grants per priority.
 WAIT_SAMPLES = 10_000
@@ -65,12 +66,14 @@ class ArbiterStats:
     wait_percentiles: dict[Priority, WaitPercentiles]
 
 
-def _percentile(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not ordered:
-        return 0.0
-    rank = max(0, min(len(ordered) - 1, int(q * len(ordered) + 0.999999) - 1))
-    return ordered[rank]
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (``q`` in [0, 1]) of an ascending, non-empty sequence, with
+    linear interpolation between the closest ranks (numpy's default). Every figure the
+    package reports (waits, fetch latencies, simulated waits) comes from here."""
+    rank = q * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 class StatsRecorder:
@@ -160,9 +163,9 @@ class StatsRecorder:
             ordered = sorted(waits)
             percentiles[priority] = WaitPercentiles(
                 count=len(ordered),
-                p50=_percentile(ordered, 0.50),
-                p90=_percentile(ordered, 0.90),
-                p99=_percentile(ordered, 0.99),
+                p50=percentile(ordered, 0.50) if ordered else 0.0,
+                p90=percentile(ordered, 0.90) if ordered else 0.0,
+                p99=percentile(ordered, 0.99) if ordered else 0.0,
                 max=ordered[-1] if ordered else 0.0,
             )
         elapsed = now - self._start

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from arbiter import GiB, Priority, WorkloadType
-from arbiter.cli._record import Recorder, SchedulerResult, percentile
+from arbiter._stats import percentile
+from arbiter.cli._record import Recorder, SchedulerResult
 from arbiter.cli._simulate import SCHEDULERS, simulate
 from arbiter.cli._trace import ExternalStep, Trace, TraceRow, builtin_trace, load_trace
 
@@ -248,8 +249,7 @@ def test_recorder_counts_no_work_before_a_reload_ends() -> None:
     assert holding.useful == pytest.approx(8.0)
 
 
-def test_percentile_interpolates_and_is_none_when_empty() -> None:
-    assert percentile([], 50) is None
-    assert percentile([3.0], 99) == 3.0
-    assert percentile([0.0, 10.0], 50) == 5.0
-    assert percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+def test_the_one_percentile_interpolates_between_ranks() -> None:
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([0.0, 10.0], 0.5) == 5.0
+    assert percentile(list(map(float, range(101))), 0.99) == pytest.approx(99.0)

@@ -26,7 +26,7 @@ from ._flight import Flight, ProgressCallback, ProgressTracker
 from ._http import CdnFetcher
 from ._loader import Loader
 from ._manifest import FragmentInfo, Manifest
-from ._stats import CacheStats, CacheTier, StatsRecorder
+from ._stats import CacheStats, CacheStatsRecorder, CacheTier
 from ._tiers import DiskTier, RamTier
 from ._vram import VramTier
 
@@ -84,7 +84,7 @@ class FragmentCache:
         ram_capacity = config.ram_capacity
         if ram_capacity is None:
             ram_capacity = (arbiter.config if arbiter is not None else ArbiterConfig()).ram_budget
-        self._stats = StatsRecorder(config.latency_window)
+        self._stats = CacheStatsRecorder(config.latency_window)
         self._reaper = Reaper()
         self._ram = RamTier(ram_capacity, config, self._stats, self._reaper)
         self._disk = DiskTier(config, self._stats)

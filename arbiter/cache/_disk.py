@@ -34,6 +34,7 @@ import anyio.to_thread
 
 from ._buffer import FragmentBuffer
 from ._config import MIN_READ_CHUNK
+from ._flight import BytesProgress
 from ._record import RECORD_MAX_SIZE, ChecksumRecord, Hasher, fast_hasher
 
 __all__ = [
@@ -43,8 +44,6 @@ __all__ = [
     "NotAFile",
     "read_verified",
 ]
-
-Progress = Callable[[int], None]
 
 
 class CorruptFragment(Exception):
@@ -333,7 +332,7 @@ class _Read:
     _ABORT = -1
 
     def __init__(
-        self, file: LocalFile, view: memoryview, chunk: int, progress: Progress | None
+        self, file: LocalFile, view: memoryview, chunk: int, progress: BytesProgress | None
     ) -> None:
         self._file = file
         self._view = view
@@ -425,7 +424,7 @@ async def read_verified(
     *,
     chunk_size: int,
     parallelism: int,
-    progress: Progress | None = None,
+    progress: BytesProgress | None = None,
 ) -> bytes:
     """Read a local fragment file and check its size and checksum.
 

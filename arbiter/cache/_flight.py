@@ -18,10 +18,12 @@ from ._buffer import Buffer
 from ._manifest import FragmentInfo
 from ._stats import CacheTier
 
-__all__ = ["Flight", "ProgressCallback", "ProgressTracker"]
+__all__ = ["BytesProgress", "Flight", "ProgressCallback", "ProgressTracker"]
 
 
 ProgressCallback = Callable[[int, int], None]
+# Bytes that just arrived (a reader's or a download's step), for a ProgressTracker.
+BytesProgress = Callable[[int], None]
 """Called as ``progress(bytes_done, bytes_total)`` from the event loop thread."""
 
 

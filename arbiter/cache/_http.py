@@ -17,7 +17,6 @@ import queue
 import random
 import re
 import threading
-from collections.abc import Callable
 
 import anyio
 import anyio.to_thread
@@ -27,8 +26,9 @@ from .._errors import FragmentUnavailable, IntegrityError
 from .._log import log, note
 from .._types import format_bytes
 from ._config import CacheConfig
+from ._flight import BytesProgress
 from ._sink import DownloadSink, Regions
-from ._stats import CacheTier, StatsRecorder
+from ._stats import CacheStatsRecorder, CacheTier
 
 __all__ = ["CdnFetcher"]
 
@@ -39,8 +39,6 @@ WRITE_QUEUE_DEPTH = 4
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
-
-Progress = Callable[[int], None]
 
 
 class _Retryable(Exception):
@@ -67,14 +65,16 @@ class CdnFetcher:
     __slots__ = ("_client", "_config", "_random", "_stats")
 
     def __init__(
-        self, client: httpx.AsyncClient, config: CacheConfig, stats: StatsRecorder
+        self, client: httpx.AsyncClient, config: CacheConfig, stats: CacheStatsRecorder
     ) -> None:
         self._client = client
         self._config = config
         self._stats = stats
         self._random = random.Random()
 
-    async def fetch(self, url: str, sink: DownloadSink, progress: Progress | None = None) -> None:
+    async def fetch(
+        self, url: str, sink: DownloadSink, progress: BytesProgress | None = None
+    ) -> None:
         """Fill ``sink`` with the fragment at ``url``, verified (not yet committed).
 
         Raises:
@@ -126,12 +126,12 @@ class CdnFetcher:
         delay = min(config.retry_backoff_cap, config.retry_backoff_base * 2.0 ** (failures - 1))
         return delay * (1.0 - config.retry_jitter * self._random.random())
 
-    async def _restart(self, sink: DownloadSink, progress: Progress | None) -> None:
+    async def _restart(self, sink: DownloadSink, progress: BytesProgress | None) -> None:
         if sink.offset and progress is not None:
             progress(-sink.offset)
         await anyio.to_thread.run_sync(sink.restart)
 
-    async def _try_once(self, url: str, sink: DownloadSink, progress: Progress | None) -> None:
+    async def _try_once(self, url: str, sink: DownloadSink, progress: BytesProgress | None) -> None:
         size = sink.info.size
         headers = {"Accept-Encoding": "identity"}
         if sink.offset:
@@ -153,7 +153,7 @@ class CdnFetcher:
             raise _Corrupt("sha256 differs")
 
     async def _check_response(
-        self, response: httpx.Response, sink: DownloadSink, progress: Progress | None
+        self, response: httpx.Response, sink: DownloadSink, progress: BytesProgress | None
     ) -> None:
         status = response.status_code
         if status == 200:
@@ -178,7 +178,7 @@ class CdnFetcher:
         raise _Permanent(f"HTTP {status}")
 
     async def _pump(
-        self, response: httpx.Response, sink: DownloadSink, progress: Progress | None
+        self, response: httpx.Response, sink: DownloadSink, progress: BytesProgress | None
     ) -> None:
         """Stream the body into ``sink``: the loop only gathers references into batches,
         one writer thread (fed through a bounded queue, so a slow disk holds the network

@@ -23,7 +23,7 @@ from ._http import CdnFetcher
 from ._manifest import FragmentInfo, disk_name
 from ._record import ChecksumRecord
 from ._sink import DiskUnwritable, DownloadSink
-from ._stats import CacheTier, StatsRecorder
+from ._stats import CacheStatsRecorder, CacheTier
 from ._tiers import DiskTier
 
 __all__ = ["Loader"]
@@ -45,7 +45,7 @@ class Loader:
         self,
         config: CacheConfig,
         disk: DiskTier,
-        stats: StatsRecorder,
+        stats: CacheStatsRecorder,
         fetcher: CdnFetcher | None,
     ) -> None:
         self._config = config

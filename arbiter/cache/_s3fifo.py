@@ -106,15 +106,6 @@ class S3FifoPolicy:
         """The keys held, in no particular order."""
         return list(self._entries)
 
-    def size_of(self, key: str) -> int:
-        """The size ``key`` was admitted with (``KeyError`` if not held)."""
-        return self._entries[key].size
-
-    def is_pinned(self, key: str) -> bool:
-        """Whether ``key`` is held and pinned."""
-        entry = self._entries.get(key)
-        return entry is not None and entry.pins > 0
-
     def touch(self, key: str) -> bool:
         """Record a hit on ``key``; returns whether it is held."""
         entry = self._entries.get(key)

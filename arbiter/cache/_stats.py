@@ -6,7 +6,9 @@ from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 
-__all__ = ["CacheStats", "CacheTier", "StatsRecorder"]
+from .._stats import percentile
+
+__all__ = ["CacheStats", "CacheTier", "CacheStatsRecorder"]
 
 
 class CacheTier(IntEnum):
@@ -56,15 +58,7 @@ class CacheStats:
         return hits / total if total else 0.0
 
 
-def _percentile(ordered: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    rank = q * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-class StatsRecorder:
+class CacheStatsRecorder:
     """The mutable counters a cache updates; `snapshot` freezes them."""
 
     __slots__ = (
@@ -99,7 +93,7 @@ class StatsRecorder:
         """A frozen copy, with ``bytes_held`` given by the tiers."""
         ordered = sorted(self.latencies)
         p50, p90, p99 = (
-            (_percentile(ordered, 0.5), _percentile(ordered, 0.9), _percentile(ordered, 0.99))
+            (percentile(ordered, 0.5), percentile(ordered, 0.9), percentile(ordered, 0.99))
             if ordered
             else (None, None, None)
         )

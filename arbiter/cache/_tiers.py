@@ -21,7 +21,7 @@ from ._disk import DiskLayout
 from ._manifest import FragmentInfo, Manifest, disk_name
 from ._s3fifo import S3FifoPolicy
 from ._sink import DownloadSink
-from ._stats import StatsRecorder
+from ._stats import CacheStatsRecorder
 
 __all__ = ["DiskTier", "RamTier", "new_policy"]
 
@@ -42,7 +42,7 @@ class RamTier:
     __slots__ = ("_data", "_reaper", "_stats", "policy")
 
     def __init__(
-        self, capacity: int, config: CacheConfig, stats: StatsRecorder, reaper: Reaper
+        self, capacity: int, config: CacheConfig, stats: CacheStatsRecorder, reaper: Reaper
     ) -> None:
         self.policy = new_policy(capacity, config)
         self._data: dict[str, Buffer] = {}
@@ -88,7 +88,7 @@ class DiskTier:
         "policy",
     )
 
-    def __init__(self, config: CacheConfig, stats: StatsRecorder) -> None:
+    def __init__(self, config: CacheConfig, stats: CacheStatsRecorder) -> None:
         self._capacity = config.disk_capacity
         self.policy = new_policy(config.disk_capacity, config)
         self.layout = DiskLayout(config.disk_root)

@@ -28,7 +28,7 @@ from ._buffer import Buffer, Reaper
 from ._config import CacheConfig
 from ._device import DeviceStore, open_device_store
 from ._s3fifo import S3FifoPolicy
-from ._stats import StatsRecorder
+from ._stats import CacheStatsRecorder
 
 if TYPE_CHECKING:
     from .._allocation import Allocation
@@ -67,7 +67,7 @@ class VramTier:
     )
 
     def __init__(
-        self, arbiter: Arbiter, config: CacheConfig, stats: StatsRecorder, reaper: Reaper
+        self, arbiter: Arbiter, config: CacheConfig, stats: CacheStatsRecorder, reaper: Reaper
     ) -> None:
         self._arbiter = arbiter
         self._reaper = reaper
@@ -105,11 +105,6 @@ class VramTier:
     def charged(self) -> int:
         """Bytes the arbiter charges the tier now."""
         return self._alloc.memory if self._alloc is not None else 0
-
-    @property
-    def store_name(self) -> str:
-        """``"torch"`` or ``"host"`` (the stand-in), once open."""
-        return self._store.name if self._store is not None else "unopened"
 
     async def open(self, tg: anyio.abc.TaskGroup) -> None:
         """Pick the device store (importing torch if it is there) and attach to ``tg``."""

@@ -6,26 +6,21 @@ of each event, and it keeps exact time-weighted integrals (no sampling).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from .._stats import percentile
 from .._types import Priority, WorkloadType
 
-__all__ = ["Holding", "Recorder", "SchedulerResult", "Timeline", "percentile"]
+__all__ = ["RecordedHolding", "Recorder", "SchedulerResult", "Timeline"]
 
 _T = TypeVar("_T")
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) with linear interpolation; ``None`` when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+def _quantile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-quantile of ``values`` (any order); ``None`` when there are none."""
+    return percentile(sorted(values), q) if values else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +56,7 @@ class SchedulerResult:
     timeline: Timeline = field(repr=False)
 
 
-class Holding:
+class RecordedHolding:
     """One granted allocation as the recorder sees it: size and quality since ``since``.
 
     ``useful`` is the quality-seconds of work it has done: holding time from
@@ -172,22 +167,24 @@ class Recorder:
         quality: float,
         now: float,
         useful_from: float | None = None,
-    ) -> Holding:
+    ) -> RecordedHolding:
         """An allocation was granted, running at ``quality``; follow it until `release`.
         Its work counts from ``useful_from`` (default: at once)."""
-        holding = Holding(workload, 0, quality, now, now if useful_from is None else useful_from)
+        holding = RecordedHolding(
+            workload, 0, quality, now, now if useful_from is None else useful_from
+        )
         self._holders[workload] += 1
         self._quality_sum[workload] += quality
         self._quality_step(workload, now)
         self._set_memory(holding, memory, now)
         return holding
 
-    def resize(self, holding: Holding, memory: int, now: float) -> None:
+    def resize(self, holding: RecordedHolding, memory: int, now: float) -> None:
         """The allocation now holds ``memory`` bytes."""
         self._close_quality(holding, now)
         self._set_memory(holding, memory, now)
 
-    def quality(self, holding: Holding, quality: float, now: float) -> None:
+    def quality(self, holding: RecordedHolding, quality: float, now: float) -> None:
         """The allocation now runs at ``quality``."""
         if quality == holding.quality:
             return
@@ -196,7 +193,7 @@ class Recorder:
         holding.quality = quality
         self._quality_step(holding.workload, now)
 
-    def release(self, holding: Holding, now: float) -> None:
+    def release(self, holding: RecordedHolding, now: float) -> None:
         """The allocation's memory went back to the arbiter."""
         self._close_quality(holding, now)
         self._set_memory(holding, 0, now)
@@ -204,7 +201,7 @@ class Recorder:
         self._quality_sum[holding.workload] -= holding.quality
         self._quality_step(holding.workload, now)
 
-    def _close_quality(self, holding: Holding, now: float) -> None:
+    def _close_quality(self, holding: RecordedHolding, now: float) -> None:
         elapsed = max(0.0, now - holding.since)
         self._quality_area[holding.workload] += holding.quality * elapsed
         working = now - max(holding.since, holding.useful_from)
@@ -218,7 +215,7 @@ class Recorder:
         mean = self._quality_sum[workload] / count if count else None
         _append_step(self._quality_steps[workload], now, mean)
 
-    def _set_memory(self, holding: Holding, memory: int, now: float) -> None:
+    def _set_memory(self, holding: RecordedHolding, memory: int, now: float) -> None:
         self._granted_area += self._granted * max(0.0, now - self._granted_since)
         self._granted_since = max(self._granted_since, now)
         delta = memory - holding.memory
@@ -243,8 +240,8 @@ class Recorder:
         }
         return SchedulerResult(
             name=name,
-            wait_p50={p: percentile(v, 50) for p, v in self._waits.items()},
-            wait_p99={p: percentile(v, 99) for p, v in self._waits.items()},
+            wait_p50={p: _quantile(v, 0.50) for p, v in self._waits.items()},
+            wait_p99={p: _quantile(v, 0.99) for p, v in self._waits.items()},
             completed=sum(self._completed.values()),
             timeouts=self._timeouts,
             rejected=self._rejected,

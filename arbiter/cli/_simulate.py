@@ -43,7 +43,7 @@ from .._errors import AllocationTimeout, InsufficientMemory
 from .._quality import elastic_share_quality
 from .._types import GiB, MiB, Priority, WorkloadType
 from ..testing import FakeGpu
-from ._record import Holding, Recorder, SchedulerResult
+from ._record import RecordedHolding, Recorder, SchedulerResult
 from ._trace import Trace, TraceRow
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ __all__ = [
     "simulate_scheduler",
 ]
 
-Progress = Callable[[int], None]
+RowsProgress = Callable[[int], None]
 
 # Weights come back from host RAM at this many GiB per second after a preemption.
 DEFAULT_LOAD_GBPS = 4.0
@@ -190,7 +190,7 @@ class _Run:
         trace: Trace,
         scheduler: Scheduler,
         budget: int,
-        progress: Progress | None,
+        progress: RowsProgress | None,
         load_gbps: float,
     ) -> None:
         self.trace = trace
@@ -299,7 +299,9 @@ class _Run:
         floor = self.floors[alloc.workload is not WorkloadType.LLM_INFERENCE]
         return elastic_share_quality(alloc.memory, alloc.min_memory, alloc.max_memory, floor)
 
-    async def _hold_elastic(self, alloc: Allocation, holding: Holding, seconds: float) -> bool:
+    async def _hold_elastic(
+        self, alloc: Allocation, holding: RecordedHolding, seconds: float
+    ) -> bool:
         """Hold for ``seconds`` while following the quality target; False if preempted."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._follow_quality, alloc, holding)
@@ -308,7 +310,7 @@ class _Run:
             tg.cancel_scope.cancel()
         return not alloc.preempted
 
-    async def _follow_quality(self, alloc: Allocation, holding: Holding) -> None:
+    async def _follow_quality(self, alloc: Allocation, holding: RecordedHolding) -> None:
         """Resize to match each quality target.
 
         While the holder is below its target's size it retries growing every
@@ -328,7 +330,7 @@ class _Run:
             with anyio.CancelScope(shield=True):
                 await changes.aclose()
 
-    async def _fit(self, alloc: Allocation, holding: Holding) -> None:
+    async def _fit(self, alloc: Allocation, holding: RecordedHolding) -> None:
         wanted = alloc.memory_for_quality(alloc.quality)
         if wanted < alloc.memory:
             await alloc.resize(wanted)
@@ -355,7 +357,7 @@ async def simulate_scheduler(
     trace: Trace,
     scheduler: Scheduler,
     budget: int,
-    progress: Progress | None = None,
+    progress: RowsProgress | None = None,
     load_gbps: float = DEFAULT_LOAD_GBPS,
 ) -> SchedulerResult:
     """Replay ``trace`` through an `Arbiter` configured as ``scheduler`` with ``budget`` bytes.
@@ -369,7 +371,7 @@ def simulate(
     trace: Trace,
     schedulers: Sequence[Scheduler],
     budget: int,
-    progress: Progress | None = None,
+    progress: RowsProgress | None = None,
     *,
     load_gbps: float = DEFAULT_LOAD_GBPS,
 ) -> list[SchedulerResult]:
