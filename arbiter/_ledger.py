@@ -57,8 +57,6 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         self.external = 0
         self.on_the_way = 0
         self.waiting = 0
-        # Smallest sizes of the waiting requests, per priority value (for quality targets).
-        self.waiting_at = [0] * len(Priority)
         self.stats = StatsRecorder()
         self._wake = wake
         self._preempt = preempt
@@ -126,7 +124,6 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             request.holding.growing.append(request)
         self._queues[request.priority].append(request)
         self.waiting += 1
-        self.waiting_at[request.priority] += request.min_size
         self._dispatch(now)
         return request.state is GRANTED
 
@@ -140,7 +137,6 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
             if request.grow:
                 request.holding.growing.remove(request)
             self.waiting -= 1
-            self.waiting_at[request.priority] -= request.min_size
             self._drop_stale()
             self._end_reclaim(request)
         elif request.state is GRANTED:
@@ -175,7 +171,6 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                     failed.append(request)
             queue.clear()
         self.waiting = 0
-        self.waiting_at = [0] * len(Priority)
         for request in failed:
             self._wake(request)
         self._refresh(now)
@@ -228,7 +223,6 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 continue
             growing.state = FAILED
             self.waiting -= 1
-            self.waiting_at[growing.priority] -= growing.min_size
             self._end_reclaim(growing)
             self._wake(growing)
         holding.growing.clear()
@@ -298,7 +292,6 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
                 break
             self._queues[request.priority].popleft()
             self.waiting -= 1
-            self.waiting_at[request.priority] -= request.min_size
             self._grant(request, size, now)
         self._refresh(now)
 
@@ -389,9 +382,6 @@ class Ledger(QualityTargets, DegradeBeforePreempt):
         )
         for family in self._families:
             assert sum(family.at) == family.granted, "per-priority tallies drift"
-        assert self.waiting_at == [
-            sum(r.min_size for r in self._queues[p] if r.state is WAITING) for p in Priority
-        ], "waiting bytes drift"
         head = self.head()
         if head is not None:
             assert self._fit(head) is None, "the head fits but was left waiting"

@@ -5,8 +5,9 @@ to one: its family, its priority, the pressure it sees, and (for an elastic hold
 the share of memory it holds or could grow into. Three rules shape what it sees:
 
 * no priority inversion: a holder of priority p sees external use, memory granted
-  at priorities >= p and memory waited for at priorities >= p, never what lower
-  priorities hold;
+  at priorities >= p and what the head of the queue waits for when it is at p or
+  above (it alone can be admitted next, and it counts only when shrinking could
+  admit it), never what lower priorities hold;
 * work-conserving: a holding alone on the card (no other holder, nothing waiting)
   has target 1.0, whatever its size and whatever external use is;
 * a fixed point: an elastic holder's target does not depend on its own size, only
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ._quality import QualityPolicy, fixed_point_quality, policy_target, size_for_quality
-from ._records import FamilyTally, Holding
+from ._records import FamilyTally, Holding, Request
 from ._stats import StatsRecorder
 from ._types import Priority, WorkloadType
 
@@ -34,7 +35,8 @@ class QualityTargets:
     granted: int
     external: int
     waiting: int
-    waiting_at: list[int]
+    on_the_way: int
+    head: Callable[[], Request | None]
     stats: StatsRecorder
     _policy: QualityPolicy
     _threshold: float
@@ -50,12 +52,40 @@ class QualityTargets:
 
     def seen(self, priority: Priority) -> int:
         """Bytes that count in the pressure a holder of ``priority`` sees: external use,
-        memory granted and memory waited for at ``priority`` and above."""
+        memory granted at ``priority`` and above, and what waits there to be admitted."""
+        total = self._seen_granted(priority)
+        if self.waiting:
+            total += self._admissible_head(priority)
+        return total
+
+    def _seen_granted(self, priority: Priority) -> int:
         llm, diffusion = self._families[0].at, self._families[1].at
         total = self.external
         for value in range(priority, len(llm)):
-            total += llm[value] + diffusion[value] + self.waiting_at[value]
+            total += llm[value] + diffusion[value]
         return total
+
+    def _admissible_head(self, priority: Priority) -> int:
+        """What the head of the queue waits for, when it counts for ``priority``.
+
+        Only the head can be admitted next (no barging), so only it counts; and only when
+        it is at ``priority`` or above and the memory that shrinking could free would
+        admit it: degrading holders for a request they cannot admit anyway takes their
+        quality for nothing (they would sit at their floors beside idle memory).
+        """
+        head = self.head()
+        if head is None or head.priority < priority:
+            return 0
+        room = self.budget - self.granted - self.external + self.on_the_way
+        if head.min_size > room:
+            for value in range(head.priority + 1):
+                for holding in self._elastic[Priority(value)]:
+                    if not holding.preempt_requested:
+                        assert holding.min_memory is not None
+                        room += holding.memory - holding.min_memory
+            if head.min_size > room:
+                return 0
+        return head.min_size
 
     def recommended(self, workload: WorkloadType, priority: Priority) -> float:
         """The policy's target for a new request of this kind at the pressure it would see."""
@@ -85,12 +115,11 @@ class QualityTargets:
         bytes are granted in all (``_fit`` asks it before a grant)."""
         extra = granted - self.granted
         holders = self._families[0].count + self._families[1].count
-        new = holding.granted_seq < 0
-        if self.waiting <= 1 and holders == (0 if new else 1):
+        if self.waiting <= 1 and holders == (0 if holding.granted_seq < 0 else 1):
             return 1.0  # it will be alone on the card
-        seen = self.seen(holding.priority) + extra
-        if new:  # it leaves the queue: what it waits for no longer counts
-            seen -= holding.max_memory if holding.min_memory is None else holding.min_memory
+        # Right after the grant it no longer waits, and who heads the queue next is not
+        # known yet: count what is granted.
+        seen = self._seen_granted(holding.priority) + extra
         if holding.min_memory is None:
             return self._policy_at(holding.diffusion, holding.priority, seen, extra)
         return self._elastic_target(holding, seen - memory)
