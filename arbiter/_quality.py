@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from enum import StrEnum
 
 from ._types import Priority
@@ -125,6 +126,8 @@ def size_for_quality(quality: float, min_memory: int, max_memory: int, floor: fl
 # The crossing of an elastic holder's share and its policy value is found to this many
 # bytes: far below any size a server would resize by.
 _CROSSING_RESOLUTION = 1 << 20
+# Elastic targets move in steps of this much quality.
+_QUALITY_STEP = 1 / 64
 
 
 @functools.lru_cache(maxsize=4096)  # the same inputs recur at every refresh of the ledger
@@ -187,10 +190,33 @@ def fixed_point_quality(
             return max(floor, 1.0 - drop)
 
     if share(high) <= allowed(high):
-        return share(high)
-    if allowed(low) <= share(low):
-        return max(floor, allowed(low))
-    # share(low) < allowed(low), share(high) > allowed(high): bisect for the crossing.
+        best = share(high)
+    elif allowed(low) <= share(low):
+        best = allowed(low)
+    else:
+        best = _crossing(share, allowed, low, high, threshold, budget, others)
+    return _quantized(best, floor)
+
+
+def _quantized(quality: float, floor: float) -> float:
+    """``quality`` rounded down to a step of `_QUALITY_STEP` (not below ``floor``): a
+    crossing moves with every byte anyone else is granted, and a holder should not be
+    told to resize for a thousandth of quality."""
+    return max(floor, math.floor(quality / _QUALITY_STEP) * _QUALITY_STEP)
+
+
+def _crossing(
+    share: Callable[[int], float],
+    allowed: Callable[[int], float],
+    low: int,
+    high: int,
+    threshold: float,
+    budget: int,
+    others: int,
+) -> float:
+    """Where the rising ``share`` meets the falling ``allowed`` in ``[low, high]``, given
+    that ``share(low) < allowed(low)`` and ``share(high) > allowed(high)``."""
+    smallest = low
     # Below the threshold every policy allows 1.0: start the search there.
     low = max(low, min(high, math.floor(threshold * budget) - others))
     if share(low) > allowed(low):

@@ -37,6 +37,7 @@ class QualityTargets:
     waiting: int
     on_the_way: int
     head: Callable[[], Request | None]
+    _head_cache: tuple[tuple[int, int, int, int], int, int]
     stats: StatsRecorder
     _policy: QualityPolicy
     _threshold: float
@@ -73,19 +74,36 @@ class QualityTargets:
         admit it: degrading holders for a request they cannot admit anyway takes their
         quality for nothing (they would sit at their floors beside idle memory).
         """
+        # Every target of one refresh asks this: remember it while nothing moved (any
+        # grant, release, resize, preemption or queue change moves one of these).
+        key = (self.granted, self.external, self.on_the_way, self.waiting)
+        cached: tuple[tuple[int, int, int, int], int, int] | None = getattr(
+            self, "_head_cache", None
+        )
+        if cached is None or cached[0] != key:
+            cached = (key, *self._head_demand())
+            self._head_cache = cached
+        _, head_priority, demand = cached
+        return demand if head_priority >= priority else 0
+
+    def _head_demand(self) -> tuple[int, int]:
+        """The head's priority and the bytes it waits for; 0 bytes when the memory that
+        shrinking could free would not admit it."""
         head = self.head()
-        if head is None or head.priority < priority:
-            return 0
+        if head is None:
+            return -1, 0
         room = self.budget - self.granted - self.external + self.on_the_way
         if head.min_size > room:
-            for value in range(head.priority + 1):
-                for holding in self._elastic[Priority(value)]:
+            for level, elastic in self._elastic.items():
+                if level > head.priority:
+                    continue
+                for holding in elastic:
                     if not holding.preempt_requested:
                         assert holding.min_memory is not None
                         room += holding.memory - holding.min_memory
             if head.min_size > room:
-                return 0
-        return head.min_size
+                return head.priority, 0
+        return head.priority, head.min_size
 
     def recommended(self, workload: WorkloadType, priority: Priority) -> float:
         """The policy's target for a new request of this kind at the pressure it would see."""
