@@ -190,12 +190,10 @@ def fixed_point_quality(
             return max(floor, 1.0 - drop)
 
     if share(high) <= allowed(high):
-        best = share(high)
-    elif allowed(low) <= share(low):
-        best = allowed(low)
-    else:
-        best = _crossing(share, allowed, low, high, threshold, budget, others)
-    return _quantized(best, floor)
+        return share(high)  # capped by the share it can reach
+    if allowed(low) <= share(low):
+        return max(floor, allowed(low))  # the policy's value even at its smallest
+    return _quantized(_crossing(share, allowed, low, high, threshold, budget, others), floor)
 
 
 def _quantized(quality: float, floor: float) -> float:
