@@ -134,7 +134,6 @@ _QUALITY_STEP = 1 / 64
 def fixed_point_quality(
     policy: QualityPolicy,
     priority: Priority,
-    *,
     threshold: float,
     floor: float,
     budget: int,

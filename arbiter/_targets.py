@@ -185,18 +185,19 @@ class QualityTargets:
         if self._policy is QualityPolicy.PROPORTIONAL:
             mine = sum(self._families[diffusion].at[priority:]) - holding.memory
             other_family = sum(self._families[not diffusion].at[priority:])
+        # Positional: the cache hashes them faster than keywords.
         return fixed_point_quality(
             self._policy,
             priority,
-            threshold=self._threshold,
-            floor=self._floors[diffusion],
-            budget=self.budget,
-            others=others,
-            low=low,
-            high=high,
-            max_memory=holding.max_memory,
-            mine=mine,
-            other_family=other_family,
+            self._threshold,
+            self._floors[diffusion],
+            self.budget,
+            others,
+            low,
+            high,
+            holding.max_memory,
+            mine,
+            other_family,
         )
 
     def _policy_at(self, diffusion: bool, priority: Priority, seen: int, extra: int) -> float:
