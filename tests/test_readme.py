@@ -35,5 +35,12 @@ def test_degrade_example_shrinks_instead_of_preempting(tmp_path: Path) -> None:
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60
     ).stdout
     assert "1 quality reduction, 0 preemptions" in out
-    assert "holding 10.0 GiB" in out  # shrank to make room for the 14 GiB image
+    # Shrank to make room for the 14 GiB image: to 10 GiB or a little below (the
+    # policy keeps headroom once the card is past its pressure threshold), not to 8.
+    held = [
+        float(line.split("holding ")[1].split()[0])
+        for line in out.splitlines()[:-1]
+        if "holding" in line
+    ]
+    assert any(8.0 < gib <= 10.0 for gib in held), out
     assert out.strip().splitlines()[-2].endswith("holding 14.0 GiB")  # grew back after
