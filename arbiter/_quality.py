@@ -127,7 +127,7 @@ def size_for_quality(quality: float, min_memory: int, max_memory: int, floor: fl
 # bytes: far below any size a server would resize by.
 _CROSSING_RESOLUTION = 1 << 20
 # Elastic targets move in steps of this much quality.
-_QUALITY_STEP = 1 / 64
+_QUALITY_STEP = 1 / 32
 
 
 @functools.lru_cache(maxsize=4096)  # the same inputs recur at every refresh of the ledger
