@@ -33,8 +33,10 @@ class QualityPolicy(StrEnum):
 
     ``ADAPTIVE``: past the pressure threshold, targets fall toward their floors as
     pressure rises toward 1.0, lower priorities first and faster, ``USER_FACING`` last:
-    at full pressure BACKGROUND and NORMAL sit at the floor, HIGH a quarter and
-    USER_FACING half of the way above it.
+    at a full card BACKGROUND sits half, NORMAL 40 %, HIGH 30 % and USER_FACING 20 %
+    of the way down to the floor (headroom for arrivals costs little quality: a
+    degraded job delivers less per byte held); past 1.0, when more is wanted than the
+    card holds, every target is at its floor, so that elastic holders make room.
     ``PROPORTIONAL``: past the threshold, each family's targets fall in proportion to
     the share of granted memory the *other* family holds, so at full pressure a family
     holding a fraction ``s`` of the memory sits at ``floor + (1 - floor) * s``.
@@ -49,12 +51,14 @@ class QualityPolicy(StrEnum):
 # How each priority's target falls once past the threshold: the drop toward the
 # floor is reach * excess ** exponent. A larger exponent stays near 1.0 longer and
 # a smaller reach stops short of the floor, so a full card (which is the normal
-# state under contention) still leaves high priorities well above their floors.
+# state under contention) leaves every priority above its floor: a job degraded to
+# its floor delivers less work per byte than at full quality, so degrading only pays
+# to admit what waits (pressure past 1.0, which takes every target to its floor).
 _FALL = {
-    Priority.BACKGROUND: (0.5, 1.0),
-    Priority.NORMAL: (1.0, 1.0),
-    Priority.HIGH: (2.0, 0.75),
-    Priority.USER_FACING: (4.0, 0.5),
+    Priority.BACKGROUND: (1.0, 0.5),
+    Priority.NORMAL: (1.0, 0.4),
+    Priority.HIGH: (2.0, 0.3),
+    Priority.USER_FACING: (4.0, 0.2),
 }
 
 
