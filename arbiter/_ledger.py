@@ -101,7 +101,6 @@ class Ledger:
         self.budget = config.vram_budget
         self.tallies = tallies = Tallies(config.vram_budget)
         self.stats = StatsRecorder()
-        self.targets = QualityCalculator(config, tallies)
         self._sink = sink
         # Per priority, in arrival order; an OrderedDict so a request leaves in O(1).
         self._queues: dict[Priority, OrderedDict[Request, None]] = {
@@ -111,6 +110,7 @@ class Ledger:
         self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         # The elastic subset, so asking for shrinks never scans the rigid holders.
         self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
+        self.targets = QualityCalculator(config, tallies, self.head, self._elastic)
         self._watched: dict[Holding, None] = {}  # a dict: notified in a stable order
         self._keep_alive: dict[Holding, None] = {}
         self.reclaimer = Reclaimer(
@@ -206,9 +206,7 @@ class Ledger:
         if type(request) is Growth:
             request.holding.growing.append(request)
         self._queues[request.priority][request] = None
-        tallies = self.tallies
-        tallies.waiting += 1
-        tallies.waiting_at[request.priority] += request.min_size
+        self.tallies.waiting += 1
         self._dispatch(now)
         return request.state is GRANTED
 
@@ -268,9 +266,7 @@ class Ledger:
         failed = list(self.waiters())
         for queue in self._queues.values():
             queue.clear()
-        tallies = self.tallies
-        tallies.waiting = 0
-        tallies.waiting_at = [0] * len(Priority)
+        self.tallies.waiting = 0
         for request in failed:
             request.state = FAILED
             self.reclaimer.end(request)
@@ -333,9 +329,7 @@ class Ledger:
 
     def _dequeue(self, request: Request) -> None:
         del self._queues[request.priority][request]
-        tallies = self.tallies
-        tallies.waiting -= 1
-        tallies.waiting_at[request.priority] -= request.min_size
+        self.tallies.waiting -= 1
 
     def shrink(self, holding: Holding, size: int, now: float) -> None:
         """Lower ``holding`` to ``size`` bytes at once, waking whoever now fits."""
@@ -535,9 +529,6 @@ class Ledger:
         assert all(r.state is WAITING for q in self._queues.values() for r in q)
         for family in tallies.families:
             assert sum(family.at) == family.granted, "per-priority tallies drift"
-        assert tallies.waiting_at == [sum(r.min_size for r in self._queues[p]) for p in Priority], (
-            "waiting bytes drift"
-        )
         head = self.head()
         if head is not None:
             assert self._fit(head) is None, "the head fits but was left waiting"

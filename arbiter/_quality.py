@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from enum import StrEnum
 
 from ._types import Priority
@@ -32,8 +33,10 @@ class QualityPolicy(StrEnum):
 
     ``ADAPTIVE``: past the pressure threshold, targets fall toward their floors as
     pressure rises toward 1.0, lower priorities first and faster, ``USER_FACING`` last:
-    at full pressure BACKGROUND and NORMAL sit at the floor, HIGH a quarter and
-    USER_FACING half of the way above it.
+    at a full card BACKGROUND sits half, NORMAL 40 %, HIGH 30 % and USER_FACING 20 %
+    of the way down to the floor (headroom for arrivals costs little quality: a
+    degraded job delivers less per byte held); past 1.0, when more is wanted than the
+    card holds, every target is at its floor, so that elastic holders make room.
     ``PROPORTIONAL``: past the threshold, each family's targets fall in proportion to
     the share of granted memory the *other* family holds, so at full pressure a family
     holding a fraction ``s`` of the memory sits at ``floor + (1 - floor) * s``.
@@ -48,12 +51,14 @@ class QualityPolicy(StrEnum):
 # How each priority's target falls once past the threshold: the drop toward the
 # floor is reach * excess ** exponent. A larger exponent stays near 1.0 longer and
 # a smaller reach stops short of the floor, so a full card (which is the normal
-# state under contention) still leaves high priorities well above their floors.
+# state under contention) leaves every priority above its floor: a job degraded to
+# its floor delivers less work per byte than at full quality, so degrading only pays
+# to admit what waits (pressure past 1.0, which takes every target to its floor).
 _FALL = {
-    Priority.BACKGROUND: (0.5, 1.0),
-    Priority.NORMAL: (1.0, 1.0),
-    Priority.HIGH: (2.0, 0.75),
-    Priority.USER_FACING: (4.0, 0.5),
+    Priority.BACKGROUND: (1.0, 0.5),
+    Priority.NORMAL: (1.0, 0.4),
+    Priority.HIGH: (2.0, 0.3),
+    Priority.USER_FACING: (4.0, 0.2),
 }
 
 
@@ -125,13 +130,14 @@ def size_for_quality(quality: float, min_memory: int, max_memory: int, floor: fl
 # The crossing of an elastic holder's share and its policy value is found to this many
 # bytes: far below any size a server would resize by.
 _CROSSING_RESOLUTION = 1 << 20
+# Elastic targets move in steps of this much quality.
+_QUALITY_STEP = 1 / 32
 
 
 @functools.lru_cache(maxsize=4096)  # the same inputs recur at every refresh of the ledger
 def fixed_point_quality(
     policy: QualityPolicy,
     priority: Priority,
-    *,
     threshold: float,
     floor: float,
     budget: int,
@@ -187,10 +193,31 @@ def fixed_point_quality(
             return max(floor, 1.0 - drop)
 
     if share(high) <= allowed(high):
-        return share(high)
+        return share(high)  # capped by the share it can reach
     if allowed(low) <= share(low):
-        return max(floor, allowed(low))
-    # share(low) < allowed(low), share(high) > allowed(high): bisect for the crossing.
+        return max(floor, allowed(low))  # the policy's value even at its smallest
+    return _quantized(_crossing(share, allowed, low, high, threshold, budget, others), floor)
+
+
+def _quantized(quality: float, floor: float) -> float:
+    """``quality`` rounded down to a step of `_QUALITY_STEP` (not below ``floor``): a
+    crossing moves with every byte anyone else is granted, and a holder should not be
+    told to resize for a thousandth of quality."""
+    return max(floor, math.floor(quality / _QUALITY_STEP) * _QUALITY_STEP)
+
+
+def _crossing(
+    share: Callable[[int], float],
+    allowed: Callable[[int], float],
+    low: int,
+    high: int,
+    threshold: float,
+    budget: int,
+    others: int,
+) -> float:
+    """Where the rising ``share`` meets the falling ``allowed`` in ``[low, high]``, given
+    that ``share(low) < allowed(low)`` and ``share(high) > allowed(high)``."""
+    smallest = low
     # Below the threshold every policy allows 1.0: start the search there.
     low = max(low, min(high, math.floor(threshold * budget) - others))
     if share(low) > allowed(low):

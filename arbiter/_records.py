@@ -214,7 +214,6 @@ class Tallies:
         "granted",
         "on_the_way",
         "waiting",
-        "waiting_at",
     )
 
     def __init__(self, budget: int) -> None:
@@ -225,8 +224,6 @@ class Tallies:
         self.on_the_way = 0
         self.families = (FamilyTally(), FamilyTally())  # indexed by `Family`
         self.waiting = 0  # queued requests
-        # Smallest sizes of the waiting requests, per priority value.
-        self.waiting_at = [0] * len(Priority)
 
     @property
     def holders(self) -> int:

@@ -6,8 +6,9 @@ pressure it sees, and (for an elastic holder) the share of memory it holds or co
 grow into. Three rules shape what it sees:
 
 * no priority inversion: a holder of priority p sees external use, memory granted
-  at priorities >= p and memory waited for at priorities >= p, never what lower
-  priorities hold;
+  at priorities >= p and what the head of the queue waits for when it is at p or
+  above (it alone can be admitted next, and it counts only when shrinking could
+  admit it), never what lower priorities hold;
 * work-conserving: a holding alone on the card (no other holder, nothing waiting)
   has target 1.0, whatever its size and whatever external use is;
 * a fixed point: an elastic holder's target does not depend on its own size, only
@@ -18,25 +19,47 @@ grow into. Three rules shape what it sees:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from ._config import ArbiterConfig
 from ._quality import QualityPolicy, fixed_point_quality, policy_target
-from ._records import Family, Holding, Tallies
+from ._records import Family, Holding, Request, Tallies
 from ._types import Priority, WorkloadType
 
 __all__ = ["QualityCalculator"]
 
 
 class QualityCalculator:
-    """Quality targets from a policy and the core's tallies; it keeps no state of its own."""
+    """Quality targets from a policy and the core's tallies, queue head and elastic
+    holders (all read, never written); its only state is a cache of the head's demand."""
 
-    __slots__ = ("_floors", "_policy", "_tallies", "_threshold", "budget")
+    __slots__ = (
+        "_elastic",
+        "_floors",
+        "_head",
+        "_head_demand_for",
+        "_policy",
+        "_tallies",
+        "_threshold",
+        "budget",
+    )
 
-    def __init__(self, config: ArbiterConfig, tallies: Tallies) -> None:
+    def __init__(
+        self,
+        config: ArbiterConfig,
+        tallies: Tallies,
+        head: Callable[[], Request | None],
+        elastic: Mapping[Priority, dict[Holding, None]],
+    ) -> None:
         self._policy = config.effective_policy
         self._threshold = config.pressure_threshold
         self._floors = (config.llm_min_quality, config.diffusion_min_quality)
         self._tallies = tallies
+        self._head = head
+        self._elastic = elastic
         self.budget = tallies.budget
+        # (tallies it was computed at, the head's priority, the bytes it counts for).
+        self._head_demand_for: tuple[tuple[int, int, int, int], int, int] | None = None
 
     def floor(self, family: Family) -> float:
         """The lowest quality target of ``family``."""
@@ -44,14 +67,57 @@ class QualityCalculator:
 
     def seen(self, priority: Priority) -> int:
         """Bytes that count in the pressure a holder of ``priority`` sees: external use,
-        memory granted and memory waited for at ``priority`` and above."""
+        memory granted at ``priority`` and above, and what waits there to be admitted."""
+        total = self._seen_granted(priority)
+        if self._tallies.waiting:
+            total += self._admissible_head(priority)
+        return total
+
+    def _seen_granted(self, priority: Priority) -> int:
         tallies = self._tallies
         llm, diffusion = tallies.families[0].at, tallies.families[1].at
-        waiting_at = tallies.waiting_at
         total = tallies.external
         for value in range(priority, len(llm)):
-            total += llm[value] + diffusion[value] + waiting_at[value]
+            total += llm[value] + diffusion[value]
         return total
+
+    def _admissible_head(self, priority: Priority) -> int:
+        """What the head of the queue waits for, when it counts for ``priority``.
+
+        Only the head can be admitted next (no barging), so only it counts; and only when
+        it is at ``priority`` or above and the memory that shrinking could free would
+        admit it: degrading holders for a request they cannot admit anyway takes their
+        quality for nothing (they would sit at their floors beside idle memory).
+        """
+        # Every target of one refresh asks this: remember it while nothing moved (any
+        # grant, release, resize, preemption or queue change moves one of these).
+        tallies = self._tallies
+        key = (tallies.granted, tallies.external, tallies.on_the_way, tallies.waiting)
+        cached = self._head_demand_for
+        if cached is None or cached[0] != key:
+            cached = self._head_demand_for = (key, *self._head_demand())
+        _, head_priority, demand = cached
+        return demand if head_priority >= priority else 0
+
+    def _head_demand(self) -> tuple[int, int]:
+        """The head's priority and the bytes it waits for; 0 bytes when the memory that
+        shrinking could free would not admit it."""
+        head = self._head()
+        if head is None:
+            return -1, 0
+        tallies = self._tallies
+        room = self.budget - tallies.granted - tallies.external + tallies.on_the_way
+        if head.min_size > room:
+            for level, elastic in self._elastic.items():
+                if level > head.priority:
+                    continue
+                for holding in elastic:
+                    if not holding.preempt_requested:
+                        assert holding.min_memory is not None
+                        room += holding.memory - holding.min_memory
+            if head.min_size > room:
+                return head.priority, 0
+        return head.priority, head.min_size
 
     def recommended(self, workload: WorkloadType, priority: Priority) -> float:
         """The policy's target for a new request of this kind at the pressure it would see."""
@@ -83,12 +149,11 @@ class QualityCalculator:
         bytes are granted in all (asked before a grant with ``min_quality``)."""
         tallies = self._tallies
         extra = granted - tallies.granted
-        new = holding.granted_seq < 0
-        if tallies.waiting <= 1 and tallies.holders == (0 if new else 1):
+        if tallies.waiting <= 1 and tallies.holders == (0 if holding.granted_seq < 0 else 1):
             return 1.0  # it will be alone on the card
-        seen = self.seen(holding.priority) + extra
-        if new:  # it leaves the queue: what it waits for no longer counts
-            seen -= holding.max_memory if holding.min_memory is None else holding.min_memory
+        # Right after the grant it no longer waits, and who heads the queue next is not
+        # known yet: count what is granted.
+        seen = self._seen_granted(holding.priority) + extra
         if holding.min_memory is None:
             return self._policy_at(holding.family, holding.priority, seen, extra)
         return self._elastic_target(holding, seen - memory)
@@ -112,18 +177,19 @@ class QualityCalculator:
         if self._policy is QualityPolicy.PROPORTIONAL:
             mine = sum(tallies.families[family].at[priority:]) - holding.memory
             other_family = sum(tallies.families[1 - family].at[priority:])
+        # Positional: the cache hashes them faster than keywords.
         return fixed_point_quality(
             self._policy,
             priority,
-            threshold=self._threshold,
-            floor=self._floors[family],
-            budget=self.budget,
-            others=others,
-            low=low,
-            high=high,
-            max_memory=holding.max_memory,
-            mine=mine,
-            other_family=other_family,
+            self._threshold,
+            self._floors[family],
+            self.budget,
+            others,
+            low,
+            high,
+            holding.max_memory,
+            mine,
+            other_family,
         )
 
     def _policy_at(self, family: Family, priority: Priority, seen: int, extra: int) -> float:

@@ -72,13 +72,17 @@ async def test_rising_external_use_lowers_quality_targets() -> None:
     fake = FakeGpu(total=24 * GiB)
     async with Arbiter(_config(), probe=fake) as arbiter:
         alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 4 * GiB)
+        # Not alone on the card: a lone holder keeps 1.0 whatever external use is.
+        other = await arbiter.request_allocation(LLM, Priority.NORMAL, 1 * GiB)
         assert arbiter.state().llm_quality == 1.0
-        fake.external_used = 19 * GiB  # pressure (4 + 19) / 24 > 0.85
-        await _until(lambda: arbiter.state().external_used == 19 * GiB)
+        fake.external_used = 18 * GiB  # pressure (4 + 1 + 18) / 24 > 0.85
+        await _until(lambda: arbiter.state().external_used == 18 * GiB)
         state = arbiter.state()
         assert state.pressure_level is MemoryPressure.CRITICAL
-        assert state.llm_quality < 1.0  # what a new request would get
-        assert alloc.quality == 1.0  # alone on the card: external use does not matter
+        assert state.llm_quality < 1.0
+        assert alloc.quality == state.llm_quality
+        other.release()
+        assert alloc.quality == 1.0  # alone again
         alloc.release()
 
 

@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import structlog
 
 from arbiter import ArbiterConfig
 from arbiter.cli import main
@@ -61,6 +62,7 @@ class Done:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Done]:
     def run(*args: str | Path) -> Done:
+        structlog.reset_defaults()  # as in a fresh process: no logging set up by tests
         code = main([str(a) for a in args])
         out, err = capsys.readouterr()
         return Done(code, out, err)

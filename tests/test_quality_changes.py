@@ -346,3 +346,24 @@ async def test_a_holder_following_its_target_settles(
     for alloc in rigid:
         alloc.release()
     elastic.release()
+
+
+@pytest.mark.parametrize(("waiting_gb", "degraded"), [(8, True), (10, False)])
+async def test_only_a_waiter_that_shrinking_could_admit_lowers_targets(
+    waiting_gb: int, degraded: bool
+) -> None:
+    # 20 GiB held by an elastic holder that cannot be preempted and could give 4 GiB;
+    # 4 GiB are free. An 8 GiB waiter could be admitted by its shrinking: its target
+    # falls. A 10 GiB one could not: degrading it would take its quality for nothing.
+    arbiter = make_arbiter()
+    keep = await arbiter.request_allocation(
+        LLM, Priority.BACKGROUND, 20 * GiB, min_memory=16 * GiB, preemptible=False
+    )
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(arbiter.request_allocation, IMAGE, Priority.HIGH, waiting_gb * GiB)
+            await anyio.wait_all_tasks_blocked()
+            assert (keep.quality < 1.0) is degraded
+            tg.cancel_scope.cancel()
+    assert keep.quality == 1.0  # nothing waits any more
+    keep.release()

@@ -34,14 +34,16 @@ def test_degrade_example_shrinks_instead_of_preempting(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60
     ).stdout
-    assert out.strip().endswith(" 0 preemptions")
+    assert out.strip().endswith("1 quality reductions, 0 preemptions"), out
+    # Shrank to make room for the 14 GiB image: to 10 GiB or a little below (the
+    # policy keeps headroom once the card is past its pressure threshold), not to 8.
     held = [
         float(line.split("holding ")[1].split()[0])
-        for line in out.splitlines()
+        for line in out.splitlines()[:-1]
         if "holding" in line
     ]
-    assert min(held) <= 10.0  # shrank to make room for the 14 GiB image
-    assert held[-1] == 14.0  # grew back after
+    assert any(8.0 < gib <= 10.0 for gib in held), out
+    assert out.strip().splitlines()[-2].endswith("holding 14.0 GiB")  # grew back after
 
 
 def _section(title: str) -> str:

@@ -67,6 +67,8 @@ DEFAULT_LOAD_GBPS = 4.0
 # Elastic holders grow in steps of at least this much (a real server would not
 # reallocate for a few bytes of rounding); they shrink by whatever they are asked.
 _RESIZE_STEP = 64 * MiB
+# A holder that cannot grow retries at most every this many poll intervals.
+_RETRY_LIMIT = 16
 
 
 # -- virtual time ----------------------------------------------------------------
@@ -313,25 +315,39 @@ class _Run:
     async def _follow_quality(self, alloc: Allocation, holding: RecordedHolding) -> None:
         """Resize to match each quality target.
 
-        While the holder is below its target's size it retries growing every
-        ``poll_interval``, since the memory it waits for frees without a new target.
+        While the holder is below its target's size (it could not grow: something
+        waited) it retries growing, since the memory it waits for frees without a new
+        target: after ``poll_interval``, then twice as long each time up to
+        `_RETRY_LIMIT` poll intervals, as a server polling its allocator would.
         """
         changes = alloc.quality_changes()
+        retry = self.config.poll_interval
         try:
+            quality = await changes.__anext__()  # the current target
             while True:
-                below = alloc.memory_for_quality(alloc.quality) - alloc.memory >= _RESIZE_STEP
-                with anyio.move_on_after(self.config.poll_interval if below else math.inf):
-                    try:
-                        await changes.__anext__()
-                    except StopAsyncIteration:
-                        return
-                await self._fit(alloc, holding)
+                before = alloc.memory
+                await self._fit(alloc, holding, quality)
+                wanted = alloc.memory_for_quality(quality)
+                if wanted - alloc.memory < _RESIZE_STEP:
+                    retry = self.config.poll_interval
+                    quality = await changes.__anext__()  # nothing to retry: just wait
+                    continue
+                if alloc.memory != before:
+                    retry = self.config.poll_interval
+                with anyio.move_on_after(retry):
+                    quality = await changes.__anext__()
+                    retry = self.config.poll_interval
+                    continue
+                retry = min(retry * 2, self.config.poll_interval * _RETRY_LIMIT)
+        except StopAsyncIteration:
+            return
         finally:
             with anyio.CancelScope(shield=True):
                 await changes.aclose()
 
-    async def _fit(self, alloc: Allocation, holding: RecordedHolding) -> None:
-        wanted = alloc.memory_for_quality(alloc.quality)
+    async def _fit(self, alloc: Allocation, holding: RecordedHolding, quality: float) -> None:
+        """Shrink to the size of ``quality``, or grow toward it if the arbiter grants."""
+        wanted = alloc.memory_for_quality(quality)
         if wanted < alloc.memory:
             await alloc.resize(wanted)
         elif wanted - alloc.memory >= _RESIZE_STEP:
