@@ -165,7 +165,7 @@ class Allocation:
         Growing (up to the budget: else `InsufficientMemory`) queues like a new request
         of this priority and may preempt like one; on `AllocationTimeout` the old size
         is kept. Raises ``RuntimeError`` when the allocation is (or, while growing,
-        becomes) released.
+        becomes) released, or when another growth of it is still waiting.
         """
         check_memory(memory, "memory")
         if not isinstance(timeout, Default):

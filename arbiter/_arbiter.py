@@ -8,8 +8,9 @@ One arbiter may serve tasks of several event loops in several threads: every cal
 into the core is made under ``Arbiter._lock`` (see `Ledger` for what it guards),
 never across an ``await``, and wake-ups reach another loop through its thread-safe
 entry. The core reads one clock, the arbiter's: that of the loop that entered
-``async with arbiter``, else of the loop that last found it idle. A request's own
-timeout is measured on its own loop's clock.
+``async with arbiter``, else of the loop that last found it idle, carried on from
+where the previous one stood. A request's own timeout is measured on its own loop's
+clock.
 
 The core owns time: `Ledger.advance` makes every timed decision and says when it is
 next due. ``async with arbiter`` runs one timer task that calls it then; without it,
@@ -86,6 +87,7 @@ class Arbiter:
         self._owns_probe = False
         self._lock = threading.Lock()
         self._loop: LoopEntry | None = None  # whose clock the core reads; see the module
+        self._clock_offset = 0.0  # added to it, so the core's time never jumps
         self._ids = count(1)
         self._closed = False
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -113,9 +115,10 @@ class Arbiter:
             raise ShuttingDown("this arbiter is closed")
         if self._task_group is not None:
             raise RuntimeError("this arbiter is already running")
-        self._home = self._loop = current_backend().loop()
+        home = self._home = current_backend().loop()
         with self._lock:
-            self._ledger.observe(self._home.clock())
+            self._adopt(home)
+            self._ledger.observe(self._now())
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -317,9 +320,14 @@ class Arbiter:
         with self._lock:
             refused = smallest > ledger.budget or self._closed
             if not refused:
-                if loop is not self._loop and not ledger.waiting and not ledger.granted:
+                if (
+                    loop is not self._loop
+                    and self._task_group is None
+                    and not ledger.waiting
+                    and not ledger.granted
+                ):
                     self._adopt(loop)
-                now = started if loop is self._loop else self._now()
+                now = started + self._clock_offset if loop is self._loop else self._now()
                 if min_quality is not None or not ledger.grant_now(holding, smallest, memory, now):
                     parker = backend.parker()
                     request = NewAllocation(
@@ -450,9 +458,11 @@ class Arbiter:
     @staticmethod
     def _wake_at(request: Request, deadline: float, own_now: float, now: float) -> float:
         """When a waiter must wake by itself, on its own clock: at its deadline, or at
-        the reclaim deadline the core set on the arbiter's clock, if that is sooner."""
+        the reclaim deadline the core set on the arbiter's clock, if that is sooner and
+        still ahead (a passed one was handed to `advance`: waking for it again would
+        spin while the request is not the head)."""
         due = request.reclaim_deadline
-        if due == math.inf:
+        if due <= now or due == math.inf:
             return deadline
         return min(deadline, own_now + (due - now))
 
@@ -508,6 +518,10 @@ class Arbiter:
                 raise InsufficientMemory(memory, ledger.budget)
             if self._closed:
                 raise ShuttingDown("the arbiter is closed")
+            if holding.growing:
+                # Each growth is measured from the size held: a second one would add
+                # its difference on top of the first.
+                raise RuntimeError(f"cannot resize {alloc.id}: a growth is already waiting")
             delta = memory - holding.memory
             if delta <= 0:  # it shrank meanwhile (preemption or its own resize)
                 ledger.shrink(holding, memory, self._now())
@@ -554,15 +568,18 @@ class Arbiter:
     # == the clock and snapshots (any thread) ==================================
 
     def _adopt(self, loop: LoopEntry) -> None:
-        """Read ``loop``'s clock from now on, unless the services' loop owns the arbiter."""
-        if self._task_group is None:
-            self._loop = loop
+        """Read ``loop``'s clock from now on (under the lock). The core's time goes on
+        from where it stands, so the times it keeps (reclaim deadlines, idle-since, the
+        averages' last step) stay true whatever the new clock reads."""
+        if self._loop is not None:
+            self._clock_offset = self._now() - loop.clock()
+        self._loop = loop
 
     def _now(self) -> float:
         loop = self._loop
         if loop is None:  # never used in a loop: pure accounting from sync code
             return self._ledger.stats.last_time
-        return loop.clock()
+        return loop.clock() + self._clock_offset
 
     def recommended_quality(
         self, workload: WorkloadType | str, priority: Priority | str = Priority.NORMAL

@@ -441,6 +441,7 @@ class Ledger:
         if type(request) is NewAllocation:
             self._hold(holding, size, now)
             self.stats.successful += 1
+            self.stats.record_wait(request.priority, now - request.enqueued_at)
         else:
             assert isinstance(request, Growth)
             holding.growing.remove(request)
@@ -457,7 +458,6 @@ class Ledger:
                 holding.max_memory = holding.memory
                 if holding.elastic:  # min_memory == old size: it just became elastic
                     self._elastic[holding.priority].setdefault(holding, None)
-        self.stats.record_wait(request.priority, now - request.enqueued_at)
         self.reclaimer.end(request)
         self._sink(Event.GRANTED, request.ticket)
 

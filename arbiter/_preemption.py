@@ -10,6 +10,7 @@ everything back are candidates, and only those strictly below the requester.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 from ._config import ArbiterConfig
@@ -147,6 +148,7 @@ class Reclaimer:
         ):
             return  # wait for the shrinks, up to the grace
         request.reclaim_phase = ReclaimPhase.PREEMPTING
+        request.reclaim_deadline = math.inf  # nothing more to wait for
         for holding in chosen:
             self._stats.preemptions += 1
             self._preempt(holding)
@@ -208,6 +210,7 @@ class Reclaimer:
 
     def end(self, request: Request) -> None:
         """The pressure that caused ``request``'s shrink requests has passed."""
+        request.reclaim_deadline = math.inf
         for holding in request.shrunk:
             del holding.shrink_asks[request]
             if not holding.shrink_asks:
