@@ -27,6 +27,9 @@ class Default:
 DEFAULT = Default()
 
 
+# A label names an allocation in logs and `arbiter status`, one line each.
+MAX_LABEL = 200
+
 # A request's arguments, checked and normalised: workload, priority, memory,
 # min_memory, timeout, min_quality, preemptible, keep_alive, label. A plain tuple:
 # it is built on every request, and a NamedTuple costs several times as much.
@@ -76,6 +79,9 @@ def check_request(
     if preemptible is not True and preemptible is not False:
         raise TypeError(f"preemptible must be a bool, got {preemptible!r}")
     alive = None if keep_alive is None else check_timeout(keep_alive, "keep_alive")
-    if label is not None and not isinstance(label, str):
-        raise TypeError(f"label must be None or a str, got {label!r}")
+    if label is not None:
+        if not isinstance(label, str):
+            raise TypeError(f"label must be None or a str, got {label!r}")
+        if len(label) > MAX_LABEL:
+            raise ValueError(f"label must be at most {MAX_LABEL} characters, got {len(label)}")
     return (workload, priority, size, floor, timeout, quality, preemptible, alive, label)

@@ -107,3 +107,12 @@ async def test_wait_percentiles_count_allocations_not_growths() -> None:
     await alloc.resize(4 * GiB)
     stats = arbiter.stats()
     assert stats.wait_percentiles[Priority.NORMAL].count == stats.successful_allocations == 1
+
+
+@pytest.mark.anyio
+async def test_a_label_is_one_line_of_reasonable_length() -> None:
+    arbiter = Arbiter(ArbiterConfig.for_vram_gb(10), probe=None)
+    with pytest.raises(ValueError, match="label must be at most 200 characters"):
+        await arbiter.request_allocation(LLM, "normal", GiB, label="x" * 201)
+    async with arbiter.allocate(LLM, "normal", memory=GiB, label="x" * 200) as alloc:
+        assert alloc.label == "x" * 200

@@ -47,11 +47,16 @@ def status_json(state: ArbiterState, stats: ArbiterStats, reply: Any) -> dict[st
     return {"state": state_out, "stats": stats_out, "holders": holders, "waiters": waiters}
 
 
+# How long `arbiter status` waits for the daemon's answer once connected.
+STATUS_TIMEOUT = 10.0
+
+
 async def _fetch(path: Path) -> tuple[ArbiterState, ArbiterStats, Any]:
     from ..remote import RemoteArbiter
 
     async with RemoteArbiter(path) as remote:
-        reply = await remote._status()
+        with anyio.fail_after(STATUS_TIMEOUT):
+            reply = await remote._status()
         return remote.state(), remote.stats(), reply
 
 
@@ -65,6 +70,10 @@ def run_status(args: argparse.Namespace) -> int:
         state, stats, reply = anyio.run(_fetch, path, backend="asyncio")
     except ArbiterUnavailable as exc:
         raise UsageError(str(exc)) from None
+    except TimeoutError:
+        raise UsageError(
+            f"the daemon on {path} did not answer within {STATUS_TIMEOUT:g} s"
+        ) from None
     if args.json:
         print(json.dumps(status_json(state, stats, reply)))
         return 0

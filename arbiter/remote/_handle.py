@@ -15,6 +15,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from .._arguments import DEFAULT, Default, RequestArgs
+from .._checks import check_ratio
 from .._config import ArbiterConfig
 from .._errors import Preempted
 from .._quality import size_for_quality
@@ -183,6 +184,7 @@ class RemoteAllocation:
 
     def memory_for_quality(self, quality: float) -> int:
         """The bytes needed to run at ``quality``; see `Allocation.memory_for_quality`."""
+        quality = check_ratio("quality", quality, zero=True)
         if self.min_memory is None:
             return self.max_memory
         config = self._owner.config

@@ -143,6 +143,7 @@ class Session:
         "host",
         "number",
         "pid",
+        "reserved",
         "sender",
         "snapshot_version",
         "task_group",
@@ -160,6 +161,9 @@ class Session:
         self.sender = sender
         self.held: dict[int, _Held] = {}
         self.waiting: dict[int, _Waiting] = {}
+        # Keys taken by a message whose task has not run yet: a second message with the
+        # same key in the same read must be refused, not overwrite the first.
+        self.reserved: set[int] = set()
         self.snapshot_version = -1
         self.closed = False
         self.task_group: anyio.abc.TaskGroup | None = None
@@ -184,7 +188,7 @@ class Session:
             self.sender.send(host.snapshot_frame())
 
     def key_in_use(self, key: int) -> bool:
-        return key in self.held or key in self.waiting
+        return key in self.held or key in self.waiting or key in self.reserved
 
 
 def _failure(key: int, exc: BaseException) -> Failed:
@@ -315,6 +319,7 @@ class SessionHost:
                 session.push(Failed(message.key, "value", [f"key {message.key} is in use"]))
                 return
             assert session.task_group is not None
+            session.reserved.add(message.key)
             session.task_group.start_soon(self._request, session, message)
         elif isinstance(message, Release):
             held = session.held.pop(message.key, None)
@@ -331,6 +336,7 @@ class SessionHost:
                 session.push(Failed(message.key, "runtime", [f"no allocation {message.alloc}"]))
             else:
                 assert session.task_group is not None
+                session.reserved.add(message.key)
                 session.task_group.start_soon(self._resize, session, message)
         elif isinstance(message, Busy):
             held = session.held.get(message.key)
@@ -350,6 +356,7 @@ class SessionHost:
 
     async def _request(self, session: Session, message: Request) -> None:
         key = message.key
+        session.reserved.discard(key)  # the key goes to `waiting` before any await
         try:
             workload = WorkloadType(message.workload)
             priority = Priority(message.priority)
@@ -449,6 +456,7 @@ class SessionHost:
             log.info("allocation preempted", id=alloc.id, pid=session.pid, memory=alloc.memory)
 
     async def _resize(self, session: Session, message: Resize) -> None:
+        session.reserved.discard(message.key)  # the key goes to `waiting` before any await
         held = session.held.get(message.alloc)
         if held is None:  # released since the resize was received
             session.push(
@@ -498,7 +506,8 @@ class SessionHost:
             session.push(Reclaimed(reclaim.key, None, 0.0))
             return
         held = _Held(alloc)
-        for _ in range(max(0, reclaim.busy)):
+        # One busy span stands for "busy": never trust a client's count of them.
+        for _ in range(min(1, max(0, reclaim.busy))):
             span = alloc.busy()
             span.__enter__()
             held.busy.append(span)
