@@ -66,6 +66,7 @@ __all__ = ["Event", "Ledger", "Outcome"]
 
 _PRIORITIES_HIGH_FIRST = sorted(Priority, reverse=True)
 _NORMAL = Priority.NORMAL
+_ABSENT = object()
 
 
 class Event(Enum):
@@ -99,6 +100,7 @@ class Ledger:
     ) -> None:
         self.config = config
         self.budget = config.vram_budget
+        self._threshold = config.pressure_threshold
         self.tallies = tallies = Tallies(config.vram_budget)
         self.stats = StatsRecorder()
         self._sink = sink
@@ -110,6 +112,7 @@ class Ledger:
         self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         # The elastic subset, so asking for shrinks never scans the rigid holders.
         self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
+        self._elastic_count = 0  # so a refresh skips the registry when it is empty
         self.targets = QualityCalculator(config, tallies, self.head, self._elastic)
         self._watched: dict[Holding, None] = {}  # a dict: notified in a stable order
         self._keep_alive: dict[Holding, None] = {}
@@ -205,8 +208,13 @@ class Ledger:
         request.enqueued_at = now
         if type(request) is Growth:
             request.holding.growing.append(request)
+        head = self.head()
         self._queues[request.priority][request] = None
         self.tallies.waiting += 1
+        if head is not None and request.priority <= head.priority:
+            # It queues behind a head that does not fit (the invariant), and nothing
+            # else moved: the grant loop would find what it found last time.
+            return False
         self._dispatch(now)
         return request.state is GRANTED
 
@@ -237,7 +245,7 @@ class Ledger:
                 assert isinstance(request, Growth)
                 holding.max_memory = max(request.max_before, holding.memory - request.size)
                 if not holding.elastic:
-                    self._elastic[holding.priority].pop(holding, None)
+                    self._drop_elastic(holding)
                 self._give_back(holding, min(request.size, holding.memory), now)
 
     def count_unqueued(self, outcome: Outcome) -> None:
@@ -301,7 +309,7 @@ class Ledger:
         # Membership tests first: most holders are in none of these registries.
         self.reclaimer.forget(holding)
         if holding.min_memory is not None:
-            self._elastic[holding.priority].pop(holding, None)
+            self._drop_elastic(holding)
         if holding.keep_alive is not None:
             self._keep_alive.pop(holding, None)
         if holding.watchers:
@@ -457,7 +465,7 @@ class Ledger:
             if holding.memory > holding.max_memory:
                 holding.max_memory = holding.memory
                 if holding.elastic:  # min_memory == old size: it just became elastic
-                    self._elastic[holding.priority].setdefault(holding, None)
+                    self._add_elastic(holding)
         self.reclaimer.end(request)
         self._sink(Event.GRANTED, request.ticket)
 
@@ -473,10 +481,20 @@ class Ledger:
         holding.granted_seq = next(self._seq)
         self._holders[holding.priority][holding] = None
         if holding.min_memory is not None and holding.elastic:
-            self._elastic[holding.priority][holding] = None
+            self._add_elastic(holding)
         if holding.keep_alive is not None:
             holding.idle_since = now
             self._keep_alive[holding] = None
+
+    def _add_elastic(self, holding: Holding) -> None:
+        elastic = self._elastic[holding.priority]
+        if holding not in elastic:
+            elastic[holding] = None
+            self._elastic_count += 1
+
+    def _drop_elastic(self, holding: Holding) -> None:
+        if self._elastic[holding.priority].pop(holding, _ABSENT) is not _ABSENT:
+            self._elastic_count -= 1
 
     # == quality targets =======================================================
 
@@ -485,7 +503,7 @@ class Ledger:
         tallies = self.tallies
         pressure = (tallies.granted + tallies.external) / self.budget
         llm_family, diffusion_family = tallies.families
-        if pressure < self.config.pressure_threshold:  # every policy gives 1.0
+        if pressure < self._threshold:  # every policy gives 1.0
             llm = 1.0 if llm_family.count else None
             diffusion = 1.0 if diffusion_family.count else None
         else:
@@ -498,10 +516,11 @@ class Ledger:
         for holding in self._watched:
             if self._retarget(holding):
                 self._sink(Event.QUALITY, holding.ticket)
-        for elastic in self._elastic.values():
-            for holding in elastic:
-                if not holding.watchers:
-                    self._retarget(holding)
+        if self._elastic_count:
+            for elastic in self._elastic.values():
+                for holding in elastic:
+                    if not holding.watchers:
+                        self._retarget(holding)
 
     def _retarget(self, holding: Holding) -> bool:
         """Recompute a holding's target; True when it changed. A drop that asks an
@@ -529,6 +548,7 @@ class Ledger:
         assert all(r.state is WAITING for q in self._queues.values() for r in q)
         for family in tallies.families:
             assert sum(family.at) == family.granted, "per-priority tallies drift"
+        assert self._elastic_count == sum(len(e) for e in self._elastic.values())
         head = self.head()
         if head is not None:
             assert self._fit(head) is None, "the head fits but was left waiting"

@@ -19,6 +19,7 @@ grow into. Three rules shape what it sees:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 from ._config import ArbiterConfig
@@ -27,6 +28,22 @@ from ._records import Family, Holding, Request, Tallies
 from ._types import Priority, WorkloadType
 
 __all__ = ["QualityCalculator"]
+
+
+# Under contention every grant and release asks the same few values again (the card
+# stays full): remember them. Positional arguments hash fastest.
+@functools.lru_cache(maxsize=1024)
+def _policy_value(
+    policy: QualityPolicy,
+    priority: Priority,
+    pressure: float,
+    threshold: float,
+    floor: float,
+    family_share: float,
+) -> float:
+    return policy_target(
+        policy, priority, pressure, threshold=threshold, floor=floor, family_share=family_share
+    )
 
 
 class QualityCalculator:
@@ -204,11 +221,6 @@ class QualityCalculator:
             mine = sum(families[family].at[priority:]) + extra
             other = sum(families[1 - family].at[priority:])
             share = mine / (mine + other) if other and mine + other > 0 else 1.0
-        return policy_target(
-            self._policy,
-            priority,
-            pressure,
-            threshold=self._threshold,
-            floor=self._floors[family],
-            family_share=share,
+        return _policy_value(
+            self._policy, priority, pressure, self._threshold, self._floors[family], share
         )
