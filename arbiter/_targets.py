@@ -20,7 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._quality import QualityPolicy, fixed_point_quality, policy_target, size_for_quality
+from ._quality import (
+    RISE_HYSTERESIS,
+    QualityPolicy,
+    fixed_point_quality,
+    policy_target,
+    size_for_quality,
+)
 from ._records import FamilyTally, Holding, Request
 from ._stats import StatsRecorder
 from ._types import Priority, WorkloadType
@@ -124,6 +130,11 @@ class QualityTargets:
             quality = self._policy_at(holding.diffusion, holding.priority, seen, 0)
         else:
             quality = self._elastic_target(holding, seen - holding.memory)
+            previous = holding.notified_quality
+            if previous < quality < 1.0 and quality - previous < RISE_HYSTERESIS:
+                # Holders of one priority answer each other's resizes; rising only by a
+                # clear step keeps them from trading the same bytes forever.
+                quality = previous
         if holding.shrink_cap is not None:
             quality = max(self._floors[holding.diffusion], min(quality, holding.shrink_cap))
         return quality
