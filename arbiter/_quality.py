@@ -20,6 +20,7 @@ from enum import StrEnum
 from ._types import Priority
 
 __all__ = [
+    "RISE_HYSTERESIS",
     "QualityPolicy",
     "elastic_share_quality",
     "fixed_point_quality",
@@ -130,8 +131,10 @@ def size_for_quality(quality: float, min_memory: int, max_memory: int, floor: fl
 # The crossing of an elastic holder's share and its policy value is found to this many
 # bytes: far below any size a server would resize by.
 _CROSSING_RESOLUTION = 1 << 20
-# Elastic targets move in steps of this much quality.
+# Elastic targets move in steps of this much quality, and rise only by this much or
+# more (so that two holders answering each other's resizes settle).
 _QUALITY_STEP = 1 / 32
+RISE_HYSTERESIS = 2 * _QUALITY_STEP
 
 
 @functools.lru_cache(maxsize=4096)  # the same inputs recur at every refresh of the ledger

@@ -23,7 +23,7 @@ import functools
 from collections.abc import Callable, Mapping
 
 from ._config import ArbiterConfig
-from ._quality import QualityPolicy, fixed_point_quality, policy_target
+from ._quality import RISE_HYSTERESIS, QualityPolicy, fixed_point_quality, policy_target
 from ._records import Family, Holding, Request, Tallies
 from ._types import Priority, WorkloadType
 
@@ -157,6 +157,11 @@ class QualityCalculator:
             quality = self._policy_at(holding.family, holding.priority, seen, 0)
         else:
             quality = self._elastic_target(holding, seen - holding.memory)
+            previous = holding.notified_quality
+            if previous < quality < 1.0 and quality - previous < RISE_HYSTERESIS:
+                # Holders of one priority answer each other's resizes; rising only by a
+                # clear step keeps them from trading the same bytes forever.
+                quality = previous
         if holding.shrink_cap is not None:
             quality = max(self._floors[holding.family], min(quality, holding.shrink_cap))
         return quality

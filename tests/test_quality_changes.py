@@ -367,3 +367,32 @@ async def test_only_a_waiter_that_shrinking_could_admit_lowers_targets(
             tg.cancel_scope.cancel()
     assert keep.quality == 1.0  # nothing waits any more
     keep.release()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@pytest.mark.parametrize(("first_gb", "second_gb"), [(20, 8), (14, 14), (12, 20)])
+async def test_two_holders_of_one_priority_following_their_targets_settle(
+    policy: QualityPolicy, threshold: float, first_gb: int, second_gb: int
+) -> None:
+    # Each answers the other's resizes; targets that could trade the same bytes
+    # forever would never let the clock move (a simulation hung on this).
+    config = ArbiterConfig.for_vram_gb(
+        24, pressure_threshold=threshold, quality_policy=policy, reclaim_grace=0.0
+    )
+    arbiter = Arbiter(config, probe=None)
+    first = await arbiter.request_allocation(
+        IMAGE, Priority.BACKGROUND, first_gb * GiB, min_memory=first_gb * GiB // 2
+    )
+    second = await arbiter.request_allocation(
+        IMAGE, Priority.BACKGROUND, second_gb * GiB, min_memory=second_gb * GiB // 2
+    )
+    with anyio.fail_after(5):
+        for _ in range(20):
+            moved = await follow(arbiter, first, 3) + await follow(arbiter, second, 3)
+            if not moved:
+                break
+        else:
+            pytest.fail("the two holders never settled")
+    first.release()
+    second.release()

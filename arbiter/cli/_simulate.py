@@ -354,9 +354,11 @@ class _Run:
             # Grow only into memory that is free now while nobody waits: a holder that
             # behaves well takes no memory another request is queued for, and never makes
             # the arbiter preempt (or wait) for its comfort.
-            state = self.arbiter.state()
-            size = min(wanted, alloc.memory + state.vram_available)
-            if state.waiting or size - alloc.memory < _RESIZE_STEP:
+            # (The ledger's two counters, not a whole `state()` snapshot: this runs at
+            # every target change of every elastic holder.)
+            ledger = self.arbiter._ledger
+            size = min(wanted, alloc.memory + ledger.available)
+            if ledger.waiting or size - alloc.memory < _RESIZE_STEP:
                 return
             try:
                 await alloc.resize(size, timeout=0)
