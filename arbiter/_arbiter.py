@@ -56,6 +56,9 @@ from ._types import (
 
 __all__ = ["Arbiter"]
 
+# Enum members are looked up through their metaclass; the grant path reads these.
+_GRANTED, _FAILED, _PREEMPT, _QUALITY = Event.GRANTED, Event.FAILED, Event.PREEMPT, Event.QUALITY
+
 
 class Arbiter:
     """Hands out the memory of one GPU to awaiting tasks, by priority, then arrival.
@@ -552,13 +555,13 @@ class Arbiter:
     # == what the core reports (under the lock) ================================
 
     def _on_event(self, event: Event, ticket: object) -> None:
-        if event is Event.GRANTED or event is Event.FAILED:
+        if event is _GRANTED or event is _FAILED:
             cast(Parker, ticket).wake()
-        elif event is Event.PREEMPT:
+        elif event is _PREEMPT:
             assert isinstance(ticket, Allocation)
             debug("allocation preempted", id=ticket.id, memory=ticket.memory)
             ticket._on_preempt()
-        elif event is Event.QUALITY:
+        elif event is _QUALITY:
             assert isinstance(ticket, Allocation)
             ticket._signal_quality()
         else:  # RETIME: the waiter re-parks with the new deadline; the timer looks again

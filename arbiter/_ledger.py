@@ -88,6 +88,9 @@ class Outcome(Enum):
     CANCELLED = "cancelled"  # cancelled from outside
 
 
+_GRANTED = Event.GRANTED  # looked up once: enum members go through their metaclass
+
+
 def _ignore(event: Event, ticket: object) -> None:
     pass
 
@@ -467,7 +470,7 @@ class Ledger:
                 if holding.elastic:  # min_memory == old size: it just became elastic
                     self._add_elastic(holding)
         self.reclaimer.end(request)
-        self._sink(Event.GRANTED, request.ticket)
+        self._sink(_GRANTED, request.ticket)
 
     def _hold(self, holding: Holding, size: int, now: float) -> None:
         """Register a new holding of ``size`` bytes."""

@@ -57,6 +57,10 @@ class ReclaimPhase(Enum):
     PREEMPTING = "preempting"  # the grace has passed: victims are preempted
 
 
+_LLM_FAMILY, _DIFFUSION_FAMILY = Family.LLM, Family.DIFFUSION
+_NO_RECLAIM = ReclaimPhase.NONE
+
+
 class Holding:
     """The core's record of one allocation, from its request until its release."""
 
@@ -95,7 +99,7 @@ class Holding:
         ticket: object = None,
     ) -> None:
         self.workload = workload
-        self.family = Family.LLM if workload is _LLM else Family.DIFFUSION
+        self.family = _LLM_FAMILY if workload is _LLM else _DIFFUSION_FAMILY
         self.priority = priority
         self.max_memory = max_memory
         self.min_memory = min_memory
@@ -167,7 +171,7 @@ class Request:
         self.best_quality: float | None = None
         # False for a request that will not wait (timeout 0): it must not disturb anyone.
         self.may_reclaim = True
-        self.reclaim_phase = ReclaimPhase.NONE
+        self.reclaim_phase = _NO_RECLAIM
         # When the grace of its shrink requests ends (the core's clock); inf: none runs.
         self.reclaim_deadline = float("inf")
         # What all its victims held when preempting them could not cover the shortfall.
