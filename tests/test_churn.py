@@ -25,6 +25,11 @@ from arbiter import (
     WorkloadType,
 )
 
+# Real time on both backends, not `virtual_time`: a head waiter whose reclaim grace
+# has passed re-parks with its (past) reclaim deadline and spins until the victims
+# release (see test_degrade's xfail); on a virtual clock that spin stops time, and
+# the holders' sleeps never end.
+
 BUDGET_GB = 16
 TASKS = 60
 

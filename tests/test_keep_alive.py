@@ -12,10 +12,10 @@ import pytest
 
 from arbiter import Arbiter, ArbiterConfig, GiB, Preempted, Priority, WorkloadType
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
 LLM = WorkloadType.LLM_INFERENCE
-KEEP = 0.05
+KEEP = 0.0625  # binary-exact: multiples of it compare exactly on the virtual clock
 
 
 def make_arbiter() -> Arbiter:

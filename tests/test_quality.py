@@ -23,6 +23,8 @@ from arbiter import (
 )
 from arbiter._quality import elastic_share_quality, policy_target, size_for_quality
 
+pytestmark = pytest.mark.virtual_time
+
 LLM = WorkloadType.LLM_INFERENCE
 IMAGE = WorkloadType.IMAGE_GENERATION
 VIDEO = WorkloadType.VIDEO_GENERATION

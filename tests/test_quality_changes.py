@@ -21,7 +21,7 @@ from arbiter import (
     WorkloadType,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
 LLM = WorkloadType.LLM_INFERENCE
 IMAGE = WorkloadType.IMAGE_GENERATION

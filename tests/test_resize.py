@@ -20,7 +20,7 @@ from arbiter import (
     WorkloadType,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
 LLM = WorkloadType.LLM_INFERENCE
 BG, NORMAL, HIGH, TOP = Priority.BACKGROUND, Priority.NORMAL, Priority.HIGH, Priority.USER_FACING
