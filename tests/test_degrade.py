@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import request_in_background, settle
+from arbiter_helpers import make_arbiter, request_in_background, settle
 
 from arbiter import (
     Allocation,
@@ -25,10 +25,6 @@ LLM = WorkloadType.LLM_INFERENCE
 IMAGE = WorkloadType.IMAGE_GENERATION
 BG, NORMAL, HIGH = Priority.BACKGROUND, Priority.NORMAL, Priority.HIGH
 LLM_FLOOR = 0.4
-
-
-def make_arbiter(reclaim_grace: float) -> Arbiter:
-    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=reclaim_grace), probe=None)
 
 
 async def read_targets(alloc: Allocation, seen: list[float], changed: anyio.Event) -> None:

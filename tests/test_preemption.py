@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import request_in_background, settle
+from arbiter_helpers import make_arbiter, request_in_background, settle
 
 from arbiter import (
     Allocation,
     AllocationTimeout,
     Arbiter,
-    ArbiterConfig,
     GiB,
     Preempted,
     Priority,
@@ -24,10 +23,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
 LLM = WorkloadType.LLM_INFERENCE
 BG, NORMAL, HIGH, TOP = Priority.BACKGROUND, Priority.NORMAL, Priority.HIGH, Priority.USER_FACING
-
-
-def make_arbiter(reclaim_grace: float = 0.0) -> Arbiter:
-    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=reclaim_grace), probe=None)
 
 
 # -- allocate(): the body runs in a cancel scope -------------------------------

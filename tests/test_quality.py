@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import settle
+from arbiter_helpers import make_arbiter, settle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arbiter import (
     AllocationTimeout,
-    Arbiter,
     ArbiterConfig,
     GiB,
     InsufficientQuality,
@@ -218,10 +217,6 @@ def test_size_for_quality_is_the_smallest_size_that_reaches_it(
 
 
 # -- through the Arbiter -------------------------------------------------------------
-
-
-def make_arbiter(**overrides: object) -> Arbiter:
-    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=0.0, **overrides), probe=None)
 
 
 @pytest.mark.anyio
