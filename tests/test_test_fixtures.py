@@ -37,3 +37,16 @@ def test_a_marked_test_sees_the_real_default_probe() -> None:
     from arbiter._gpu._probe import open_default_probe
 
     assert arbiter._gpu.open_default_probe is open_default_probe
+
+
+def test_the_tests_daemons_cannot_import_pynvml() -> None:
+    import subprocess
+    import sys
+
+    from remote_helpers import no_nvml_env
+
+    check = "import pynvml"
+    done = subprocess.run(
+        [sys.executable, "-c", check], env=no_nvml_env(), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1 and "hidden from the daemons" in done.stderr
