@@ -35,6 +35,8 @@ def test_llm_process_preempts_diffusion_process(tmp_path: Path) -> None:
     assert llm.returncode == 0, llm.stderr
     assert diffusion.returncode == 0, err
     assert "chat 2: 12 GiB" in llm.stdout
-    assert "image 1: preempted by a higher priority" in out
+    # Which image the chats catch depends on how soon the LLM process is up (under load
+    # image 1 may be done first); that one of them is preempted does not.
+    assert re.search(r"^image \d: preempted by a higher priority", out, re.MULTILINE), out
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"diffusion: 2 images, [1-9]\d* preempted", last), last
