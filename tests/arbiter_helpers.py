@@ -6,7 +6,13 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from arbiter import Allocation, Arbiter, GiB, Priority, WorkloadType
+from arbiter import Allocation, Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
+
+
+def make_arbiter(reclaim_grace: float = 0.0, **overrides: object) -> Arbiter:
+    """A 24 GiB arbiter with no probe; the reclaim grace is 0 unless a test times it."""
+    config = ArbiterConfig.for_vram_gb(24, reclaim_grace=reclaim_grace, **overrides)  # type: ignore[arg-type]
+    return Arbiter(config, probe=None)
 
 
 async def request_in_background(

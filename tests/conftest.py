@@ -1,15 +1,54 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
 
+import arbiter._gpu
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "virtual_time: the trio variant runs on MockClock(autojump_threshold=0), so waits on "
+        "the clock (grace, keep_alive, timeouts, poll intervals) take no real time; the "
+        "asyncio variant stays on the real clock as a check of the real timers",
+    )
+    config.addinivalue_line(
+        "markers",
+        "real_gpu_probe: the arbiter may open the default NVML probe (tests of that path "
+        "install a fake pynvml)",
+    )
+
 
 @pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
+def anyio_backend(request: pytest.FixtureRequest) -> str | tuple[str, dict[str, Any]]:
     """Every async test runs on both backends."""
-    return str(request.param)
+    name = str(request.param)
+    if name == "trio" and request.node.get_closest_marker("virtual_time") is not None:
+        from trio.testing import MockClock
+
+        # Threshold 0: the clock jumps to the next deadline as soon as every task is
+        # blocked; `wait_all_tasks_blocked` waiters still wake first (trio's rule).
+        return name, {"clock": MockClock(autojump_threshold=0)}
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _no_default_gpu_probe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Arbiter(config)` without ``probe=`` opens the default NVML probe inside
+    ``async with``: on a machine with a GPU a test would read the real card. Unless a
+    test asks for it, the default probe is "no GPU" (the shell imports the function
+    from `arbiter._gpu` when it starts the poller, so patching the package suffices)."""
+    if request.node.get_closest_marker("real_gpu_probe") is not None:
+        return
+
+    async def no_probe(device: int | str = 0) -> None:
+        return None
+
+    monkeypatch.setattr(arbiter._gpu, "open_default_probe", no_probe)
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,13 @@ LINUX_ONLY = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="arbiter serve needs Linux"
 )
 START_TIMEOUT = 20.0
+NO_NVML = Path(__file__).resolve().parent / "no_nvml"
+
+
+def no_nvml_env() -> dict[str, str]:
+    """The environment for a daemon that must not open the real NVML probe."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(NO_NVML), path]))}
 
 
 def serve_command(sock: Path, *args: str, vram_gb: float = 10) -> list[str]:
@@ -63,6 +70,7 @@ def start_daemon(sock: Path, *args: str, vram_gb: float = 10) -> subprocess.Pope
             stderr=log,
             text=True,
             cwd=ROOT,
+            env=no_nvml_env(),
         )
     try:
         wait_connectable(sock, proc)

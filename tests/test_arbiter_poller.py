@@ -13,7 +13,7 @@ from arbiter import Arbiter, ArbiterConfig, GiB, MemoryPressure, Priority, Workl
 from arbiter._gpu import GpuReading
 from arbiter.testing import FakeGpu
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
 INTERVAL = 0.02
 LLM = WorkloadType.LLM_INFERENCE

@@ -25,6 +25,8 @@ from arbiter import (
     WorkloadType,
 )
 
+# Real time on both backends: the churn is also a check of the real timers under load.
+
 BUDGET_GB = 16
 TASKS = 60
 

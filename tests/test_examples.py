@@ -422,6 +422,7 @@ async def test_a_request_that_would_outwait_its_timeout_is_turned_away_at_once()
 
 
 @pytest.mark.anyio
+@pytest.mark.virtual_time  # the running chat takes 2 s of the clock
 async def test_shutdown_answers_queued_requests_503_at_once_and_lets_running_ones_finish() -> None:
     async with _served() as served:
         replies: dict[str, httpx.Response] = {}

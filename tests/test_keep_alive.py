@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from arbiter_helpers import make_arbiter
 
-from arbiter import Arbiter, ArbiterConfig, GiB, Preempted, Priority, WorkloadType
+from arbiter import GiB, Preempted, Priority, WorkloadType
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
 LLM = WorkloadType.LLM_INFERENCE
-KEEP = 0.05
-
-
-def make_arbiter() -> Arbiter:
-    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=0.0), probe=None)
+KEEP = 0.0625  # binary-exact: multiples of it compare exactly on the virtual clock
 
 
 async def test_idle_holder_is_asked_back_without_contention() -> None:

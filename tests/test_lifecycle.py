@@ -22,6 +22,8 @@ from arbiter import (
 )
 from arbiter.testing import FakeGpu
 
+pytestmark = pytest.mark.virtual_time
+
 LLM = WorkloadType.LLM_INFERENCE
 NORMAL = Priority.NORMAL
 

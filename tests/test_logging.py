@@ -17,6 +17,8 @@ from structlog.testing import capture_logs
 
 from arbiter import AllocationTimeout, Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
 
+pytestmark = pytest.mark.virtual_time
+
 LLM = WorkloadType.LLM_INFERENCE
 Logs = list[MutableMapping[str, Any]]
 

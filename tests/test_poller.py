@@ -16,6 +16,8 @@ from arbiter._gpu import GpuProbeError, GpuReading
 from arbiter._poller import MemoryPoller, PollerStatistics, backoff_delay
 from arbiter.testing import FakeGpu
 
+pytestmark = pytest.mark.virtual_time
+
 INTERVAL = 0.02
 
 

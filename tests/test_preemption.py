@@ -7,27 +7,22 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import request_in_background, settle
+from arbiter_helpers import make_arbiter, request_in_background, settle
 
 from arbiter import (
     Allocation,
     AllocationTimeout,
     Arbiter,
-    ArbiterConfig,
     GiB,
     Preempted,
     Priority,
     WorkloadType,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
 LLM = WorkloadType.LLM_INFERENCE
 BG, NORMAL, HIGH, TOP = Priority.BACKGROUND, Priority.NORMAL, Priority.HIGH, Priority.USER_FACING
-
-
-def make_arbiter(reclaim_grace: float = 0.0) -> Arbiter:
-    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=reclaim_grace), probe=None)
 
 
 # -- allocate(): the body runs in a cancel scope -------------------------------
@@ -98,7 +93,7 @@ async def test_slow_unwinding_body_delays_the_grant_until_it_has_unwound() -> No
 
 
 async def test_preemption_requested_before_the_body_started_cancels_it_at_once(
-    anyio_backend: str,
+    anyio_backend_name: str,
 ) -> None:
     # keep_alive=0 makes the timer ask for the memory back as soon as it looks, which
     # can be after the grant and before the granted waiter has resumed.
@@ -127,7 +122,7 @@ async def test_preemption_requested_before_the_body_started_cancels_it_at_once(
             blocker.release()  # ... then grants the parked request
             await settle()
             assert raised and not after_first_checkpoint
-    if anyio_backend == "asyncio":
+    if anyio_backend_name == "asyncio":
         # asyncio wakes tasks in FIFO order, so the timer certainly asked first;
         # trio shuffles, and then only the outcome above is certain.
         assert preempted_at_start == [True]

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import settle
+from arbiter_helpers import make_arbiter, settle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arbiter import (
     AllocationTimeout,
-    Arbiter,
     ArbiterConfig,
     GiB,
     InsufficientQuality,
@@ -22,6 +21,8 @@ from arbiter import (
     WorkloadType,
 )
 from arbiter._quality import elastic_share_quality, policy_target, size_for_quality
+
+pytestmark = pytest.mark.virtual_time
 
 LLM = WorkloadType.LLM_INFERENCE
 IMAGE = WorkloadType.IMAGE_GENERATION
@@ -216,10 +217,6 @@ def test_size_for_quality_is_the_smallest_size_that_reaches_it(
 
 
 # -- through the Arbiter -------------------------------------------------------------
-
-
-def make_arbiter(**overrides: object) -> Arbiter:
-    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=0.0, **overrides), probe=None)
 
 
 @pytest.mark.anyio

@@ -9,7 +9,7 @@ import itertools
 
 import anyio
 import pytest
-from arbiter_helpers import settle
+from arbiter_helpers import make_arbiter, settle
 
 from arbiter import (
     Allocation,
@@ -21,14 +21,10 @@ from arbiter import (
     WorkloadType,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
 LLM = WorkloadType.LLM_INFERENCE
 IMAGE = WorkloadType.IMAGE_GENERATION
-
-
-def make_arbiter() -> Arbiter:
-    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=0.0), probe=None)
 
 
 async def collect(alloc: Allocation, seen: list[float], ended: anyio.Event) -> None:

@@ -78,12 +78,34 @@ def body(sock: Path, gib: int, priority: str = "background") -> Client:
     return Client(sock, BODY.format(workload="image_generation", priority=priority, gib=gib))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def metrics_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, metrics_port: int) -> Iterator[Path]:
+    """One daemon (10 GiB, Prometheus on ``metrics_port``) for the tests that need no
+    daemon of their own: each leaves it as it found it."""
     sock = tmp_path_factory.mktemp("procs") / "gpu.sock"
-    with daemon(sock, vram_gb=10):
+    with daemon(sock, "--metrics", f"127.0.0.1:{metrics_port}", vram_gb=10):
         yield sock
     assert "session failed" not in daemon_log(sock).read_text()
+
+
+@pytest.fixture(scope="module")
+def short_ttl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One daemon with a 1 s ttl for the tests of silent sessions (each its own client)."""
+    sock = tmp_path_factory.mktemp("ttl") / "ttl.sock"
+    with daemon(sock, "--ttl", "1"):
+        yield sock
 
 
 @pytest.fixture
@@ -218,38 +240,34 @@ def test_socket_and_folder_permissions(shared: Path) -> None:
     assert shared.parent.stat().st_mode & 0o777 == 0o700
 
 
-def test_metrics_names(tmp_path: Path, clients: list[Client]) -> None:
+def test_metrics_names(shared: Path, metrics_port: int, clients: list[Client]) -> None:
     import httpx
 
-    sock = tmp_path / "m.sock"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with daemon(sock, "--metrics", f"127.0.0.1:{port}"):
-        holder = hold(sock, 2)
-        clients.append(holder)
-        holder.expect("granted")
-        text = ""
+    sock, port = shared, metrics_port
+    holder = hold(sock, 2)
+    clients.append(holder)
+    holder.expect("granted")
+    text = ""
 
-        def scraped() -> bool:
-            nonlocal text
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-            return "gpu_arbiter_granted_bytes 2.147483648e+09" in text
+    def scraped() -> bool:
+        nonlocal text
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return "gpu_arbiter_granted_bytes 2.147483648e+09" in text
 
-        wait_for(scraped)
-        for name in (
-            "gpu_arbiter_vram_budget_bytes 1.073741824e+10",
-            "gpu_arbiter_external_bytes",
-            "gpu_arbiter_waiting_requests",
-            'gpu_arbiter_allocations_total{outcome="granted"}',
-            "gpu_arbiter_preemptions_total",
-            'gpu_arbiter_quality_target{family="llm"}',
-            'gpu_arbiter_quality_target{family="diffusion"}',
-            'gpu_arbiter_wait_seconds_bucket{le="0.005",priority="normal"}',
-        ):
-            assert name in text, name
-        holder.tell("release")
-        holder.expect("released")
+    wait_for(scraped)
+    for name in (
+        "gpu_arbiter_vram_budget_bytes 1.073741824e+10",
+        "gpu_arbiter_external_bytes",
+        "gpu_arbiter_waiting_requests",
+        'gpu_arbiter_allocations_total{outcome="granted"}',
+        "gpu_arbiter_preemptions_total",
+        'gpu_arbiter_quality_target{family="llm"}',
+        'gpu_arbiter_quality_target{family="diffusion"}',
+        'gpu_arbiter_wait_seconds_bucket{le="0.005",priority="normal"}',
+    ):
+        assert name in text, name
+    holder.tell("release")
+    holder.expect("released")
 
 
 def test_sigterm_exits_0_and_removes_the_socket(tmp_path: Path) -> None:
@@ -268,22 +286,21 @@ def test_stale_socket_is_replaced(tmp_path: Path) -> None:
         wait_connectable(sock)
 
 
-def test_sigstop_past_the_ttl_loses_the_session(tmp_path: Path, clients: list[Client]) -> None:
-    sock = tmp_path / "ttl.sock"
-    with daemon(sock, "--ttl", "1"):
-        sleeper = body(sock, 8, "normal")
-        clients.append(sleeper)
-        sleeper.expect("body")
-        sleeper.kill(signal.SIGSTOP)
-        try:
-            other = hold(sock, 8, "normal")  # fits only once the silent session is gone
-            clients.append(other)
-            other.expect("granted")
-        finally:
-            sleeper.kill(signal.SIGCONT)
-        sleeper.expect("lost")
-        other.tell("release")
-        other.expect("released")
+def test_sigstop_past_the_ttl_loses_the_session(short_ttl: Path, clients: list[Client]) -> None:
+    sock = short_ttl
+    sleeper = body(sock, 8, "normal")
+    clients.append(sleeper)
+    sleeper.expect("body")
+    sleeper.kill(signal.SIGSTOP)
+    try:
+        other = hold(sock, 8, "normal")  # fits only once the silent session is gone
+        clients.append(other)
+        other.expect("granted")
+    finally:
+        sleeper.kill(signal.SIGCONT)
+    sleeper.expect("lost")
+    other.tell("release")
+    other.expect("released")
 
 
 def test_daemon_kill_9_and_restart_keeps_a_live_holder(
@@ -434,21 +451,20 @@ def test_a_waiting_request_fails_at_once_when_the_daemon_dies(
 
 
 def test_later_calls_open_a_new_session_after_session_lost(
-    tmp_path: Path, clients: list[Client]
+    short_ttl: Path, clients: list[Client]
 ) -> None:
-    sock = tmp_path / "again.sock"
-    with daemon(sock, "--ttl", "1"):
-        waiter = Client(sock, WAIT_THEN_AGAIN.replace("8 * GiB, timeout=None", "20 * GiB"))
-        clients.append(waiter)
-        waiter.expect("failed InsufficientMemory")
-        waiter.kill(signal.SIGSTOP)
-        try:
-            wait_for(lambda: status_json(sock)["state"]["vram_used"] == 0, timeout=5)
-            time.sleep(1.5)  # past the ttl: the silent session is ended
-        finally:
-            waiter.kill(signal.SIGCONT)
-        waiter.tell("go")
-        waiter.expect(f"again {GiB}")
+    sock = short_ttl
+    waiter = Client(sock, WAIT_THEN_AGAIN.replace("8 * GiB, timeout=None", "20 * GiB"))
+    clients.append(waiter)
+    waiter.expect("failed InsufficientMemory")
+    waiter.kill(signal.SIGSTOP)
+    try:
+        wait_for(lambda: status_json(sock)["state"]["vram_used"] == 0, timeout=5)
+        time.sleep(1.5)  # past the ttl: the silent session is ended
+    finally:
+        waiter.kill(signal.SIGCONT)
+    waiter.tell("go")
+    waiter.expect(f"again {GiB}")
 
 
 @pytest.mark.parametrize(

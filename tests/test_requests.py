@@ -29,6 +29,8 @@ from arbiter._ledger import Event, Ledger, Outcome
 from arbiter._records import Growth, Holding, NewAllocation
 from arbiter.testing import FakeGpu
 
+pytestmark = pytest.mark.virtual_time
+
 LLM = WorkloadType.LLM_INFERENCE
 IMAGE = WorkloadType.IMAGE_GENERATION
 BACKGROUND, NORMAL, HIGH, USER_FACING = (

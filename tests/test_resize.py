@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import request_in_background, settle
+from arbiter_helpers import make_arbiter, request_in_background, settle
 
 from arbiter import (
     Allocation,
     AllocationTimeout,
-    Arbiter,
     ArbiterConfig,
     GiB,
     InsufficientMemory,
@@ -20,14 +19,10 @@ from arbiter import (
     WorkloadType,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
 LLM = WorkloadType.LLM_INFERENCE
 BG, NORMAL, HIGH, TOP = Priority.BACKGROUND, Priority.NORMAL, Priority.HIGH, Priority.USER_FACING
-
-
-def make_arbiter() -> Arbiter:
-    return Arbiter(ArbiterConfig.for_vram_gb(24, reclaim_grace=0.0), probe=None)
 
 
 async def resize_in_background(

@@ -32,6 +32,8 @@ from arbiter._ledger import Ledger
 from arbiter._records import Holding, NewAllocation
 from arbiter.testing import FakeGpu
 
+pytestmark = pytest.mark.virtual_time
+
 LLM = WorkloadType.LLM_INFERENCE
 IMAGE = WorkloadType.IMAGE_GENERATION
 VIDEO = WorkloadType.VIDEO_GENERATION
