@@ -7,6 +7,9 @@ fragments are cached once for both workloads in tiers VRAM <- RAM <- NVMe <- CDN
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 from ._allocation import Allocation, AllocationContext, QualityChanges
@@ -39,8 +42,35 @@ from ._gpu import (
 from ._quality import QualityPolicy
 from ._stats import ArbiterState, ArbiterStats, WaitPercentiles
 from ._types import GiB, KiB, MemoryPressure, MiB, Priority, WorkloadType
-from .cache import CacheConfig, CacheStats, CacheTier, FragmentCache
-from .remote import RemoteAllocation, RemoteArbiter
+
+if TYPE_CHECKING:
+    from .cache import CacheConfig, CacheStats, CacheTier, FragmentCache
+    from .remote import RemoteAllocation, RemoteArbiter
+
+# Imported at first use: the cache brings httpx and the client brings msgspec, which a
+# program that only allocates (or the `arbiter` command starting up) need not load.
+_LAZY = {
+    "CacheConfig": "cache",
+    "CacheStats": "cache",
+    "CacheTier": "cache",
+    "FragmentCache": "cache",
+    "RemoteAllocation": "remote",
+    "RemoteArbiter": "remote",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Allocation",

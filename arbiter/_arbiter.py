@@ -29,7 +29,6 @@ from typing import Self, cast
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import structlog
 
 from ._allocation import Allocation, AllocationContext
 from ._arguments import DEFAULT, Default, RequestArgs, check_request
@@ -43,7 +42,7 @@ from ._errors import (
 )
 from ._gpu import GpuReading, MemoryProbe
 from ._ledger import Event, Ledger, Outcome
-from ._log import debug, log
+from ._log import configured, debug, log
 from ._records import FAILED, GRANTED, Family, Growth, Holding, NewAllocation, Request
 from ._stats import ArbiterState, ArbiterStats
 from ._types import (
@@ -364,7 +363,7 @@ class Arbiter:
                         scope.cancel()
         if keep_alive is not None:
             self._poke_timer()
-        if structlog.is_configured():
+        if configured():
             log.debug(
                 "allocation granted",
                 id=alloc.id,
@@ -485,7 +484,7 @@ class Arbiter:
             alloc._signal_quality()
         if holding.keep_alive is not None:
             self._poke_timer()
-        if structlog.is_configured():
+        if configured():
             log.debug(
                 "allocation released",
                 id=alloc.id,

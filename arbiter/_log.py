@@ -15,18 +15,23 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import structlog
+__all__ = ["configured", "debug", "log", "note"]
 
-__all__ = ["debug", "log", "note"]
 
-# A lazy proxy: it reads structlog's configuration at every call, so it follows a
-# configuration made after import.
-_configured_log = structlog.get_logger("arbiter")
+def configured() -> bool:
+    """Whether the program configured structlog. A program that never imported it has
+    not, so this does not import it: structlog (and what its dev renderer loads) is a
+    large part of ``import arbiter``, and a quiet library never needs it."""
+    structlog = sys.modules.get("structlog")
+    return structlog is not None and bool(structlog.is_configured())
 
 
 def _logger() -> Any:
+    import structlog
+
     if structlog.is_configured():
-        return _configured_log
+        # A lazy proxy: it reads structlog's configuration at every call.
+        return structlog.get_logger("arbiter")
     # Built per call: warnings are rare, and sys.stderr may have been replaced since.
     return structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
 
@@ -62,14 +67,14 @@ log = ArbiterLog()
 
 def note(event: str, **fields: Any) -> None:
     """Log a routine event at info level, only when structlog is configured."""
-    if structlog.is_configured():
-        _configured_log.info(event, **fields)
+    if configured():
+        _logger().info(event, **fields)
 
 
 def debug(event: str, **fields: Any) -> None:
     """Log a routine event at debug level, only when structlog is configured.
 
-    Hot paths test ``structlog.is_configured()`` themselves before building fields.
+    Hot paths test `configured` themselves before building fields.
     """
-    if structlog.is_configured():
-        _configured_log.debug(event, **fields)
+    if configured():
+        _logger().debug(event, **fields)
