@@ -1,5 +1,6 @@
 """Regressions for what an independent review found in the daemon: a key sent twice in
-one read, and a re-claim claiming a huge count of busy spans. A real daemon process."""
+one read, a re-claim claiming a huge count of busy spans, and a client that never
+reads its replies. A real daemon process."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from remote_helpers import start_daemon, status_json, stop
 
 from arbiter import GiB
-from arbiter.remote._wire import PROTOCOL_VERSION, Hello, Reclaim, Request
+from arbiter.remote._wire import PROTOCOL_VERSION, Hello, Reclaim, Request, Status
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix sockets")
 
@@ -76,3 +77,28 @@ def test_a_reclaim_claiming_huge_busy_counts_leaves_the_daemon_responsive(daemon
         status = status_json(daemon)
         assert time.monotonic() - started < 5
         assert status["state"]["vram_used"] in (0, GiB)
+
+
+def test_a_client_that_never_reads_is_cut_off_and_the_daemon_goes_on(daemon: Path) -> None:
+    """Replies a client does not read queue up in the daemon only to `MAX_OUTBOX`; past
+    it that client is disconnected (its session ends) and nobody else notices."""
+    hold = Request(1, "llm_inference", 1, GiB, None, 1.0, False, None, True, None, "x" * 200)
+    with socket.socket(socket.AF_UNIX) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(str(daemon))
+        client.sendall(frame(Hello(PROTOCOL_VERSION)) + frame(hold))
+        until(lambda: status_json(daemon)["state"]["vram_used"] == GiB)
+        queries = b"".join(frame(Status(key)) for key in range(2, 2_002))
+        client.settimeout(10)
+        cut_off = False
+        try:
+            for _ in range(200):  # up to 400,000 queries, none of whose replies is read
+                client.sendall(queries)
+                if status_json(daemon)["state"]["vram_used"] == 0:
+                    cut_off = True
+                    break
+        except OSError:  # the daemon shut the connection while we were still sending
+            cut_off = True
+        assert cut_off, "the daemon kept queueing replies for a client that never reads"
+    until(lambda: status_json(daemon)["state"]["vram_used"] == 0)
+    assert status_json(daemon)["holders"] == []

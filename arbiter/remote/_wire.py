@@ -14,7 +14,9 @@ table, so no session can name another session's allocation.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import struct
 from pathlib import Path
 from typing import TypeAlias
@@ -29,6 +31,7 @@ from .._stats import ArbiterState, ArbiterStats
 __all__ = [
     "HEADER",
     "MAX_FRAME",
+    "MAX_OUTBOX",
     "PROTOCOL_VERSION",
     "Busy",
     "ClientMessage",
@@ -67,6 +70,9 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20  # 1 MiB: a bigger frame is bad input, never buffered
+# What may wait to be sent to a peer that does not read: past it the peer is cut off
+# (its session ends), so a client that stops reading cannot grow the daemon's memory.
+MAX_OUTBOX = 8 * MAX_FRAME
 HEADER = struct.Struct("!I")
 
 
@@ -352,15 +358,26 @@ class FrameSender:
 
     A frame goes straight to the socket when nothing is queued (a Unix socket takes a
     small frame whole, without a hop through another task); what the socket does not
-    take is queued for `run`, the writer task, and later frames queue behind it.
+    take is queued for `run`, the writer task, and later frames queue behind it. A peer
+    that lets more than `MAX_OUTBOX` bytes queue up is disconnected.
     """
 
-    __slots__ = ("_busy", "_outbox", "_sock", "_stream", "_wake", "closed", "last_sent")
+    __slots__ = (
+        "_busy",
+        "_outbox",
+        "_queued",
+        "_sock",
+        "_stream",
+        "_wake",
+        "closed",
+        "last_sent",
+    )
 
     def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self._stream = stream
         self._sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         self._outbox: list[bytes] = []
+        self._queued = 0  # bytes in the outbox
         self._busy = False
         self._wake = anyio.Event()
         self.closed = False
@@ -384,6 +401,20 @@ class FrameSender:
                 return
             data = data[sent:]
         self._outbox.append(data)
+        self._queued += len(data)
+        if self._queued > MAX_OUTBOX:
+            self._cut_off()
+            return
+        self._wake.set()
+
+    def _cut_off(self) -> None:
+        """The peer does not read: drop what waits and end the connection, so its
+        reader sees the end of the stream and the session ends."""
+        self.closed = True
+        self._outbox.clear()
+        self._queued = 0
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._wake.set()
 
     async def run(self) -> None:
@@ -403,6 +434,7 @@ class FrameSender:
     async def _send_queued(self) -> None:
         data = b"".join(self._outbox)
         self._outbox.clear()
+        self._queued = 0
         self._busy = True
         try:
             await self._stream.send(data)
