@@ -184,15 +184,14 @@ class Arbiter:
             # new event, whichever thread makes it (see `_poke_timer`).
             changed = self._timer_changed = anyio.Event()
             with self._lock:
-                due = self._ledger.advance(self._now())
-            with anyio.CancelScope(deadline=math.inf if due is None else self._home_time(due)):
+                now = self._now()
+                due = self._ledger.advance(now)
+                home = self._home
+                assert home is not None
+                # The core's time on the clock of the loop that runs the services.
+                deadline = math.inf if due is None else home.clock() + (due - now)
+            with anyio.CancelScope(deadline=deadline):
                 await changed.wait()
-
-    def _home_time(self, due: float) -> float:
-        """A time on the core's clock, on the clock of the loop that runs the services."""
-        home = self._home
-        assert home is not None
-        return home.clock() + (due - self._now())
 
     def _poke_timer(self) -> None:
         changed, home = self._timer_changed, self._home
