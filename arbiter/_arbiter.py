@@ -479,8 +479,9 @@ class Arbiter:
                 return
             memory = holding.memory
             self._ledger.release(holding, self._now())
-            alloc._signal_preempt()
-            alloc._signal_quality()
+            if alloc._preempt_waiters or alloc._quality_waiters:
+                alloc._signal_preempt()
+                alloc._signal_quality()
         if holding.keep_alive is not None:
             self._poke_timer()
         if configured():
