@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from itertools import count
 from types import TracebackType
-from typing import Self, cast
+from typing import Any, Self
 
 import anyio
 import anyio.abc
@@ -298,8 +298,9 @@ class Arbiter:
         cancellation before anything is decided; a grant at once or a failure at once
         then yields (a grant cancelled at that yield is given back), and a wait yields
         by parking. So a task that allocates in a loop lets the others run. ``scope``
-        (the body scope of an ``allocate()``) is registered with the grant, under the
-        same lock.
+        (the body scope of an ``allocate()``) is the allocation's before it can be
+        granted: a preemption that comes before the body starts (from any thread)
+        cancels it, and the body starts cancelled.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
@@ -317,7 +318,9 @@ class Arbiter:
         started = clock()
         holding = Holding(workload, priority, memory, min_memory, preemptible, keep_alive, self)
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
+        alloc._scope = scope
         request: NewAllocation | None = None
+        wake_at = math.inf
         with self._lock:
             refused = smallest > ledger.budget or self._closed
             if not refused:
@@ -330,7 +333,7 @@ class Arbiter:
                     self._adopt(loop)
                 now = started + self._clock_offset if loop is self._loop else self._now()
                 if min_quality is not None or not ledger.grant_now(holding, smallest, memory, now):
-                    parker = backend.parker()
+                    parker = backend.parker(loop)
                     request = NewAllocation(
                         holding, smallest, memory, min_quality=min_quality, ticket=parker
                     )
@@ -339,8 +342,7 @@ class Arbiter:
                         request = None
                     else:
                         parker.arm()
-                if request is None:
-                    alloc._scope = scope  # nothing can have preempted it yet
+                        wake_at = self._first_wake(request, started, limit, clock, now)
         if refused:
             await self._refuse(backend)
             if smallest > ledger.budget:
@@ -354,12 +356,15 @@ class Arbiter:
                     ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
                 raise
         else:
-            await self._park(request, clock, started, limit)
-            if scope is not None:
-                with self._lock:  # a preemption from another thread sees it, or we see it
-                    alloc._scope = scope
-                    if holding.preempt_requested:
-                        scope.cancel()
+            # The first sleep here, not in `_park`: a handover resumes one coroutine less.
+            try:
+                await parker.park(wake_at)
+            except BaseException:
+                with self._lock:  # gives back a grant that raced it
+                    ledger.withdraw(request, self._now(), Outcome.CANCELLED)
+                raise
+            if request.state is not GRANTED:  # read without the lock: see `_park`
+                await self._park(request, clock, started, limit, None)
         if keep_alive is not None:
             self._poke_timer()
         if configured():
@@ -384,28 +389,50 @@ class Arbiter:
         with self._lock:
             self._ledger.count_unqueued(Outcome.REFUSED)
 
+    def _first_wake(
+        self,
+        request: Request,
+        started: float,
+        limit: float | None,
+        clock: Callable[[], float],
+        now: float,
+    ) -> float:
+        """When a request queued at ``started`` (own clock) and ``now`` (the core's)
+        first wakes by itself (under the lock: the core may already have set a reclaim
+        deadline)."""
+        deadline = math.inf if limit is None else started + limit
+        if request.reclaim_deadline == math.inf:
+            return deadline
+        return self._wake_at(request, deadline, clock(), now)
+
     async def _park(
         self,
         request: Request,
         clock: Callable[[], float],
         started: float,
         limit: float | None,
+        wake_at: float | None,
     ) -> None:
         """Sleep until the core grants ``request``; take it back on timeout or cancel.
 
         The waiter never re-checks whether it fits: it only learns what the core
         decided. It wakes by itself for its deadline (on its own loop's clock) and
         for the reclaim deadline the core set (on the arbiter's clock), when it calls
-        the core's `advance`.
+        the core's `advance`; ``wake_at`` is the first of these (`_first_wake`), or
+        None when the caller has slept once already.
         """
         ledger = self._ledger
-        parker = cast(Parker, request.ticket)
+        parker: Parker = request.ticket  # type: ignore[assignment]
         deadline = math.inf if limit is None else started + limit
-        with self._lock:  # the core may already have set a reclaim deadline
-            wake_at = self._wake_at(request, deadline, clock(), self._now())
         try:
-            while True:
+            if wake_at is not None:
                 await parker.park(wake_at)
+            while True:
+                # The core leaves WAITING once, under the lock and before it wakes the
+                # waiter; GRANTED and FAILED are final: read without the lock.
+                state = request.state
+                if state is GRANTED or state is FAILED:
+                    break
                 with self._lock:
                     state = request.state
                     if state is GRANTED or state is FAILED:
@@ -428,6 +455,7 @@ class Arbiter:
                             break
                     wake_at = self._wake_at(request, deadline, own_now, now)
                     parker.arm()
+                await parker.park(wake_at)
         except BaseException:
             with self._lock:  # gives back a grant that raced it
                 ledger.withdraw(request, self._now(), Outcome.CANCELLED)
@@ -511,7 +539,8 @@ class Arbiter:
             return
         # Growing is a request: a checkpoint first, on every path (rule 8).
         await backend.checkpoint()
-        clock = backend.loop().clock
+        loop = backend.loop()
+        clock = loop.clock
         started = clock()
         with self._lock:
             if holding.released:
@@ -528,13 +557,15 @@ class Arbiter:
             if delta <= 0:  # it shrank meanwhile (preemption or its own resize)
                 ledger.shrink(holding, memory, self._now())
                 return
-            parker = backend.parker()
+            parker = backend.parker(loop)
             request = Growth(holding, delta, ticket=parker)
             request.may_reclaim = limit != 0
-            if ledger.submit(request, self._now()):
+            now = self._now()
+            if ledger.submit(request, now):
                 return
             parker.arm()
-        await self._park(request, clock, started, limit)
+            wake_at = self._first_wake(request, started, limit, clock, now)
+        await self._park(request, clock, started, limit, wake_at)
 
     def _quality_of(self, alloc: Allocation) -> float:
         return self._ledger.target(alloc._holding)  # the caller holds the lock
@@ -553,9 +584,9 @@ class Arbiter:
 
     # == what the core reports (under the lock) ================================
 
-    def _on_event(self, event: Event, ticket: object) -> None:
+    def _on_event(self, event: Event, ticket: Any) -> None:
         if event is _GRANTED or event is _FAILED:
-            cast(Parker, ticket).wake()
+            ticket.wake()  # the request's parker
         elif event is _PREEMPT:
             assert isinstance(ticket, Allocation)
             debug("allocation preempted", id=ticket.id, memory=ticket.memory)
@@ -564,7 +595,7 @@ class Arbiter:
             assert isinstance(ticket, Allocation)
             ticket._signal_quality()
         else:  # RETIME: the waiter re-parks with the new deadline; the timer looks again
-            cast(Parker, ticket).wake()
+            ticket.wake()
             self._poke_timer()
 
     # == the clock and snapshots (any thread) ==================================

@@ -44,7 +44,7 @@ from itertools import count
 
 from ._config import ArbiterConfig
 from ._preemption import Reclaimer
-from ._quality import size_for_quality
+from ._quality import QualityPolicy, size_for_quality
 from ._records import (
     FAILED,
     GRANTED,
@@ -111,8 +111,15 @@ class Ledger:
         self._queues: dict[Priority, OrderedDict[Request, None]] = {
             p: OrderedDict() for p in Priority
         }
+        # The same queues in grant order, for finding the head without enum lookups.
+        self._queues_high_first = tuple(self._queues[p] for p in _PRIORITIES_HIGH_FIRST)
         # Per priority, in grant order: victims are picked most recent first.
         self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
+        # Per priority, the registries of the holders strictly below it: the only ones a
+        # request of that priority may reclaim from (DESIGN: never an equal or lower one).
+        self._holders_below = {
+            p: tuple(self._holders[q] for q in Priority if q < p) for p in Priority
+        }
         # The elastic subset, so asking for shrinks never scans the rigid holders.
         self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         self._elastic_count = 0  # so a refresh skips the registry when it is empty
@@ -130,6 +137,12 @@ class Ledger:
             retime=self._retime,
         )
         self._seq = count()
+        # What the time-weighted averages were last given: (used bytes, LLM active,
+        # diffusion active); while it stays the same their step goes on unobserved.
+        self._observed: tuple[int, bool, bool] | None = None
+        # The averages' quality values depend on pressure and on which families are
+        # active, except under PROPORTIONAL (on each family's share as well).
+        self._observe_always = config.effective_policy is QualityPolicy.PROPORTIONAL
 
     # == queries ===============================================================
 
@@ -168,13 +181,12 @@ class Ledger:
 
     def waiters(self) -> Iterator[Request]:
         """The queued requests, in grant order."""
-        for priority in _PRIORITIES_HIGH_FIRST:
-            yield from self._queues[priority]
+        for queue in self._queues_high_first:
+            yield from queue
 
     def head(self) -> Request | None:
         """The next request to be granted."""
-        for priority in _PRIORITIES_HIGH_FIRST:
-            queue = self._queues[priority]
+        for queue in self._queues_high_first:
             if queue:
                 return next(iter(queue))
         return None
@@ -418,10 +430,26 @@ class Ledger:
 
     def _dispatch(self, now: float) -> None:
         tallies = self.tallies
-        while tallies.waiting and (request := self.head()) is not None:
-            size = self._fit(request)
+        queues = self._queues_high_first
+        while tallies.waiting:
+            for queue in queues:  # the head (the loop finds one: something waits)
+                if queue:
+                    request = next(iter(queue))
+                    break
+            free = self.budget - tallies.granted - tallies.external
+            if free < request.min_size:
+                size = None
+            elif request.min_quality is None:
+                size = request.max_size if request.max_size < free else free
+            else:
+                size = self._fit(request)
             if size is None:
-                self.reclaimer.reclaim_for(request, now)
+                # Only holders strictly below the head can be asked for memory: with
+                # none there, reclaiming has nothing to look at.
+                for below in self._holders_below[request.priority]:
+                    if below:
+                        self.reclaimer.reclaim_for(request, now)
+                        break
                 break
             self._dequeue(request)
             self._grant(request, size, now)
@@ -504,21 +532,30 @@ class Ledger:
     def _refresh(self, now: float) -> None:
         """Record the time-weighted averages and tell watchers whose target moved."""
         tallies = self.tallies
-        pressure = (tallies.granted + tallies.external) / self.budget
+        used = tallies.granted + tallies.external
         llm_family, diffusion_family = tallies.families
-        if pressure < self._threshold:  # every policy gives 1.0
-            llm = 1.0 if llm_family.count else None
-            diffusion = 1.0 if diffusion_family.count else None
-        else:
-            policy_for = self.targets.policy_for
-            llm = policy_for(Family.LLM, _NORMAL, pressure) if llm_family.count else None
-            diffusion = (
-                policy_for(Family.DIFFUSION, _NORMAL, pressure) if diffusion_family.count else None
-            )
-        self.stats.observe(now, pressure, llm, diffusion)
-        for holding in self._watched:
-            if self._retarget(holding):
-                self._sink(Event.QUALITY, holding.ticket)
+        observed = (used, llm_family.count > 0, diffusion_family.count > 0)
+        # Unchanged values continue the averages' current step: nothing to record (a
+        # card kept full under contention, grant after grant).
+        if observed != self._observed or self._observe_always:
+            self._observed = observed
+            pressure = used / self.budget
+            if pressure < self._threshold:  # every policy gives 1.0
+                llm = 1.0 if llm_family.count else None
+                diffusion = 1.0 if diffusion_family.count else None
+            else:
+                policy_for = self.targets.policy_for
+                llm = policy_for(Family.LLM, _NORMAL, pressure) if llm_family.count else None
+                diffusion = (
+                    policy_for(Family.DIFFUSION, _NORMAL, pressure)
+                    if diffusion_family.count
+                    else None
+                )
+            self.stats.observe(now, pressure, llm, diffusion)
+        if self._watched:
+            for holding in self._watched:
+                if self._retarget(holding):
+                    self._sink(Event.QUALITY, holding.ticket)
         if self._elastic_count:
             for elastic in self._elastic.values():
                 for holding in elastic:
