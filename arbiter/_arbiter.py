@@ -294,25 +294,34 @@ class Arbiter:
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
-        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is: it checks for
-        cancellation before anything is decided; a grant at once or a failure at once
-        then yields (a grant cancelled at that yield is given back), and a wait yields
-        by parking. So a task that allocates in a loop lets the others run. ``scope``
-        (the body scope of an ``allocate()``) is the allocation's before it can be
-        granted: a preemption that comes before the body starts (from any thread)
+        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is. A request that
+        waits behind the head of the queue changes nothing but the queue, so its park is
+        its checkpoint (a cancellation already pending is delivered there, and the
+        request leaves the queue at once, counted as cancelled), as a contended
+        ``Semaphore.acquire`` parks at once. Any other checks for cancellation before
+        anything is decided: one granted at once or refused (which then yields; a grant
+        cancelled at that yield is given back), and one that heads the queue (it may ask
+        holders for memory). So a task that allocates in a loop lets the others run.
+        ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
+        be granted: a preemption that comes before the body starts (from any thread)
         cancels it, and the body starts cancelled.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
         ledger = self._ledger
-        try:
-            await backend.checkpoint_if_cancelled()
-        except BaseException:
-            with self._lock:
-                ledger.count_unqueued(Outcome.CANCELLED)
-            raise
+        tallies = ledger.tallies
+        # Whether the request may be decided now: its cancellation was checked, or it will
+        # only queue behind the head. A guess without the lock, confirmed under it.
+        ready = not tallies.waiting
+        if ready:
+            try:
+                await backend.checkpoint_if_cancelled()
+            except BaseException:
+                with self._lock:
+                    ledger.count_unqueued(Outcome.CANCELLED)
+                raise
         smallest = memory if min_memory is None else min_memory
-        limit = self._default_timeout if isinstance(timeout, Default) else timeout
+        limit = self._default_timeout if type(timeout) is Default else timeout
         loop = backend.loop()
         clock = loop.clock
         started = clock()
@@ -320,30 +329,46 @@ class Arbiter:
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         alloc._scope = scope
         request: NewAllocation | None = None
-        wake_at = math.inf
-        with self._lock:
-            refused = smallest > ledger.budget or self._closed
-            if not refused:
-                if (
-                    loop is not self._loop
-                    and self._task_group is None
-                    and not ledger.waiting
-                    and not ledger.granted
-                ):
-                    self._adopt(loop)
-                now = started + self._clock_offset if loop is self._loop else self._now()
-                if min_quality is not None or not ledger.grant_now(holding, smallest, memory, now):
-                    parker = backend.parker(loop)
-                    request = NewAllocation(
-                        holding, smallest, memory, min_quality=min_quality, ticket=parker
-                    )
-                    request.may_reclaim = limit != 0
-                    if ledger.submit(request, now):
-                        request = None
+        while True:
+            with self._lock:
+                refused = smallest > ledger.budget or self._closed
+                if not ready and not refused:
+                    head = ledger.head()
+                    # A timeout of 0 checks first: its deadline would race the cancellation.
+                    ready = head is not None and priority <= head.priority and limit != 0
+                if ready and not refused:
+                    if loop is self._loop:
+                        now = started + self._clock_offset
                     else:
-                        parker.arm()
-                        wake_at = self._first_wake(request, started, limit, clock, now)
+                        if (
+                            self._task_group is None
+                            and not tallies.waiting
+                            and not tallies.granted
+                        ):
+                            self._adopt(loop)
+                        now = self._now()
+                    if (
+                        tallies.waiting  # nothing jumps the queue: no need to ask
+                        or min_quality is not None
+                        or not ledger.grant_now(holding, smallest, memory, now)
+                    ):
+                        parker = backend.parker(loop)
+                        request = NewAllocation(
+                            holding, smallest, memory, min_quality=min_quality, ticket=parker
+                        )
+                        request.may_reclaim = limit != 0
+                        if ledger.submit(request, now):
+                            request = None
+                        else:
+                            parker.arm()
+                            wake_at = self._first_wake(request, started, limit, clock, now)
+            if ready or refused:
+                break
+            await self._check_cancelled(backend)  # it would head the queue after all
+            ready = True
         if refused:
+            if not ready:
+                await self._check_cancelled(backend)
             await self._refuse(backend)
             if smallest > ledger.budget:
                 raise InsufficientMemory(smallest, ledger.budget)
@@ -377,6 +402,15 @@ class Arbiter:
                 waited=clock() - started,
             )
         return alloc
+
+    async def _check_cancelled(self, backend: Backend) -> None:
+        """The cancellation check at the entry of a request, and its count."""
+        try:
+            await backend.checkpoint_if_cancelled()
+        except BaseException:
+            with self._lock:
+                self._ledger.count_unqueued(Outcome.CANCELLED)
+            raise
 
     async def _refuse(self, backend: Backend) -> None:
         """The checkpoint of a request refused at once, and its count."""
@@ -527,7 +561,7 @@ class Arbiter:
         holding = alloc._holding
         if holding.min_memory is not None and memory < holding.min_memory:
             raise ValueError(f"memory must be >= min_memory ({holding.min_memory}), got {memory}")
-        limit = self._default_timeout if isinstance(timeout, Default) else timeout
+        limit = self._default_timeout if type(timeout) is Default else timeout
         ledger = self._ledger
         backend = current_backend()
         with self._lock:
