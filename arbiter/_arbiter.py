@@ -541,6 +541,10 @@ class Arbiter:
                 return
             memory = holding.memory
             self._ledger.release(holding, self._now())
+            # The core reports nothing more of a released holding: without its ticket the
+            # record and its handle no longer point at each other, and are freed as soon
+            # as the holder drops the handle instead of by the cycle collector.
+            holding.ticket = None
             if alloc._preempt_waiters or alloc._quality_waiters:
                 alloc._signal_preempt()
                 alloc._signal_quality()
