@@ -353,9 +353,7 @@ class Arbiter:
                         or not ledger.grant_now(holding, smallest, memory, now)
                     ):
                         parker = backend.parker(loop)
-                        request = NewAllocation(
-                            holding, smallest, memory, min_quality=min_quality, ticket=parker
-                        )
+                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
                         request.may_reclaim = limit != 0
                         if ledger.submit(request, now):
                             request = None
@@ -596,7 +594,7 @@ class Arbiter:
                 ledger.shrink(holding, memory, self._now())
                 return
             parker = backend.parker(loop)
-            request = Growth(holding, delta, ticket=parker)
+            request = Growth(holding, delta, parker)
             request.may_reclaim = limit != 0
             now = self._now()
             if ledger.submit(request, now):
