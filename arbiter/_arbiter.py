@@ -359,7 +359,10 @@ class Arbiter:
                             request = None
                         else:
                             parker.arm()
-                            wake_at = self._first_wake(request, started, limit, clock, now)
+                            if request.reclaim_deadline == math.inf:  # the common case
+                                wake_at = math.inf if limit is None else started + limit
+                            else:
+                                wake_at = self._first_wake(request, started, limit, clock, now)
             if ready or refused:
                 break
             await self._check_cancelled(backend)  # it would head the queue after all

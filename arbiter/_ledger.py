@@ -37,6 +37,7 @@ the records it keeps; no method awaits, so the lock is never held across an
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from enum import Enum
@@ -67,6 +68,7 @@ __all__ = ["Event", "Ledger", "Outcome"]
 _PRIORITIES_HIGH_FIRST = sorted(Priority, reverse=True)
 _NORMAL = Priority.NORMAL
 _ABSENT = object()
+_INF = math.inf
 
 
 class Event(Enum):
@@ -223,7 +225,11 @@ class Ledger:
         request.enqueued_at = now
         if type(request) is Growth:
             request.holding.growing.append(request)
-        head = self.head()
+        head = None
+        for queue in self._queues_high_first:
+            if queue:
+                head = next(iter(queue))
+                break
         self._queues[request.priority][request] = None
         self.tallies.waiting += 1
         if head is not None and request.priority <= head.priority:
@@ -322,7 +328,8 @@ class Ledger:
         holding.memory = 0
         del self._holders[holding.priority][holding]
         # Membership tests first: most holders are in none of these registries.
-        self.reclaimer.forget(holding)
+        if holding.shrink_asks:
+            self.reclaimer.forget(holding)
         if holding.min_memory is not None:
             self._drop_elastic(holding)
         if holding.keep_alive is not None:
@@ -451,7 +458,8 @@ class Ledger:
                         self.reclaimer.reclaim_for(request, now)
                         break
                 break
-            self._dequeue(request)
+            del queue[request]  # it leaves its queue (`_dequeue`)
+            tallies.waiting -= 1
             self._grant(request, size, now)
         self._refresh(now)
 
@@ -497,7 +505,8 @@ class Ledger:
                 holding.max_memory = holding.memory
                 if holding.elastic:  # min_memory == old size: it just became elastic
                     self._add_elastic(holding)
-        self.reclaimer.end(request)
+        if request.shrunk or request.reclaim_deadline != _INF:  # it asked for memory
+            self.reclaimer.end(request)
         self._sink(_GRANTED, request.ticket)
 
     def _hold(self, holding: Holding, size: int, now: float) -> None:
