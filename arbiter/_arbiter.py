@@ -332,10 +332,17 @@ class Arbiter:
         while True:
             with self._lock:
                 refused = smallest > ledger.budget or self._closed
-                if not ready and not refused:
-                    head = ledger.head()
-                    # A timeout of 0 checks first: its deadline would race the cancellation.
-                    ready = head is not None and priority <= head.priority and limit != 0
+                # A timeout of 0 checks first: its deadline would race the cancellation.
+                if not ready and not refused and limit != 0:
+                    now = started + self._clock_offset if loop is self._loop else self._now()
+                    parker = backend.parker(loop)
+                    request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                    if ledger.queue_behind_head(request, now):
+                        ready = True
+                        parker.arm()
+                        wake_at = math.inf if limit is None else started + limit
+                        break
+                    request = None
                 if ready and not refused:
                     if loop is self._loop:
                         now = started + self._clock_offset

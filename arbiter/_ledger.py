@@ -222,22 +222,31 @@ class Ledger:
 
     def submit(self, request: Request, now: float) -> bool:
         """Queue ``request``; True when it was granted at once (nothing ahead, and it fits)."""
+        if self.queue_behind_head(request, now):
+            return False
+        self._enqueue(request, now)
+        self._dispatch(now)
+        return request.state is GRANTED
+
+    def queue_behind_head(self, request: Request, now: float) -> bool:
+        """Queue ``request`` if a head of its priority or higher is waiting; False (and
+        nothing changed) otherwise. Behind such a head nothing else moves: the head does
+        not fit (the invariant), so no grant loop runs and no memory is asked for (the
+        quiet half of `submit`, which a caller may take before its cancellation check)."""
+        for queue in self._queues_high_first:
+            if queue:
+                if request.priority <= next(iter(queue)).priority:
+                    self._enqueue(request, now)
+                    return True
+                return False
+        return False
+
+    def _enqueue(self, request: Request, now: float) -> None:
         request.enqueued_at = now
         if type(request) is Growth:
             request.holding.growing.append(request)
-        head = None
-        for queue in self._queues_high_first:
-            if queue:
-                head = next(iter(queue))
-                break
         self._queues[request.priority][request] = None
         self.tallies.waiting += 1
-        if head is not None and request.priority <= head.priority:
-            # It queues behind a head that does not fit (the invariant), and nothing
-            # else moved: the grant loop would find what it found last time.
-            return False
-        self._dispatch(now)
-        return request.state is GRANTED
 
     def withdraw(self, request: Request, now: float, outcome: Outcome) -> None:
         """Take back a request whose waiter timed out or was cancelled.
