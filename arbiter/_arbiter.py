@@ -321,7 +321,7 @@ class Arbiter:
                     ledger.count_unqueued(Outcome.CANCELLED)
                 raise
         smallest = memory if min_memory is None else min_memory
-        limit = self._default_timeout if type(timeout) is Default else timeout
+        limit = self._default_timeout if isinstance(timeout, Default) else timeout
         loop = backend.loop()
         clock = loop.clock
         started = clock()
@@ -347,11 +347,7 @@ class Arbiter:
                     if loop is self._loop:
                         now = started + self._clock_offset
                     else:
-                        if (
-                            self._task_group is None
-                            and not tallies.waiting
-                            and not tallies.granted
-                        ):
+                        if self._task_group is None and not tallies.waiting and not tallies.granted:
                             self._adopt(loop)
                         now = self._now()
                     if (
@@ -511,11 +507,10 @@ class Arbiter:
             raise ShuttingDown("the arbiter closed while the request waited")
         assert limit is not None
         holding = request.holding
-        alloc = holding.ticket
-        assert isinstance(alloc, Allocation)
+        alloc = holding.ticket  # None once released (a growth whose holder let go since)
         debug(
             "allocation timed out",
-            id=alloc.id,
+            id=alloc.id if isinstance(alloc, Allocation) else None,
             memory=request.max_size,
             min_memory=request.min_size,
             priority=holding.priority.name.lower(),
@@ -573,7 +568,7 @@ class Arbiter:
         holding = alloc._holding
         if holding.min_memory is not None and memory < holding.min_memory:
             raise ValueError(f"memory must be >= min_memory ({holding.min_memory}), got {memory}")
-        limit = self._default_timeout if type(timeout) is Default else timeout
+        limit = self._default_timeout if isinstance(timeout, Default) else timeout
         ledger = self._ledger
         backend = current_backend()
         with self._lock:

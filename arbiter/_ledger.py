@@ -491,7 +491,6 @@ class Ledger:
 
     def _grant(self, request: Request, size: int, now: float) -> None:
         """Hand ``size`` bytes to ``request``, which is no longer queued."""
-        request.state = GRANTED
         request.size = size
         holding = request.holding
         if type(request) is NewAllocation:
@@ -516,6 +515,9 @@ class Ledger:
                     self._add_elastic(holding)
         if request.shrunk or request.reclaim_deadline != _INF:  # it asked for memory
             self.reclaimer.end(request)
+        # Last: a waiter that wakes by its own deadline in another thread reads its state
+        # without the lock, and finds GRANTED only once everything else is in place.
+        request.state = GRANTED
         self._sink(_GRANTED, request.ticket)
 
     def _hold(self, holding: Holding, size: int, now: float) -> None:
