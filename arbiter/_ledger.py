@@ -195,7 +195,54 @@ class Ledger:
 
     def target(self, holding: Holding) -> float:
         """``holding``'s current quality target (after release: the last one it had)."""
+        view = holding.released_view
+        if view is not None:
+            holding.released_view = None
+            holding.notified_quality = self._target_in_view(holding, view)
         return self.targets.target(holding)
+
+    def _view(self) -> tuple[object, ...]:
+        """What a rigid holding's target is computed from while no elastic holder exists:
+        the tallies and the head of the queue (`QualityCalculator`'s inputs)."""
+        tallies = self.tallies
+        llm, diffusion = tallies.families
+        head = None
+        if tallies.waiting:
+            for queue in self._queues_high_first:
+                if queue:
+                    head = next(iter(queue))
+                    break
+        return (
+            head,
+            tallies.granted,
+            tallies.external,
+            tallies.on_the_way,
+            tallies.waiting,
+            llm.granted,
+            llm.count,
+            diffusion.granted,
+            diffusion.count,
+            *llm.at,
+            *diffusion.at,
+        )
+
+    def _target_in_view(self, holding: Holding, view: tuple[object, ...]) -> float:
+        """The target a rigid ``holding`` had when ``view`` was taken (at its release)."""
+        head = view[0]
+        tallies = Tallies(self.budget)
+        llm, diffusion = tallies.families
+        (tallies.granted, tallies.external, tallies.on_the_way, tallies.waiting,
+         llm.granted, llm.count, diffusion.granted, diffusion.count) = view[1:9]  # type: ignore[assignment]  # fmt: skip
+        levels = len(llm.at)
+        llm.at[:] = view[9 : 9 + levels]  # type: ignore[assignment]
+        diffusion.at[:] = view[9 + levels :]  # type: ignore[assignment]
+        nobody: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
+        then = QualityCalculator(self.config, tallies, lambda: head, nobody)  # type: ignore[arg-type,return-value]
+        # The holding as it was then: held, rigid, uncapped.
+        held = Holding(holding.workload, holding.priority, holding.max_memory, None)
+        held.memory = held.max_memory
+        held.granted_seq = holding.granted_seq
+        return then.target(held)
 
     def floor(self, holding: Holding) -> float:
         return self.targets.floor(holding.family)
@@ -319,7 +366,13 @@ class Ledger:
         """Return all of ``holding``'s memory; idempotent."""
         if holding.released:
             return
-        holding.notified_quality = self.targets.target(holding)  # what `quality` reads now
+        if holding.min_memory is None and not self._elastic_count and not holding.watchers:
+            # A rigid holding's target, with no elastic holder about, is a function of the
+            # tallies and the queue's head: keep those, and compute it only if it is read
+            # (a handle's ``quality`` after release, rarely; see `target`).
+            holding.released_view = self._view()
+        else:
+            holding.notified_quality = self.targets.target(holding)  # what `quality` reads
         holding.released = True
         if holding.growing:
             self._fail_growing(holding)

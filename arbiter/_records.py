@@ -82,6 +82,7 @@ class Holding:
         "preemptible",
         "priority",
         "released",
+        "released_view",
         "shrink_asks",
         "shrink_cap",
         "ticket",
@@ -124,6 +125,8 @@ class Holding:
         self.shrink_asks: dict[Request, int] = {}
         self.watchers = 0
         self.notified_quality = 1.0
+        # Released: what its target is computed from, if it is ever read (the ledger's).
+        self.released_view: tuple[object, ...] | None = None
 
     @property
     def elastic(self) -> bool:
