@@ -38,6 +38,7 @@ from ._errors import (
     AllocationTimeout,
     InsufficientMemory,
     InsufficientQuality,
+    Preempted,
     ShuttingDown,
 )
 from ._gpu import GpuReading, MemoryProbe
@@ -550,6 +551,9 @@ class Arbiter:
 
     def _watch(self, alloc: Allocation, delta: int) -> None:
         self._ledger.watch(alloc._holding, delta)  # the caller holds the lock
+
+    def _cut_short(self, alloc: Allocation) -> BaseException:
+        return Preempted(f"{alloc.id} was preempted by a higher priority")
 
     # == what the core reports (under the lock) ================================
 

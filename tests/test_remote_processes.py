@@ -214,7 +214,7 @@ async def test_no_daemon_is_arbiter_unavailable(tmp_path: Path) -> None:
 def test_wrong_protocol_version_is_refused_clearly(shared: Path) -> None:
     import msgspec
 
-    from arbiter.remote._wire import Hello, frame
+    from arbiter.remote._wire import PROTOCOL_VERSION, Hello, frame
 
     with socket.socket(socket.AF_UNIX) as raw:
         raw.settimeout(10)
@@ -222,7 +222,7 @@ def test_wrong_protocol_version_is_refused_clearly(shared: Path) -> None:
         raw.sendall(frame(msgspec.msgpack.encode(Hello(version=99))))
         reply = msgspec.msgpack.decode(raw.recv(65536)[4:])
     assert reply["type"] == "Refused" and reply["reason"] == "version"
-    assert "protocol 1" in reply["message"] and "99" in reply["message"]
+    assert f"protocol {PROTOCOL_VERSION}" in reply["message"] and "99" in reply["message"]
 
 
 def test_second_daemon_on_a_live_socket_exits_2(shared: Path) -> None:

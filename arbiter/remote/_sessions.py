@@ -396,7 +396,7 @@ class SessionHost:
             return
         held = _Held(alloc)
         session.held[key] = held
-        session.push(Granted(key, alloc.id, alloc.memory, held.sent_quality, alloc.preempted))
+        session.push(Granted(key, alloc._number, alloc.memory, held.sent_quality, alloc.preempted))
         waited = anyio.current_time() - started
         if self.on_grant is not None:
             self.on_grant(priority, waited)
@@ -512,7 +512,7 @@ class SessionHost:
             span.__enter__()
             held.busy.append(span)
         session.held[reclaim.key] = held
-        session.push(Reclaimed(reclaim.key, alloc.id, held.sent_quality))
+        session.push(Reclaimed(reclaim.key, alloc._number, held.sent_quality))
         log.info("allocation reclaimed", id=alloc.id, pid=session.pid, memory=alloc.memory)
         assert session.task_group is not None
         session.task_group.start_soon(self._watch, session, reclaim.key, held)
