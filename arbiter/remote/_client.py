@@ -589,7 +589,7 @@ class RemoteArbiter:
         elif isinstance(message, Update):
             alloc = self._allocations.get(message.key)
             if alloc is not None:
-                self._update(alloc, message.memory, message.quality, message.preempted)
+                self._update(alloc, message.quality, message.preempted)
         elif isinstance(message, Granted):
             pending = connection.pending.pop(message.key, None)
             requested = self._pending_args.get(message.key)
@@ -624,7 +624,7 @@ class RemoteArbiter:
             else:
                 mirror = _mirror(alloc)
                 mirror.instance = connection.instance
-                self._update(alloc, mirror.memory, message.quality, mirror.preempt_requested)
+                self._update(alloc, message.quality, mirror.preempt_requested)
         elif isinstance(message, Failed | Resized | Synced | StatusReply):
             pending = connection.pending.pop(message.key, None)
             self._pending_args.pop(message.key, None)
@@ -818,7 +818,11 @@ class RemoteArbiter:
                 # Withdrawn: a growth that the daemon grants anyway is given back.
                 self._withdrawn_resizes[key] = (alloc, holding.memory)
             raise
-        self._update(alloc, resized.memory, resized.quality, holding.preempt_requested)
+        with self._lock:
+            if not holding.released:
+                holding.memory = resized.memory
+                holding.max_memory = max(holding.max_memory, resized.memory)
+        self._update(alloc, resized.quality, holding.preempt_requested)
 
     def _quality_of(self, alloc: Allocation) -> float:
         return alloc._holding.notified_quality  # the caller holds the lock
@@ -849,13 +853,13 @@ class RemoteArbiter:
 
     # -- what the daemon says of an allocation (on the owning loop) -------------
 
-    def _update(self, alloc: Allocation, memory: int, quality: float, preempted: bool) -> None:
+    def _update(self, alloc: Allocation, quality: float, preempted: bool) -> None:
+        """The daemon's word on ``alloc``'s quality target and preemption. Its size
+        changes only by this client's own calls, whose answers carry it."""
         holding = alloc._holding
         with self._lock:
             if holding.released:
                 return
-            holding.memory = memory
-            holding.max_memory = max(holding.max_memory, memory)
             if quality != holding.notified_quality:
                 holding.notified_quality = quality
                 alloc._signal_quality()
