@@ -393,6 +393,28 @@ class Arbiter:
             )
         return alloc
 
+    def _grant_at_once(self, args: RequestArgs, owner: AllocationOwner) -> Allocation | None:
+        """Grant ``args`` to ``owner`` now, if nothing waits and it fits; else ``None``
+        and nothing changed. It never waits nor yields: it serves a daemon's request
+        message, whose client's own call was the checkpoint."""
+        (workload, priority, memory, min_memory, _timeout, min_quality, preemptible,
+         keep_alive, label) = args  # fmt: skip
+        if min_quality is not None:
+            return None
+        smallest = memory if min_memory is None else min_memory
+        loop = current_backend().loop()
+        holding = Holding(workload, priority, memory, min_memory, preemptible, keep_alive, owner)
+        ledger = self._ledger
+        with self._lock:
+            if self._closed or not ledger.grant_now(holding, smallest, memory, self._now()):
+                return None
+            alloc = holding.ticket = Allocation(
+                self, holding, loop, next(self._ids), label, loop.clock()
+            )
+        if keep_alive is not None:
+            self._poke_timer()
+        return alloc
+
     async def _refuse(self, backend: Backend) -> None:
         """The checkpoint of a request refused at once, and its count."""
         try:

@@ -24,7 +24,7 @@ import msgspec
 
 from .._allocation import Allocation
 from .._arbiter import Arbiter
-from .._arguments import DEFAULT, check_request
+from .._arguments import DEFAULT, RequestArgs, check_request
 from .._backend import current_backend
 from .._errors import (
     AllocationTimeout,
@@ -33,7 +33,7 @@ from .._errors import (
     ShuttingDown,
 )
 from .._gpu import MemoryProbe
-from .._log import log
+from .._log import configured, log
 from .._stats import ArbiterStats
 from .._types import Priority, WorkloadType
 from ._wire import (
@@ -251,6 +251,8 @@ class SessionHost:
         if hold_new_for <= 0:
             self._admit_new.set()
         self.on_grant: Callable[[Priority, float], None] | None = None
+        # Request tasks started but not yet queued in the arbiter.
+        self._starting = 0
 
     # -- snapshots --------------------------------------------------------------
 
@@ -335,10 +337,10 @@ class SessionHost:
         if isinstance(message, Request):
             if session.key_in_use(message.key):
                 session.push(Failed(message.key, "value", [f"key {message.key} is in use"]))
-                return
-            assert session.task_group is not None
-            session.reserved.add(message.key)
-            session.task_group.start_soon(self._request, session, message)
+            elif not self._starting and self._admit_new.is_set():
+                self._grant_at_once(session, message)
+            else:
+                self._start_request(session, message)
         elif isinstance(message, Release):
             self._drop(session, message.key)
         elif isinstance(message, Withdraw):
@@ -366,7 +368,41 @@ class SessionHost:
             assert isinstance(message, Status)
             session.push(self.status(message.key))
 
+    @staticmethod
+    def _arguments(message: Request, timeout: Any) -> RequestArgs:
+        """A request message's arguments, checked as `Arbiter.request_allocation` checks
+        them (``TypeError``, ``ValueError``: that request's failure)."""
+        return check_request(
+            WorkloadType(message.workload), Priority(message.priority), message.memory,
+            message.min_memory, timeout, message.min_quality, message.preemptible,
+            message.keep_alive, message.label,
+        )  # fmt: skip
+
+    def _grant_at_once(self, session: Session, message: Request) -> None:
+        """Grant a request now when nothing waits and it fits: no task, no wait. Else
+        it waits in a task, as an in-process waiter parks."""
+        timeout: Any = DEFAULT if message.default_timeout else message.timeout
+        try:
+            args = self._arguments(message, timeout)
+        except Exception as exc:
+            session.push(_failure(message.key, exc))
+            return
+        alloc = self.arbiter._grant_at_once(args, session)
+        if alloc is None:
+            self._start_request(session, message)
+        else:
+            self._granted(session, message.key, alloc, 0.0)
+
+    def _start_request(self, session: Session, message: Request) -> None:
+        assert session.task_group is not None
+        # Until the task has queued it, no later request may be granted at once: it
+        # would jump ahead.
+        self._starting += 1
+        session.reserved.add(message.key)
+        session.task_group.start_soon(self._request, session, message)
+
     async def _request(self, session: Session, message: Request) -> None:
+        self._starting -= 1  # tasks run in the order started; this one queues now
         key = message.key
         session.reserved.discard(key)  # the key goes to `waiting` before any await
         started = anyio.current_time()
@@ -376,17 +412,13 @@ class SessionHost:
         session.waiting[key] = waiting
         alloc: Allocation | None = None
         try:
-            waiting.workload = WorkloadType(message.workload)
-            waiting.priority = Priority(message.priority)
             timeout: Any = DEFAULT if message.default_timeout else message.timeout
+            args = self._arguments(message, timeout)
+            waiting.workload, waiting.priority = args[0], args[1]
             with waiting.scope:
                 if not self._admit_new.is_set():
                     timeout = await self._wait_admission(timeout)
-                args = check_request(
-                    waiting.workload, waiting.priority, message.memory, message.min_memory,
-                    timeout, message.min_quality, message.preemptible, message.keep_alive,
-                    message.label,
-                )  # fmt: skip
+                    args = self._arguments(message, timeout)
                 alloc = await self.arbiter._admit(args, current_backend(), owner=session)
         except Exception as exc:  # any bad argument is that request's failure, never ours
             session.push(_failure(key, exc))
@@ -399,22 +431,25 @@ class SessionHost:
         if session.closed:
             alloc.release()
             return
+        self._granted(session, key, alloc, anyio.current_time() - started)
+
+    def _granted(self, session: Session, key: int, alloc: Allocation, waited: float) -> None:
         self._hold(session, key, alloc)
         holding = alloc._holding
         session.push(Granted(key, alloc._number, holding.memory, alloc.quality, alloc.preempted))
-        waited = anyio.current_time() - started
         if self.on_grant is not None:
-            self.on_grant(waiting.priority, waited)
-        log.info(
-            "allocation granted",
-            id=alloc.id,
-            pid=session.pid,
-            label=alloc.label,
-            workload=waiting.workload.value,
-            priority=waiting.priority.name.lower(),
-            memory=holding.memory,
-            waited_s=round(waited, 6),
-        )
+            self.on_grant(holding.priority, waited)
+        if configured():
+            log.debug(
+                "allocation granted",
+                id=alloc.id,
+                pid=session.pid,
+                label=alloc.label,
+                workload=holding.workload.value,
+                priority=holding.priority.name.lower(),
+                memory=holding.memory,
+                waited_s=round(waited, 6),
+            )
 
     async def _sync(self, session: Session, key: int) -> None:
         # Tasks run in the order they were started: one checkpoint lets the requests
