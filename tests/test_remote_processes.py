@@ -307,7 +307,7 @@ def test_daemon_kill_9_and_restart_keeps_a_live_holder(
     tmp_path: Path, clients: list[Client]
 ) -> None:
     sock = tmp_path / "restart.sock"
-    first = start_daemon(sock, "--ttl", "1.5")
+    first = start_daemon(sock, "--ttl", "3")
     try:
         holder = body(sock, 6, "normal")
         clients.append(holder)
@@ -316,7 +316,7 @@ def test_daemon_kill_9_and_restart_keeps_a_live_holder(
         first.wait(timeout=10)
     finally:
         stop(first)
-    with daemon(sock, "--ttl", "1.5") as second:
+    with daemon(sock, "--ttl", "3") as second:
         wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
         newcomer = hold(sock, 6, "normal", timeout=10)  # waits: the re-claim holds 6 GiB
         clients.append(newcomer)
