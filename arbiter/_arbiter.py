@@ -657,6 +657,21 @@ class Arbiter:
         with self._lock:
             return self._ledger.recommended(workload, priority)
 
+    def _recommended_table(self) -> list[float]:
+        """`recommended_quality` of every workload and priority (declaration order,
+        priorities within workloads), read at one moment: a daemon's snapshot."""
+        ledger = self._ledger
+        by_family: dict[Family, list[float]] = {}
+        table: list[float] = []
+        with self._lock:
+            for workload in WorkloadType:
+                family = Family.of(workload)
+                row = by_family.get(family)
+                if row is None:
+                    row = by_family[family] = [ledger.recommended(workload, p) for p in Priority]
+                table += row
+        return table
+
     def state(self) -> ArbiterState:
         """A snapshot of what is held, used and waiting now."""
         ledger = self._ledger

@@ -63,9 +63,6 @@ from ._wire import (
 
 __all__ = ["DaemonConfig", "Session", "SessionHost"]
 
-_WORKLOADS = tuple(WorkloadType)
-_PRIORITIES = tuple(Priority)
-
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
@@ -278,11 +275,7 @@ class SessionHost:
         if cached is not None and cached[0] == self.version:
             return cached[1]
         arbiter = self.arbiter
-        recommended = [
-            arbiter.recommended_quality(workload, priority)
-            for workload in _WORKLOADS
-            for priority in _PRIORITIES
-        ]
+        recommended = arbiter._recommended_table()
         data = frame(_ENCODER.encode(Snapshot(arbiter.state(), recommended, self._stats)))
         self._snapshot = (self.version, data)
         return data
