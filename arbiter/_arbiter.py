@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from itertools import count
 from types import TracebackType
-from typing import Self, cast
+from typing import Protocol, Self, cast
 
 import anyio
 import anyio.abc
@@ -38,6 +38,7 @@ from ._errors import (
     AllocationTimeout,
     InsufficientMemory,
     InsufficientQuality,
+    Preempted,
     ShuttingDown,
 )
 from ._gpu import GpuReading, MemoryProbe
@@ -53,10 +54,21 @@ from ._types import (
     coerce_workload,
 )
 
-__all__ = ["Arbiter"]
+__all__ = ["AllocationOwner", "Arbiter"]
 
 # Enum members are looked up through their metaclass; the grant path reads these.
 _GRANTED, _FAILED, _PREEMPT, _QUALITY = Event.GRANTED, Event.FAILED, Event.PREEMPT, Event.QUALITY
+
+
+class AllocationOwner(Protocol):
+    """Who holds allocations besides the arbiter itself: a daemon's client session."""
+
+    def allocation_changed(self, alloc: Allocation, preempted: bool) -> None:
+        """``alloc`` was asked to give its memory back (``preempted``), or its quality
+        target moved.
+        Called under the arbiter's lock, in whichever thread decided it: it must not
+        call back into the arbiter's public methods."""
+        ...
 
 
 class Arbiter:
@@ -290,7 +302,11 @@ class Arbiter:
         return AllocationContext(self, args)
 
     async def _admit(
-        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
+        self,
+        args: RequestArgs,
+        backend: Backend,
+        scope: CancelScopeLike | None = None,
+        owner: AllocationOwner | None = None,
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
@@ -299,7 +315,9 @@ class Arbiter:
         then yields (a grant cancelled at that yield is given back), and a wait yields
         by parking. So a task that allocates in a loop lets the others run. ``scope``
         (the body scope of an ``allocate()``) is registered with the grant, under the
-        same lock.
+        same lock. ``owner`` (a daemon's session) is told of the allocation's preemption
+        and quality changes, and can have everything it holds released at once
+        (`_release_owner`); by default the arbiter itself owns it.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
@@ -315,7 +333,9 @@ class Arbiter:
         loop = backend.loop()
         clock = loop.clock
         started = clock()
-        holding = Holding(workload, priority, memory, min_memory, preemptible, keep_alive, self)
+        holding = Holding(
+            workload, priority, memory, min_memory, preemptible, keep_alive, owner or self
+        )
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         request: NewAllocation | None = None
         with self._lock:
@@ -371,6 +391,28 @@ class Arbiter:
                 memory=holding.memory,
                 waited=clock() - started,
             )
+        return alloc
+
+    def _grant_at_once(self, args: RequestArgs, owner: AllocationOwner) -> Allocation | None:
+        """Grant ``args`` to ``owner`` now, if nothing waits and it fits; else ``None``
+        and nothing changed. It never waits nor yields: it serves a daemon's request
+        message, whose client's own call was the checkpoint."""
+        (workload, priority, memory, min_memory, _timeout, min_quality, preemptible,
+         keep_alive, label) = args  # fmt: skip
+        if min_quality is not None:
+            return None
+        smallest = memory if min_memory is None else min_memory
+        loop = current_backend().loop()
+        holding = Holding(workload, priority, memory, min_memory, preemptible, keep_alive, owner)
+        ledger = self._ledger
+        with self._lock:
+            if self._closed or not ledger.grant_now(holding, smallest, memory, self._now()):
+                return None
+            alloc = holding.ticket = Allocation(
+                self, holding, loop, next(self._ids), label, loop.clock()
+            )
+        if keep_alive is not None:
+            self._poke_timer()
         return alloc
 
     async def _refuse(self, backend: Backend) -> None:
@@ -551,6 +593,24 @@ class Arbiter:
     def _watch(self, alloc: Allocation, delta: int) -> None:
         self._ledger.watch(alloc._holding, delta)  # the caller holds the lock
 
+    def _cut_short(self, alloc: Allocation) -> BaseException:
+        return Preempted(f"{alloc.id} was preempted by a higher priority")
+
+    # == owners (a daemon's sessions) ==========================================
+
+    def _release_owner(self, owner: AllocationOwner) -> None:
+        """Release everything ``owner`` holds and withdraw what it waits for, in one
+        step of the core (a session that ended). Any thread."""
+        ledger = self._ledger
+        with self._lock:
+            held = [h.ticket for h in ledger.holdings() if h.owner is owner]
+            ledger.release_owner(owner, self._now())
+            for alloc in held:
+                assert isinstance(alloc, Allocation)
+                alloc._signal_preempt()
+                alloc._signal_quality()
+        self._poke_timer()
+
     # == what the core reports (under the lock) ================================
 
     def _on_event(self, event: Event, ticket: object) -> None:
@@ -560,9 +620,15 @@ class Arbiter:
             assert isinstance(ticket, Allocation)
             debug("allocation preempted", id=ticket.id, memory=ticket.memory)
             ticket._on_preempt()
+            owner = ticket._holding.owner
+            if owner is not self:
+                cast(AllocationOwner, owner).allocation_changed(ticket, True)
         elif event is _QUALITY:
             assert isinstance(ticket, Allocation)
             ticket._signal_quality()
+            owner = ticket._holding.owner
+            if owner is not self:
+                cast(AllocationOwner, owner).allocation_changed(ticket, False)
         else:  # RETIME: the waiter re-parks with the new deadline; the timer looks again
             cast(Parker, ticket).wake()
             self._poke_timer()
@@ -590,6 +656,21 @@ class Arbiter:
         workload, priority = coerce_workload(workload), coerce_priority(priority)
         with self._lock:
             return self._ledger.recommended(workload, priority)
+
+    def _recommended_table(self) -> list[float]:
+        """`recommended_quality` of every workload and priority (declaration order,
+        priorities within workloads), read at one moment: a daemon's snapshot."""
+        ledger = self._ledger
+        by_family: dict[Family, list[float]] = {}
+        table: list[float] = []
+        with self._lock:
+            for workload in WorkloadType:
+                family = Family.of(workload)
+                row = by_family.get(family)
+                if row is None:
+                    row = by_family[family] = [ledger.recommended(workload, p) for p in Priority]
+                table += row
+        return table
 
     def state(self) -> ArbiterState:
         """A snapshot of what is held, used and waiting now."""

@@ -26,12 +26,31 @@ def configured() -> bool:
     return structlog is not None and bool(structlog.is_configured())
 
 
+# The program's logger and the configuration it was made for. One proxy per
+# configuration: a proxy finalizes itself on first use when the configuration says so
+# (``cache_logger_on_first_use``), which a fresh proxy per call would never do.
+_configured_logger: tuple[tuple[object, ...], Any] | None = None
+
+
 def _logger() -> Any:
+    global _configured_logger
     import structlog
 
     if structlog.is_configured():
-        # A lazy proxy: it reads structlog's configuration at every call.
-        return structlog.get_logger("arbiter")
+        config = structlog.get_config()
+        made_for = (config["processors"], config["wrapper_class"], config["logger_factory"])
+        cached = _configured_logger
+        if cached is not None:
+            processors, wrapper_class, logger_factory = cached[0]
+            if (
+                processors is made_for[0]
+                and wrapper_class is made_for[1]
+                and logger_factory is made_for[2]
+            ):
+                return cached[1]
+        logger = structlog.get_logger("arbiter")
+        _configured_logger = (made_for, logger)
+        return logger
     # Built per call: warnings are rare, and sys.stderr may have been replaced since.
     return structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
 

@@ -102,3 +102,43 @@ def test_a_client_that_never_reads_is_cut_off_and_the_daemon_goes_on(daemon: Pat
         assert cut_off, "the daemon kept queueing replies for a client that never reads"
     until(lambda: status_json(daemon)["state"]["vram_used"] == 0)
     assert status_json(daemon)["holders"] == []
+
+
+def _granted_keys(client: socket.socket, count: int, limit: float = 10.0) -> list[int]:
+    """Read frames until ``count`` grants have come; their keys in arrival order."""
+    client.settimeout(limit)
+    data, keys = b"", []
+    while len(keys) < count:
+        chunk = client.recv(65536)
+        assert chunk, "the daemon closed the session"
+        data += chunk
+        while len(data) >= 4 and len(data) >= 4 + struct.unpack("!I", data[:4])[0]:
+            size = struct.unpack("!I", data[:4])[0]
+            message = msgspec.msgpack.decode(data[4 : 4 + size])
+            data = data[4 + size :]
+            if isinstance(message, list) and message[0] == "Granted":
+                keys.append(message[1])
+    return keys
+
+
+def test_a_request_that_fits_does_not_pass_one_that_waits_in_the_same_read(
+    daemon: Path,
+) -> None:
+    # The daemon grants a request that fits without a task; one read that holds a
+    # waiting request and then a fitting one must still keep their order.
+    with socket.socket(socket.AF_UNIX) as holder, socket.socket(socket.AF_UNIX) as client:
+        holder.connect(str(daemon))
+        holder.sendall(frame(Hello(PROTOCOL_VERSION)))
+        holder.sendall(frame(Request(1, "llm_inference", 1, 8 * GiB, None, 5.0, False, None,
+                                     True, None, "holder")))  # fmt: skip
+        assert _granted_keys(holder, 1) == [1]
+        client.connect(str(daemon))
+        client.sendall(frame(Hello(PROTOCOL_VERSION)))
+        big = Request(1, "llm_inference", 1, 4 * GiB, None, 10.0, False, None, True, None, "b")
+        small = Request(2, "llm_inference", 1, GiB, None, 10.0, False, None, True, None, "s")
+        client.sendall(frame(big) + frame(small))
+        until(lambda: status_json(daemon)["state"]["waiting"] == 2)
+        assert status_json(daemon)["state"]["vram_used"] == 8 * GiB
+        holder.close()  # its session ends: its 8 GiB go to the queue, in order
+        assert _granted_keys(client, 2) == [1, 2]
+    until(lambda: status_json(daemon)["state"]["vram_used"] == 0)

@@ -1,15 +1,15 @@
 """The daemon's sessions and its one door into the arbiter.
 
-`SessionHost` drives the daemon's real `Arbiter` through its public API only: it runs
-each remote request as a task that awaits ``request_allocation``, holds the granted
-`Allocation` on the session's behalf, watches its preemption and quality and pushes
-them to the client, and releases everything a session holds when it ends. It is the
-seam where the daemon will be switched to the core's port.
+`SessionHost` serves the daemon's real `Arbiter` to its sessions through the port that
+the in-process handles use: each session is the *owner* of what it is granted, so the
+arbiter tells it (under its lock, as it tells a handle) when one of its allocations is
+preempted or its quality target moves, and the session pushes that to its client at
+once; a session that ends has everything it holds released in one step of the core.
+A request that waits is a task parked in the arbiter, as an in-process waiter is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import uuid
 from collections.abc import Callable
@@ -24,7 +24,8 @@ import msgspec
 
 from .._allocation import Allocation
 from .._arbiter import Arbiter
-from .._arguments import DEFAULT
+from .._arguments import DEFAULT, RequestArgs, check_request
+from .._backend import current_backend
 from .._errors import (
     AllocationTimeout,
     InsufficientMemory,
@@ -32,7 +33,7 @@ from .._errors import (
     ShuttingDown,
 )
 from .._gpu import MemoryProbe
-from .._log import log
+from .._log import configured, log
 from .._stats import ArbiterStats
 from .._types import Priority, WorkloadType
 from ._wire import (
@@ -61,9 +62,6 @@ from ._wire import (
 )
 
 __all__ = ["DaemonConfig", "Session", "SessionHost"]
-
-_WORKLOADS = tuple(WorkloadType)
-_PRIORITIES = tuple(Priority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,17 +100,6 @@ class DaemonConfig:
 _ENCODER = msgspec.msgpack.Encoder()
 
 
-class _Held:
-    """An allocation held for a session, with the busy spans the client opened."""
-
-    __slots__ = ("alloc", "busy", "sent_quality")
-
-    def __init__(self, alloc: Allocation) -> None:
-        self.alloc = alloc
-        self.busy: list[contextlib.AbstractContextManager[None]] = []
-        self.sent_quality = alloc.quality
-
-
 class _Waiting:
     """A request or growing resize in progress for a session."""
 
@@ -135,12 +122,14 @@ class _Waiting:
 
 
 class Session:
-    """One client connection: what it holds, what it waits for, what it is sent."""
+    """One client connection: the owner of what it holds (`AllocationOwner`), what it
+    waits for, what it is sent."""
 
     __slots__ = (
         "closed",
         "held",
         "host",
+        "keys",
         "number",
         "pid",
         "reserved",
@@ -159,7 +148,9 @@ class Session:
         self.pid = pid
         self.uid = uid
         self.sender = sender
-        self.held: dict[int, _Held] = {}
+        # What it holds, by the client's key, and each allocation's key.
+        self.held: dict[int, Allocation] = {}
+        self.keys: dict[Allocation, int] = {}
         self.waiting: dict[int, _Waiting] = {}
         # Keys taken by a message whose task has not run yet: a second message with the
         # same key in the same read must be refused, not overwrite the first.
@@ -169,7 +160,8 @@ class Session:
         self.task_group: anyio.abc.TaskGroup | None = None
 
     def push(self, message: Any) -> None:
-        """Send ``message`` (after the daemon's state, when it changed); never blocks."""
+        """Send ``message`` (after the daemon's state, when it changed); never blocks.
+        Not under the arbiter's lock: the state is read under it."""
         if self.closed:
             return
         data = frame(_ENCODER.encode(message))
@@ -190,6 +182,21 @@ class Session:
     def key_in_use(self, key: int) -> bool:
         return key in self.held or key in self.waiting or key in self.reserved
 
+    def allocation_changed(self, alloc: Allocation, preempted: bool) -> None:
+        """The arbiter preempted one of ours or moved its quality target (under its
+        lock): the client hears it now, its state with the next snapshot."""
+        key = self.keys.get(alloc)
+        if key is None or self.closed:
+            return
+        holding = alloc._holding
+        host = self.host
+        host.changed()
+        quality = host.arbiter._quality_of(alloc)
+        update = Update(key, holding.memory, quality, holding.preempt_requested)
+        self.sender.send(frame(_ENCODER.encode(update)))
+        if preempted:
+            log.info("allocation preempted", id=alloc.id, pid=self.pid, memory=holding.memory)
+
 
 def _failure(key: int, exc: BaseException) -> Failed:
     if isinstance(exc, InsufficientMemory):
@@ -208,7 +215,7 @@ def _failure(key: int, exc: BaseException) -> Failed:
 
 
 class SessionHost:
-    """The daemon's use of the arbiter, on behalf of sessions (the arbiter's public API).
+    """The daemon's use of the arbiter, on behalf of sessions (the handles' port).
 
     Args:
         arbiter: the running arbiter.
@@ -241,6 +248,8 @@ class SessionHost:
         if hold_new_for <= 0:
             self._admit_new.set()
         self.on_grant: Callable[[Priority, float], None] | None = None
+        # Request tasks started but not yet queued in the arbiter.
+        self._starting = 0
 
     # -- snapshots --------------------------------------------------------------
 
@@ -266,11 +275,7 @@ class SessionHost:
         if cached is not None and cached[0] == self.version:
             return cached[1]
         arbiter = self.arbiter
-        recommended = [
-            arbiter.recommended_quality(workload, priority)
-            for workload in _WORKLOADS
-            for priority in _PRIORITIES
-        ]
+        recommended = arbiter._recommended_table()
         data = frame(_ENCODER.encode(Snapshot(arbiter.state(), recommended, self._stats)))
         self._snapshot = (self.version, data)
         return data
@@ -289,9 +294,9 @@ class SessionHost:
         session.closed = True
         for waiting in session.waiting.values():
             waiting.scope.cancel()
-        for held in session.held.values():
-            self._drop(held)
+        self.arbiter._release_owner(session)
         session.held.clear()
+        session.keys.clear()
         self.sessions.pop(session.number, None)
         self._update_pids()
         self.changed()
@@ -301,11 +306,19 @@ class SessionHost:
         if probe is not None and hasattr(probe, "own_pids"):
             probe.own_pids = frozenset(s.pid for s in self.sessions.values())
 
-    @staticmethod
-    def _drop(held: _Held) -> None:
-        while held.busy:
-            held.busy.pop().__exit__(None, None, None)
-        held.alloc.release()
+    def _hold(self, session: Session, key: int, alloc: Allocation) -> None:
+        """``session`` holds ``alloc`` as ``key``; from now on it hears of its changes."""
+        session.held[key] = alloc
+        session.keys[alloc] = key
+        arbiter = self.arbiter
+        with arbiter._lock:
+            arbiter._watch(alloc, +1)
+
+    def _drop(self, session: Session, key: int) -> None:
+        alloc = session.held.pop(key, None)
+        if alloc is not None:
+            del session.keys[alloc]
+            alloc.release()
 
     # -- operations -------------------------------------------------------------
 
@@ -317,14 +330,12 @@ class SessionHost:
         if isinstance(message, Request):
             if session.key_in_use(message.key):
                 session.push(Failed(message.key, "value", [f"key {message.key} is in use"]))
-                return
-            assert session.task_group is not None
-            session.reserved.add(message.key)
-            session.task_group.start_soon(self._request, session, message)
+            elif not self._starting and self._admit_new.is_set():
+                self._grant_at_once(session, message)
+            else:
+                self._start_request(session, message)
         elif isinstance(message, Release):
-            held = session.held.pop(message.key, None)
-            if held is not None:
-                self._drop(held)
+            self._drop(session, message.key)
         elif isinstance(message, Withdraw):
             waiting = session.waiting.get(message.key)
             if waiting is not None:
@@ -339,14 +350,10 @@ class SessionHost:
                 session.reserved.add(message.key)
                 session.task_group.start_soon(self._resize, session, message)
         elif isinstance(message, Busy):
-            held = session.held.get(message.key)
-            if held is not None:
-                if message.busy:
-                    span = held.alloc.busy()
-                    span.__enter__()
-                    held.busy.append(span)
-                elif held.busy:
-                    held.busy.pop().__exit__(None, None, None)
+            alloc = session.held.get(message.key)
+            # The client's spans, mirrored: never closed below zero.
+            if alloc is not None and (message.busy or alloc._holding.busy_spans > 0):
+                self.arbiter._set_busy(alloc, message.busy)
         elif isinstance(message, Sync):
             assert session.task_group is not None
             session.task_group.start_soon(self._sync, session, message.key)
@@ -354,35 +361,58 @@ class SessionHost:
             assert isinstance(message, Status)
             session.push(self.status(message.key))
 
+    @staticmethod
+    def _arguments(message: Request, timeout: Any) -> RequestArgs:
+        """A request message's arguments, checked as `Arbiter.request_allocation` checks
+        them (``TypeError``, ``ValueError``: that request's failure)."""
+        return check_request(
+            WorkloadType(message.workload), Priority(message.priority), message.memory,
+            message.min_memory, timeout, message.min_quality, message.preemptible,
+            message.keep_alive, message.label,
+        )  # fmt: skip
+
+    def _grant_at_once(self, session: Session, message: Request) -> None:
+        """Grant a request now when nothing waits and it fits: no task, no wait. Else
+        it waits in a task, as an in-process waiter parks."""
+        timeout: Any = DEFAULT if message.default_timeout else message.timeout
+        try:
+            args = self._arguments(message, timeout)
+        except Exception as exc:
+            session.push(_failure(message.key, exc))
+            return
+        alloc = self.arbiter._grant_at_once(args, session)
+        if alloc is None:
+            self._start_request(session, message)
+        else:
+            self._granted(session, message.key, alloc, 0.0)
+
+    def _start_request(self, session: Session, message: Request) -> None:
+        assert session.task_group is not None
+        # Until the task has queued it, no later request may be granted at once: it
+        # would jump ahead.
+        self._starting += 1
+        session.reserved.add(message.key)
+        session.task_group.start_soon(self._request, session, message)
+
     async def _request(self, session: Session, message: Request) -> None:
+        self._starting -= 1  # tasks run in the order started; this one queues now
         key = message.key
         session.reserved.discard(key)  # the key goes to `waiting` before any await
-        try:
-            workload = WorkloadType(message.workload)
-            priority = Priority(message.priority)
-        except ValueError as exc:
-            session.push(Failed(key, "value", [str(exc)]))
-            return
         started = anyio.current_time()
-        waiting = _Waiting(workload, priority, message.memory, message.label, started)
+        waiting = _Waiting(
+            WorkloadType.LLM_INFERENCE, Priority.NORMAL, message.memory, message.label, started
+        )
         session.waiting[key] = waiting
-        timeout: Any = DEFAULT if message.default_timeout else message.timeout
         alloc: Allocation | None = None
         try:
+            timeout: Any = DEFAULT if message.default_timeout else message.timeout
+            args = self._arguments(message, timeout)
+            waiting.workload, waiting.priority = args[0], args[1]
             with waiting.scope:
                 if not self._admit_new.is_set():
                     timeout = await self._wait_admission(timeout)
-                alloc = await self.arbiter.request_allocation(
-                    workload,
-                    priority,
-                    message.memory,
-                    min_memory=message.min_memory,
-                    timeout=timeout,
-                    min_quality=message.min_quality,
-                    preemptible=message.preemptible,
-                    keep_alive=message.keep_alive,
-                    label=message.label,
-                )
+                    args = self._arguments(message, timeout)
+                alloc = await self.arbiter._admit(args, current_backend(), owner=session)
         except Exception as exc:  # any bad argument is that request's failure, never ours
             session.push(_failure(key, exc))
             return
@@ -394,23 +424,25 @@ class SessionHost:
         if session.closed:
             alloc.release()
             return
-        held = _Held(alloc)
-        session.held[key] = held
-        session.push(Granted(key, alloc.id, alloc.memory, held.sent_quality, alloc.preempted))
-        waited = anyio.current_time() - started
+        self._granted(session, key, alloc, anyio.current_time() - started)
+
+    def _granted(self, session: Session, key: int, alloc: Allocation, waited: float) -> None:
+        self._hold(session, key, alloc)
+        holding = alloc._holding
+        session.push(Granted(key, alloc._number, holding.memory, alloc.quality, alloc.preempted))
         if self.on_grant is not None:
-            self.on_grant(priority, waited)
-        log.info(
-            "allocation granted",
-            id=alloc.id,
-            pid=session.pid,
-            label=alloc.label,
-            workload=workload.value,
-            priority=priority.name.lower(),
-            memory=alloc.memory,
-            waited_s=round(waited, 6),
-        )
-        await self._watch(session, key, held)
+            self.on_grant(holding.priority, waited)
+        if configured():
+            log.debug(
+                "allocation granted",
+                id=alloc.id,
+                pid=session.pid,
+                label=alloc.label,
+                workload=holding.workload.value,
+                priority=holding.priority.name.lower(),
+                memory=holding.memory,
+                waited_s=round(waited, 6),
+            )
 
     async def _sync(self, session: Session, key: int) -> None:
         # Tasks run in the order they were started: one checkpoint lets the requests
@@ -435,35 +467,14 @@ class SessionHost:
         await anyio.sleep_until(self._admit_new_at)
         self._admit_new.set()
 
-    async def _watch(self, session: Session, key: int, held: _Held) -> None:
-        """Push the allocation's preemption and quality changes until it is released."""
-        alloc = held.alloc
-        assert session.task_group is not None
-        # Both watchers end when the allocation is released.
-        session.task_group.start_soon(self._watch_preempted, session, key, held)
-        async for quality in alloc.quality_changes():
-            if quality != held.sent_quality and not session.closed:
-                held.sent_quality = quality
-                self.changed()
-                session.push(Update(key, alloc.memory, quality, alloc.preempted))
-
-    async def _watch_preempted(self, session: Session, key: int, held: _Held) -> None:
-        alloc = held.alloc
-        await alloc.wait_preempted()
-        if alloc.preempted and not alloc.released and not session.closed:
-            self.changed()
-            session.push(Update(key, alloc.memory, alloc.quality, True))
-            log.info("allocation preempted", id=alloc.id, pid=session.pid, memory=alloc.memory)
-
     async def _resize(self, session: Session, message: Resize) -> None:
         session.reserved.discard(message.key)  # the key goes to `waiting` before any await
-        held = session.held.get(message.alloc)
-        if held is None:  # released since the resize was received
+        alloc = session.held.get(message.alloc)
+        if alloc is None:  # released since the resize was received
             session.push(
                 Failed(message.key, "runtime", [f"allocation {message.alloc} is released"])
             )
             return
-        alloc = held.alloc
         waiting = _Waiting(
             alloc.workload, alloc.priority, message.memory, alloc.label, anyio.current_time()
         )
@@ -482,22 +493,17 @@ class SessionHost:
             # Withdrawn: the client waits for this answer to forget the resize.
             session.push(Failed(message.key, "cancelled", []))
             return
-        held.sent_quality = alloc.quality
         session.push(Resized(message.key, alloc.memory, alloc.quality))
 
     async def reclaim(self, session: Session, reclaim: Reclaim) -> None:
         """Admit an allocation a client held with this daemon's predecessor, if it fits."""
         try:
-            alloc = await self.arbiter.request_allocation(
-                WorkloadType(reclaim.workload),
-                Priority(reclaim.priority),
-                reclaim.memory,
-                min_memory=reclaim.min_memory if reclaim.min_memory != reclaim.memory else None,
-                timeout=0,
-                preemptible=reclaim.preemptible,
-                keep_alive=reclaim.keep_alive,
-                label=reclaim.label,
-            )
+            args = check_request(
+                WorkloadType(reclaim.workload), Priority(reclaim.priority), reclaim.memory,
+                reclaim.min_memory if reclaim.min_memory != reclaim.memory else None, 0, None,
+                reclaim.preemptible, reclaim.keep_alive, reclaim.label,
+            )  # fmt: skip
+            alloc = await self.arbiter._admit(args, current_backend(), owner=session)
         except Exception:
             session.push(Reclaimed(reclaim.key, None, 0.0))
             return
@@ -505,17 +511,11 @@ class SessionHost:
             alloc.release()
             session.push(Reclaimed(reclaim.key, None, 0.0))
             return
-        held = _Held(alloc)
-        # One busy span stands for "busy": never trust a client's count of them.
-        for _ in range(min(1, max(0, reclaim.busy))):
-            span = alloc.busy()
-            span.__enter__()
-            held.busy.append(span)
-        session.held[reclaim.key] = held
-        session.push(Reclaimed(reclaim.key, alloc.id, held.sent_quality))
+        self._hold(session, reclaim.key, alloc)
+        if reclaim.busy > 0:  # one span stands for "busy": never trust a client's count
+            self.arbiter._set_busy(alloc, True)
+        session.push(Reclaimed(reclaim.key, alloc._number, alloc.quality))
         log.info("allocation reclaimed", id=alloc.id, pid=session.pid, memory=alloc.memory)
-        assert session.task_group is not None
-        session.task_group.start_soon(self._watch, session, reclaim.key, held)
 
     # -- status -------------------------------------------------------------------
 
@@ -524,21 +524,20 @@ class SessionHost:
         holders: list[HolderInfo] = []
         waiters: list[WaiterInfo] = []
         for session in self.sessions.values():
-            for held in session.held.values():
-                alloc = held.alloc
-                holders.append(
-                    HolderInfo(
-                        id=alloc.id,
-                        pid=session.pid,
-                        label=alloc.label,
-                        workload=alloc.workload.value,
-                        priority=alloc.priority.name.lower(),
-                        memory=alloc.memory,
-                        quality=alloc.quality,
-                        busy=bool(held.busy),
-                        age_s=max(0.0, now - alloc.created_at),
-                    )
+            holders.extend(
+                HolderInfo(
+                    id=alloc.id,
+                    pid=session.pid,
+                    label=alloc.label,
+                    workload=alloc.workload.value,
+                    priority=alloc.priority.name.lower(),
+                    memory=alloc.memory,
+                    quality=alloc.quality,
+                    busy=alloc._holding.busy_spans > 0,
+                    age_s=max(0.0, now - alloc.created_at),
                 )
+                for alloc in session.held.values()
+            )
             for wkey, waiting in session.waiting.items():
                 waiters.append(
                     WaiterInfo(
