@@ -415,6 +415,12 @@ class Arbiter:
             self._poke_timer()
         return alloc
 
+    def _count_unqueued(self, outcome: Outcome) -> None:
+        """Count a request that ended before it reached the core's queue (a daemon's,
+        held back while a restarted daemon admits re-claims first)."""
+        with self._lock:
+            self._ledger.count_unqueued(outcome)
+
     async def _refuse(self, backend: Backend) -> None:
         """The checkpoint of a request refused at once, and its count."""
         try:

@@ -4,6 +4,7 @@ reads its replies. A real daemon process."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import time
@@ -16,7 +17,7 @@ import pytest
 from remote_helpers import start_daemon, status_json, stop
 
 from arbiter import GiB
-from arbiter.remote._wire import PROTOCOL_VERSION, Hello, Reclaim, Request, Status
+from arbiter.remote._wire import PROTOCOL_VERSION, Hello, Reclaim, Request, Status, Withdraw
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix sockets")
 
@@ -142,3 +143,48 @@ def test_a_request_that_fits_does_not_pass_one_that_waits_in_the_same_read(
         holder.close()  # its session ends: its 8 GiB go to the queue, in order
         assert _granted_keys(client, 2) == [1, 2]
     until(lambda: status_json(daemon)["state"]["vram_used"] == 0)
+
+
+def test_requests_that_end_while_a_restarted_daemon_holds_new_grants_are_counted(
+    tmp_path: Path,
+) -> None:
+    # A daemon that starts on a stale socket grants nothing new for its ttl; what times
+    # out or is withdrawn meanwhile never reaches the arbiter's queue, and still counts.
+    sock = tmp_path / "stale.sock"
+    first = start_daemon(sock, "--ttl", "30", vram_gb=10)
+    stop(first, signal.SIGKILL)
+    second = start_daemon(sock, "--ttl", "30", vram_gb=10)
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(sock))
+            client.sendall(frame(Hello(PROTOCOL_VERSION)))
+            timing_out = Request(
+                1, "llm_inference", 1, GiB, None, 0.2, False, None, True, None, "t"
+            )
+            withdrawn = Request(
+                2, "llm_inference", 1, GiB, None, 20.0, False, None, True, None, "w"
+            )
+            client.sendall(frame(timing_out) + frame(withdrawn) + frame(Withdraw(2)))
+            until(lambda: status_json(sock)["stats"]["total_allocations"] == 2, limit=10)
+            stats = status_json(sock)["stats"]
+            assert (stats["failed_allocations"], stats["timeouts"], stats["cancelled"]) == (1, 1, 1)
+            assert stats["successful_allocations"] == 0
+    finally:
+        stop(second, timeout=10)
+
+
+def test_a_withdrawal_in_the_same_read_as_its_request_takes_it_out_of_the_queue(
+    daemon: Path,
+) -> None:
+    with socket.socket(socket.AF_UNIX) as holder, socket.socket(socket.AF_UNIX) as client:
+        holder.connect(str(daemon))
+        holder.sendall(frame(Hello(PROTOCOL_VERSION)))
+        holder.sendall(frame(Request(1, "llm_inference", 1, 8 * GiB, None, 5.0, False, None,
+                                     True, None, "holder")))  # fmt: skip
+        assert _granted_keys(holder, 1) == [1]
+        client.connect(str(daemon))
+        client.sendall(frame(Hello(PROTOCOL_VERSION)))
+        waits = Request(1, "llm_inference", 1, 4 * GiB, None, 30.0, False, None, True, None, "w")
+        client.sendall(frame(waits) + frame(Withdraw(1)))
+        until(lambda: status_json(daemon)["stats"]["cancelled"] == 1)
+        assert status_json(daemon)["state"]["waiting"] == 0

@@ -33,6 +33,7 @@ from .._errors import (
     ShuttingDown,
 )
 from .._gpu import MemoryProbe
+from .._ledger import Outcome
 from .._log import configured, log
 from .._stats import ArbiterStats
 from .._types import Priority, WorkloadType
@@ -132,7 +133,6 @@ class Session:
         "keys",
         "number",
         "pid",
-        "reserved",
         "sender",
         "snapshot_version",
         "task_group",
@@ -152,9 +152,6 @@ class Session:
         self.held: dict[int, Allocation] = {}
         self.keys: dict[Allocation, int] = {}
         self.waiting: dict[int, _Waiting] = {}
-        # Keys taken by a message whose task has not run yet: a second message with the
-        # same key in the same read must be refused, not overwrite the first.
-        self.reserved: set[int] = set()
         self.snapshot_version = -1
         self.closed = False
         self.task_group: anyio.abc.TaskGroup | None = None
@@ -180,7 +177,7 @@ class Session:
             self.sender.send(host.snapshot_frame())
 
     def key_in_use(self, key: int) -> bool:
-        return key in self.held or key in self.waiting or key in self.reserved
+        return key in self.held or key in self.waiting
 
     def allocation_changed(self, alloc: Allocation, preempted: bool) -> None:
         """The arbiter preempted one of ours or moved its quality target (under its
@@ -330,10 +327,8 @@ class SessionHost:
         if isinstance(message, Request):
             if session.key_in_use(message.key):
                 session.push(Failed(message.key, "value", [f"key {message.key} is in use"]))
-            elif not self._starting and self._admit_new.is_set():
-                self._grant_at_once(session, message)
             else:
-                self._start_request(session, message)
+                self._request_now(session, message)
         elif isinstance(message, Release):
             self._drop(session, message.key)
         elif isinstance(message, Withdraw):
@@ -343,12 +338,8 @@ class SessionHost:
         elif isinstance(message, Resize):
             if session.key_in_use(message.key):
                 session.push(Failed(message.key, "value", [f"key {message.key} is in use"]))
-            elif message.alloc not in session.held:
-                session.push(Failed(message.key, "runtime", [f"no allocation {message.alloc}"]))
             else:
-                assert session.task_group is not None
-                session.reserved.add(message.key)
-                session.task_group.start_soon(self._resize, session, message)
+                self._start_resize(session, message)
         elif isinstance(message, Busy):
             alloc = session.held.get(message.key)
             # The client's spans, mirrored: never closed below zero.
@@ -371,49 +362,42 @@ class SessionHost:
             message.keep_alive, message.label,
         )  # fmt: skip
 
-    def _grant_at_once(self, session: Session, message: Request) -> None:
-        """Grant a request now when nothing waits and it fits: no task, no wait. Else
-        it waits in a task, as an in-process waiter parks."""
+    def _request_now(self, session: Session, message: Request) -> None:
+        """Grant a request now when nothing waits and it fits: no task, no wait. Else it
+        waits in a task, as an in-process waiter parks; it is `waiting` (a withdrawal
+        finds it) from now on."""
         timeout: Any = DEFAULT if message.default_timeout else message.timeout
         try:
             args = self._arguments(message, timeout)
         except Exception as exc:
             session.push(_failure(message.key, exc))
             return
-        alloc = self.arbiter._grant_at_once(args, session)
-        if alloc is None:
-            self._start_request(session, message)
-        else:
-            self._granted(session, message.key, alloc, 0.0)
-
-    def _start_request(self, session: Session, message: Request) -> None:
-        assert session.task_group is not None
+        if not self._starting and self._admit_new.is_set():
+            alloc = self.arbiter._grant_at_once(args, session)
+            if alloc is not None:
+                self._granted(session, message.key, alloc, 0.0)
+                return
+        waiting = session.waiting[message.key] = _Waiting(
+            args[0], args[1], message.memory, message.label, anyio.current_time()
+        )
         # Until the task has queued it, no later request may be granted at once: it
         # would jump ahead.
         self._starting += 1
-        session.reserved.add(message.key)
-        session.task_group.start_soon(self._request, session, message)
+        assert session.task_group is not None
+        session.task_group.start_soon(self._request, session, message.key, args, waiting)
 
-    async def _request(self, session: Session, message: Request) -> None:
+    async def _request(
+        self, session: Session, key: int, args: RequestArgs, waiting: _Waiting
+    ) -> None:
         self._starting -= 1  # tasks run in the order started; this one queues now
-        key = message.key
-        session.reserved.discard(key)  # the key goes to `waiting` before any await
-        started = anyio.current_time()
-        waiting = _Waiting(
-            WorkloadType.LLM_INFERENCE, Priority.NORMAL, message.memory, message.label, started
-        )
-        session.waiting[key] = waiting
         alloc: Allocation | None = None
         try:
-            timeout: Any = DEFAULT if message.default_timeout else message.timeout
-            args = self._arguments(message, timeout)
-            waiting.workload, waiting.priority = args[0], args[1]
             with waiting.scope:
                 if not self._admit_new.is_set():
-                    timeout = await self._wait_admission(timeout)
-                    args = self._arguments(message, timeout)
+                    timeout = await self._wait_admission(args[4])
+                    args = (*args[:4], timeout, *args[5:])
                 alloc = await self.arbiter._admit(args, current_backend(), owner=session)
-        except Exception as exc:  # any bad argument is that request's failure, never ours
+        except Exception as exc:
             session.push(_failure(key, exc))
             return
         finally:
@@ -424,7 +408,7 @@ class SessionHost:
         if session.closed:
             alloc.release()
             return
-        self._granted(session, key, alloc, anyio.current_time() - started)
+        self._granted(session, key, alloc, anyio.current_time() - waiting.since)
 
     def _granted(self, session: Session, key: int, alloc: Allocation, waited: float) -> None:
         self._hold(session, key, alloc)
@@ -452,13 +436,20 @@ class SessionHost:
         session.push(Synced(key))
 
     async def _wait_admission(self, timeout: Any) -> Any:
-        """Wait (a restarted daemon) until new grants are admitted; the timeout left."""
+        """Wait (a restarted daemon) until new grants are admitted; the timeout left.
+        A request that ends meanwhile never reached the arbiter's queue, and is counted
+        in its stats as such."""
         limit = self.arbiter.config.allocation_timeout if timeout is DEFAULT else timeout
         started = anyio.current_time()
-        with anyio.move_on_after(math.inf if limit is None else limit):
-            await self._admit_new.wait()
+        try:
+            with anyio.move_on_after(math.inf if limit is None else limit):
+                await self._admit_new.wait()
+        except BaseException:
+            self.arbiter._count_unqueued(Outcome.CANCELLED)  # withdrawn, or the session ended
+            raise
         if not self._admit_new.is_set():
             assert limit is not None
+            self.arbiter._count_unqueued(Outcome.TIMED_OUT)
             raise AllocationTimeout(limit)
         return None if limit is None else max(0.0, limit - (anyio.current_time() - started))
 
@@ -467,18 +458,20 @@ class SessionHost:
         await anyio.sleep_until(self._admit_new_at)
         self._admit_new.set()
 
-    async def _resize(self, session: Session, message: Resize) -> None:
-        session.reserved.discard(message.key)  # the key goes to `waiting` before any await
+    def _start_resize(self, session: Session, message: Resize) -> None:
         alloc = session.held.get(message.alloc)
-        if alloc is None:  # released since the resize was received
-            session.push(
-                Failed(message.key, "runtime", [f"allocation {message.alloc} is released"])
-            )
+        if alloc is None:
+            session.push(Failed(message.key, "runtime", [f"no allocation {message.alloc}"]))
             return
-        waiting = _Waiting(
+        waiting = session.waiting[message.key] = _Waiting(
             alloc.workload, alloc.priority, message.memory, alloc.label, anyio.current_time()
         )
-        session.waiting[message.key] = waiting
+        assert session.task_group is not None
+        session.task_group.start_soon(self._resize, session, message, alloc, waiting)
+
+    async def _resize(
+        self, session: Session, message: Resize, alloc: Allocation, waiting: _Waiting
+    ) -> None:
         timeout: Any = DEFAULT if message.default_timeout else message.timeout
         try:
             with waiting.scope:
