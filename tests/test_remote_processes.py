@@ -346,7 +346,7 @@ def test_sigterm_restart_within_the_ttl_keeps_a_live_holder(
     tmp_path: Path, clients: list[Client]
 ) -> None:
     sock = tmp_path / "handover.sock"
-    first = start_daemon(sock, "--ttl", "2")
+    first = start_daemon(sock, "--ttl", "3")
     try:
         holder = body(sock, 6, "normal")
         clients.append(holder)
@@ -354,7 +354,7 @@ def test_sigterm_restart_within_the_ttl_keeps_a_live_holder(
     finally:
         assert stop(first, signal.SIGTERM) == 0
     assert not sock.exists()
-    with daemon(sock, "--ttl", "2"):
+    with daemon(sock, "--ttl", "3"):
         wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
         newcomer = hold(sock, 6, "user_facing", timeout=10)  # waits behind the re-claim
         clients.append(newcomer)

@@ -14,6 +14,7 @@ session the daemon ended (silent past the ttl) loses everything with `SessionLos
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from pathlib import Path
@@ -29,7 +30,7 @@ import msgspec
 
 from .._allocation import Allocation, AllocationContext
 from .._arguments import DEFAULT, Default, RequestArgs, check_request
-from .._backend import Backend, CancelScopeLike, LoopEntry, current_backend
+from .._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
 from .._config import ArbiterConfig
 from .._errors import (
     AllocationTimeout,
@@ -145,12 +146,14 @@ def _mirror(alloc: Allocation) -> MirroredHolding:
 
 
 class _Pending:
-    """A call waiting for the daemon's answer."""
+    """A call waiting for the daemon's answer: the reader sets it and wakes the caller
+    (both on the owning loop)."""
 
-    __slots__ = ("answer", "error", "event")
+    __slots__ = ("answer", "error", "parker")
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
+    def __init__(self, parker: Parker) -> None:
+        parker.arm()
+        self.parker = parker
         self.answer: Any = None
         self.error: BaseException | None = None
 
@@ -494,7 +497,7 @@ class RemoteArbiter:
         self._withdrawn_resizes.clear()
         for pending in connection.pending.values():
             pending.error = error
-            pending.event.set()
+            pending.parker.wake()
         connection.pending.clear()
         if not keep_held:
             self._lose_all(error)
@@ -606,7 +609,7 @@ class RemoteArbiter:
             )
             self._allocations[message.key] = alloc
             pending.answer = alloc
-            pending.event.set()
+            pending.parker.wake()
         elif isinstance(message, Reclaimed):
             alloc = self._allocations.get(message.key)
             if alloc is None:
@@ -639,16 +642,16 @@ class RemoteArbiter:
                     pending.error = _error(message)
                 else:
                     pending.answer = message
-                pending.event.set()
+                pending.parker.wake()
         elif isinstance(message, Error):
             log.warning("arbiter daemon reported an error", message=message.message)
 
     async def _call(self, connection: _Connection, key: int, message: Any) -> Any:
         """Send ``message`` and wait for its answer; a cancelled wait is withdrawn."""
-        pending = connection.pending[key] = _Pending()
+        pending = connection.pending[key] = _Pending(current_backend().parker())
         connection.send(message)
         try:
-            await pending.event.wait()
+            await pending.parker.park(math.inf)
         except BaseException:
             if pending.answer is None and pending.error is None:
                 connection.pending.pop(key, None)
