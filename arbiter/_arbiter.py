@@ -542,8 +542,16 @@ class Arbiter:
             )
 
     async def _resize(
-        self, alloc: Allocation, memory: int, timeout: float | Default | None
+        self,
+        alloc: Allocation,
+        memory: int,
+        timeout: float | Default | None,
+        *,
+        yield_first: bool = True,
     ) -> None:
+        """Resize ``alloc`` (arguments checked by the handle). ``yield_first=False`` is a
+        daemon growing it for a client, whose own call was the checkpoint: the growth
+        queues before anything else runs, in the order the client's messages came."""
         holding = alloc._holding
         if holding.min_memory is not None and memory < holding.min_memory:
             raise ValueError(f"memory must be >= min_memory ({holding.min_memory}), got {memory}")
@@ -558,7 +566,10 @@ class Arbiter:
             await backend.checkpoint()
             return
         # Growing is a request: a checkpoint first, on every path (rule 8).
-        await backend.checkpoint()
+        if yield_first:
+            await backend.checkpoint()
+        else:
+            await backend.checkpoint_if_cancelled()
         clock = backend.loop().clock
         started = clock()
         with self._lock:

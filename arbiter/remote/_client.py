@@ -13,6 +13,7 @@ session the daemon ended (silent past the ttl) loses everything with `SessionLos
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -213,6 +214,8 @@ class RemoteArbiter:
         self._pending_args: dict[int, tuple[RequestArgs, LoopEntry, float]] = {}
         # Resizes withdrawn while waiting, until the daemon answers: (allocation, old size).
         self._withdrawn_resizes: dict[int, tuple[Allocation, int]] = {}
+        # Resizes on their way, by their keys: the answer is mirrored as it is read.
+        self._resizing: dict[int, Allocation] = {}
         self._connection: _Connection | None = None
         self._instance: str | None = None
         self._connecting = anyio.Lock()
@@ -496,7 +499,7 @@ class RemoteArbiter:
         connection.closed = True
         self._withdrawn_resizes.clear()
         for pending in connection.pending.values():
-            pending.error = error
+            pending.error = copy.copy(error)  # each raise its own traceback
             pending.parker.wake()
         connection.pending.clear()
         if not keep_held:
@@ -627,6 +630,7 @@ class RemoteArbiter:
             else:
                 mirror = _mirror(alloc)
                 mirror.instance = connection.instance
+                alloc._number = message.number  # its id with this daemon
                 self._update(alloc, message.quality, mirror.preempt_requested)
         elif isinstance(message, Failed | Resized | Synced | StatusReply):
             pending = connection.pending.pop(message.key, None)
@@ -641,6 +645,10 @@ class RemoteArbiter:
                 if isinstance(message, Failed):
                     pending.error = _error(message)
                 else:
+                    if isinstance(message, Resized):
+                        resized = self._resizing.get(message.key)
+                        if resized is not None:
+                            self._mirror_resize(resized, message)
                     pending.answer = message
                 pending.parker.wake()
         elif isinstance(message, Error):
@@ -810,8 +818,9 @@ class RemoteArbiter:
         default = isinstance(timeout, Default)
         message = Resize(key, _mirror(alloc).key, memory,
                          None if isinstance(timeout, Default) else timeout, default)  # fmt: skip
+        self._resizing[key] = alloc
         try:
-            resized: Resized = await self._call(connection, key, message)
+            await self._call(connection, key, message)  # the reader mirrors the answer
         except RuntimeError:
             if shrinking and holding.released:
                 return  # released while the shrink was on its way: nothing is held
@@ -821,6 +830,13 @@ class RemoteArbiter:
                 # Withdrawn: a growth that the daemon grants anyway is given back.
                 self._withdrawn_resizes[key] = (alloc, holding.memory)
             raise
+        finally:
+            del self._resizing[key]
+
+    def _mirror_resize(self, alloc: Allocation, resized: Resized) -> None:
+        """A resize's answer, in the order the daemon said things: a later `Update`
+        then overrides its quality, never the other way round."""
+        holding = alloc._holding
         with self._lock:
             if not holding.released:
                 holding.memory = resized.memory
@@ -851,7 +867,7 @@ class RemoteArbiter:
     def _cut_short(self, alloc: Allocation) -> BaseException:
         lost = _mirror(alloc).lost
         if lost is not None:
-            return lost
+            return copy.copy(lost)  # one error can end many bodies: each its own traceback
         return Preempted(f"{alloc.id} was preempted by a higher priority")
 
     # -- what the daemon says of an allocation (on the owning loop) -------------

@@ -24,7 +24,7 @@ import msgspec
 
 from .._allocation import Allocation
 from .._arbiter import Arbiter
-from .._arguments import DEFAULT, RequestArgs, check_request
+from .._arguments import DEFAULT, Default, RequestArgs, check_request
 from .._backend import current_backend
 from .._errors import (
     AllocationTimeout,
@@ -34,9 +34,9 @@ from .._errors import (
 )
 from .._gpu import MemoryProbe
 from .._ledger import Outcome
-from .._log import configured, log
+from .._log import log
 from .._stats import ArbiterStats
-from .._types import Priority, WorkloadType
+from .._types import Priority, WorkloadType, check_memory, check_timeout
 from ._wire import (
     Busy,
     ClientMessage,
@@ -211,6 +211,54 @@ def _failure(key: int, exc: BaseException) -> Failed:
     return Failed(key, "runtime", [str(exc)])
 
 
+class _Turns:
+    """The order in which requests and growths reach the arbiter's queue: the order the
+    daemon read them, whatever order their tasks run in (trio shuffles its run queue).
+
+    Each takes a number when read and queues only in its turn; one that ends before
+    its turn (withdrawn, timed out) gives its turn up. While any is on its way
+    (`idle` is false), no later request may be granted at once.
+    """
+
+    __slots__ = ("_changed", "_given_up", "_next", "_now_serving")
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._now_serving = 0
+        self._given_up: set[int] = set()
+        self._changed = anyio.Event()
+
+    @property
+    def idle(self) -> bool:
+        return self._now_serving == self._next
+
+    def take(self) -> int:
+        number = self._next
+        self._next += 1
+        return number
+
+    def up(self, number: int) -> bool:
+        return self._now_serving == number
+
+    async def wait(self, number: int) -> None:
+        while self._now_serving != number:
+            await self._changed.wait()
+
+    def end(self, number: int) -> None:
+        """``number`` has queued, or never will: the next one's turn (idempotent)."""
+        if number < self._now_serving:
+            return
+        if number != self._now_serving:
+            self._given_up.add(number)
+            return
+        self._now_serving += 1
+        while self._now_serving in self._given_up:
+            self._given_up.remove(self._now_serving)
+            self._now_serving += 1
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+
 class SessionHost:
     """The daemon's use of the arbiter, on behalf of sessions (the handles' port).
 
@@ -245,8 +293,7 @@ class SessionHost:
         if hold_new_for <= 0:
             self._admit_new.set()
         self.on_grant: Callable[[Priority, float], None] | None = None
-        # Request tasks started but not yet queued in the arbiter.
-        self._starting = 0
+        self._turns = _Turns()
 
     # -- snapshots --------------------------------------------------------------
 
@@ -372,7 +419,7 @@ class SessionHost:
         except Exception as exc:
             session.push(_failure(message.key, exc))
             return
-        if not self._starting and self._admit_new.is_set():
+        if self._turns.idle and self._admit_new.is_set():
             alloc = self.arbiter._grant_at_once(args, session)
             if alloc is not None:
                 self._granted(session, message.key, alloc, 0.0)
@@ -380,27 +427,26 @@ class SessionHost:
         waiting = session.waiting[message.key] = _Waiting(
             args[0], args[1], message.memory, message.label, anyio.current_time()
         )
-        # Until the task has queued it, no later request may be granted at once: it
-        # would jump ahead.
-        self._starting += 1
         assert session.task_group is not None
-        session.task_group.start_soon(self._request, session, message.key, args, waiting)
+        session.task_group.start_soon(
+            self._request, session, message.key, args, waiting, self._turns.take()
+        )
 
     async def _request(
-        self, session: Session, key: int, args: RequestArgs, waiting: _Waiting
+        self, session: Session, key: int, args: RequestArgs, waiting: _Waiting, turn: int
     ) -> None:
-        self._starting -= 1  # tasks run in the order started; this one queues now
         alloc: Allocation | None = None
         try:
             with waiting.scope:
-                if not self._admit_new.is_set():
-                    timeout = await self._wait_admission(args[4])
-                    args = (*args[:4], timeout, *args[5:])
+                timeout = await self._wait_turn(turn, args[4], counted=True)
+                self._turns.end(turn)  # the next may go once this one has queued: now
+                args = (*args[:4], timeout, *args[5:])
                 alloc = await self.arbiter._admit(args, current_backend(), owner=session)
         except Exception as exc:
             session.push(_failure(key, exc))
             return
         finally:
+            self._turns.end(turn)
             session.waiting.pop(key, None)
             self.changed()
         if alloc is None:
@@ -416,17 +462,16 @@ class SessionHost:
         session.push(Granted(key, alloc._number, holding.memory, alloc.quality, alloc.preempted))
         if self.on_grant is not None:
             self.on_grant(holding.priority, waited)
-        if configured():
-            log.debug(
-                "allocation granted",
-                id=alloc.id,
-                pid=session.pid,
-                label=alloc.label,
-                workload=holding.workload.value,
-                priority=holding.priority.name.lower(),
-                memory=holding.memory,
-                waited_s=round(waited, 6),
-            )
+        log.info(
+            "allocation granted",
+            id=alloc.id,
+            pid=session.pid,
+            label=alloc.label,
+            workload=holding.workload.value,
+            priority=holding.priority.name.lower(),
+            memory=holding.memory,
+            waited_s=round(waited, 6),
+        )
 
     async def _sync(self, session: Session, key: int) -> None:
         # Tasks run in the order they were started: one checkpoint lets the requests
@@ -435,21 +480,27 @@ class SessionHost:
         self.refresh_stats()
         session.push(Synced(key))
 
-    async def _wait_admission(self, timeout: Any) -> Any:
-        """Wait (a restarted daemon) until new grants are admitted; the timeout left.
-        A request that ends meanwhile never reached the arbiter's queue, and is counted
-        in its stats as such."""
+    async def _wait_turn(self, turn: int, timeout: Any, *, counted: bool) -> Any:
+        """Wait for ``turn``, and (a restarted daemon) until new grants are admitted;
+        returns the timeout left. A request that ends meanwhile never reached the
+        arbiter's queue, and is counted in its stats as such when ``counted``."""
+        turns = self._turns
+        if turns.up(turn) and self._admit_new.is_set():
+            return timeout
         limit = self.arbiter.config.allocation_timeout if timeout is DEFAULT else timeout
         started = anyio.current_time()
         try:
             with anyio.move_on_after(math.inf if limit is None else limit):
+                await turns.wait(turn)
                 await self._admit_new.wait()
         except BaseException:
-            self.arbiter._count_unqueued(Outcome.CANCELLED)  # withdrawn, or the session ended
+            if counted:  # withdrawn, or the session ended
+                self.arbiter._count_unqueued(Outcome.CANCELLED)
             raise
-        if not self._admit_new.is_set():
+        if not (turns.up(turn) and self._admit_new.is_set()):
             assert limit is not None
-            self.arbiter._count_unqueued(Outcome.TIMED_OUT)
+            if counted:
+                self.arbiter._count_unqueued(Outcome.TIMED_OUT)
             raise AllocationTimeout(limit)
         return None if limit is None else max(0.0, limit - (anyio.current_time() - started))
 
@@ -460,26 +511,43 @@ class SessionHost:
 
     def _start_resize(self, session: Session, message: Resize) -> None:
         alloc = session.held.get(message.alloc)
-        if alloc is None:
-            session.push(Failed(message.key, "runtime", [f"no allocation {message.alloc}"]))
+        timeout: Any = DEFAULT if message.default_timeout else message.timeout
+        try:
+            if alloc is None:
+                raise RuntimeError(f"no allocation {message.alloc}")
+            check_memory(message.memory, "memory")
+            if not isinstance(timeout, Default):
+                timeout = check_timeout(timeout)
+        except Exception as exc:
+            session.push(_failure(message.key, exc))
             return
         waiting = session.waiting[message.key] = _Waiting(
             alloc.workload, alloc.priority, message.memory, alloc.label, anyio.current_time()
         )
         assert session.task_group is not None
-        session.task_group.start_soon(self._resize, session, message, alloc, waiting)
+        session.task_group.start_soon(
+            self._resize, session, message, alloc, timeout, waiting, self._turns.take()
+        )
 
     async def _resize(
-        self, session: Session, message: Resize, alloc: Allocation, waiting: _Waiting
+        self,
+        session: Session,
+        message: Resize,
+        alloc: Allocation,
+        timeout: Any,
+        waiting: _Waiting,
+        turn: int,
     ) -> None:
-        timeout: Any = DEFAULT if message.default_timeout else message.timeout
         try:
             with waiting.scope:
-                await alloc.resize(message.memory, timeout=timeout)
+                timeout = await self._wait_turn(turn, timeout, counted=False)
+                self._turns.end(turn)  # a growth queues without yielding
+                await self.arbiter._resize(alloc, message.memory, timeout, yield_first=False)
         except Exception as exc:
             session.push(_failure(message.key, exc))
             return
         finally:
+            self._turns.end(turn)
             session.waiting.pop(message.key, None)
             self.changed()
         if waiting.scope.cancelled_caught:
@@ -509,6 +577,9 @@ class SessionHost:
             self.arbiter._set_busy(alloc, True)
         session.push(Reclaimed(reclaim.key, alloc._number, alloc.quality))
         log.info("allocation reclaimed", id=alloc.id, pid=session.pid, memory=alloc.memory)
+        if alloc.preempted:  # decided while the re-claim was on its way: nobody heard it
+            with self.arbiter._lock:
+                session.allocation_changed(alloc, True)
 
     # -- status -------------------------------------------------------------------
 
