@@ -252,7 +252,7 @@ class _RecordingBackend(httpcore.AsyncNetworkBackend):
         return Recording()
 
 
-async def test_the_cache_client_reads_the_socket_a_mebibyte_at_a_time(
+async def test_the_cache_client_reads_plain_http_in_wide_pieces(
     tmp_path, origin: OriginServer
 ) -> None:
     # httpcore asks for 64 KiB per read; each read costs the event loop a trip through

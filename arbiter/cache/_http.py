@@ -1,7 +1,7 @@
 """CdnFetcher: download one fragment from the CDN with retries, resumption and checks.
 
 A try streams the body with the shared ``httpx.AsyncClient`` (see `new_client`: it
-reads the socket 1 MiB at a time); the bytes are handed in batches to one writer thread
+reads the socket 256 KiB at a time); the bytes are handed in batches to one writer thread
 that stores them and hashes them (sha256 and the fast checksum) while they are in its
 core's cache, so the event loop only moves references and reading the next batch
 overlaps storing the last. A broken try is retried after an exponential backoff with
