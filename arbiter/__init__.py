@@ -45,7 +45,7 @@ from ._types import GiB, KiB, MemoryPressure, MiB, Priority, WorkloadType
 
 if TYPE_CHECKING:
     from .cache import CacheConfig, CacheStats, CacheTier, FragmentCache
-    from .remote import RemoteAllocation, RemoteArbiter
+    from .remote import RemoteArbiter
 
 # Imported at first use: the cache brings httpx and the client brings msgspec, which a
 # program that only allocates (or the `arbiter` command starting up) need not load.
@@ -54,7 +54,6 @@ _LAZY = {
     "CacheStats": "cache",
     "CacheTier": "cache",
     "FragmentCache": "cache",
-    "RemoteAllocation": "remote",
     "RemoteArbiter": "remote",
 }
 
@@ -108,7 +107,6 @@ __all__ = [
     "Priority",
     "QualityChanges",
     "QualityPolicy",
-    "RemoteAllocation",
     "RemoteArbiter",
     "SessionLost",
     "ShuttingDown",

@@ -19,7 +19,6 @@ import anyio.lowlevel
 from ._arguments import DEFAULT, Default, RequestArgs
 from ._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
 from ._checks import check_ratio
-from ._errors import Preempted
 from ._quality import size_for_quality
 from ._records import Holding
 from ._types import Priority, WorkloadType, check_memory, check_timeout
@@ -49,6 +48,10 @@ class AllocationPort(Protocol):
     def _set_busy(self, alloc: Allocation, busy: bool) -> None: ...
 
     def _watch(self, alloc: Allocation, delta: int) -> None: ...
+
+    def _cut_short(self, alloc: Allocation) -> BaseException:
+        """What the ``async with`` of an ``allocate()`` body that was cancelled raises."""
+        ...
 
 
 class Allocation:
@@ -345,5 +348,5 @@ class AllocationContext:
         finally:
             self._port.release_allocation(alloc)
         if alloc._scope.cancelled_caught:
-            raise Preempted(f"{alloc.id} was preempted by a higher priority")
+            raise self._port._cut_short(alloc)
         return swallowed

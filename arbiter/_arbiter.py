@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from itertools import count
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self, cast
 
 import anyio
 import anyio.abc
@@ -38,6 +38,7 @@ from ._errors import (
     AllocationTimeout,
     InsufficientMemory,
     InsufficientQuality,
+    Preempted,
     ShuttingDown,
 )
 from ._gpu import GpuReading, MemoryProbe
@@ -53,10 +54,21 @@ from ._types import (
     coerce_workload,
 )
 
-__all__ = ["Arbiter"]
+__all__ = ["AllocationOwner", "Arbiter"]
 
 # Enum members are looked up through their metaclass; the grant path reads these.
 _GRANTED, _FAILED, _PREEMPT, _QUALITY = Event.GRANTED, Event.FAILED, Event.PREEMPT, Event.QUALITY
+
+
+class AllocationOwner(Protocol):
+    """Who holds allocations besides the arbiter itself: a daemon's client session."""
+
+    def allocation_changed(self, alloc: Allocation, preempted: bool) -> None:
+        """``alloc`` was asked to give its memory back (``preempted``), or its quality
+        target moved.
+        Called under the arbiter's lock, in whichever thread decided it: it must not
+        call back into the arbiter's public methods."""
+        ...
 
 
 class Arbiter:
@@ -290,7 +302,11 @@ class Arbiter:
         return AllocationContext(self, args)
 
     async def _admit(
-        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
+        self,
+        args: RequestArgs,
+        backend: Backend,
+        scope: CancelScopeLike | None = None,
+        owner: AllocationOwner | None = None,
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
@@ -305,6 +321,9 @@ class Arbiter:
         ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
         be granted: a preemption that comes before the body starts (from any thread)
         cancels it, and the body starts cancelled.
+        ``owner`` (a daemon's session) is told of the allocation's preemption and quality
+        changes, and can have everything it holds released at once (`_release_owner`);
+        by default the arbiter itself owns it.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
@@ -325,7 +344,9 @@ class Arbiter:
         loop = backend.loop()
         clock = loop.clock
         started = clock()
-        holding = Holding(workload, priority, memory, min_memory, preemptible, keep_alive, self)
+        holding = Holding(
+            workload, priority, memory, min_memory, preemptible, keep_alive, owner or self
+        )
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         alloc._scope = scope
         request: NewAllocation | None = None
@@ -415,6 +436,34 @@ class Arbiter:
             with self._lock:
                 self._ledger.count_unqueued(Outcome.CANCELLED)
             raise
+
+    def _grant_at_once(self, args: RequestArgs, owner: AllocationOwner) -> Allocation | None:
+        """Grant ``args`` to ``owner`` now, if nothing waits and it fits; else ``None``
+        and nothing changed. It never waits nor yields: it serves a daemon's request
+        message, whose client's own call was the checkpoint."""
+        (workload, priority, memory, min_memory, _timeout, min_quality, preemptible,
+         keep_alive, label) = args  # fmt: skip
+        if min_quality is not None:
+            return None
+        smallest = memory if min_memory is None else min_memory
+        loop = current_backend().loop()
+        holding = Holding(workload, priority, memory, min_memory, preemptible, keep_alive, owner)
+        ledger = self._ledger
+        with self._lock:
+            if self._closed or not ledger.grant_now(holding, smallest, memory, self._now()):
+                return None
+            alloc = holding.ticket = Allocation(
+                self, holding, loop, next(self._ids), label, loop.clock()
+            )
+        if keep_alive is not None:
+            self._poke_timer()
+        return alloc
+
+    def _count_unqueued(self, outcome: Outcome) -> None:
+        """Count a request that ended before it reached the core's queue (a daemon's,
+        held back while a restarted daemon admits re-claims first)."""
+        with self._lock:
+            self._ledger.count_unqueued(outcome)
 
     async def _refuse(self, backend: Backend) -> None:
         """The checkpoint of a request refused at once, and its count."""
@@ -563,8 +612,16 @@ class Arbiter:
             )
 
     async def _resize(
-        self, alloc: Allocation, memory: int, timeout: float | Default | None
+        self,
+        alloc: Allocation,
+        memory: int,
+        timeout: float | Default | None,
+        *,
+        yield_first: bool = True,
     ) -> None:
+        """Resize ``alloc`` (arguments checked by the handle). ``yield_first=False`` is a
+        daemon growing it for a client, whose own call was the checkpoint: the growth
+        queues before anything else runs, in the order the client's messages came."""
         holding = alloc._holding
         if holding.min_memory is not None and memory < holding.min_memory:
             raise ValueError(f"memory must be >= min_memory ({holding.min_memory}), got {memory}")
@@ -579,7 +636,10 @@ class Arbiter:
             await backend.checkpoint()
             return
         # Growing is a request: a checkpoint first, on every path (rule 8).
-        await backend.checkpoint()
+        if yield_first:
+            await backend.checkpoint()
+        else:
+            await backend.checkpoint_if_cancelled()
         loop = backend.loop()
         clock = loop.clock
         started = clock()
@@ -623,6 +683,24 @@ class Arbiter:
     def _watch(self, alloc: Allocation, delta: int) -> None:
         self._ledger.watch(alloc._holding, delta)  # the caller holds the lock
 
+    def _cut_short(self, alloc: Allocation) -> BaseException:
+        return Preempted(f"{alloc.id} was preempted by a higher priority")
+
+    # == owners (a daemon's sessions) ==========================================
+
+    def _release_owner(self, owner: AllocationOwner) -> None:
+        """Release everything ``owner`` holds and withdraw what it waits for, in one
+        step of the core (a session that ended). Any thread."""
+        ledger = self._ledger
+        with self._lock:
+            held = [h.ticket for h in ledger.holdings() if h.owner is owner]
+            ledger.release_owner(owner, self._now())
+            for alloc in held:
+                assert isinstance(alloc, Allocation)
+                alloc._signal_preempt()
+                alloc._signal_quality()
+        self._poke_timer()
+
     # == what the core reports (under the lock) ================================
 
     def _on_event(self, event: Event, ticket: Any) -> None:
@@ -632,9 +710,15 @@ class Arbiter:
             assert isinstance(ticket, Allocation)
             debug("allocation preempted", id=ticket.id, memory=ticket.memory)
             ticket._on_preempt()
+            owner = ticket._holding.owner
+            if owner is not self:
+                cast(AllocationOwner, owner).allocation_changed(ticket, True)
         elif event is _QUALITY:
             assert isinstance(ticket, Allocation)
             ticket._signal_quality()
+            owner = ticket._holding.owner
+            if owner is not self:
+                cast(AllocationOwner, owner).allocation_changed(ticket, False)
         else:  # RETIME: the waiter re-parks with the new deadline; the timer looks again
             ticket.wake()
             self._poke_timer()
@@ -662,6 +746,21 @@ class Arbiter:
         workload, priority = coerce_workload(workload), coerce_priority(priority)
         with self._lock:
             return self._ledger.recommended(workload, priority)
+
+    def _recommended_table(self) -> list[float]:
+        """`recommended_quality` of every workload and priority (declaration order,
+        priorities within workloads), read at one moment: a daemon's snapshot."""
+        ledger = self._ledger
+        by_family: dict[Family, list[float]] = {}
+        table: list[float] = []
+        with self._lock:
+            for workload in WorkloadType:
+                family = Family.of(workload)
+                row = by_family.get(family)
+                if row is None:
+                    row = by_family[family] = [ledger.recommended(workload, p) for p in Priority]
+                table += row
+        return table
 
     def state(self) -> ArbiterState:
         """A snapshot of what is held, used and waiting now."""

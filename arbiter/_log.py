@@ -26,40 +26,58 @@ def configured() -> bool:
     return structlog is not None and bool(structlog.is_configured())
 
 
-def _logger() -> Any:
-    import structlog
-
-    if structlog.is_configured():
-        # A lazy proxy: it reads structlog's configuration at every call.
-        return structlog.get_logger("arbiter")
-    # Built per call: warnings are rare, and sys.stderr may have been replaced since.
-    return structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
-
-
 class ArbiterLog:
     """The ``"arbiter"`` structlog logger, on stderr while structlog is unconfigured."""
 
-    __slots__ = ()
+    # The program's logger and the configuration it was made for. One proxy per
+    # configuration: a proxy finalizes itself on first use when the configuration says
+    # so (``cache_logger_on_first_use``), which a fresh proxy per call would never do.
+    __slots__ = ("_made",)
+
+    def __init__(self) -> None:
+        self._made: tuple[tuple[object, object, object], Any] | None = None
+
+    def _logger(self) -> Any:
+        import structlog
+
+        if not structlog.is_configured():
+            # Built per call: warnings are rare, and sys.stderr may have been replaced.
+            return structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
+        config = structlog.get_config()
+        processors, wrapper_class = config["processors"], config["wrapper_class"]
+        logger_factory = config["logger_factory"]
+        made = self._made
+        if made is not None:
+            (made_processors, made_wrapper_class, made_logger_factory), logger = made
+            if (
+                made_processors is processors
+                and made_wrapper_class is wrapper_class
+                and made_logger_factory is logger_factory
+            ):
+                return logger
+        logger = structlog.get_logger("arbiter")
+        self._made = ((processors, wrapper_class, logger_factory), logger)
+        return logger
 
     def debug(self, event: str, **fields: Any) -> None:
         """Log at debug level."""
-        _logger().debug(event, **fields)
+        self._logger().debug(event, **fields)
 
     def info(self, event: str, **fields: Any) -> None:
         """Log at info level."""
-        _logger().info(event, **fields)
+        self._logger().info(event, **fields)
 
     def warning(self, event: str, **fields: Any) -> None:
         """Log at warning level."""
-        _logger().warning(event, **fields)
+        self._logger().warning(event, **fields)
 
     def error(self, event: str, **fields: Any) -> None:
         """Log at error level."""
-        _logger().error(event, **fields)
+        self._logger().error(event, **fields)
 
     def exception(self, event: str, **fields: Any) -> None:
         """Log at error level with the exception being handled."""
-        _logger().exception(event, **fields)
+        self._logger().exception(event, **fields)
 
 
 log = ArbiterLog()
@@ -68,7 +86,7 @@ log = ArbiterLog()
 def note(event: str, **fields: Any) -> None:
     """Log a routine event at info level, only when structlog is configured."""
     if configured():
-        _logger().info(event, **fields)
+        log.info(event, **fields)
 
 
 def debug(event: str, **fields: Any) -> None:
@@ -77,4 +95,4 @@ def debug(event: str, **fields: Any) -> None:
     Hot paths test `configured` themselves before building fields.
     """
     if configured():
-        _logger().debug(event, **fields)
+        log.debug(event, **fields)

@@ -6,12 +6,14 @@ import hashlib
 import threading
 
 import anyio
+import httpcore
 import pytest
 from cache_helpers import make_config, make_fragments, origin
 from origin_server import OriginServer
 
 from arbiter import FragmentUnavailable, IntegrityError, MiB
 from arbiter.cache import CacheTier, FragmentCache
+from arbiter.cache._client import WIDE_READ, new_client
 
 __all__ = ["origin"]
 
@@ -223,3 +225,43 @@ async def test_a_failing_disk_write_ends_the_get_cleanly(tmp_path, origin, monke
         monkeypatch.undo()
         assert bytes(await cache.get("frag/00")) == fragments["frag/00"]
     assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+
+
+class _RecordingBackend(httpcore.AsyncNetworkBackend):
+    """anyio's network backend, recording how many bytes each read asks for."""
+
+    def __init__(self) -> None:
+        self.inner = httpcore.AnyIOBackend()
+        self.asked: list[int] = []
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        stream = await self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        backend = self
+
+        class Recording(httpcore.AsyncNetworkStream):
+            async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+                backend.asked.append(max_bytes)
+                return await stream.read(max_bytes, timeout)
+
+            async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+                await stream.write(buffer, timeout)
+
+            async def aclose(self) -> None:
+                await stream.aclose()
+
+        return Recording()
+
+
+async def test_the_cache_client_reads_plain_http_in_wide_pieces(
+    tmp_path, origin: OriginServer
+) -> None:
+    # httpcore asks for 64 KiB per read; each read costs the event loop a trip through
+    # httpcore, h11 and httpx, so the cache's client asks for WIDE_READ.
+    fragments = make_fragments(1, 3 * MiB)
+    origin.files.update(fragments)
+    backend = _RecordingBackend()
+    config = make_config(tmp_path, fragments, cdn_url=origin.url)
+    async with new_client(config, network_backend=backend) as client:
+        response = await client.get(f"{origin.url}frag/00")
+    assert response.content == fragments["frag/00"]
+    assert backend.asked and set(backend.asked) == {WIDE_READ}

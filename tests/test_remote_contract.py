@@ -16,6 +16,7 @@ import pytest
 from remote_helpers import LINUX_ONLY, daemon, daemon_log
 
 from arbiter import (
+    Allocation,
     AllocationTimeout,
     Arbiter,
     ArbiterConfig,
@@ -78,6 +79,7 @@ async def test_grant_at_once_and_state(arbiter: Any) -> None:
     )  # fmt: skip
     assert isinstance(alloc.id, str) and 0 < alloc.quality <= 1.0
     assert not alloc.released and not alloc.preempted
+    assert type(alloc) is Allocation  # one handle type, over either port
     state = arbiter.state()
     assert isinstance(state, ArbiterState)
     assert state.vram_used == 4 * GiB and state.active_llm_workloads >= 1

@@ -214,7 +214,7 @@ async def test_no_daemon_is_arbiter_unavailable(tmp_path: Path) -> None:
 def test_wrong_protocol_version_is_refused_clearly(shared: Path) -> None:
     import msgspec
 
-    from arbiter.remote._wire import Hello, frame
+    from arbiter.remote._wire import PROTOCOL_VERSION, Hello, frame
 
     with socket.socket(socket.AF_UNIX) as raw:
         raw.settimeout(10)
@@ -222,7 +222,7 @@ def test_wrong_protocol_version_is_refused_clearly(shared: Path) -> None:
         raw.sendall(frame(msgspec.msgpack.encode(Hello(version=99))))
         reply = msgspec.msgpack.decode(raw.recv(65536)[4:])
     assert reply["type"] == "Refused" and reply["reason"] == "version"
-    assert "protocol 1" in reply["message"] and "99" in reply["message"]
+    assert f"protocol {PROTOCOL_VERSION}" in reply["message"] and "99" in reply["message"]
 
 
 def test_second_daemon_on_a_live_socket_exits_2(shared: Path) -> None:
@@ -307,7 +307,7 @@ def test_daemon_kill_9_and_restart_keeps_a_live_holder(
     tmp_path: Path, clients: list[Client]
 ) -> None:
     sock = tmp_path / "restart.sock"
-    first = start_daemon(sock, "--ttl", "1.5")
+    first = start_daemon(sock, "--ttl", "3")
     try:
         holder = body(sock, 6, "normal")
         clients.append(holder)
@@ -316,7 +316,7 @@ def test_daemon_kill_9_and_restart_keeps_a_live_holder(
         first.wait(timeout=10)
     finally:
         stop(first)
-    with daemon(sock, "--ttl", "1.5") as second:
+    with daemon(sock, "--ttl", "3") as second:
         wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
         newcomer = hold(sock, 6, "normal", timeout=10)  # waits: the re-claim holds 6 GiB
         clients.append(newcomer)
@@ -346,7 +346,7 @@ def test_sigterm_restart_within_the_ttl_keeps_a_live_holder(
     tmp_path: Path, clients: list[Client]
 ) -> None:
     sock = tmp_path / "handover.sock"
-    first = start_daemon(sock, "--ttl", "2")
+    first = start_daemon(sock, "--ttl", "3")
     try:
         holder = body(sock, 6, "normal")
         clients.append(holder)
@@ -354,7 +354,7 @@ def test_sigterm_restart_within_the_ttl_keeps_a_live_holder(
     finally:
         assert stop(first, signal.SIGTERM) == 0
     assert not sock.exists()
-    with daemon(sock, "--ttl", "2"):
+    with daemon(sock, "--ttl", "3"):
         wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
         newcomer = hold(sock, 6, "user_facing", timeout=10)  # waits behind the re-claim
         clients.append(newcomer)

@@ -4,6 +4,7 @@ reads its replies. A real daemon process."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import time
@@ -16,7 +17,7 @@ import pytest
 from remote_helpers import start_daemon, status_json, stop
 
 from arbiter import GiB
-from arbiter.remote._wire import PROTOCOL_VERSION, Hello, Reclaim, Request, Status
+from arbiter.remote._wire import PROTOCOL_VERSION, Hello, Reclaim, Request, Status, Withdraw
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix sockets")
 
@@ -102,3 +103,88 @@ def test_a_client_that_never_reads_is_cut_off_and_the_daemon_goes_on(daemon: Pat
         assert cut_off, "the daemon kept queueing replies for a client that never reads"
     until(lambda: status_json(daemon)["state"]["vram_used"] == 0)
     assert status_json(daemon)["holders"] == []
+
+
+def _granted_keys(client: socket.socket, count: int, limit: float = 10.0) -> list[int]:
+    """Read frames until ``count`` grants have come; their keys in arrival order."""
+    client.settimeout(limit)
+    data, keys = b"", []
+    while len(keys) < count:
+        chunk = client.recv(65536)
+        assert chunk, "the daemon closed the session"
+        data += chunk
+        while len(data) >= 4 and len(data) >= 4 + struct.unpack("!I", data[:4])[0]:
+            size = struct.unpack("!I", data[:4])[0]
+            message = msgspec.msgpack.decode(data[4 : 4 + size])
+            data = data[4 + size :]
+            if isinstance(message, list) and message[0] == "Granted":
+                keys.append(message[1])
+    return keys
+
+
+def test_a_request_that_fits_does_not_pass_one_that_waits_in_the_same_read(
+    daemon: Path,
+) -> None:
+    # The daemon grants a request that fits without a task; one read that holds a
+    # waiting request and then a fitting one must still keep their order.
+    with socket.socket(socket.AF_UNIX) as holder, socket.socket(socket.AF_UNIX) as client:
+        holder.connect(str(daemon))
+        holder.sendall(frame(Hello(PROTOCOL_VERSION)))
+        holder.sendall(frame(Request(1, "llm_inference", 1, 8 * GiB, None, 5.0, False, None,
+                                     True, None, "holder")))  # fmt: skip
+        assert _granted_keys(holder, 1) == [1]
+        client.connect(str(daemon))
+        client.sendall(frame(Hello(PROTOCOL_VERSION)))
+        big = Request(1, "llm_inference", 1, 4 * GiB, None, 10.0, False, None, True, None, "b")
+        small = Request(2, "llm_inference", 1, GiB, None, 10.0, False, None, True, None, "s")
+        client.sendall(frame(big) + frame(small))
+        until(lambda: status_json(daemon)["state"]["waiting"] == 2)
+        assert status_json(daemon)["state"]["vram_used"] == 8 * GiB
+        holder.close()  # its session ends: its 8 GiB go to the queue, in order
+        assert _granted_keys(client, 2) == [1, 2]
+    until(lambda: status_json(daemon)["state"]["vram_used"] == 0)
+
+
+def test_requests_that_end_while_a_restarted_daemon_holds_new_grants_are_counted(
+    tmp_path: Path,
+) -> None:
+    # A daemon that starts on a stale socket grants nothing new for its ttl; what times
+    # out or is withdrawn meanwhile never reaches the arbiter's queue, and still counts.
+    sock = tmp_path / "stale.sock"
+    first = start_daemon(sock, "--ttl", "30", vram_gb=10)
+    stop(first, signal.SIGKILL)
+    second = start_daemon(sock, "--ttl", "30", vram_gb=10)
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(sock))
+            client.sendall(frame(Hello(PROTOCOL_VERSION)))
+            timing_out = Request(
+                1, "llm_inference", 1, GiB, None, 0.2, False, None, True, None, "t"
+            )
+            withdrawn = Request(
+                2, "llm_inference", 1, GiB, None, 20.0, False, None, True, None, "w"
+            )
+            client.sendall(frame(timing_out) + frame(withdrawn) + frame(Withdraw(2)))
+            until(lambda: status_json(sock)["stats"]["total_allocations"] == 2, limit=10)
+            stats = status_json(sock)["stats"]
+            assert (stats["failed_allocations"], stats["timeouts"], stats["cancelled"]) == (1, 1, 1)
+            assert stats["successful_allocations"] == 0
+    finally:
+        stop(second, timeout=10)
+
+
+def test_a_withdrawal_in_the_same_read_as_its_request_takes_it_out_of_the_queue(
+    daemon: Path,
+) -> None:
+    with socket.socket(socket.AF_UNIX) as holder, socket.socket(socket.AF_UNIX) as client:
+        holder.connect(str(daemon))
+        holder.sendall(frame(Hello(PROTOCOL_VERSION)))
+        holder.sendall(frame(Request(1, "llm_inference", 1, 8 * GiB, None, 5.0, False, None,
+                                     True, None, "holder")))  # fmt: skip
+        assert _granted_keys(holder, 1) == [1]
+        client.connect(str(daemon))
+        client.sendall(frame(Hello(PROTOCOL_VERSION)))
+        waits = Request(1, "llm_inference", 1, 4 * GiB, None, 30.0, False, None, True, None, "w")
+        client.sendall(frame(waits) + frame(Withdraw(1)))
+        until(lambda: status_json(daemon)["stats"]["cancelled"] == 1)
+        assert status_json(daemon)["state"]["waiting"] == 0

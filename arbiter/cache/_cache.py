@@ -21,6 +21,7 @@ from .._config import ArbiterConfig
 from .._errors import FragmentError, FragmentUnavailable
 from .._log import log
 from ._buffer import Buffer, Reaper
+from ._client import new_client
 from ._config import CacheConfig
 from ._flight import Flight, ProgressCallback, ProgressTracker
 from ._http import CdnFetcher
@@ -123,7 +124,7 @@ class FragmentCache:
                 await self._vram.open(self._tg)
             if self._config.cdn_url is not None:
                 # Building a client loads the TLS trust store: tens of ms, not on the loop.
-                self._client = await anyio.to_thread.run_sync(self._new_client)
+                self._client = await anyio.to_thread.run_sync(new_client, self._config)
                 fetcher = CdnFetcher(self._client, self._config, self._stats)
         except BaseException:
             self._state = "closed"
@@ -134,16 +135,6 @@ class FragmentCache:
         self._loader = Loader(self._config, self._disk, self._stats, fetcher)
         self._state = "open"
         return self
-
-    def _new_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            timeout=httpx.Timeout(self._config.http_timeout),
-            limits=httpx.Limits(
-                max_connections=self._config.max_concurrent_fetches,
-                max_keepalive_connections=self._config.max_concurrent_fetches,
-            ),
-            follow_redirects=True,
-        )
 
     async def __aexit__(
         self,

@@ -1,9 +1,10 @@
 """CdnFetcher: download one fragment from the CDN with retries, resumption and checks.
 
-A try streams the body with the shared ``httpx.AsyncClient``; the bytes are handed in
-batches to one writer thread that stores them (and takes the fast checksum), while a
-second thread computes the sha256 of what was stored behind it, so the event loop
-only moves references. A broken try is retried after an exponential backoff with
+A try streams the body with the shared ``httpx.AsyncClient`` (see `new_client`: it
+reads the socket 256 KiB at a time); the bytes are handed in batches to one writer thread
+that stores them and hashes them (sha256 and the fast checksum) while they are in its
+core's cache, so the event loop only moves references and reading the next batch
+overlaps storing the last. A broken try is retried after an exponential backoff with
 jitter, resuming with a ``Range`` request from the last byte stored; a server that
 answers ``200`` to a ``Range`` request is followed from byte 0. A body longer than
 the manifest's size is cut off and refused, and so is a body whose sha256 differs:
@@ -27,7 +28,7 @@ from .._log import log, note
 from .._types import format_bytes
 from ._config import CacheConfig
 from ._flight import BytesProgress
-from ._sink import DownloadSink, Regions
+from ._sink import DownloadSink
 from ._stats import CacheStatsRecorder, CacheTier
 
 __all__ = ["CdnFetcher"]
@@ -182,7 +183,7 @@ class CdnFetcher:
     ) -> None:
         """Stream the body into ``sink``: the loop only gathers references into batches,
         one writer thread (fed through a bounded queue, so a slow disk holds the network
-        back) stores them, and a sha256 thread follows the writer."""
+        back) stores and hashes them."""
         due = sink.info.size - sink.offset
         batch_size = self._config.write_chunk_size
         received = self._stats.bytes_read
@@ -205,17 +206,8 @@ class CdnFetcher:
                 )
             except Exception as exc:
                 write_error = exc
-            finally:
-                sink.stop_hashing()  # the thread did, unless it never started (cancelled)
-
-        async def hasher(regions: Regions) -> None:
-            limiter = anyio.CapacityLimiter(1)
-            await anyio.to_thread.run_sync(sink.hash_behind, regions, limiter=limiter)
 
         async with anyio.create_task_group() as tg:
-            regions = sink.start_hashing()
-            if regions is not None:
-                tg.start_soon(hasher, regions)  # ended by the writer thread, whatever happens
             tg.start_soon(writer)
             batch: list[bytes] = []
             pending = 0
@@ -255,15 +247,12 @@ def _write_batches(
 ) -> None:
     """The writer thread: store each batch until ``None``; after a failure, only drain."""
     error: Exception | None = None
-    try:
-        while (batch := batches.get()) is not None:
-            if error is None:
-                try:
-                    sink.write(batch)
-                except Exception as exc:
-                    error = exc
-                    failed.set()
-    finally:
-        sink.stop_hashing()
+    while (batch := batches.get()) is not None:
+        if error is None:
+            try:
+                sink.write(batch)
+            except Exception as exc:
+                error = exc
+                failed.set()
     if error is not None:
         raise error

@@ -1,8 +1,8 @@
-"""Cross-process arbitration: the ``arbiter serve`` daemon and `RemoteArbiter`."""
+"""Cross-process arbitration: the ``arbiter serve`` daemon and `RemoteArbiter`, whose
+allocations are `arbiter.Allocation` handles over the daemon's port."""
 
 from __future__ import annotations
 
 from ._client import RemoteArbiter
-from ._handle import RemoteAllocation, RemoteAllocationContext
 
-__all__ = ["RemoteAllocation", "RemoteAllocationContext", "RemoteArbiter"]
+__all__ = ["RemoteArbiter"]

@@ -13,7 +13,9 @@ session the daemon ended (silent past the ttl) loses everything with `SessionLos
 
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 import os
 import threading
 from pathlib import Path
@@ -27,7 +29,9 @@ import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 
+from .._allocation import Allocation, AllocationContext
 from .._arguments import DEFAULT, Default, RequestArgs, check_request
+from .._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
 from .._config import ArbiterConfig
 from .._errors import (
     AllocationTimeout,
@@ -35,10 +39,12 @@ from .._errors import (
     ArbiterUnavailable,
     InsufficientMemory,
     InsufficientQuality,
+    Preempted,
     SessionLost,
     ShuttingDown,
 )
 from .._log import log, note
+from .._records import Holding
 from .._stats import ArbiterState, ArbiterStats
 from .._types import (
     Priority,
@@ -46,7 +52,6 @@ from .._types import (
     coerce_priority,
     coerce_workload,
 )
-from ._handle import RemoteAllocation, RemoteAllocationContext
 from ._wire import (
     PROTOCOL_VERSION,
     Busy,
@@ -118,13 +123,38 @@ def _error(failed: Failed) -> Exception:
         return ArbiterError(f"the daemon answered {kind} {args!r}")
 
 
+class MirroredHolding(Holding):
+    """The client's copy of the daemon's record of one allocation: what the daemon last
+    said of it (``memory``, ``preempt_requested``, ``notified_quality``), written only
+    under the `RemoteArbiter`'s lock. ``key`` names it in this client's messages,
+    ``instance`` is the daemon that granted it, ``lost`` why the session lost it."""
+
+    __slots__ = ("instance", "key", "lost")
+
+    def __init__(self, key: int, args: RequestArgs, instance: str | None) -> None:
+        (workload, priority, memory, min_memory, _timeout, _min_quality, preemptible,
+         keep_alive, _label) = args  # fmt: skip
+        super().__init__(workload, priority, memory, min_memory, preemptible, keep_alive)
+        self.key = key
+        self.instance = instance
+        self.lost: BaseException | None = None
+
+
+def _mirror(alloc: Allocation) -> MirroredHolding:
+    holding = alloc._holding
+    assert isinstance(holding, MirroredHolding)
+    return holding
+
+
 class _Pending:
-    """A call waiting for the daemon's answer."""
+    """A call waiting for the daemon's answer: the reader sets it and wakes the caller
+    (both on the owning loop)."""
 
-    __slots__ = ("answer", "error", "event")
+    __slots__ = ("answer", "error", "parker")
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
+    def __init__(self, parker: Parker) -> None:
+        parker.arm()
+        self.parker = parker
         self.answer: Any = None
         self.error: BaseException | None = None
 
@@ -177,10 +207,15 @@ class RemoteArbiter:
             raise TypeError(f"socket must be a path or None, got {socket!r}")
         self._path = Path(socket) if socket is not None else default_socket_path(device)
         self._keys = itertools.count(1)
-        self._allocations: dict[int, RemoteAllocation] = {}
-        self._pending_args: dict[int, RequestArgs] = {}
+        # Guards the mirrored holdings and the handles' wake-up lists (`AllocationPort`).
+        self._lock = threading.Lock()
+        self._allocations: dict[int, Allocation] = {}
+        # Requests on their way: their arguments, the requester's loop, when they began.
+        self._pending_args: dict[int, tuple[RequestArgs, LoopEntry, float]] = {}
         # Resizes withdrawn while waiting, until the daemon answers: (allocation, old size).
-        self._withdrawn_resizes: dict[int, tuple[RemoteAllocation, int]] = {}
+        self._withdrawn_resizes: dict[int, tuple[Allocation, int]] = {}
+        # Resizes on their way, by their keys: the answer is mirrored as it is read.
+        self._resizing: dict[int, Allocation] = {}
         self._connection: _Connection | None = None
         self._instance: str | None = None
         self._connecting = anyio.Lock()
@@ -198,6 +233,7 @@ class RemoteArbiter:
         # other threads' loops are run there (anyio.from_thread with its token).
         self._owner_thread: int | None = None
         self._token: Any = None
+        self._home: LoopEntry | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self._connection else "idle"
@@ -229,6 +265,7 @@ class RemoteArbiter:
             raise RuntimeError("this RemoteArbiter is already entered")
         self._owner_thread = threading.get_ident()
         self._token = anyio.lowlevel.current_token()
+        self._home = current_backend().loop()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -314,7 +351,7 @@ class RemoteArbiter:
             with lock:
                 box["result"] = result
                 abandoned = box["abandoned"]
-            if abandoned and isinstance(result, RemoteAllocation):
+            if abandoned and isinstance(result, Allocation):
                 result.release()
             return result
 
@@ -324,7 +361,7 @@ class RemoteArbiter:
             with lock:
                 box["abandoned"] = True
                 scope, result = box["scope"], box["result"]
-            if isinstance(result, RemoteAllocation):
+            if isinstance(result, Allocation):
                 result.release()
             elif scope is not None:
                 self._in_owner_sync(scope.cancel)
@@ -338,9 +375,7 @@ class RemoteArbiter:
         closed = ShuttingDown("the RemoteArbiter closed")
         if connection is not None:
             self._end(connection, closed)
-        for alloc in list(self._allocations.values()):
-            alloc._lose(closed)
-        self._allocations.clear()
+        self._lose_all(closed)
         if self._reconnected is not None:
             self._reconnected.set()
         if self._services is not None:
@@ -464,13 +499,32 @@ class RemoteArbiter:
         connection.closed = True
         self._withdrawn_resizes.clear()
         for pending in connection.pending.values():
-            pending.error = error
-            pending.event.set()
+            pending.error = copy.copy(error)  # each raise its own traceback
+            pending.parker.wake()
         connection.pending.clear()
         if not keep_held:
-            for alloc in list(self._allocations.values()):
-                alloc._lose(error)
-            self._allocations.clear()
+            self._lose_all(error)
+
+    def _lose_all(self, error: BaseException) -> None:
+        allocations = list(self._allocations.values())
+        self._allocations.clear()
+        for alloc in allocations:
+            self._lose(alloc, error)
+
+    def _lose(self, alloc: Allocation, error: BaseException) -> None:
+        """The session's allocation is gone: its body is cancelled, and raises ``error``."""
+        holding = _mirror(alloc)
+        with self._lock:
+            if holding.released:
+                return
+            holding.released = True
+            holding.memory = 0
+            holding.lost = error
+            scope = alloc._scope
+            if scope is not None:
+                alloc._loop.call(scope.cancel)
+            alloc._signal_preempt()
+            alloc._signal_quality()
 
     async def _reconnect(self) -> None:
         """Re-claim held allocations from a daemon back within the ttl, or lose them."""
@@ -478,7 +532,7 @@ class RemoteArbiter:
         deadline = anyio.current_time() + self._ttl
         try:
             while not self._closed and self._allocations:
-                reclaims = [alloc._reclaim() for alloc in self._allocations.values()]
+                reclaims = [self._reclaim(alloc) for alloc in self._allocations.values()]
                 try:
                     async with self._connecting:
                         await self._open(reclaims)
@@ -491,9 +545,7 @@ class RemoteArbiter:
             error = ArbiterUnavailable(
                 f"the arbiter daemon on {self._path} did not come back within {self._ttl:g} s"
             )
-            for alloc in list(self._allocations.values()):
-                alloc._lose(error)
-            self._allocations.clear()
+            self._lose_all(error)
         finally:
             event, self._reconnected = self._reconnected, None
             event.set()
@@ -543,35 +595,43 @@ class RemoteArbiter:
         elif isinstance(message, Update):
             alloc = self._allocations.get(message.key)
             if alloc is not None:
-                alloc._update(message.memory, message.quality, message.preempted)
+                self._update(alloc, message.quality, message.preempted)
         elif isinstance(message, Granted):
             pending = connection.pending.pop(message.key, None)
-            args = self._pending_args.get(message.key)
-            if pending is None or args is None:
+            requested = self._pending_args.get(message.key)
+            if pending is None or requested is None:
                 connection.send(Release(message.key))  # withdrawn: given back
                 return
-            alloc = RemoteAllocation._granted(self, message, args)
+            args, loop, started = requested
+            holding = MirroredHolding(message.key, args, connection.instance)
+            holding.memory = message.memory
+            holding.notified_quality = message.quality
+            holding.preempt_requested = message.preempted
+            alloc = holding.ticket = Allocation(
+                self, holding, loop, message.number, args[-1], started
+            )
             self._allocations[message.key] = alloc
             pending.answer = alloc
-            pending.event.set()
-            if message.preempted:
-                alloc._update(alloc.memory, alloc.quality, True)
+            pending.parker.wake()
         elif isinstance(message, Reclaimed):
             alloc = self._allocations.get(message.key)
             if alloc is None:
-                if message.id is not None:
+                if message.number is not None:
                     connection.send(Release(message.key))
-            elif message.id is None:
+            elif message.number is None:
                 del self._allocations[message.key]
+                mirror = _mirror(alloc)
                 error: BaseException = (
                     SessionLost("the daemon ended this session (silent past its ttl)")
-                    if connection.instance == alloc._instance
+                    if connection.instance == mirror.instance
                     else ArbiterUnavailable("the restarted arbiter daemon could not re-admit it")
                 )
-                alloc._lose(error)
+                self._lose(alloc, error)
             else:
-                alloc._instance = connection.instance
-                alloc._update(alloc.memory, message.quality, alloc.preempted)
+                mirror = _mirror(alloc)
+                mirror.instance = connection.instance
+                alloc._number = message.number  # its id with this daemon
+                self._update(alloc, message.quality, mirror.preempt_requested)
         elif isinstance(message, Failed | Resized | Synced | StatusReply):
             pending = connection.pending.pop(message.key, None)
             self._pending_args.pop(message.key, None)
@@ -580,27 +640,31 @@ class RemoteArbiter:
                 alloc, size = withdrawn
                 if not alloc.released and message.memory > size:
                     key = next(self._keys)  # shrinking back: answered at once, not awaited
-                    connection.send(Resize(key, alloc._key, size, 0.0, False))
+                    connection.send(Resize(key, _mirror(alloc).key, size, 0.0, False))
             if pending is not None:
                 if isinstance(message, Failed):
                     pending.error = _error(message)
                 else:
+                    if isinstance(message, Resized):
+                        resized = self._resizing.get(message.key)
+                        if resized is not None:
+                            self._mirror_resize(resized, message)
                     pending.answer = message
-                pending.event.set()
+                pending.parker.wake()
         elif isinstance(message, Error):
             log.warning("arbiter daemon reported an error", message=message.message)
 
     async def _call(self, connection: _Connection, key: int, message: Any) -> Any:
         """Send ``message`` and wait for its answer; a cancelled wait is withdrawn."""
-        pending = connection.pending[key] = _Pending()
+        pending = connection.pending[key] = _Pending(current_backend().parker())
         connection.send(message)
         try:
-            await pending.event.wait()
+            await pending.parker.park(math.inf)
         except BaseException:
             if pending.answer is None and pending.error is None:
                 connection.pending.pop(key, None)
                 connection.send(Withdraw(key))
-            elif isinstance(pending.answer, RemoteAllocation):
+            elif isinstance(pending.answer, Allocation):
                 pending.answer.release()  # granted at the last moment: given back
             raise
         if pending.error is not None:
@@ -621,7 +685,7 @@ class RemoteArbiter:
         preemptible: bool = True,
         keep_alive: float | None = None,
         label: str | None = None,
-    ) -> RemoteAllocation:
+    ) -> Allocation:
         """Wait for ``memory`` bytes from the daemon; see `Arbiter.request_allocation`.
 
         Raises:
@@ -632,36 +696,7 @@ class RemoteArbiter:
             workload, priority, memory, min_memory, timeout, min_quality, preemptible,
             keep_alive, label,
         )  # fmt: skip
-        return await self._request(args)
-
-    async def _request(self, args: RequestArgs) -> RemoteAllocation:
-        """Request on the owning loop (from any thread's loop); the allocation then
-        belongs to the caller's loop, where its body runs and its waits wake."""
-        if not self._foreign():
-            return await self._request_here(args)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        alloc: RemoteAllocation = await self._in_owner(self._request_here, args)
-        alloc._adopt()
-        return alloc
-
-    async def _request_here(self, args: RequestArgs) -> RemoteAllocation:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        connection = await self._live()
-        (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
-         label) = args  # fmt: skip
-        key = next(self._keys)
-        default = isinstance(timeout, Default)
-        message = Request(
-            key, workload.value, int(priority), memory, min_memory,
-            None if isinstance(timeout, Default) else timeout, default, min_quality,
-            preemptible, keep_alive, label,
-        )  # fmt: skip
-        self._pending_args[key] = args
-        try:
-            alloc: RemoteAllocation = await self._call(connection, key, message)
-        finally:
-            self._pending_args.pop(key, None)
-        return alloc
+        return await self._admit(args, current_backend())
 
     def allocate(
         self,
@@ -675,7 +710,7 @@ class RemoteArbiter:
         preemptible: bool = True,
         keep_alive: float | None = None,
         label: str | None = None,
-    ) -> RemoteAllocationContext:
+    ) -> AllocationContext:
         """``async with arbiter.allocate(...) as alloc:``; see `Arbiter.allocate`.
 
         A preemption decided by the daemon cancels the body; the ``async with`` then
@@ -686,42 +721,178 @@ class RemoteArbiter:
             workload, priority, memory, min_memory, timeout, min_quality, preemptible,
             keep_alive, label,
         )  # fmt: skip
-        return RemoteAllocationContext(self, args)
+        return AllocationContext(self, args)
 
-    def release_allocation(self, alloc: RemoteAllocation) -> None:
-        """Return ``alloc``'s memory; the same as ``alloc.release()``."""
-        if not isinstance(alloc, RemoteAllocation) or alloc._owner is not self:
+    # == the handles' port (`AllocationPort`) ==================================
+
+    async def _admit(
+        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
+    ) -> Allocation:
+        """Request on the owning loop (from any thread's loop); the allocation belongs to
+        the caller's loop, where its body runs and its waits wake."""
+        loop = backend.loop()
+        if self._foreign():
+            await backend.checkpoint_if_cancelled()
+            alloc: Allocation = await self._in_owner(self._request_here, args, loop)
+        else:
+            alloc = await self._request_here(args, loop)
+        if scope is not None:
+            holding = alloc._holding
+            with self._lock:  # a preemption read from the socket sees it, or we see it
+                alloc._scope = scope
+                if holding.preempt_requested or holding.released:
+                    scope.cancel()
+        return alloc
+
+    async def _request_here(self, args: RequestArgs, loop: LoopEntry) -> Allocation:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        started = loop.clock()
+        connection = await self._live()
+        (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
+         label) = args  # fmt: skip
+        key = next(self._keys)
+        default = isinstance(timeout, Default)
+        message = Request(
+            key, workload.value, int(priority), memory, min_memory,
+            None if isinstance(timeout, Default) else timeout, default, min_quality,
+            preemptible, keep_alive, label,
+        )  # fmt: skip
+        self._pending_args[key] = (args, loop, started)
+        try:
+            alloc: Allocation = await self._call(connection, key, message)
+        finally:
+            self._pending_args.pop(key, None)
+        return alloc
+
+    def release_allocation(self, alloc: Allocation) -> None:
+        """Return ``alloc``'s memory; the same as ``alloc.release()``: sent to the daemon
+        in order, without waiting. Idempotent; any thread."""
+        if not isinstance(alloc, Allocation) or alloc._port is not self:
             raise TypeError(f"alloc must be an allocation of this arbiter, got {alloc!r}")
-        alloc.release()
+        holding = alloc._holding
+        with self._lock:
+            if holding.released:
+                return
+            holding.released = True
+            holding.memory = 0
+            alloc._signal_preempt()
+            alloc._signal_quality()
+        self._on_home(self._send_release, alloc)
+
+    def _send_release(self, alloc: Allocation) -> None:
+        key = _mirror(alloc).key
+        if self._allocations.pop(key, None) is not None:
+            connection = self._connection
+            if connection is not None and not connection.closed:
+                connection.send(Release(key))
+
+    def _on_home(self, function: Any, *args: Any) -> None:
+        """Run a quick sync ``function`` on the owning loop, never waiting for it: at
+        once there, in order through its thread-safe entry from another thread."""
+        home = self._home
+        if home is not None:
+            home.call(function, *args)
 
     async def _resize(
-        self, alloc: RemoteAllocation, memory: int, timeout: float | Default | None
-    ) -> tuple[int, float]:
-        """Resize ``alloc`` on the daemon: its new ``(memory, quality)``."""
+        self, alloc: Allocation, memory: int, timeout: float | Default | None
+    ) -> None:
+        holding = alloc._holding
+        if holding.min_memory is not None and memory < holding.min_memory:
+            raise ValueError(f"memory must be >= min_memory ({holding.min_memory}), got {memory}")
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if holding.released:
+            raise RuntimeError(f"cannot resize {alloc.id}: it is released")
+        if self._foreign():
+            await self._in_owner(self._resize_here, alloc, memory, timeout)
+        else:
+            await self._resize_here(alloc, memory, timeout)
+
+    async def _resize_here(
+        self, alloc: Allocation, memory: int, timeout: float | Default | None
+    ) -> None:
+        """Resize ``alloc`` on the daemon and mirror its new size and quality."""
+        holding = alloc._holding
+        shrinking = memory <= holding.memory
         connection = await self._live()
         key = next(self._keys)
         default = isinstance(timeout, Default)
-        message = Resize(key, alloc._key, memory, None if isinstance(timeout, Default) else timeout,
-                         default)  # fmt: skip
+        message = Resize(key, _mirror(alloc).key, memory,
+                         None if isinstance(timeout, Default) else timeout, default)  # fmt: skip
+        self._resizing[key] = alloc
         try:
-            resized: Resized = await self._call(connection, key, message)
+            await self._call(connection, key, message)  # the reader mirrors the answer
+        except RuntimeError:
+            if shrinking and holding.released:
+                return  # released while the shrink was on its way: nothing is held
+            raise
         except BaseException:
             if key not in connection.pending and not connection.closed:
                 # Withdrawn: a growth that the daemon grants anyway is given back.
-                self._withdrawn_resizes[key] = (alloc, alloc.memory)
+                self._withdrawn_resizes[key] = (alloc, holding.memory)
             raise
-        return resized.memory, resized.quality
+        finally:
+            del self._resizing[key]
 
-    def _set_busy(self, alloc: RemoteAllocation, busy: bool) -> None:
+    def _mirror_resize(self, alloc: Allocation, resized: Resized) -> None:
+        """A resize's answer, in the order the daemon said things: a later `Update`
+        then overrides its quality, never the other way round."""
+        holding = alloc._holding
+        with self._lock:
+            if not holding.released:
+                holding.memory = resized.memory
+                holding.max_memory = max(holding.max_memory, resized.memory)
+        self._update(alloc, resized.quality, holding.preempt_requested)
+
+    def _quality_of(self, alloc: Allocation) -> float:
+        return alloc._holding.notified_quality  # the caller holds the lock
+
+    def _floor_of(self, alloc: Allocation) -> float:
+        config = self.config
+        return (config.llm_min_quality, config.diffusion_min_quality)[alloc._holding.family]
+
+    def _set_busy(self, alloc: Allocation, busy: bool) -> None:
+        holding = alloc._holding
+        with self._lock:
+            holding.busy_spans += 1 if busy else -1
+        self._on_home(self._send_busy, alloc, busy)
+
+    def _send_busy(self, alloc: Allocation, busy: bool) -> None:
         connection = self._connection
-        if connection is not None and not connection.closed:
-            connection.send(Busy(alloc._key, busy))
+        if not alloc.released and connection is not None and not connection.closed:
+            connection.send(Busy(_mirror(alloc).key, busy))
 
-    def _release(self, alloc: RemoteAllocation) -> None:
-        if self._allocations.pop(alloc._key, None) is not None:
-            connection = self._connection
-            if connection is not None and not connection.closed:
-                connection.send(Release(alloc._key))
+    def _watch(self, alloc: Allocation, delta: int) -> None:
+        """Nothing to do: the daemon pushes every change of every allocation."""
+
+    def _cut_short(self, alloc: Allocation) -> BaseException:
+        lost = _mirror(alloc).lost
+        if lost is not None:
+            return copy.copy(lost)  # one error can end many bodies: each its own traceback
+        return Preempted(f"{alloc.id} was preempted by a higher priority")
+
+    # -- what the daemon says of an allocation (on the owning loop) -------------
+
+    def _update(self, alloc: Allocation, quality: float, preempted: bool) -> None:
+        """The daemon's word on ``alloc``'s quality target and preemption. Its size
+        changes only by this client's own calls, whose answers carry it."""
+        holding = alloc._holding
+        with self._lock:
+            if holding.released:
+                return
+            if quality != holding.notified_quality:
+                holding.notified_quality = quality
+                alloc._signal_quality()
+            if preempted and not holding.preempt_requested:
+                holding.preempt_requested = True
+                alloc._on_preempt()
+
+    def _reclaim(self, alloc: Allocation) -> Reclaim:
+        holding = _mirror(alloc)
+        return Reclaim(
+            holding.key, holding.workload.value, int(holding.priority), holding.memory,
+            holding.min_memory, holding.preemptible, holding.keep_alive, alloc.label,
+            max(0, holding.busy_spans),
+        )  # fmt: skip
 
     # -- snapshots ----------------------------------------------------------------
 

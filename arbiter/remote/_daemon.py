@@ -250,31 +250,32 @@ class Daemon:
     ) -> str:
         """Read and act on frames; returns why the session ends."""
         host = self.host
-        while True:
-            for data in pending:
-                try:
-                    message = _DECODER.decode(data)
-                except msgspec.MsgspecError as exc:
-                    session.push(Error(f"bad frame: {exc}"))
-                    continue
-                try:
-                    host.handle(session, message)
-                except Exception as exc:
-                    session.push(Error(f"bad request: {type(exc).__name__}: {exc}"))
-            chunk = b""
-            with anyio.move_on_after(self._ttl):
+        ttl = self._ttl
+        # One scope for the session's silence: each receive moves its deadline on.
+        with anyio.CancelScope() as silence:
+            while True:
+                for data in pending:
+                    try:
+                        message = _DECODER.decode(data)
+                    except msgspec.MsgspecError as exc:
+                        session.push(Error(f"bad frame: {exc}"))
+                        continue
+                    try:
+                        host.handle(session, message)
+                    except Exception as exc:
+                        session.push(Error(f"bad request: {type(exc).__name__}: {exc}"))
+                silence.deadline = anyio.current_time() + ttl
                 try:
                     chunk = await stream.receive(_RECEIVE_BYTES)
                 except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                     return "closed"
-            if not chunk:
-                session.push(Goodbye("expired", f"silent for {self._ttl:g} s (the ttl)"))
-                return "expired"
-            try:
-                pending = buffer.feed(chunk)
-            except FrameError as exc:
-                session.push(Goodbye("bad_input", str(exc)))
-                return "bad_input"
+                try:
+                    pending = buffer.feed(chunk)
+                except FrameError as exc:
+                    session.push(Goodbye("bad_input", str(exc)))
+                    return "bad_input"
+        session.push(Goodbye("expired", f"silent for {ttl:g} s (the ttl)"))
+        return "expired"
 
     async def tick(self) -> None:
         """Send changed state to idle sessions; refresh the stats now and then."""

@@ -1,15 +1,15 @@
 """The daemon's sessions and its one door into the arbiter.
 
-`SessionHost` drives the daemon's real `Arbiter` through its public API only: it runs
-each remote request as a task that awaits ``request_allocation``, holds the granted
-`Allocation` on the session's behalf, watches its preemption and quality and pushes
-them to the client, and releases everything a session holds when it ends. It is the
-seam where the daemon will be switched to the core's port.
+`SessionHost` serves the daemon's real `Arbiter` to its sessions through the port that
+the in-process handles use: each session is the *owner* of what it is granted, so the
+arbiter tells it (under its lock, as it tells a handle) when one of its allocations is
+preempted or its quality target moves, and the session pushes that to its client at
+once; a session that ends has everything it holds released in one step of the core.
+A request that waits is a task parked in the arbiter, as an in-process waiter is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import uuid
 from collections.abc import Callable
@@ -24,7 +24,8 @@ import msgspec
 
 from .._allocation import Allocation
 from .._arbiter import Arbiter
-from .._arguments import DEFAULT
+from .._arguments import DEFAULT, Default, RequestArgs, check_request
+from .._backend import current_backend
 from .._errors import (
     AllocationTimeout,
     InsufficientMemory,
@@ -32,9 +33,10 @@ from .._errors import (
     ShuttingDown,
 )
 from .._gpu import MemoryProbe
+from .._ledger import Outcome
 from .._log import log
 from .._stats import ArbiterStats
-from .._types import Priority, WorkloadType
+from .._types import Priority, WorkloadType, check_memory, check_timeout
 from ._wire import (
     Busy,
     ClientMessage,
@@ -61,9 +63,6 @@ from ._wire import (
 )
 
 __all__ = ["DaemonConfig", "Session", "SessionHost"]
-
-_WORKLOADS = tuple(WorkloadType)
-_PRIORITIES = tuple(Priority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,17 +101,6 @@ class DaemonConfig:
 _ENCODER = msgspec.msgpack.Encoder()
 
 
-class _Held:
-    """An allocation held for a session, with the busy spans the client opened."""
-
-    __slots__ = ("alloc", "busy", "sent_quality")
-
-    def __init__(self, alloc: Allocation) -> None:
-        self.alloc = alloc
-        self.busy: list[contextlib.AbstractContextManager[None]] = []
-        self.sent_quality = alloc.quality
-
-
 class _Waiting:
     """A request or growing resize in progress for a session."""
 
@@ -135,15 +123,16 @@ class _Waiting:
 
 
 class Session:
-    """One client connection: what it holds, what it waits for, what it is sent."""
+    """One client connection: the owner of what it holds (`AllocationOwner`), what it
+    waits for, what it is sent."""
 
     __slots__ = (
         "closed",
         "held",
         "host",
+        "keys",
         "number",
         "pid",
-        "reserved",
         "sender",
         "snapshot_version",
         "task_group",
@@ -159,17 +148,17 @@ class Session:
         self.pid = pid
         self.uid = uid
         self.sender = sender
-        self.held: dict[int, _Held] = {}
+        # What it holds, by the client's key, and each allocation's key.
+        self.held: dict[int, Allocation] = {}
+        self.keys: dict[Allocation, int] = {}
         self.waiting: dict[int, _Waiting] = {}
-        # Keys taken by a message whose task has not run yet: a second message with the
-        # same key in the same read must be refused, not overwrite the first.
-        self.reserved: set[int] = set()
         self.snapshot_version = -1
         self.closed = False
         self.task_group: anyio.abc.TaskGroup | None = None
 
     def push(self, message: Any) -> None:
-        """Send ``message`` (after the daemon's state, when it changed); never blocks."""
+        """Send ``message`` (after the daemon's state, when it changed); never blocks.
+        Not under the arbiter's lock: the state is read under it."""
         if self.closed:
             return
         data = frame(_ENCODER.encode(message))
@@ -188,7 +177,22 @@ class Session:
             self.sender.send(host.snapshot_frame())
 
     def key_in_use(self, key: int) -> bool:
-        return key in self.held or key in self.waiting or key in self.reserved
+        return key in self.held or key in self.waiting
+
+    def allocation_changed(self, alloc: Allocation, preempted: bool) -> None:
+        """The arbiter preempted one of ours or moved its quality target (under its
+        lock): the client hears it now, its state with the next snapshot."""
+        key = self.keys.get(alloc)
+        if key is None or self.closed:
+            return
+        holding = alloc._holding
+        host = self.host
+        host.changed()
+        quality = host.arbiter._quality_of(alloc)
+        update = Update(key, holding.memory, quality, holding.preempt_requested)
+        self.sender.send(frame(_ENCODER.encode(update)))
+        if preempted:
+            log.info("allocation preempted", id=alloc.id, pid=self.pid, memory=holding.memory)
 
 
 def _failure(key: int, exc: BaseException) -> Failed:
@@ -207,8 +211,56 @@ def _failure(key: int, exc: BaseException) -> Failed:
     return Failed(key, "runtime", [str(exc)])
 
 
+class _Turns:
+    """The order in which requests and growths reach the arbiter's queue: the order the
+    daemon read them, whatever order their tasks run in (trio shuffles its run queue).
+
+    Each takes a number when read and queues only in its turn; one that ends before
+    its turn (withdrawn, timed out) gives its turn up. While any is on its way
+    (`idle` is false), no later request may be granted at once.
+    """
+
+    __slots__ = ("_changed", "_given_up", "_next", "_now_serving")
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._now_serving = 0
+        self._given_up: set[int] = set()
+        self._changed = anyio.Event()
+
+    @property
+    def idle(self) -> bool:
+        return self._now_serving == self._next
+
+    def take(self) -> int:
+        number = self._next
+        self._next += 1
+        return number
+
+    def up(self, number: int) -> bool:
+        return self._now_serving == number
+
+    async def wait(self, number: int) -> None:
+        while self._now_serving != number:
+            await self._changed.wait()
+
+    def end(self, number: int) -> None:
+        """``number`` has queued, or never will: the next one's turn (idempotent)."""
+        if number < self._now_serving:
+            return
+        if number != self._now_serving:
+            self._given_up.add(number)
+            return
+        self._now_serving += 1
+        while self._now_serving in self._given_up:
+            self._given_up.remove(self._now_serving)
+            self._now_serving += 1
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+
 class SessionHost:
-    """The daemon's use of the arbiter, on behalf of sessions (the arbiter's public API).
+    """The daemon's use of the arbiter, on behalf of sessions (the handles' port).
 
     Args:
         arbiter: the running arbiter.
@@ -241,6 +293,7 @@ class SessionHost:
         if hold_new_for <= 0:
             self._admit_new.set()
         self.on_grant: Callable[[Priority, float], None] | None = None
+        self._turns = _Turns()
 
     # -- snapshots --------------------------------------------------------------
 
@@ -266,11 +319,7 @@ class SessionHost:
         if cached is not None and cached[0] == self.version:
             return cached[1]
         arbiter = self.arbiter
-        recommended = [
-            arbiter.recommended_quality(workload, priority)
-            for workload in _WORKLOADS
-            for priority in _PRIORITIES
-        ]
+        recommended = arbiter._recommended_table()
         data = frame(_ENCODER.encode(Snapshot(arbiter.state(), recommended, self._stats)))
         self._snapshot = (self.version, data)
         return data
@@ -289,9 +338,9 @@ class SessionHost:
         session.closed = True
         for waiting in session.waiting.values():
             waiting.scope.cancel()
-        for held in session.held.values():
-            self._drop(held)
+        self.arbiter._release_owner(session)
         session.held.clear()
+        session.keys.clear()
         self.sessions.pop(session.number, None)
         self._update_pids()
         self.changed()
@@ -301,11 +350,19 @@ class SessionHost:
         if probe is not None and hasattr(probe, "own_pids"):
             probe.own_pids = frozenset(s.pid for s in self.sessions.values())
 
-    @staticmethod
-    def _drop(held: _Held) -> None:
-        while held.busy:
-            held.busy.pop().__exit__(None, None, None)
-        held.alloc.release()
+    def _hold(self, session: Session, key: int, alloc: Allocation) -> None:
+        """``session`` holds ``alloc`` as ``key``; from now on it hears of its changes."""
+        session.held[key] = alloc
+        session.keys[alloc] = key
+        arbiter = self.arbiter
+        with arbiter._lock:
+            arbiter._watch(alloc, +1)
+
+    def _drop(self, session: Session, key: int) -> None:
+        alloc = session.held.pop(key, None)
+        if alloc is not None:
+            del session.keys[alloc]
+            alloc.release()
 
     # -- operations -------------------------------------------------------------
 
@@ -317,14 +374,10 @@ class SessionHost:
         if isinstance(message, Request):
             if session.key_in_use(message.key):
                 session.push(Failed(message.key, "value", [f"key {message.key} is in use"]))
-                return
-            assert session.task_group is not None
-            session.reserved.add(message.key)
-            session.task_group.start_soon(self._request, session, message)
+            else:
+                self._request_now(session, message)
         elif isinstance(message, Release):
-            held = session.held.pop(message.key, None)
-            if held is not None:
-                self._drop(held)
+            self._drop(session, message.key)
         elif isinstance(message, Withdraw):
             waiting = session.waiting.get(message.key)
             if waiting is not None:
@@ -332,21 +385,13 @@ class SessionHost:
         elif isinstance(message, Resize):
             if session.key_in_use(message.key):
                 session.push(Failed(message.key, "value", [f"key {message.key} is in use"]))
-            elif message.alloc not in session.held:
-                session.push(Failed(message.key, "runtime", [f"no allocation {message.alloc}"]))
             else:
-                assert session.task_group is not None
-                session.reserved.add(message.key)
-                session.task_group.start_soon(self._resize, session, message)
+                self._start_resize(session, message)
         elif isinstance(message, Busy):
-            held = session.held.get(message.key)
-            if held is not None:
-                if message.busy:
-                    span = held.alloc.busy()
-                    span.__enter__()
-                    held.busy.append(span)
-                elif held.busy:
-                    held.busy.pop().__exit__(None, None, None)
+            alloc = session.held.get(message.key)
+            # The client's spans, mirrored: never closed below zero.
+            if alloc is not None and (message.busy or alloc._holding.busy_spans > 0):
+                self.arbiter._set_busy(alloc, message.busy)
         elif isinstance(message, Sync):
             assert session.task_group is not None
             session.task_group.start_soon(self._sync, session, message.key)
@@ -354,39 +399,54 @@ class SessionHost:
             assert isinstance(message, Status)
             session.push(self.status(message.key))
 
-    async def _request(self, session: Session, message: Request) -> None:
-        key = message.key
-        session.reserved.discard(key)  # the key goes to `waiting` before any await
-        try:
-            workload = WorkloadType(message.workload)
-            priority = Priority(message.priority)
-        except ValueError as exc:
-            session.push(Failed(key, "value", [str(exc)]))
-            return
-        started = anyio.current_time()
-        waiting = _Waiting(workload, priority, message.memory, message.label, started)
-        session.waiting[key] = waiting
+    @staticmethod
+    def _arguments(message: Request, timeout: Any) -> RequestArgs:
+        """A request message's arguments, checked as `Arbiter.request_allocation` checks
+        them (``TypeError``, ``ValueError``: that request's failure)."""
+        return check_request(
+            WorkloadType(message.workload), Priority(message.priority), message.memory,
+            message.min_memory, timeout, message.min_quality, message.preemptible,
+            message.keep_alive, message.label,
+        )  # fmt: skip
+
+    def _request_now(self, session: Session, message: Request) -> None:
+        """Grant a request now when nothing waits and it fits: no task, no wait. Else it
+        waits in a task, as an in-process waiter parks; it is `waiting` (a withdrawal
+        finds it) from now on."""
         timeout: Any = DEFAULT if message.default_timeout else message.timeout
+        try:
+            args = self._arguments(message, timeout)
+        except Exception as exc:
+            session.push(_failure(message.key, exc))
+            return
+        if self._turns.idle and self._admit_new.is_set():
+            alloc = self.arbiter._grant_at_once(args, session)
+            if alloc is not None:
+                self._granted(session, message.key, alloc, 0.0)
+                return
+        waiting = session.waiting[message.key] = _Waiting(
+            args[0], args[1], message.memory, message.label, anyio.current_time()
+        )
+        assert session.task_group is not None
+        session.task_group.start_soon(
+            self._request, session, message.key, args, waiting, self._turns.take()
+        )
+
+    async def _request(
+        self, session: Session, key: int, args: RequestArgs, waiting: _Waiting, turn: int
+    ) -> None:
         alloc: Allocation | None = None
         try:
             with waiting.scope:
-                if not self._admit_new.is_set():
-                    timeout = await self._wait_admission(timeout)
-                alloc = await self.arbiter.request_allocation(
-                    workload,
-                    priority,
-                    message.memory,
-                    min_memory=message.min_memory,
-                    timeout=timeout,
-                    min_quality=message.min_quality,
-                    preemptible=message.preemptible,
-                    keep_alive=message.keep_alive,
-                    label=message.label,
-                )
-        except Exception as exc:  # any bad argument is that request's failure, never ours
+                timeout = await self._wait_turn(turn, args[4], counted=True)
+                self._turns.end(turn)  # the next may go once this one has queued: now
+                args = (*args[:4], timeout, *args[5:])
+                alloc = await self.arbiter._admit(args, current_backend(), owner=session)
+        except Exception as exc:
             session.push(_failure(key, exc))
             return
         finally:
+            self._turns.end(turn)
             session.waiting.pop(key, None)
             self.changed()
         if alloc is None:
@@ -394,23 +454,24 @@ class SessionHost:
         if session.closed:
             alloc.release()
             return
-        held = _Held(alloc)
-        session.held[key] = held
-        session.push(Granted(key, alloc.id, alloc.memory, held.sent_quality, alloc.preempted))
-        waited = anyio.current_time() - started
+        self._granted(session, key, alloc, anyio.current_time() - waiting.since)
+
+    def _granted(self, session: Session, key: int, alloc: Allocation, waited: float) -> None:
+        self._hold(session, key, alloc)
+        holding = alloc._holding
+        session.push(Granted(key, alloc._number, holding.memory, alloc.quality, alloc.preempted))
         if self.on_grant is not None:
-            self.on_grant(priority, waited)
+            self.on_grant(holding.priority, waited)
         log.info(
             "allocation granted",
             id=alloc.id,
             pid=session.pid,
             label=alloc.label,
-            workload=workload.value,
-            priority=priority.name.lower(),
-            memory=alloc.memory,
+            workload=holding.workload.value,
+            priority=holding.priority.name.lower(),
+            memory=holding.memory,
             waited_s=round(waited, 6),
         )
-        await self._watch(session, key, held)
 
     async def _sync(self, session: Session, key: int) -> None:
         # Tasks run in the order they were started: one checkpoint lets the requests
@@ -419,14 +480,27 @@ class SessionHost:
         self.refresh_stats()
         session.push(Synced(key))
 
-    async def _wait_admission(self, timeout: Any) -> Any:
-        """Wait (a restarted daemon) until new grants are admitted; the timeout left."""
+    async def _wait_turn(self, turn: int, timeout: Any, *, counted: bool) -> Any:
+        """Wait for ``turn``, and (a restarted daemon) until new grants are admitted;
+        returns the timeout left. A request that ends meanwhile never reached the
+        arbiter's queue, and is counted in its stats as such when ``counted``."""
+        turns = self._turns
+        if turns.up(turn) and self._admit_new.is_set():
+            return timeout
         limit = self.arbiter.config.allocation_timeout if timeout is DEFAULT else timeout
         started = anyio.current_time()
-        with anyio.move_on_after(math.inf if limit is None else limit):
-            await self._admit_new.wait()
-        if not self._admit_new.is_set():
+        try:
+            with anyio.move_on_after(math.inf if limit is None else limit):
+                await turns.wait(turn)
+                await self._admit_new.wait()
+        except BaseException:
+            if counted:  # withdrawn, or the session ended
+                self.arbiter._count_unqueued(Outcome.CANCELLED)
+            raise
+        if not (turns.up(turn) and self._admit_new.is_set()):
             assert limit is not None
+            if counted:
+                self.arbiter._count_unqueued(Outcome.TIMED_OUT)
             raise AllocationTimeout(limit)
         return None if limit is None else max(0.0, limit - (anyio.current_time() - started))
 
@@ -435,69 +509,62 @@ class SessionHost:
         await anyio.sleep_until(self._admit_new_at)
         self._admit_new.set()
 
-    async def _watch(self, session: Session, key: int, held: _Held) -> None:
-        """Push the allocation's preemption and quality changes until it is released."""
-        alloc = held.alloc
-        assert session.task_group is not None
-        # Both watchers end when the allocation is released.
-        session.task_group.start_soon(self._watch_preempted, session, key, held)
-        async for quality in alloc.quality_changes():
-            if quality != held.sent_quality and not session.closed:
-                held.sent_quality = quality
-                self.changed()
-                session.push(Update(key, alloc.memory, quality, alloc.preempted))
-
-    async def _watch_preempted(self, session: Session, key: int, held: _Held) -> None:
-        alloc = held.alloc
-        await alloc.wait_preempted()
-        if alloc.preempted and not alloc.released and not session.closed:
-            self.changed()
-            session.push(Update(key, alloc.memory, alloc.quality, True))
-            log.info("allocation preempted", id=alloc.id, pid=session.pid, memory=alloc.memory)
-
-    async def _resize(self, session: Session, message: Resize) -> None:
-        session.reserved.discard(message.key)  # the key goes to `waiting` before any await
-        held = session.held.get(message.alloc)
-        if held is None:  # released since the resize was received
-            session.push(
-                Failed(message.key, "runtime", [f"allocation {message.alloc} is released"])
-            )
-            return
-        alloc = held.alloc
-        waiting = _Waiting(
-            alloc.workload, alloc.priority, message.memory, alloc.label, anyio.current_time()
-        )
-        session.waiting[message.key] = waiting
+    def _start_resize(self, session: Session, message: Resize) -> None:
+        alloc = session.held.get(message.alloc)
         timeout: Any = DEFAULT if message.default_timeout else message.timeout
         try:
+            if alloc is None:
+                raise RuntimeError(f"no allocation {message.alloc}")
+            check_memory(message.memory, "memory")
+            if not isinstance(timeout, Default):
+                timeout = check_timeout(timeout)
+        except Exception as exc:
+            session.push(_failure(message.key, exc))
+            return
+        waiting = session.waiting[message.key] = _Waiting(
+            alloc.workload, alloc.priority, message.memory, alloc.label, anyio.current_time()
+        )
+        assert session.task_group is not None
+        session.task_group.start_soon(
+            self._resize, session, message, alloc, timeout, waiting, self._turns.take()
+        )
+
+    async def _resize(
+        self,
+        session: Session,
+        message: Resize,
+        alloc: Allocation,
+        timeout: Any,
+        waiting: _Waiting,
+        turn: int,
+    ) -> None:
+        try:
             with waiting.scope:
-                await alloc.resize(message.memory, timeout=timeout)
+                timeout = await self._wait_turn(turn, timeout, counted=False)
+                self._turns.end(turn)  # a growth queues without yielding
+                await self.arbiter._resize(alloc, message.memory, timeout, yield_first=False)
         except Exception as exc:
             session.push(_failure(message.key, exc))
             return
         finally:
+            self._turns.end(turn)
             session.waiting.pop(message.key, None)
             self.changed()
         if waiting.scope.cancelled_caught:
             # Withdrawn: the client waits for this answer to forget the resize.
             session.push(Failed(message.key, "cancelled", []))
             return
-        held.sent_quality = alloc.quality
         session.push(Resized(message.key, alloc.memory, alloc.quality))
 
     async def reclaim(self, session: Session, reclaim: Reclaim) -> None:
         """Admit an allocation a client held with this daemon's predecessor, if it fits."""
         try:
-            alloc = await self.arbiter.request_allocation(
-                WorkloadType(reclaim.workload),
-                Priority(reclaim.priority),
-                reclaim.memory,
-                min_memory=reclaim.min_memory if reclaim.min_memory != reclaim.memory else None,
-                timeout=0,
-                preemptible=reclaim.preemptible,
-                keep_alive=reclaim.keep_alive,
-                label=reclaim.label,
-            )
+            args = check_request(
+                WorkloadType(reclaim.workload), Priority(reclaim.priority), reclaim.memory,
+                reclaim.min_memory if reclaim.min_memory != reclaim.memory else None, 0, None,
+                reclaim.preemptible, reclaim.keep_alive, reclaim.label,
+            )  # fmt: skip
+            alloc = await self.arbiter._admit(args, current_backend(), owner=session)
         except Exception:
             session.push(Reclaimed(reclaim.key, None, 0.0))
             return
@@ -505,17 +572,14 @@ class SessionHost:
             alloc.release()
             session.push(Reclaimed(reclaim.key, None, 0.0))
             return
-        held = _Held(alloc)
-        # One busy span stands for "busy": never trust a client's count of them.
-        for _ in range(min(1, max(0, reclaim.busy))):
-            span = alloc.busy()
-            span.__enter__()
-            held.busy.append(span)
-        session.held[reclaim.key] = held
-        session.push(Reclaimed(reclaim.key, alloc.id, held.sent_quality))
+        self._hold(session, reclaim.key, alloc)
+        if reclaim.busy > 0:  # one span stands for "busy": never trust a client's count
+            self.arbiter._set_busy(alloc, True)
+        session.push(Reclaimed(reclaim.key, alloc._number, alloc.quality))
         log.info("allocation reclaimed", id=alloc.id, pid=session.pid, memory=alloc.memory)
-        assert session.task_group is not None
-        session.task_group.start_soon(self._watch, session, reclaim.key, held)
+        if alloc.preempted:  # decided while the re-claim was on its way: nobody heard it
+            with self.arbiter._lock:
+                session.allocation_changed(alloc, True)
 
     # -- status -------------------------------------------------------------------
 
@@ -524,21 +588,20 @@ class SessionHost:
         holders: list[HolderInfo] = []
         waiters: list[WaiterInfo] = []
         for session in self.sessions.values():
-            for held in session.held.values():
-                alloc = held.alloc
-                holders.append(
-                    HolderInfo(
-                        id=alloc.id,
-                        pid=session.pid,
-                        label=alloc.label,
-                        workload=alloc.workload.value,
-                        priority=alloc.priority.name.lower(),
-                        memory=alloc.memory,
-                        quality=alloc.quality,
-                        busy=bool(held.busy),
-                        age_s=max(0.0, now - alloc.created_at),
-                    )
+            holders.extend(
+                HolderInfo(
+                    id=alloc.id,
+                    pid=session.pid,
+                    label=alloc.label,
+                    workload=alloc.workload.value,
+                    priority=alloc.priority.name.lower(),
+                    memory=alloc.memory,
+                    quality=alloc.quality,
+                    busy=alloc._holding.busy_spans > 0,
+                    age_s=max(0.0, now - alloc.created_at),
                 )
+                for alloc in session.held.values()
+            )
             for wkey, waiting in session.waiting.items():
                 waiters.append(
                     WaiterInfo(

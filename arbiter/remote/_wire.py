@@ -25,6 +25,7 @@ import anyio
 import anyio.abc
 import msgspec
 
+from .._backend import current_backend
 from .._config import ArbiterConfig
 from .._stats import ArbiterState, ArbiterStats
 
@@ -68,7 +69,7 @@ __all__ = [
     "frame",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 1 << 20  # 1 MiB: a bigger frame is bad input, never buffered
 # What may wait to be sent to a peer that does not read: past it the peer is cut off
 # (its session ends), so a client that stops reading cannot grow the daemon's memory.
@@ -199,8 +200,10 @@ class Snapshot(msgspec.Struct, frozen=True, tag=True, array_like=True):
 
 
 class Granted(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """A request's grant; ``number`` makes the allocation's id (``alloc-<number>``)."""
+
     key: int
-    id: str
+    number: int
     memory: int
     quality: float
     preempted: bool
@@ -231,11 +234,11 @@ class Update(msgspec.Struct, frozen=True, tag=True, array_like=True):
 
 
 class Reclaimed(msgspec.Struct, frozen=True, tag=True, array_like=True):
-    """The answer to one `Reclaim`: ``id`` is the allocation's id with this daemon, or
-    ``None`` when it could not be admitted."""
+    """The answer to one `Reclaim`: ``number`` is the allocation's number with this
+    daemon, or ``None`` when it could not be admitted."""
 
     key: int
-    id: str | None
+    number: int | None
     quality: float
 
 
@@ -364,6 +367,7 @@ class FrameSender:
 
     __slots__ = (
         "_busy",
+        "_clock",
         "_outbox",
         "_queued",
         "_sock",
@@ -381,14 +385,17 @@ class FrameSender:
         self._busy = False
         self._wake = anyio.Event()
         self.closed = False
-        self.last_sent = anyio.current_time()
+        # The loop's clock, which a call from outside its tasks (a callback from
+        # another thread) can read too.
+        self._clock = current_backend().loop().clock
+        self.last_sent = self._clock()
 
     def send(self, data: bytes) -> None:
         """Send or queue ``data``; never blocks. A broken socket marks the sender closed
         (the reader sees the end of the stream)."""
         if self.closed:
             return
-        self.last_sent = anyio.current_time()
+        self.last_sent = self._clock()
         if not self._outbox and not self._busy:
             try:
                 sent = self._sock.send(data)
