@@ -366,10 +366,16 @@ class Ledger:
         """Return all of ``holding``'s memory; idempotent."""
         if holding.released:
             return
-        if holding.min_memory is None and not self._elastic_count and not holding.watchers:
+        if (
+            holding.min_memory is None
+            and self.tallies.waiting
+            and not self._elastic_count
+            and not holding.watchers
+        ):
             # A rigid holding's target, with no elastic holder about, is a function of the
             # tallies and the queue's head: keep those, and compute it only if it is read
-            # (a handle's ``quality`` after release, rarely; see `target`).
+            # (a handle's ``quality`` after release, rarely; see `target`). With nothing
+            # waiting it is cheap enough to compute now.
             holding.released_view = self._view()
         else:
             holding.notified_quality = self.targets.target(holding)  # what `quality` reads
