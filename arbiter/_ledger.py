@@ -33,6 +33,9 @@ Threads: the ledger is not thread-safe by itself. Its owner calls every method u
 one ``threading.Lock`` (``Arbiter._lock``), which guards all of the ledger's state and
 the records it keeps; no method awaits, so the lock is never held across an
 ``await``. The sink runs under it and must only schedule wake-ups (never call back).
+One read is safe without it: a request's ``state`` leaves ``WAITING`` once, under the
+lock, set last (after the holding holds its memory) and before its waiter is woken;
+``GRANTED`` and ``FAILED`` are final for the waiter, which may read them unlocked.
 """
 
 from __future__ import annotations
