@@ -150,13 +150,15 @@ class QualityCalculator:
         tallies = self._tallies
         if holding.shrink_cap is None and not tallies.waiting and tallies.holders == 1:
             return 1.0  # alone on the card
-        seen = self.seen(holding.priority)
+        priority = holding.priority
+        waiting = self._admissible_head(priority) if tallies.waiting else 0
+        seen = self._seen_granted(priority) + waiting
         if holding.min_memory is None:
             if seen < self._threshold * self.budget:
                 return 1.0  # the common case, without the policy's arithmetic
-            quality = self._policy_at(holding.family, holding.priority, seen, 0)
+            quality = self._policy_at(holding.family, priority, seen, 0)
         else:
-            quality = self._elastic_target(holding, seen - holding.memory)
+            quality = self._elastic_target(holding, seen - holding.memory, waiting)
             previous = holding.notified_quality
             if previous < quality < 1.0 and quality - previous < RISE_HYSTERESIS:
                 # Holders of one priority answer each other's resizes; rising only by a
@@ -184,9 +186,10 @@ class QualityCalculator:
         """The policy value at a given ``pressure`` ratio (the arbiter-wide averages)."""
         return self._policy_at(family, priority, round(pressure * self.budget), 0)
 
-    def _elastic_target(self, holding: Holding, others: int) -> float:
+    def _elastic_target(self, holding: Holding, others: int, waiting: int = 0) -> float:
         """The best quality an elastic holder can run at, given that ``others`` bytes
-        count in its pressure besides its own (see `fixed_point_quality`): where its
+        count in its pressure besides its own, ``waiting`` of them waiting rather than
+        held (see `fixed_point_quality`): where its
         share and its policy value cross, over the sizes it could hold (what it holds
         plus free memory, which its own resizing leaves unchanged)."""
         assert holding.min_memory is not None
@@ -212,6 +215,7 @@ class QualityCalculator:
             holding.max_memory,
             mine,
             other_family,
+            waiting,
         )
 
     def _policy_at(self, family: Family, priority: Priority, seen: int, extra: int) -> float:

@@ -358,8 +358,12 @@ class _Run:
             # every target change of every elastic holder.)
             ledger = self.arbiter._ledger
             size = min(wanted, alloc.memory + ledger.available)
-            if ledger.waiting or size - alloc.memory < _RESIZE_STEP:
+            if size - alloc.memory < _RESIZE_STEP:
                 return
+            if ledger.waiting:
+                head = ledger.head()
+                if head is not None and head.priority >= alloc.priority:
+                    return
             try:
                 await alloc.resize(size, timeout=0)
             except AllocationTimeout:
