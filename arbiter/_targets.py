@@ -23,7 +23,13 @@ import functools
 from collections.abc import Callable, Mapping
 
 from ._config import ArbiterConfig
-from ._quality import RISE_HYSTERESIS, QualityPolicy, fixed_point_quality, policy_target
+from ._quality import (
+    RISE_HYSTERESIS,
+    QualityPolicy,
+    elastic_share_quality,
+    fixed_point_quality,
+    policy_target,
+)
 from ._records import Family, Holding, Request, Tallies
 from ._types import Priority, WorkloadType
 
@@ -189,15 +195,19 @@ class QualityCalculator:
     def _elastic_target(self, holding: Holding, others: int, waiting: int = 0) -> float:
         """The best quality an elastic holder can run at, given that ``others`` bytes
         count in its pressure besides its own, ``waiting`` of them waiting rather than
-        held (see `fixed_point_quality`): where its
-        share and its policy value cross, over the sizes it could hold (what it holds
-        plus free memory, which its own resizing leaves unchanged)."""
+        held (see `fixed_point_quality`): where its share and its policy value cross,
+        over the sizes it could hold (what it holds plus free memory, which its own
+        resizing leaves unchanged)."""
         assert holding.min_memory is not None
         tallies = self._tallies
         low = holding.min_memory
         free = self.budget - tallies.granted - tallies.external
         high = max(low, min(holding.max_memory, holding.memory + free))
         family, priority = holding.family, holding.priority
+        if (others + high) / self.budget < self._threshold:
+            # Below the threshold even at its largest: every policy allows 1.0, so its
+            # share is the answer (what `fixed_point_quality` finds first, uncached).
+            return elastic_share_quality(high, low, holding.max_memory, self._floors[family])
         mine = other_family = 0
         if self._policy is QualityPolicy.PROPORTIONAL:
             mine = sum(tallies.families[family].at[priority:]) - holding.memory

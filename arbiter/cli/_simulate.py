@@ -15,7 +15,9 @@ What a simulated job does (the same for every scheduler):
   only) runs at the quality of the memory it holds (``min_memory`` gives the floor,
   ``memory`` 1.0, linear between) and follows its quality target: it shrinks to the
   target's size when the target drops, and grows back with ``resize`` as far as the
-  arbiter grants at once (free memory, nobody waiting) when it rises. A job that
+  arbiter grants at once when it rises: into free memory, unless a request at its
+  priority or above waits (a growth queues like a request of its priority, so it goes
+  after those and before lower ones, as `Arbiter.resize` would decide). A job that
   holds its full ``memory`` runs at 1.0, whatever target was announced;
 * when preempted it loses its progress (a ``resumable`` row keeps it), is re-queued
   at its priority, and once re-granted first reloads for ``memory / load_bps``
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._arbiter import Arbiter
+from .._backend import current_backend
 from .._config import ArbiterConfig
 from .._errors import AllocationTimeout, InsufficientMemory
 from .._quality import elastic_share_quality
@@ -176,6 +179,7 @@ class _Run:
 
     __slots__ = (
         "arbiter",
+        "clock",
         "config",
         "fake",
         "floors",
@@ -209,18 +213,21 @@ class _Run:
             trace.first_arrival,
         )
         self.progress = progress
+        self.clock: Callable[[], float] = anyio.current_time
         self.start = 0.0
 
     def now(self) -> float:
-        return anyio.current_time() - self.start
+        return self.clock() - self.start
 
     async def run(self) -> SchedulerResult:
-        self.start = anyio.current_time()
+        # The loop's own clock, read directly: it is read at every event of every job.
+        self.clock = current_backend().loop().clock
+        self.start = self.clock()
         async with self.arbiter, anyio.create_task_group() as background:
             background.start_soon(self._drive_external)
             async with anyio.create_task_group() as jobs:
                 for row in self.trace.rows:
-                    await anyio.sleep_until(self.start + row.at)
+                    await anyio.sleep(max(0.0, self.start + row.at - self.clock()))
                     jobs.start_soon(self._job, row)
             background.cancel_scope.cancel()
         return self.recorder.result(self.scheduler.name)
@@ -351,11 +358,12 @@ class _Run:
         if wanted < alloc.memory:
             await alloc.resize(wanted)
         elif wanted - alloc.memory >= _RESIZE_STEP:
-            # Grow only into memory that is free now while nobody waits: a holder that
-            # behaves well takes no memory another request is queued for, and never makes
-            # the arbiter preempt (or wait) for its comfort.
-            # (The ledger's two counters, not a whole `state()` snapshot: this runs at
-            # every target change of every elastic holder.)
+            # Grow only into memory that is free now, and only when the arbiter would
+            # grant the growth at once: it queues like a request of this priority, so
+            # behind any waiter at this priority or above, ahead of lower ones (which do
+            # not fit the free memory anyway). A holder that behaves well never makes the
+            # arbiter preempt (or wait) for its comfort. (The ledger's counters and head,
+            # not a whole `state()` snapshot: this runs at every target change.)
             ledger = self.arbiter._ledger
             size = min(wanted, alloc.memory + ledger.available)
             if size - alloc.memory < _RESIZE_STEP:
