@@ -251,6 +251,7 @@ class _Run:
         preemptible = scheduler.preemptible and row.preemptible
         done = 0.0  # seconds of work kept
         useful = 0.0  # quality-seconds of the work kept
+        lost = lost_at_grant = 0.0  # its `RecordedHolding.shortfall`, summed over kept runs
         reload = 0.0  # the first grant finds its weights where the trace says they are
         while True:
             asked = self.now()
@@ -290,15 +291,19 @@ class _Run:
                 alloc.release()
             now = self.now()
             recorder.release(holding, now)
+            shortfall = holding.shortfall()
             if finished:
-                recorder.completed(row.priority, now, row.memory, useful + holding.useful)
+                kept = (lost + shortfall[0], lost_at_grant + shortfall[1])
+                recorder.completed(row.priority, now, row.memory, useful + holding.useful, kept)
                 return
             recorder.preempted(row.workload, now)
             if row.resumable:
                 done += max(0.0, now - (granted + reload))
                 useful += holding.useful
+                lost += shortfall[0]
+                lost_at_grant += shortfall[1]
             else:
-                done = useful = 0.0
+                done = useful = lost = lost_at_grant = 0.0
             reload = row.memory / self.load_bps
 
     def _quality(self, alloc: Allocation) -> float:
