@@ -242,6 +242,21 @@ def test_recorder_weights_quality_by_holding_time_and_utilization_by_span() -> N
     assert result.wait_p50[Priority.NORMAL] is None
 
 
+def test_recorder_splits_degraded_work_into_what_the_grant_explains() -> None:
+    recorder = Recorder(24 * GiB, [Priority.NORMAL], [LLM], first_arrival=0.0)
+    # Granted at 0.5, grows to 1.0 after 10 s, ends at 40 s.
+    holding = recorder.grant(LLM, 6 * GiB, 0.5, now=0.0)
+    recorder.resize(holding, 12 * GiB, now=10.0)
+    recorder.quality(holding, 1.0, now=10.0)
+    recorder.release(holding, now=40.0)
+    recorder.completed(Priority.NORMAL, 40.0, 12 * GiB, holding.useful, holding.shortfall())
+    result = recorder.result("x")
+    assert result.goodput == pytest.approx(12 * (10 * 0.5 + 30) / (24 * 40))
+    # 5 s of full-quality work lost; at 0.5 throughout it would have lost 20: capped at 5.
+    assert result.degraded == pytest.approx(12 * 5 / (24 * 40))
+    assert result.degraded_at_grant == result.degraded
+
+
 def test_recorder_counts_no_work_before_a_reload_ends() -> None:
     recorder = Recorder(24 * GiB, [Priority.NORMAL], [LLM], first_arrival=0.0)
     holding = recorder.grant(LLM, 8 * GiB, 1.0, now=10.0, useful_from=12.0)
