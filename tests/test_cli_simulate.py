@@ -268,3 +268,43 @@ def test_the_one_percentile_interpolates_between_ranks() -> None:
     assert percentile([3.0], 0.99) == 3.0
     assert percentile([0.0, 10.0], 0.5) == 5.0
     assert percentile(list(map(float, range(101))), 0.99) == pytest.approx(99.0)
+
+
+def test_a_job_that_fails_ends_the_run_with_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from arbiter.cli import _simulate
+
+    serve = _simulate._Run._serve
+
+    async def failing(self: Any, row: TraceRow) -> None:
+        if row.line == 2:
+            raise LookupError("job 2 broke")
+        await serve(self, row)
+
+    monkeypatch.setattr(_simulate._Run, "_serve", failing)
+    trace = Trace(
+        rows=tuple(row(n, float(n), LLM, Priority.NORMAL, 4, duration=600.0) for n in (1, 2, 3))
+    )
+    with pytest.raises(BaseExceptionGroup) as raised:  # out of the run's task group
+        run(trace, "adaptive")
+    assert raised.group_contains(LookupError, match="job 2 broke", depth=1)
+
+
+def test_simulate_scheduler_runs_on_trio_with_the_same_results() -> None:
+    import anyio
+    import trio.testing
+
+    from arbiter.cli._simulate import simulate_scheduler
+
+    trace = load_trace(TRACES / "preempt.jsonl")
+    on_trio = anyio.run(
+        simulate_scheduler,
+        trace,
+        SCHEDULERS["adaptive"],
+        BUDGET,
+        backend="trio",
+        backend_options={"clock": trio.testing.MockClock(autojump_threshold=0)},
+    )
+    [on_asyncio] = simulate(trace, [SCHEDULERS["adaptive"]], BUDGET)
+    assert on_trio.completed == on_asyncio.completed == 2
+    assert on_trio.preemptions == on_asyncio.preemptions == 1
+    assert on_trio.last_completion == pytest.approx(on_asyncio.last_completion)
