@@ -153,6 +153,11 @@ class QualityCalculator:
         """A holding's current quality target (after release: the last one it had)."""
         if holding.released:
             return holding.notified_quality
+        if holding.preempt_requested:
+            # Asked for everything back (preempted, or reclaimed for keep_alive): a
+            # holder that reads its target before it unwinds sees that it should give
+            # all it can, not the share a shrink request alone would have left it.
+            return self._floors[holding.family]
         tallies = self._tallies
         if holding.shrink_cap is None and not tallies.waiting and tallies.holders == 1:
             return 1.0  # alone on the card

@@ -458,3 +458,19 @@ async def test_an_elastic_holder_shrinks_when_other_processes_overcommit_the_car
     assert elastic.memory_for_quality(elastic.quality) <= 12 * GiB
     elastic.release()
     rigid.release()
+
+
+async def test_a_preempted_elastic_holder_is_told_its_floor() -> None:
+    # No grace: the shrink request is followed at once by the preemption. A holder that
+    # reads its target before unwinding must see that it should give everything.
+    arbiter = make_arbiter()
+    elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            high = await request_in_background(tg, arbiter, HIGH, 8)
+            assert elastic.preempted and not high
+            assert elastic.quality == LLM_FLOOR
+            elastic.release()
+            await settle()
+            assert high and high[0].memory == 8 * GiB
+            high[0].release()
