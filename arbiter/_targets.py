@@ -98,11 +98,8 @@ class QualityCalculator:
 
     def _seen_granted(self, priority: Priority) -> int:
         tallies = self._tallies
-        llm, diffusion = tallies.families[0].at, tallies.families[1].at
-        total = tallies.external
-        for value in range(priority, len(llm)):
-            total += llm[value] + diffusion[value]
-        return total
+        llm, diffusion = tallies.families
+        return tallies.external + sum(llm.at[priority:]) + sum(diffusion.at[priority:])
 
     def _admissible_head(self, priority: Priority) -> int:
         """What the head of the queue waits for, when it counts for ``priority``.
@@ -205,9 +202,12 @@ class QualityCalculator:
         resizing leaves unchanged)."""
         assert holding.min_memory is not None
         tallies = self._tallies
-        low = holding.min_memory
-        free = self.budget - tallies.granted - tallies.external
-        high = max(low, min(holding.max_memory, holding.memory + free))
+        low, top = holding.min_memory, holding.max_memory
+        high = holding.memory + self.budget - tallies.granted - tallies.external
+        if high > top:
+            high = top
+        if high < low:
+            high = low
         family, priority = holding.family, holding.priority
         if (others + high) / self.budget < self._threshold:
             # Below the threshold even at its largest: every policy allows 1.0, so its

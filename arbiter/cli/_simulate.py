@@ -382,8 +382,7 @@ class _Run:
             quality = await changes.__anext__()  # the current target
             while True:
                 before = alloc.memory
-                await self._fit(alloc, holding, quality)
-                wanted = alloc.memory_for_quality(quality)
+                wanted = await self._fit(alloc, holding, quality)
                 if wanted - alloc.memory < _RESIZE_STEP:
                     retry = self.config.poll_interval
                     quality = await changes.__anext__()  # nothing to retry: just wait
@@ -401,8 +400,9 @@ class _Run:
             with anyio.CancelScope(shield=True):
                 await changes.aclose()
 
-    async def _fit(self, alloc: Allocation, holding: RecordedHolding, quality: float) -> None:
-        """Shrink to the size of ``quality``, or grow toward it if the arbiter grants."""
+    async def _fit(self, alloc: Allocation, holding: RecordedHolding, quality: float) -> int:
+        """Shrink to the size of ``quality``, or grow toward it if the arbiter grants;
+        the size ``quality`` wants."""
         wanted = alloc.memory_for_quality(quality)
         if wanted < alloc.memory:
             await alloc.resize(wanted)
@@ -416,20 +416,21 @@ class _Run:
             ledger = self.arbiter._ledger
             size = min(wanted, alloc.memory + ledger.available)
             if size - alloc.memory < _RESIZE_STEP:
-                return
+                return wanted
             if ledger.waiting:
                 head = ledger.head()
                 if head is not None and head.priority >= alloc.priority:
-                    return
+                    return wanted
             try:
                 await alloc.resize(size, timeout=0)
             except AllocationTimeout:
-                return
+                return wanted
         else:
-            return
+            return wanted
         now = self.now()
         self.recorder.resize(holding, alloc.memory, now)
         self.recorder.quality(holding, self._quality(alloc), now)
+        return wanted
 
 
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
