@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import math
 import selectors
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -187,6 +187,7 @@ class _Run:
         "progress",
         "recorder",
         "scheduler",
+        "sleep",
         "start",
         "trace",
     )
@@ -214,14 +215,19 @@ class _Run:
         )
         self.progress = progress
         self.clock: Callable[[], float] = anyio.current_time
+        self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
         self.start = 0.0
 
     def now(self) -> float:
         return self.clock() - self.start
 
     async def run(self) -> SchedulerResult:
-        # The loop's own clock, read directly: it is read at every event of every job.
+        # The loop's own clock and sleep, called directly: every event of every job
+        # reads the one, most jobs call the other (anyio's would look up the loop's
+        # library each time, then call the same).
         self.clock = current_backend().loop().clock
+        if _asyncio_loop() is not None:
+            self.sleep = asyncio.sleep
         self.start = self.clock()
         async with self.arbiter, anyio.create_task_group() as background:
             background.start_soon(self._drive_external)
@@ -236,7 +242,7 @@ class _Run:
         return self.recorder.result(self.scheduler.name)
 
     async def _arrival(self, row: TraceRow) -> None:
-        await anyio.sleep(max(0.0, self.start + row.at - self.clock()))
+        await self.sleep(max(0.0, self.start + row.at - self.clock()))
 
     async def _run_jobs_on_asyncio(self) -> None:
         """Each row's job in a plain asyncio task, as a task group would run it: the
@@ -329,7 +335,7 @@ class _Run:
                         await alloc.wait_preempted()
                     finished = not alloc.preempted
                 else:
-                    await anyio.sleep(seconds)
+                    await self.sleep(seconds)
                     finished = True
             finally:
                 alloc.release()
