@@ -125,12 +125,14 @@ class Reclaimer:
         """Degrade before preempt, for the head of the queue that does not fit.
 
         Whenever the situation changes (a first look, a holder leaving, more external
-        use) it starts over in DESIGN's order: when preempting every candidate could
-        not cover the shortfall, it harms no one; else it first asks elastic victims to
-        shrink (on top of what other waiters asked: whatever they free goes to the
-        head), and each new ask starts a fresh grace; only once the grace has passed,
-        or when no elastic holder has anything to give, does it preempt victims until
-        enough will be freed, counting no promised shrink.
+        use) it starts over in DESIGN's order: when preempting every candidate and
+        shrinking the elastic holders that may not be preempted to their minimum could
+        not cover the shortfall, it harms no one; else it first asks elastic victims
+        (those that may not be preempted included) to shrink, on top of what their
+        targets and other waiters asked (whatever they free goes to the head), and each
+        new ask starts a fresh grace; only once the grace has passed, or when no elastic
+        holder has anything to give, does it preempt victims until enough will be
+        freed, counting no promised shrink (none, when preempting could not cover it).
         """
         tallies = self._tallies
         shortfall = request.min_size - (tallies.budget - tallies.granted - tallies.external)
