@@ -27,14 +27,19 @@ Registry = Mapping[Priority, dict[Holding, None]]
 _PRIORITIES_LOW_FIRST = sorted(Priority)
 
 
-def victims(registry: Registry, below: Priority) -> Iterator[Holding]:
-    """The candidates under ``below``, in the order they are to be preempted."""
+def victims(registry: Registry, below: Priority, *, shrinking: bool = False) -> Iterator[Holding]:
+    """The candidates under ``below``, in the order they are to be preempted.
+
+    ``shrinking``: candidates to be asked to shrink rather than preempted, so holders
+    requested with ``preemptible=False`` count too: they keep their memory, but an
+    elastic one can run on less of it (its target says how much).
+    """
     for priority in _PRIORITIES_LOW_FIRST:
         if priority >= below:
             return
         busy = []
         for holding in reversed(registry[priority]):
-            if not holding.preemptible or holding.preempt_requested:
+            if holding.preempt_requested or not (shrinking or holding.preemptible):
                 continue
             if holding.busy_spans:
                 busy.append(holding)
@@ -44,17 +49,23 @@ def victims(registry: Registry, below: Priority) -> Iterator[Holding]:
 
 
 def plan_shrinks(
-    elastic: Registry, below: Priority, shortfall: int
+    elastic: Registry,
+    below: Priority,
+    shortfall: int,
+    promised_size: Callable[[Holding], int] | None = None,
 ) -> list[tuple[Holding, int, int]]:
     """The elastic candidates to shrink, each with the size to shrink to and the bytes
     that newly promises, in victim order, until ``shortfall`` is covered or no candidate
-    has more to give. What a holder was already asked to give is promised to other
-    waiters: this asks on top."""
+    has more to give; holders that may not be preempted are asked too. What a holder
+    was already asked to give (by other waiters, or by its target: ``promised_size``)
+    is promised already: this asks on top."""
     plan = []
     remaining = shortfall
-    for holding in victims(elastic, below):
+    for holding in victims(elastic, below, shrinking=True):
         assert holding.min_memory is not None
         start = min(holding.memory, min(holding.shrink_asks.values(), default=holding.memory))
+        if promised_size is not None:
+            start = min(start, promised_size(holding))
         give = min(start - holding.min_memory, remaining)
         if give > 0:
             plan.append((holding, start - give, give))
@@ -114,12 +125,14 @@ class Reclaimer:
         """Degrade before preempt, for the head of the queue that does not fit.
 
         Whenever the situation changes (a first look, a holder leaving, more external
-        use) it starts over in DESIGN's order: when preempting every candidate could
-        not cover the shortfall, it harms no one; else it first asks elastic victims to
-        shrink (on top of what other waiters asked: whatever they free goes to the
-        head), and each new ask starts a fresh grace; only once the grace has passed,
-        or when no elastic holder has anything to give, does it preempt victims until
-        enough will be freed, counting no promised shrink.
+        use) it starts over in DESIGN's order: when preempting every candidate and
+        shrinking the elastic holders that may not be preempted to their minimum could
+        not cover the shortfall, it harms no one; else it first asks elastic victims
+        (those that may not be preempted included) to shrink, on top of what their
+        targets and other waiters asked (whatever they free goes to the head), and each
+        new ask starts a fresh grace; only once the grace has passed, or when no elastic
+        holder has anything to give, does it preempt victims until enough will be
+        freed, counting no promised shrink (none, when preempting could not cover it).
         """
         tallies = self._tallies
         shortfall = request.min_size - (tallies.budget - tallies.granted - tallies.external)
@@ -128,10 +141,12 @@ class Reclaimer:
             return
         chosen, total = choose_victims(self._holders, request.priority, shortfall)
         if chosen is None:
-            # While it is head no victim can appear or grow, so a shortfall above this
-            # needs no new scan.
-            request.reclaimable = total
-            return  # even preempting everyone allowed would not be enough: harm no one
+            total += self._spare_unpreemptible(request.priority)
+            if total < shortfall:
+                # While it is head no victim can appear or grow, so a shortfall above
+                # this needs no new scan.
+                request.reclaimable = total
+                return  # even taking all that is allowed would not be enough: harm no one
         promised = self.promised()
         if promised < shortfall:
             asked = self._ask_to_shrink(request, shortfall - promised)
@@ -149,9 +164,24 @@ class Reclaimer:
             return  # wait for the shrinks, up to the grace
         request.reclaim_phase = ReclaimPhase.PREEMPTING
         request.reclaim_deadline = math.inf  # nothing more to wait for
+        if chosen is None:
+            return  # only shrinking can cover it, and the shrinks were asked for
         for holding in chosen:
             self._stats.preemptions += 1
             self._preempt(holding)
+
+    def _spare_unpreemptible(self, below: Priority) -> int:
+        """What elastic holders under ``below`` that may not be preempted could give by
+        shrinking to their minimum (what they already promised included)."""
+        spare = 0
+        for priority, elastic in self._elastic.items():
+            if priority >= below:
+                continue
+            for holding in elastic:
+                if not holding.preemptible and not holding.preempt_requested:
+                    assert holding.min_memory is not None
+                    spare += holding.memory - holding.min_memory
+        return spare
 
     def _start_grace(self, request: Request, now: float) -> None:
         request.reclaim_phase = ReclaimPhase.ASKED
@@ -164,27 +194,30 @@ class Reclaimer:
         waiter (a shrink request) or by their own target (the policy's pressure fell on
         them), preemptible or not."""
         promised = 0
-        targets = self._targets
         for elastic in self._elastic.values():
             for holding in elastic:
-                if holding.preempt_requested:
-                    continue  # all it holds is already on its way
-                assert holding.min_memory is not None
-                size = size_for_quality(
-                    targets.target(holding),
-                    holding.min_memory,
-                    holding.max_memory,
-                    targets.floor(holding.family),
-                )
-                if size < holding.memory:
-                    promised += holding.memory - size
+                if not holding.preempt_requested:  # else all it holds is on its way
+                    promised += holding.memory - self._target_size(holding)
         return promised
+
+    def _target_size(self, holding: Holding) -> int:
+        """The size ``holding``'s current target asks it to shrink to (or its size)."""
+        assert holding.min_memory is not None
+        targets = self._targets
+        size = size_for_quality(
+            targets.target(holding),
+            holding.min_memory,
+            holding.max_memory,
+            targets.floor(holding.family),
+        )
+        return min(size, holding.memory)
 
     def _ask_to_shrink(self, request: Request, shortfall: int) -> int:
         """Cap the targets of elastic victims so that their shrinking covers ``shortfall``
         (or as much of it as they can); the bytes newly promised."""
         asked = 0
-        for holding, size, give in plan_shrinks(self._elastic, request.priority, shortfall):
+        plan = plan_shrinks(self._elastic, request.priority, shortfall, self._target_size)
+        for holding, size, give in plan:
             asked += give
             previous = holding.shrink_asks.get(request)
             holding.shrink_asks[request] = size if previous is None else min(size, previous)

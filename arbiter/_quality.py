@@ -34,10 +34,15 @@ class QualityPolicy(StrEnum):
 
     ``ADAPTIVE``: past the pressure threshold, targets fall toward their floors as
     pressure rises toward 1.0, lower priorities first and faster, ``USER_FACING`` last:
-    at a full card BACKGROUND sits half, NORMAL 40 %, HIGH 30 % and USER_FACING 20 %
-    of the way down to the floor (headroom for arrivals costs little quality: a
-    degraded job delivers less per byte held); past 1.0, when more is wanted than the
-    card holds, every target is at its floor, so that elastic holders make room.
+    at a full card BACKGROUND sits 12 %, NORMAL 9 %, HIGH 6 % and USER_FACING 3 % of the
+    way down to the floor, and stays there when more is wanted than the card holds.
+    Headroom is all this policy keeps for arrivals, and it costs quality: a degraded job
+    delivers less work per byte it holds than a full one. What waits is admitted by
+    shrink requests instead (degrade-before-preempt), which take from the holders
+    below it only as much as it needs; if every holder that sees a waiter fell to its
+    floor, each would give the whole shortfall and they would give it many times over.
+    Only an elastic holder over a card that is overcommitted (other processes took
+    memory the arbiter had granted) falls further, to the size that ends it.
     ``PROPORTIONAL``: past the threshold, each family's targets fall in proportion to
     the share of granted memory the *other* family holds, so at full pressure a family
     holding a fraction ``s`` of the memory sits at ``floor + (1 - floor) * s``.
@@ -52,14 +57,15 @@ class QualityPolicy(StrEnum):
 # How each priority's target falls once past the threshold: the drop toward the
 # floor is reach * excess ** exponent. A larger exponent stays near 1.0 longer and
 # a smaller reach stops short of the floor, so a full card (which is the normal
-# state under contention) leaves every priority above its floor: a job degraded to
-# its floor delivers less work per byte than at full quality, so degrading only pays
-# to admit what waits (pressure past 1.0, which takes every target to its floor).
+# state under contention) leaves every priority near full quality: the linear share
+# maps half the memory to the floor, so a shrunk job delivers less work per byte it
+# holds, and the memory it frees is only worth that loss to a request that waits
+# (which a shrink request serves, by exactly what it needs).
 _FALL = {
-    Priority.BACKGROUND: (1.0, 0.5),
-    Priority.NORMAL: (1.0, 0.4),
-    Priority.HIGH: (2.0, 0.3),
-    Priority.USER_FACING: (4.0, 0.2),
+    Priority.BACKGROUND: (1.0, 0.12),
+    Priority.NORMAL: (1.0, 0.09),
+    Priority.HIGH: (2.0, 0.06),
+    Priority.USER_FACING: (4.0, 0.03),
 }
 
 
@@ -88,11 +94,6 @@ def policy_target(
     """
     if policy is QualityPolicy.FIXED:
         return 1.0
-    if pressure > 1.0 and policy is QualityPolicy.ADAPTIVE:
-        # More is wanted than the card holds: requests wait that cannot be admitted (or
-        # other processes took memory). Make room: every elastic holder that sees it
-        # falls to the size that brings its pressure back to 1.0.
-        return floor
     excess = _excess(pressure, threshold)
     if excess == 0.0:
         return 1.0
@@ -150,6 +151,7 @@ def fixed_point_quality(
     max_memory: int,
     mine: int = 0,
     other_family: int = 0,
+    waiting: int = 0,
 ) -> float:
     """The best quality an elastic holder of ``[low, max_memory]`` bytes can run at when
     ``others`` bytes count in its pressure besides its own and it can hold at most
@@ -157,7 +159,9 @@ def fixed_point_quality(
     ``[low, high]``, where its share rises with m and its policy value falls.
 
     ``mine`` and ``other_family`` are the bytes of its own family (besides its own) and
-    of the other family that its ``PROPORTIONAL`` share counts. The answer depends on
+    of the other family that its ``PROPORTIONAL`` share counts; ``waiting`` is the part
+    of ``others`` that waits rather than being held (for ``ADAPTIVE``, only memory held
+    beyond the card takes a holder to its floor). The answer depends on
     neither its current size nor anything it changes by resizing: a holder that follows
     it gets there in one step and stays.
     """
@@ -182,7 +186,8 @@ def fixed_point_quality(
     if policy is QualityPolicy.ADAPTIVE:
         # The same as `policy_target`, inlined: this loop is the ledger's hottest code.
         exponent, reach = _FALL[priority]
-        start, full, width = threshold * budget, float(budget), (1.0 - threshold) * budget
+        start, width = threshold * budget, (1.0 - threshold) * budget
+        full = float(budget + waiting)  # past it, what is held overcommits the card
         fall = (1.0 - floor) * reach
 
         def allowed(size: int) -> float:

@@ -23,7 +23,13 @@ import functools
 from collections.abc import Callable, Mapping
 
 from ._config import ArbiterConfig
-from ._quality import RISE_HYSTERESIS, QualityPolicy, fixed_point_quality, policy_target
+from ._quality import (
+    RISE_HYSTERESIS,
+    QualityPolicy,
+    elastic_share_quality,
+    fixed_point_quality,
+    policy_target,
+)
 from ._records import Family, Holding, Request, Tallies
 from ._types import Priority, WorkloadType
 
@@ -92,11 +98,8 @@ class QualityCalculator:
 
     def _seen_granted(self, priority: Priority) -> int:
         tallies = self._tallies
-        llm, diffusion = tallies.families[0].at, tallies.families[1].at
-        total = tallies.external
-        for value in range(priority, len(llm)):
-            total += llm[value] + diffusion[value]
-        return total
+        llm, diffusion = tallies.families
+        return tallies.external + sum(llm.at[priority:]) + sum(diffusion.at[priority:])
 
     def _admissible_head(self, priority: Priority) -> int:
         """What the head of the queue waits for, when it counts for ``priority``.
@@ -147,16 +150,23 @@ class QualityCalculator:
         """A holding's current quality target (after release: the last one it had)."""
         if holding.released:
             return holding.notified_quality
+        if holding.preempt_requested:
+            # Asked for everything back (preempted, or reclaimed for keep_alive): a
+            # holder that reads its target before it unwinds sees that it should give
+            # all it can, not the share a shrink request alone would have left it.
+            return self._floors[holding.family]
         tallies = self._tallies
         if holding.shrink_cap is None and not tallies.waiting and tallies.holders == 1:
             return 1.0  # alone on the card
-        seen = self.seen(holding.priority)
+        priority = holding.priority
+        waiting = self._admissible_head(priority) if tallies.waiting else 0
+        seen = self._seen_granted(priority) + waiting
         if holding.min_memory is None:
             if seen < self._threshold * self.budget:
                 return 1.0  # the common case, without the policy's arithmetic
-            quality = self._policy_at(holding.family, holding.priority, seen, 0)
+            quality = self._policy_at(holding.family, priority, seen, 0)
         else:
-            quality = self._elastic_target(holding, seen - holding.memory)
+            quality = self._elastic_target(holding, seen - holding.memory, waiting)
             previous = holding.notified_quality
             if previous < quality < 1.0 and quality - previous < RISE_HYSTERESIS:
                 # Holders of one priority answer each other's resizes; rising only by a
@@ -184,17 +194,25 @@ class QualityCalculator:
         """The policy value at a given ``pressure`` ratio (the arbiter-wide averages)."""
         return self._policy_at(family, priority, round(pressure * self.budget), 0)
 
-    def _elastic_target(self, holding: Holding, others: int) -> float:
+    def _elastic_target(self, holding: Holding, others: int, waiting: int = 0) -> float:
         """The best quality an elastic holder can run at, given that ``others`` bytes
-        count in its pressure besides its own (see `fixed_point_quality`): where its
-        share and its policy value cross, over the sizes it could hold (what it holds
-        plus free memory, which its own resizing leaves unchanged)."""
+        count in its pressure besides its own, ``waiting`` of them waiting rather than
+        held (see `fixed_point_quality`): where its share and its policy value cross,
+        over the sizes it could hold (what it holds plus free memory, which its own
+        resizing leaves unchanged)."""
         assert holding.min_memory is not None
         tallies = self._tallies
-        low = holding.min_memory
-        free = self.budget - tallies.granted - tallies.external
-        high = max(low, min(holding.max_memory, holding.memory + free))
+        low, top = holding.min_memory, holding.max_memory
+        high = holding.memory + self.budget - tallies.granted - tallies.external
+        if high > top:
+            high = top
+        if high < low:
+            high = low
         family, priority = holding.family, holding.priority
+        if (others + high) / self.budget < self._threshold:
+            # Below the threshold even at its largest: every policy allows 1.0, so its
+            # share is the answer (what `fixed_point_quality` finds first, uncached).
+            return elastic_share_quality(high, low, holding.max_memory, self._floors[family])
         mine = other_family = 0
         if self._policy is QualityPolicy.PROPORTIONAL:
             mine = sum(tallies.families[family].at[priority:]) - holding.memory
@@ -212,6 +230,7 @@ class QualityCalculator:
             holding.max_memory,
             mine,
             other_family,
+            waiting,
         )
 
     def _policy_at(self, family: Family, priority: Priority, seen: int, extra: int) -> float:

@@ -242,6 +242,21 @@ def test_recorder_weights_quality_by_holding_time_and_utilization_by_span() -> N
     assert result.wait_p50[Priority.NORMAL] is None
 
 
+def test_recorder_splits_degraded_work_into_what_the_grant_explains() -> None:
+    recorder = Recorder(24 * GiB, [Priority.NORMAL], [LLM], first_arrival=0.0)
+    # Granted at 0.5, grows to 1.0 after 10 s, ends at 40 s.
+    holding = recorder.grant(LLM, 6 * GiB, 0.5, now=0.0)
+    recorder.resize(holding, 12 * GiB, now=10.0)
+    recorder.quality(holding, 1.0, now=10.0)
+    recorder.release(holding, now=40.0)
+    recorder.completed(Priority.NORMAL, 40.0, 12 * GiB, holding.useful, holding.shortfall())
+    result = recorder.result("x")
+    assert result.goodput == pytest.approx(12 * (10 * 0.5 + 30) / (24 * 40))
+    # 5 s of full-quality work lost; at 0.5 throughout it would have lost 20: capped at 5.
+    assert result.degraded == pytest.approx(12 * 5 / (24 * 40))
+    assert result.degraded_at_grant == result.degraded
+
+
 def test_recorder_counts_no_work_before_a_reload_ends() -> None:
     recorder = Recorder(24 * GiB, [Priority.NORMAL], [LLM], first_arrival=0.0)
     holding = recorder.grant(LLM, 8 * GiB, 1.0, now=10.0, useful_from=12.0)
@@ -253,3 +268,43 @@ def test_the_one_percentile_interpolates_between_ranks() -> None:
     assert percentile([3.0], 0.99) == 3.0
     assert percentile([0.0, 10.0], 0.5) == 5.0
     assert percentile(list(map(float, range(101))), 0.99) == pytest.approx(99.0)
+
+
+def test_a_job_that_fails_ends_the_run_with_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from arbiter.cli import _simulate
+
+    serve = _simulate._Run._serve
+
+    async def failing(self: Any, row: TraceRow) -> None:
+        if row.line == 2:
+            raise LookupError("job 2 broke")
+        await serve(self, row)
+
+    monkeypatch.setattr(_simulate._Run, "_serve", failing)
+    trace = Trace(
+        rows=tuple(row(n, float(n), LLM, Priority.NORMAL, 4, duration=600.0) for n in (1, 2, 3))
+    )
+    with pytest.raises(BaseExceptionGroup) as raised:  # out of the run's task group
+        run(trace, "adaptive")
+    assert raised.group_contains(LookupError, match="job 2 broke", depth=1)
+
+
+def test_simulate_scheduler_runs_on_trio_with_the_same_results() -> None:
+    import anyio
+    import trio.testing
+
+    from arbiter.cli._simulate import simulate_scheduler
+
+    trace = load_trace(TRACES / "preempt.jsonl")
+    on_trio = anyio.run(
+        simulate_scheduler,
+        trace,
+        SCHEDULERS["adaptive"],
+        BUDGET,
+        backend="trio",
+        backend_options={"clock": trio.testing.MockClock(autojump_threshold=0)},
+    )
+    [on_asyncio] = simulate(trace, [SCHEDULERS["adaptive"]], BUDGET)
+    assert on_trio.completed == on_asyncio.completed == 2
+    assert on_trio.preemptions == on_asyncio.preemptions == 1
+    assert on_trio.last_completion == pytest.approx(on_asyncio.last_completion)

@@ -15,6 +15,7 @@ from arbiter import (
     Arbiter,
     ArbiterConfig,
     GiB,
+    MiB,
     Priority,
     WorkloadType,
 )
@@ -399,3 +400,77 @@ async def test_a_waiter_does_not_spin_while_a_preempted_victim_finishes() -> Non
             high[0].release()
     # Nothing is due while the victim finishes: a few wake-ups at most, not thousands.
     assert calls < 20, calls
+
+
+async def test_an_unpreemptible_elastic_holder_is_asked_for_what_the_waiter_needs() -> None:
+    # The weights the chats run on: never preempted, but elastic (a smaller KV cache).
+    arbiter = make_arbiter(reclaim_grace=60)
+    weights = await arbiter.request_allocation(
+        LLM, HIGH, 20 * GiB, min_memory=8 * GiB, preemptible=False
+    )
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            chat = await request_in_background(tg, arbiter, Priority.USER_FACING, 8)
+            assert not chat  # 4 GiB short
+            # Asked to give 4 of its 12 spare GiB, not to fall to its floor.
+            assert weights.memory_for_quality(weights.quality) == 16 * GiB
+            assert weights.quality > LLM_FLOOR and not weights.preempted
+            await weights.resize(16 * GiB)
+            await settle()
+            assert chat and chat[0].memory == 8 * GiB
+            stats = arbiter.stats()
+            assert stats.preemptions == 0 and stats.quality_reductions >= 1
+            chat[0].release()
+    weights.release()
+
+
+async def test_holders_below_a_waiter_give_its_shortfall_once_not_each() -> None:
+    arbiter = make_arbiter(reclaim_grace=60)
+    older = await arbiter.request_allocation(LLM, BG, 10 * GiB, min_memory=4 * GiB)
+    newer = await arbiter.request_allocation(LLM, BG, 10 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            high = await request_in_background(tg, arbiter, HIGH, 8)
+            assert not high  # 4 GiB short
+            # Together their targets ask for the shortfall once: the headroom the policy
+            # keeps at a full card, and the rest from the first victim in DESIGN's order
+            # (the most recent grant). Each falling to its floor would give it three times.
+            sizes = [a.memory_for_quality(a.quality) for a in (older, newer)]
+            assert abs(20 * GiB - sum(sizes) - 4 * GiB) < MiB
+            assert older.quality > 0.85 and sizes[1] < sizes[0]
+            for alloc, size in zip((older, newer), sizes, strict=True):
+                await alloc.resize(size)
+            await settle()
+            assert high and high[0].memory == 8 * GiB
+            assert arbiter.stats().preemptions == 0
+            high[0].release()
+    older.release()
+    newer.release()
+
+
+async def test_an_elastic_holder_shrinks_when_other_processes_overcommit_the_card() -> None:
+    arbiter = make_arbiter()
+    elastic = await arbiter.request_allocation(LLM, BG, 16 * GiB, min_memory=4 * GiB)
+    rigid = await arbiter.request_allocation(IMAGE, BG, 4 * GiB)
+    assert elastic.quality == 1.0
+    arbiter._ledger.set_external(8 * GiB, anyio.current_time())
+    # 20 GiB granted beside 8 GiB of others' on a 24 GiB card: 4 GiB too many.
+    assert elastic.memory_for_quality(elastic.quality) <= 12 * GiB
+    elastic.release()
+    rigid.release()
+
+
+async def test_a_preempted_elastic_holder_is_told_its_floor() -> None:
+    # No grace: the shrink request is followed at once by the preemption. A holder that
+    # reads its target before unwinding must see that it should give everything.
+    arbiter = make_arbiter()
+    elastic = await arbiter.request_allocation(LLM, BG, 20 * GiB, min_memory=4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            high = await request_in_background(tg, arbiter, HIGH, 8)
+            assert elastic.preempted and not high
+            assert elastic.quality == LLM_FLOOR
+            elastic.release()
+            await settle()
+            assert high and high[0].memory == 8 * GiB
+            high[0].release()

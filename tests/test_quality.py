@@ -428,3 +428,15 @@ async def test_min_quality_outside_zero_one_is_a_value_error(bad: float) -> None
     with pytest.raises(TypeError, match="min_quality"):
         await arbiter.request_allocation(LLM, Priority.NORMAL, GiB, min_quality="high")  # type: ignore[arg-type]
     assert arbiter.stats().total_allocations == 0
+
+
+@fast
+@given(priorities, st.floats(min_value=1.0, max_value=4.0), fractions, fractions)
+def test_adaptive_stays_at_its_full_card_value_when_more_is_wanted(
+    priority: Priority, pressure: float, threshold: float, floor: float
+) -> None:
+    # What waits is admitted by shrink requests for what it needs; the policy does not
+    # send every holder that sees it to its floor.
+    adaptive = QualityPolicy.ADAPTIVE
+    full = target(adaptive, priority, 1.0, threshold, floor)
+    assert target(adaptive, priority, pressure, threshold, floor) == full

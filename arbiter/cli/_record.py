@@ -51,6 +51,12 @@ class SchedulerResult:
     utilization: float
     goodput: float
     completed_by_priority: dict[Priority, int]
+    # Of budget x span, the completed jobs' work lost to running below quality 1.0, and
+    # the part of it that their grants' sizes alone explain (what they would have lost
+    # had they kept the size they were granted): why a degrading scheduler's goodput
+    # falls short of its utilisation. Not in the table or the JSON: for benchmarks.
+    degraded: float
+    degraded_at_grant: float
     first_arrival: float
     last_completion: float
     timeline: Timeline = field(repr=False)
@@ -61,10 +67,12 @@ class RecordedHolding:
 
     ``useful`` is the quality-seconds of work it has done: holding time from
     ``useful_from`` on (before it, the job reloads what a preemption cost it), each
-    second weighted by the quality it ran at.
+    second weighted by the quality it ran at; ``worked`` is those seconds unweighted,
+    and ``granted_quality`` the quality it was granted at.
     """
 
-    __slots__ = ("memory", "quality", "since", "useful", "useful_from", "workload")
+    __slots__ = ("granted_quality", "memory", "quality", "since", "useful", "useful_from",
+                 "worked", "workload")  # fmt: skip
 
     def __init__(
         self, workload: WorkloadType, memory: int, quality: float, since: float, useful_from: float
@@ -72,9 +80,17 @@ class RecordedHolding:
         self.workload = workload
         self.memory = memory
         self.quality = quality
+        self.granted_quality = quality
         self.since = since
         self.useful_from = useful_from
         self.useful = 0.0
+        self.worked = 0.0
+
+    def shortfall(self) -> tuple[float, float]:
+        """Seconds of full-quality work it fell short by, and the part of it that running
+        at its granted quality throughout would have lost."""
+        lost = max(0.0, self.worked - self.useful)
+        return lost, min(lost, (1.0 - self.granted_quality) * self.worked)
 
 
 class Recorder:
@@ -83,6 +99,8 @@ class Recorder:
     __slots__ = (
         "_budget",
         "_completed",
+        "_degraded_area",
+        "_degraded_at_grant_area",
         "_first_arrival",
         "_goodput_area",
         "_granted",
@@ -117,6 +135,8 @@ class Recorder:
         self._timeouts = 0
         self._rejected = 0
         self._goodput_area = 0.0
+        self._degraded_area = 0.0
+        self._degraded_at_grant_area = 0.0
         self._preemptions: list[tuple[float, WorkloadType]] = []
         self._granted = 0
         self._granted_area = 0.0
@@ -139,11 +159,21 @@ class Recorder:
         """A request of the row's ``priority`` waited ``seconds`` (granted or timed out)."""
         self._waits[priority].append(max(0.0, seconds))
 
-    def completed(self, priority: Priority, now: float, memory: int, useful: float) -> None:
+    def completed(
+        self,
+        priority: Priority,
+        now: float,
+        memory: int,
+        useful: float,
+        shortfall: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
         """A job of ``memory`` bytes finished its work, ``useful`` quality-seconds of it
-        kept (work lost to a preemption is not)."""
+        kept (work lost to a preemption is not); ``shortfall`` sums its kept runs'
+        `RecordedHolding.shortfall`."""
         self._completed[priority] += 1
         self._goodput_area += memory * useful
+        self._degraded_area += memory * shortfall[0]
+        self._degraded_at_grant_area += memory * shortfall[1]
         self._last_completion = max(self._last_completion, now)
 
     def timed_out(self) -> None:
@@ -207,6 +237,7 @@ class Recorder:
         working = now - max(holding.since, holding.useful_from)
         if working > 0:
             holding.useful += holding.quality * working
+            holding.worked += working
         self._quality_time[holding.workload] += elapsed
         holding.since = now
 
@@ -229,11 +260,14 @@ class Recorder:
     def result(self, name: str) -> SchedulerResult:
         """The figures so far, under the scheduler's ``name``."""
         span = self._last_completion - self._first_arrival
-        area = self._granted_area + self._granted * max(
+        granted_area = self._granted_area + self._granted * max(
             0.0, self._last_completion - self._granted_since
         )
-        utilization = area / (self._budget * span) if span > 0 else 0.0
-        goodput = self._goodput_area / (self._budget * span) if span > 0 else 0.0
+        area = self._budget * span
+
+        def share(part: float) -> float:
+            return part / area if span > 0 else 0.0
+
         mean_quality = {
             w: (self._quality_area[w] / t if (t := self._quality_time[w]) > 0 else None)
             for w in self._quality_time
@@ -247,9 +281,11 @@ class Recorder:
             rejected=self._rejected,
             preemptions=len(self._preemptions),
             mean_quality=mean_quality,
-            utilization=utilization,
-            goodput=goodput,
+            utilization=share(granted_area),
+            goodput=share(self._goodput_area),
             completed_by_priority=dict(self._completed),
+            degraded=share(self._degraded_area),
+            degraded_at_grant=share(self._degraded_at_grant_area),
             first_arrival=self._first_arrival,
             last_completion=self._last_completion,
             timeline=Timeline(

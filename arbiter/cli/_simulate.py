@@ -15,7 +15,9 @@ What a simulated job does (the same for every scheduler):
   only) runs at the quality of the memory it holds (``min_memory`` gives the floor,
   ``memory`` 1.0, linear between) and follows its quality target: it shrinks to the
   target's size when the target drops, and grows back with ``resize`` as far as the
-  arbiter grants at once (free memory, nobody waiting) when it rises. A job that
+  arbiter grants at once when it rises: into free memory, unless a request at its
+  priority or above waits (a growth queues like a request of its priority, so it goes
+  after those and before lower ones, as `Arbiter.resize` would decide). A job that
   holds its full ``memory`` runs at 1.0, whatever target was announced;
 * when preempted it loses its progress (a ``resumable`` row keeps it), is re-queued
   at its priority, and once re-granted first reloads for ``memory / load_bps``
@@ -31,13 +33,14 @@ from __future__ import annotations
 import asyncio
 import math
 import selectors
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .._arbiter import Arbiter
+from .._backend import current_backend
 from .._config import ArbiterConfig
 from .._errors import AllocationTimeout, InsufficientMemory
 from .._quality import elastic_share_quality
@@ -176,6 +179,7 @@ class _Run:
 
     __slots__ = (
         "arbiter",
+        "clock",
         "config",
         "fake",
         "floors",
@@ -183,6 +187,7 @@ class _Run:
         "progress",
         "recorder",
         "scheduler",
+        "sleep",
         "start",
         "trace",
     )
@@ -209,21 +214,73 @@ class _Run:
             trace.first_arrival,
         )
         self.progress = progress
+        self.clock: Callable[[], float] = anyio.current_time
+        self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
         self.start = 0.0
 
     def now(self) -> float:
-        return anyio.current_time() - self.start
+        return self.clock() - self.start
 
     async def run(self) -> SchedulerResult:
-        self.start = anyio.current_time()
+        # The loop's own clock and sleep, called directly: every event of every job
+        # reads the one, most jobs call the other (anyio's would look up the loop's
+        # library each time, then call the same).
+        self.clock = current_backend().loop().clock
+        if _asyncio_loop() is not None:
+            self.sleep = asyncio.sleep
+        self.start = self.clock()
         async with self.arbiter, anyio.create_task_group() as background:
             background.start_soon(self._drive_external)
-            async with anyio.create_task_group() as jobs:
-                for row in self.trace.rows:
-                    await anyio.sleep_until(self.start + row.at)
-                    jobs.start_soon(self._job, row)
+            if _asyncio_loop() is not None:
+                await self._run_jobs_on_asyncio()
+            else:
+                async with anyio.create_task_group() as jobs:
+                    for row in self.trace.rows:
+                        await self._arrival(row)
+                        jobs.start_soon(self._job, row)
             background.cancel_scope.cancel()
         return self.recorder.result(self.scheduler.name)
+
+    async def _arrival(self, row: TraceRow) -> None:
+        await self.sleep(max(0.0, self.start + row.at - self.clock()))
+
+    async def _run_jobs_on_asyncio(self) -> None:
+        """Each row's job in a plain asyncio task, as a task group would run it: the
+        first failure cancels the others and is raised, and cancellation reaches them all.
+
+        (An anyio task carries a cancel scope and an event of its own, and every step of
+        it passes through a wrapper: for jobs that need neither, most of what a short
+        job costs.)
+        """
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[None]] = set()
+        failures: list[BaseException] = []
+        settled = loop.create_future()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            pending.discard(task)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                failures.append(error)
+            if (failures or not pending) and not settled.done():
+                settled.set_result(None)
+
+        try:
+            for row in self.trace.rows:
+                await self._arrival(row)
+                if failures:
+                    break
+                task = loop.create_task(self._job(row))
+                pending.add(task)
+                task.add_done_callback(finished)
+            if pending and not failures:
+                await settled
+        finally:
+            for task in list(pending):
+                task.cancel()
+            while pending:  # let them unwind (they release what they hold)
+                await asyncio.wait(list(pending))
+        if failures:
+            raise failures[0]
 
     async def _drive_external(self) -> None:
         for step in self.trace.external:
@@ -244,6 +301,7 @@ class _Run:
         preemptible = scheduler.preemptible and row.preemptible
         done = 0.0  # seconds of work kept
         useful = 0.0  # quality-seconds of the work kept
+        lost = lost_at_grant = 0.0  # its `RecordedHolding.shortfall`, summed over kept runs
         reload = 0.0  # the first grant finds its weights where the trace says they are
         while True:
             asked = self.now()
@@ -277,21 +335,25 @@ class _Run:
                         await alloc.wait_preempted()
                     finished = not alloc.preempted
                 else:
-                    await anyio.sleep(seconds)
+                    await self.sleep(seconds)
                     finished = True
             finally:
                 alloc.release()
             now = self.now()
             recorder.release(holding, now)
+            shortfall = holding.shortfall()
             if finished:
-                recorder.completed(row.priority, now, row.memory, useful + holding.useful)
+                kept = (lost + shortfall[0], lost_at_grant + shortfall[1])
+                recorder.completed(row.priority, now, row.memory, useful + holding.useful, kept)
                 return
             recorder.preempted(row.workload, now)
             if row.resumable:
                 done += max(0.0, now - (granted + reload))
                 useful += holding.useful
+                lost += shortfall[0]
+                lost_at_grant += shortfall[1]
             else:
-                done = useful = 0.0
+                done = useful = lost = lost_at_grant = 0.0
             reload = row.memory / self.load_bps
 
     def _quality(self, alloc: Allocation) -> float:
@@ -326,8 +388,7 @@ class _Run:
             quality = await changes.__anext__()  # the current target
             while True:
                 before = alloc.memory
-                await self._fit(alloc, holding, quality)
-                wanted = alloc.memory_for_quality(quality)
+                wanted = await self._fit(alloc, holding, quality)
                 if wanted - alloc.memory < _RESIZE_STEP:
                     retry = self.config.poll_interval
                     quality = await changes.__anext__()  # nothing to retry: just wait
@@ -345,30 +406,45 @@ class _Run:
             with anyio.CancelScope(shield=True):
                 await changes.aclose()
 
-    async def _fit(self, alloc: Allocation, holding: RecordedHolding, quality: float) -> None:
-        """Shrink to the size of ``quality``, or grow toward it if the arbiter grants."""
+    async def _fit(self, alloc: Allocation, holding: RecordedHolding, quality: float) -> int:
+        """Shrink to the size of ``quality``, or grow toward it if the arbiter grants;
+        the size ``quality`` wants."""
         wanted = alloc.memory_for_quality(quality)
         if wanted < alloc.memory:
             await alloc.resize(wanted)
         elif wanted - alloc.memory >= _RESIZE_STEP:
-            # Grow only into memory that is free now while nobody waits: a holder that
-            # behaves well takes no memory another request is queued for, and never makes
-            # the arbiter preempt (or wait) for its comfort.
-            # (The ledger's two counters, not a whole `state()` snapshot: this runs at
-            # every target change of every elastic holder.)
+            # Grow only into memory that is free now, and only when the arbiter would
+            # grant the growth at once: it queues like a request of this priority, so
+            # behind any waiter at this priority or above, ahead of lower ones (which do
+            # not fit the free memory anyway). A holder that behaves well never makes the
+            # arbiter preempt (or wait) for its comfort. (The ledger's counters and head,
+            # not a whole `state()` snapshot: this runs at every target change.)
             ledger = self.arbiter._ledger
             size = min(wanted, alloc.memory + ledger.available)
-            if ledger.waiting or size - alloc.memory < _RESIZE_STEP:
-                return
+            if size - alloc.memory < _RESIZE_STEP:
+                return wanted
+            if ledger.waiting:
+                head = ledger.head()
+                if head is not None and head.priority >= alloc.priority:
+                    return wanted
             try:
                 await alloc.resize(size, timeout=0)
             except AllocationTimeout:
-                return
+                return wanted
         else:
-            return
+            return wanted
         now = self.now()
         self.recorder.resize(holding, alloc.memory, now)
         self.recorder.quality(holding, self._quality(alloc), now)
+        return wanted
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop; None under another library (trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 async def simulate_scheduler(
