@@ -40,6 +40,7 @@ lock, set last (after the holding holds its memory) and before its waiter is wok
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -204,7 +205,7 @@ class Ledger:
             holding.notified_quality = self._target_in_view(holding, view)
         return self.targets.target(holding)
 
-    def _view(self) -> tuple[object, ...]:
+    def _view(self, holding: Holding) -> tuple[object, ...]:
         """What a rigid holding's target is computed from while no elastic holder exists:
         the tallies and the head of the queue (`QualityCalculator`'s inputs)."""
         tallies = self.tallies
@@ -217,6 +218,7 @@ class Ledger:
                     break
         return (
             head,
+            holding.memory,
             tallies.granted,
             tallies.external,
             tallies.on_the_way,
@@ -235,16 +237,17 @@ class Ledger:
         tallies = Tallies(self.budget)
         llm, diffusion = tallies.families
         (tallies.granted, tallies.external, tallies.on_the_way, tallies.waiting,
-         llm.granted, llm.count, diffusion.granted, diffusion.count) = view[1:9]  # type: ignore[assignment]  # fmt: skip
+         llm.granted, llm.count, diffusion.granted, diffusion.count) = view[2:10]  # type: ignore[assignment]  # fmt: skip
         levels = len(llm.at)
-        llm.at[:] = view[9 : 9 + levels]  # type: ignore[assignment]
-        diffusion.at[:] = view[9 + levels :]  # type: ignore[assignment]
+        llm.at[:] = view[10 : 10 + levels]  # type: ignore[assignment]
+        diffusion.at[:] = view[10 + levels :]  # type: ignore[assignment]
         nobody: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         then = QualityCalculator(self.config, tallies, lambda: head, nobody)  # type: ignore[arg-type,return-value]
-        # The holding as it was then: held, rigid, uncapped.
-        held = Holding(holding.workload, holding.priority, holding.max_memory, None)
-        held.memory = held.max_memory
-        held.granted_seq = holding.granted_seq
+        # The holding as it was then (a rigid holder's fields do not move once released,
+        # but for these two).
+        held = copy.copy(holding)
+        held.released = False
+        held.memory = view[1]  # type: ignore[assignment]
         return then.target(held)
 
     def floor(self, holding: Holding) -> float:
@@ -379,7 +382,7 @@ class Ledger:
             # tallies and the queue's head: keep those, and compute it only if it is read
             # (a handle's ``quality`` after release, rarely; see `target`). With nothing
             # waiting it is cheap enough to compute now.
-            holding.released_view = self._view()
+            holding.released_view = self._view(holding)
         else:
             holding.notified_quality = self.targets.target(holding)  # what `quality` reads
         holding.released = True
