@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from itertools import count
 from types import TracebackType
-from typing import Protocol, Self, cast
+from typing import Any, Protocol, Self, cast
 
 import anyio
 import anyio.abc
@@ -310,24 +310,35 @@ class Arbiter:
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
-        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is: it checks for
-        cancellation before anything is decided; a grant at once or a failure at once
-        then yields (a grant cancelled at that yield is given back), and a wait yields
-        by parking. So a task that allocates in a loop lets the others run. ``scope``
-        (the body scope of an ``allocate()``) is registered with the grant, under the
-        same lock. ``owner`` (a daemon's session) is told of the allocation's preemption
-        and quality changes, and can have everything it holds released at once
-        (`_release_owner`); by default the arbiter itself owns it.
+        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is. A request that
+        waits behind the head of the queue changes nothing but the queue, so its park is
+        its checkpoint (a cancellation already pending is delivered there, and the
+        request leaves the queue at once, counted as cancelled), as a contended
+        ``Semaphore.acquire`` parks at once. Any other checks for cancellation before
+        anything is decided: one granted at once or refused (which then yields; a grant
+        cancelled at that yield is given back), and one that heads the queue (it may ask
+        holders for memory). So a task that allocates in a loop lets the others run.
+        ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
+        be granted: a preemption that comes before the body starts (from any thread)
+        cancels it, and the body starts cancelled.
+        ``owner`` (a daemon's session) is told of the allocation's preemption and quality
+        changes, and can have everything it holds released at once (`_release_owner`);
+        by default the arbiter itself owns it.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
         ledger = self._ledger
-        try:
-            await backend.checkpoint_if_cancelled()
-        except BaseException:
-            with self._lock:
-                ledger.count_unqueued(Outcome.CANCELLED)
-            raise
+        tallies = ledger.tallies
+        # Whether the request may be decided now: its cancellation was checked, or it will
+        # only queue behind the head. A guess without the lock, confirmed under it.
+        ready = not tallies.waiting
+        if ready:
+            try:
+                await backend.checkpoint_if_cancelled()
+            except BaseException:
+                with self._lock:
+                    ledger.count_unqueued(Outcome.CANCELLED)
+                raise
         smallest = memory if min_memory is None else min_memory
         limit = self._default_timeout if isinstance(timeout, Default) else timeout
         loop = backend.loop()
@@ -337,31 +348,52 @@ class Arbiter:
             workload, priority, memory, min_memory, preemptible, keep_alive, owner or self
         )
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
+        alloc._scope = scope
         request: NewAllocation | None = None
-        with self._lock:
-            refused = smallest > ledger.budget or self._closed
-            if not refused:
-                if (
-                    loop is not self._loop
-                    and self._task_group is None
-                    and not ledger.waiting
-                    and not ledger.granted
-                ):
-                    self._adopt(loop)
-                now = started + self._clock_offset if loop is self._loop else self._now()
-                if min_quality is not None or not ledger.grant_now(holding, smallest, memory, now):
-                    parker = backend.parker()
-                    request = NewAllocation(
-                        holding, smallest, memory, min_quality=min_quality, ticket=parker
-                    )
-                    request.may_reclaim = limit != 0
-                    if ledger.submit(request, now):
-                        request = None
-                    else:
+        while True:
+            with self._lock:
+                refused = smallest > ledger.budget or self._closed
+                # A timeout of 0 checks first: its deadline would race the cancellation.
+                if not ready and not refused and limit != 0:
+                    now = started + self._clock_offset if loop is self._loop else self._now()
+                    parker = backend.parker(loop)
+                    request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                    if ledger.queue_behind_head(request, now):
+                        ready = True
                         parker.arm()
-                if request is None:
-                    alloc._scope = scope  # nothing can have preempted it yet
+                        wake_at = math.inf if limit is None else started + limit
+                        break
+                    request = None
+                if ready and not refused:
+                    if loop is self._loop:
+                        now = started + self._clock_offset
+                    else:
+                        if self._task_group is None and not tallies.waiting and not tallies.granted:
+                            self._adopt(loop)
+                        now = self._now()
+                    if (
+                        tallies.waiting  # nothing jumps the queue: no need to ask
+                        or min_quality is not None
+                        or not ledger.grant_now(holding, smallest, memory, now)
+                    ):
+                        parker = backend.parker(loop)
+                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                        request.may_reclaim = limit != 0
+                        if ledger.submit(request, now):
+                            request = None
+                        else:
+                            parker.arm()
+                            if request.reclaim_deadline == math.inf:  # the common case
+                                wake_at = math.inf if limit is None else started + limit
+                            else:
+                                wake_at = self._first_wake(request, started, limit, clock, now)
+            if ready or refused:
+                break
+            await self._check_cancelled(backend)  # it would head the queue after all
+            ready = True
         if refused:
+            if not ready:
+                await self._check_cancelled(backend)
             await self._refuse(backend)
             if smallest > ledger.budget:
                 raise InsufficientMemory(smallest, ledger.budget)
@@ -374,12 +406,15 @@ class Arbiter:
                     ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
                 raise
         else:
-            await self._park(request, clock, started, limit)
-            if scope is not None:
-                with self._lock:  # a preemption from another thread sees it, or we see it
-                    alloc._scope = scope
-                    if holding.preempt_requested:
-                        scope.cancel()
+            # The first sleep here, not in `_park`: a handover resumes one coroutine less.
+            try:
+                await parker.park(wake_at)
+            except BaseException:
+                with self._lock:  # gives back a grant that raced it
+                    ledger.withdraw(request, self._now(), Outcome.CANCELLED)
+                raise
+            if request.state is not GRANTED:  # read without the lock: see `_park`
+                await self._park(request, clock, started, limit, None)
         if keep_alive is not None:
             self._poke_timer()
         if configured():
@@ -392,6 +427,15 @@ class Arbiter:
                 waited=clock() - started,
             )
         return alloc
+
+    async def _check_cancelled(self, backend: Backend) -> None:
+        """The cancellation check at the entry of a request, and its count."""
+        try:
+            await backend.checkpoint_if_cancelled()
+        except BaseException:
+            with self._lock:
+                self._ledger.count_unqueued(Outcome.CANCELLED)
+            raise
 
     def _grant_at_once(self, args: RequestArgs, owner: AllocationOwner) -> Allocation | None:
         """Grant ``args`` to ``owner`` now, if nothing waits and it fits; else ``None``
@@ -432,28 +476,50 @@ class Arbiter:
         with self._lock:
             self._ledger.count_unqueued(Outcome.REFUSED)
 
+    def _first_wake(
+        self,
+        request: Request,
+        started: float,
+        limit: float | None,
+        clock: Callable[[], float],
+        now: float,
+    ) -> float:
+        """When a request queued at ``started`` (own clock) and ``now`` (the core's)
+        first wakes by itself (under the lock: the core may already have set a reclaim
+        deadline)."""
+        deadline = math.inf if limit is None else started + limit
+        if request.reclaim_deadline == math.inf:
+            return deadline
+        return self._wake_at(request, deadline, clock(), now)
+
     async def _park(
         self,
         request: Request,
         clock: Callable[[], float],
         started: float,
         limit: float | None,
+        wake_at: float | None,
     ) -> None:
         """Sleep until the core grants ``request``; take it back on timeout or cancel.
 
         The waiter never re-checks whether it fits: it only learns what the core
         decided. It wakes by itself for its deadline (on its own loop's clock) and
         for the reclaim deadline the core set (on the arbiter's clock), when it calls
-        the core's `advance`.
+        the core's `advance`; ``wake_at`` is the first of these (`_first_wake`), or
+        None when the caller has slept once already.
         """
         ledger = self._ledger
-        parker = cast(Parker, request.ticket)
+        parker: Parker = request.ticket  # type: ignore[assignment]
         deadline = math.inf if limit is None else started + limit
-        with self._lock:  # the core may already have set a reclaim deadline
-            wake_at = self._wake_at(request, deadline, clock(), self._now())
         try:
-            while True:
+            if wake_at is not None:
                 await parker.park(wake_at)
+            while True:
+                # The core leaves WAITING once, under the lock and before it wakes the
+                # waiter; GRANTED and FAILED are final: read without the lock.
+                state = request.state
+                if state is GRANTED or state is FAILED:
+                    break
                 with self._lock:
                     state = request.state
                     if state is GRANTED or state is FAILED:
@@ -476,6 +542,7 @@ class Arbiter:
                             break
                     wake_at = self._wake_at(request, deadline, own_now, now)
                     parker.arm()
+                await parker.park(wake_at)
         except BaseException:
             with self._lock:  # gives back a grant that raced it
                 ledger.withdraw(request, self._now(), Outcome.CANCELLED)
@@ -489,11 +556,10 @@ class Arbiter:
             raise ShuttingDown("the arbiter closed while the request waited")
         assert limit is not None
         holding = request.holding
-        alloc = holding.ticket
-        assert isinstance(alloc, Allocation)
+        alloc = holding.ticket  # None once released (a growth whose holder let go since)
         debug(
             "allocation timed out",
-            id=alloc.id,
+            id=alloc.id if isinstance(alloc, Allocation) else None,
             memory=request.max_size,
             min_memory=request.min_size,
             priority=holding.priority.name.lower(),
@@ -527,6 +593,10 @@ class Arbiter:
                 return
             memory = holding.memory
             self._ledger.release(holding, self._now())
+            # The core reports nothing more of a released holding: without its ticket the
+            # record and its handle no longer point at each other, and are freed as soon
+            # as the holder drops the handle instead of by the cycle collector.
+            holding.ticket = None
             if alloc._preempt_waiters or alloc._quality_waiters:
                 alloc._signal_preempt()
                 alloc._signal_quality()
@@ -570,7 +640,8 @@ class Arbiter:
             await backend.checkpoint()
         else:
             await backend.checkpoint_if_cancelled()
-        clock = backend.loop().clock
+        loop = backend.loop()
+        clock = loop.clock
         started = clock()
         with self._lock:
             if holding.released:
@@ -587,13 +658,15 @@ class Arbiter:
             if delta <= 0:  # it shrank meanwhile (preemption or its own resize)
                 ledger.shrink(holding, memory, self._now())
                 return
-            parker = backend.parker()
-            request = Growth(holding, delta, ticket=parker)
+            parker = backend.parker(loop)
+            request = Growth(holding, delta, parker)
             request.may_reclaim = limit != 0
-            if ledger.submit(request, self._now()):
+            now = self._now()
+            if ledger.submit(request, now):
                 return
             parker.arm()
-        await self._park(request, clock, started, limit)
+            wake_at = self._first_wake(request, started, limit, clock, now)
+        await self._park(request, clock, started, limit, wake_at)
 
     def _quality_of(self, alloc: Allocation) -> float:
         return self._ledger.target(alloc._holding)  # the caller holds the lock
@@ -630,9 +703,9 @@ class Arbiter:
 
     # == what the core reports (under the lock) ================================
 
-    def _on_event(self, event: Event, ticket: object) -> None:
+    def _on_event(self, event: Event, ticket: Any) -> None:
         if event is _GRANTED or event is _FAILED:
-            cast(Parker, ticket).wake()
+            ticket.wake()  # the request's parker
         elif event is _PREEMPT:
             assert isinstance(ticket, Allocation)
             debug("allocation preempted", id=ticket.id, memory=ticket.memory)
@@ -647,7 +720,7 @@ class Arbiter:
             if owner is not self:
                 cast(AllocationOwner, owner).allocation_changed(ticket, False)
         else:  # RETIME: the waiter re-parks with the new deadline; the timer looks again
-            cast(Parker, ticket).wake()
+            ticket.wake()
             self._poke_timer()
 
     # == the clock and snapshots (any thread) ==================================

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from functools import cache, partial
 from threading import get_ident
 from types import TracebackType
@@ -99,17 +99,37 @@ class LoopEntry:
 class Parker(Protocol):
     """One waiter's place to sleep until someone wakes it.
 
-    ``arm()`` (in the waiter's task, under the arbiter's lock) prepares a sleep, so a
-    ``wake()`` that comes before ``park()`` is not lost. ``wake()`` may be called from
-    any thread, any number of times. ``park(deadline)`` sleeps until woken (True) or
-    until ``deadline`` on the waiter's own clock (False); a cancellation propagates.
+    Made in the waiter's task, for its loop (the `LoopEntry` when the caller has it
+    at hand, else the running one). ``arm()`` (in the waiter's task, under the
+    arbiter's lock) prepares a sleep, so a ``wake()`` that comes before ``park()`` is
+    not lost. ``wake()`` may be called from any thread, any number of times; in the
+    waiter's own thread it wakes it directly (no trip through the loop's queue).
+    ``park(deadline)`` sleeps until woken (True) or until ``deadline`` on the waiter's
+    own clock (False); a cancellation propagates.
     """
 
     def arm(self) -> None: ...
 
     def wake(self) -> None: ...
 
-    async def park(self, deadline: float) -> bool: ...
+    def park(self, deadline: float) -> Awaitable[bool]: ...
+
+
+class _Ready:
+    """An awaitable that is done at once: awaiting it never yields."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return iter(())  # type: ignore[return-value]  # an iterator that stops at once
+
+
+_NOT_CANCELLED = _Ready()
+
+
+async def _at_once(value: bool) -> bool:
+    """An awaitable of ``value`` that does not yield (a wake came before the park)."""
+    return value
 
 
 class Backend:
@@ -118,7 +138,8 @@ class Backend:
     ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` checks for
     cancellation and yields to the loop once; ``checkpoint_if_cancelled()`` only
     checks; ``schedule_point()`` only yields (a cancellation that arrives meanwhile
-    is raised). ``parker()`` makes a `Parker` for the current task.
+    is raised). ``parker(entry=None)`` makes a `Parker` for the current task, in the
+    loop of ``entry`` (a `LoopEntry` of the running loop) or the running one.
     """
 
     __slots__ = (
@@ -138,7 +159,7 @@ class Backend:
         checkpoint_if_cancelled: Callable[[], Awaitable[None]],
         schedule_point: Callable[[], Awaitable[None]],
         cancel_scope: Callable[[], CancelScopeLike],
-        parker: Callable[[], Parker],
+        parker: Callable[..., Parker],
     ) -> None:
         self.loop = loop
         self.current_time: Callable[[], float] = lambda: loop().clock()
@@ -159,9 +180,10 @@ def _asyncio_backend() -> Backend:
     sleep = asyncio.sleep
     entries = threading.local()  # each thread's current loop's entry, for reuse
 
-    async def checkpoint_if_cancelled() -> None:
+    def checkpoint_if_cancelled() -> Awaitable[None]:
         if anyio.current_effective_deadline() == -math.inf:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            return anyio.lowlevel.checkpoint_if_cancelled()
+        return _NOT_CANCELLED
 
     async def checkpoint() -> None:
         if anyio.current_effective_deadline() == -math.inf:
@@ -178,17 +200,21 @@ def _asyncio_backend() -> Backend:
     class AsyncioParker:
         __slots__ = ("_future", "_loop", "_thread")
 
-        def __init__(self) -> None:
-            self._loop = get_running_loop()
-            self._thread = get_ident()
+        def __init__(self, entry: LoopEntry | None = None) -> None:
+            if entry is None:
+                entry = running_loop()
+            self._loop: asyncio.AbstractEventLoop = entry.key  # type: ignore[assignment]
+            self._thread = entry.thread
             self._future: asyncio.Future[bool] | None = None
 
         def arm(self) -> None:
             self._future = self._loop.create_future()
 
         def wake(self) -> None:
-            if get_ident() == self._thread:
-                self._resolve(True)
+            if get_ident() == self._thread:  # the releaser runs in the waiter's loop
+                future = self._future
+                if future is not None and not future.done():
+                    future.set_result(True)
                 return
             try:
                 self._loop.call_soon_threadsafe(self._resolve, True)
@@ -200,13 +226,14 @@ def _asyncio_backend() -> Backend:
             if future is not None and not future.done():
                 future.set_result(woken)
 
-        async def park(self, deadline: float) -> bool:
+        def park(self, deadline: float) -> Awaitable[bool]:
             future = self._future
             assert future is not None, "park() without arm()"
-            if future.done():
-                return future.result()
-            if deadline == math.inf:
-                return await future
+            if deadline == math.inf or future.done():
+                return future  # the task awaits the bare future, as anyio's semaphore does
+            return self._park_until(future, deadline)
+
+        async def _park_until(self, future: asyncio.Future[bool], deadline: float) -> bool:
             timer = self._loop.call_at(deadline, self._resolve, False)
             try:
                 return await future
@@ -254,10 +281,12 @@ def _trio_backend() -> Backend:
     class TrioParker:
         __slots__ = ("_state", "_task", "_thread", "_token")
 
-        def __init__(self) -> None:
+        def __init__(self, entry: LoopEntry | None = None) -> None:
+            if entry is None:
+                entry = running_loop()
             self._task = current_task()
-            self._token = current_trio_token()
-            self._thread = get_ident()
+            self._token: trio.lowlevel.TrioToken = entry.key  # type: ignore[assignment]
+            self._thread = entry.thread
             self._state = idle
 
         def arm(self) -> None:
@@ -274,7 +303,7 @@ def _trio_backend() -> Backend:
 
         def _wake_here(self) -> None:
             if self._state == parked:
-                self._state = woken
+                self._state = idle  # the sleep is over: it runs next with True
                 reschedule(self._task, Value(True))
             elif self._state == armed:
                 self._state = woken
@@ -283,18 +312,19 @@ def _trio_backend() -> Backend:
             self._state = idle
             return abort_succeeded
 
-        async def park(self, deadline: float) -> bool:
+        def park(self, deadline: float) -> Awaitable[bool]:
             if self._state == woken:
                 self._state = idle
-                return True
+                return _at_once(True)
             self._state = parked
             if deadline == math.inf:
-                woke: bool = await wait_task_rescheduled(self._abort)
-                self._state = idle
-                return woke
+                # No coroutine of ours around trio's: the wake or the abort ends the park.
+                return wait_task_rescheduled(self._abort)
+            return self._park_until(deadline)
+
+        async def _park_until(self, deadline: float) -> bool:
             with trio.CancelScope(deadline=deadline) as timer:
-                woke = await wait_task_rescheduled(self._abort)
-                self._state = idle
+                woke: bool = await wait_task_rescheduled(self._abort)
                 return woke
             # The deadline cancelled the sleep (a wake in the same instant loses).
             self._state = idle

@@ -33,10 +33,15 @@ Threads: the ledger is not thread-safe by itself. Its owner calls every method u
 one ``threading.Lock`` (``Arbiter._lock``), which guards all of the ledger's state and
 the records it keeps; no method awaits, so the lock is never held across an
 ``await``. The sink runs under it and must only schedule wake-ups (never call back).
+One read is safe without it: a request's ``state`` leaves ``WAITING`` once, under the
+lock, set last (after the holding holds its memory) and before its waiter is woken;
+``GRANTED`` and ``FAILED`` are final for the waiter, which may read them unlocked.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from enum import Enum
@@ -44,7 +49,7 @@ from itertools import count
 
 from ._config import ArbiterConfig
 from ._preemption import Reclaimer
-from ._quality import size_for_quality
+from ._quality import QualityPolicy, size_for_quality
 from ._records import (
     FAILED,
     GRANTED,
@@ -67,6 +72,7 @@ __all__ = ["Event", "Ledger", "Outcome"]
 _PRIORITIES_HIGH_FIRST = sorted(Priority, reverse=True)
 _NORMAL = Priority.NORMAL
 _ABSENT = object()
+_INF = math.inf
 
 
 class Event(Enum):
@@ -111,8 +117,15 @@ class Ledger:
         self._queues: dict[Priority, OrderedDict[Request, None]] = {
             p: OrderedDict() for p in Priority
         }
+        # The same queues in grant order, for finding the head without enum lookups.
+        self._queues_high_first = tuple(self._queues[p] for p in _PRIORITIES_HIGH_FIRST)
         # Per priority, in grant order: victims are picked most recent first.
         self._holders: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
+        # Per priority, the registries of the holders strictly below it: the only ones a
+        # request of that priority may reclaim from (DESIGN: never an equal or lower one).
+        self._holders_below = {
+            p: tuple(self._holders[q] for q in Priority if q < p) for p in Priority
+        }
         # The elastic subset, so asking for shrinks never scans the rigid holders.
         self._elastic: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
         self._elastic_count = 0  # so a refresh skips the registry when it is empty
@@ -130,6 +143,12 @@ class Ledger:
             retime=self._retime,
         )
         self._seq = count()
+        # What the time-weighted averages were last given: (used bytes, LLM active,
+        # diffusion active); while it stays the same their step goes on unobserved.
+        self._observed: tuple[int, bool, bool] | None = None
+        # The averages' quality values depend on pressure and on which families are
+        # active, except under PROPORTIONAL (on each family's share as well).
+        self._observe_always = config.effective_policy is QualityPolicy.PROPORTIONAL
 
     # == queries ===============================================================
 
@@ -168,20 +187,68 @@ class Ledger:
 
     def waiters(self) -> Iterator[Request]:
         """The queued requests, in grant order."""
-        for priority in _PRIORITIES_HIGH_FIRST:
-            yield from self._queues[priority]
+        for queue in self._queues_high_first:
+            yield from queue
 
     def head(self) -> Request | None:
         """The next request to be granted."""
-        for priority in _PRIORITIES_HIGH_FIRST:
-            queue = self._queues[priority]
+        for queue in self._queues_high_first:
             if queue:
                 return next(iter(queue))
         return None
 
     def target(self, holding: Holding) -> float:
         """``holding``'s current quality target (after release: the last one it had)."""
+        view = holding.released_view
+        if view is not None:
+            holding.released_view = None
+            holding.notified_quality = self._target_in_view(holding, view)
         return self.targets.target(holding)
+
+    def _view(self, holding: Holding) -> tuple[object, ...]:
+        """What a rigid holding's target is computed from while no elastic holder exists:
+        the tallies and the head of the queue (`QualityCalculator`'s inputs)."""
+        tallies = self.tallies
+        llm, diffusion = tallies.families
+        head = None
+        if tallies.waiting:
+            for queue in self._queues_high_first:
+                if queue:
+                    head = next(iter(queue))
+                    break
+        return (
+            head,
+            holding.memory,
+            tallies.granted,
+            tallies.external,
+            tallies.on_the_way,
+            tallies.waiting,
+            llm.granted,
+            llm.count,
+            diffusion.granted,
+            diffusion.count,
+            *llm.at,
+            *diffusion.at,
+        )
+
+    def _target_in_view(self, holding: Holding, view: tuple[object, ...]) -> float:
+        """The target a rigid ``holding`` had when ``view`` was taken (at its release)."""
+        head = view[0]
+        tallies = Tallies(self.budget)
+        llm, diffusion = tallies.families
+        (tallies.granted, tallies.external, tallies.on_the_way, tallies.waiting,
+         llm.granted, llm.count, diffusion.granted, diffusion.count) = view[2:10]  # type: ignore[assignment]  # fmt: skip
+        levels = len(llm.at)
+        llm.at[:] = view[10 : 10 + levels]  # type: ignore[assignment]
+        diffusion.at[:] = view[10 + levels :]  # type: ignore[assignment]
+        nobody: dict[Priority, dict[Holding, None]] = {p: {} for p in Priority}
+        then = QualityCalculator(self.config, tallies, lambda: head, nobody)  # type: ignore[arg-type,return-value]
+        # The holding as it was then (a rigid holder's fields do not move once released,
+        # but for these two).
+        held = copy.copy(holding)
+        held.released = False
+        held.memory = view[1]  # type: ignore[assignment]
+        return then.target(held)
 
     def floor(self, holding: Holding) -> float:
         return self.targets.floor(holding.family)
@@ -208,18 +275,31 @@ class Ledger:
 
     def submit(self, request: Request, now: float) -> bool:
         """Queue ``request``; True when it was granted at once (nothing ahead, and it fits)."""
+        if self.queue_behind_head(request, now):
+            return False
+        self._enqueue(request, now)
+        self._dispatch(now)
+        return request.state is GRANTED
+
+    def queue_behind_head(self, request: Request, now: float) -> bool:
+        """Queue ``request`` if a head of its priority or higher is waiting; False (and
+        nothing changed) otherwise. Behind such a head nothing else moves: the head does
+        not fit (the invariant), so no grant loop runs and no memory is asked for (the
+        quiet half of `submit`, which a caller may take before its cancellation check)."""
+        for queue in self._queues_high_first:
+            if queue:
+                if request.priority <= next(iter(queue)).priority:
+                    self._enqueue(request, now)
+                    return True
+                return False
+        return False
+
+    def _enqueue(self, request: Request, now: float) -> None:
         request.enqueued_at = now
         if type(request) is Growth:
             request.holding.growing.append(request)
-        head = self.head()
         self._queues[request.priority][request] = None
         self.tallies.waiting += 1
-        if head is not None and request.priority <= head.priority:
-            # It queues behind a head that does not fit (the invariant), and nothing
-            # else moved: the grant loop would find what it found last time.
-            return False
-        self._dispatch(now)
-        return request.state is GRANTED
 
     def withdraw(self, request: Request, now: float, outcome: Outcome) -> None:
         """Take back a request whose waiter timed out or was cancelled.
@@ -292,7 +372,19 @@ class Ledger:
         """Return all of ``holding``'s memory; idempotent."""
         if holding.released:
             return
-        holding.notified_quality = self.targets.target(holding)  # what `quality` reads now
+        if (
+            holding.min_memory is None
+            and self.tallies.waiting
+            and not self._elastic_count
+            and not holding.watchers
+        ):
+            # A rigid holding's target, with no elastic holder about, is a function of the
+            # tallies and the queue's head: keep those, and compute it only if it is read
+            # (a handle's ``quality`` after release, rarely; see `target`). With nothing
+            # waiting it is cheap enough to compute now.
+            holding.released_view = self._view(holding)
+        else:
+            holding.notified_quality = self.targets.target(holding)  # what `quality` reads
         holding.released = True
         if holding.growing:
             self._fail_growing(holding)
@@ -310,7 +402,8 @@ class Ledger:
         holding.memory = 0
         del self._holders[holding.priority][holding]
         # Membership tests first: most holders are in none of these registries.
-        self.reclaimer.forget(holding)
+        if holding.shrink_asks:
+            self.reclaimer.forget(holding)
         if holding.min_memory is not None:
             self._drop_elastic(holding)
         if holding.keep_alive is not None:
@@ -418,12 +511,29 @@ class Ledger:
 
     def _dispatch(self, now: float) -> None:
         tallies = self.tallies
-        while tallies.waiting and (request := self.head()) is not None:
-            size = self._fit(request)
+        queues = self._queues_high_first
+        while tallies.waiting:
+            for queue in queues:  # the head (the loop finds one: something waits)
+                if queue:
+                    request = next(iter(queue))
+                    break
+            free = self.budget - tallies.granted - tallies.external
+            if free < request.min_size:
+                size = None
+            elif request.min_quality is None:
+                size = request.max_size if request.max_size < free else free
+            else:
+                size = self._fit(request)
             if size is None:
-                self.reclaimer.reclaim_for(request, now)
+                # Only holders strictly below the head can be asked for memory: with
+                # none there, reclaiming has nothing to look at.
+                for below in self._holders_below[request.priority]:
+                    if below:
+                        self.reclaimer.reclaim_for(request, now)
+                        break
                 break
-            self._dequeue(request)
+            del queue[request]  # it leaves its queue (`_dequeue`)
+            tallies.waiting -= 1
             self._grant(request, size, now)
         self._refresh(now)
 
@@ -446,7 +556,6 @@ class Ledger:
 
     def _grant(self, request: Request, size: int, now: float) -> None:
         """Hand ``size`` bytes to ``request``, which is no longer queued."""
-        request.state = GRANTED
         request.size = size
         holding = request.holding
         if type(request) is NewAllocation:
@@ -469,7 +578,11 @@ class Ledger:
                 holding.max_memory = holding.memory
                 if holding.elastic:  # min_memory == old size: it just became elastic
                     self._add_elastic(holding)
-        self.reclaimer.end(request)
+        if request.shrunk or request.reclaim_deadline != _INF:  # it asked for memory
+            self.reclaimer.end(request)
+        # Last: a waiter that wakes by its own deadline in another thread reads its state
+        # without the lock, and finds GRANTED only once everything else is in place.
+        request.state = GRANTED
         self._sink(_GRANTED, request.ticket)
 
     def _hold(self, holding: Holding, size: int, now: float) -> None:
@@ -504,21 +617,30 @@ class Ledger:
     def _refresh(self, now: float) -> None:
         """Record the time-weighted averages and tell watchers whose target moved."""
         tallies = self.tallies
-        pressure = (tallies.granted + tallies.external) / self.budget
+        used = tallies.granted + tallies.external
         llm_family, diffusion_family = tallies.families
-        if pressure < self._threshold:  # every policy gives 1.0
-            llm = 1.0 if llm_family.count else None
-            diffusion = 1.0 if diffusion_family.count else None
-        else:
-            policy_for = self.targets.policy_for
-            llm = policy_for(Family.LLM, _NORMAL, pressure) if llm_family.count else None
-            diffusion = (
-                policy_for(Family.DIFFUSION, _NORMAL, pressure) if diffusion_family.count else None
-            )
-        self.stats.observe(now, pressure, llm, diffusion)
-        for holding in self._watched:
-            if self._retarget(holding):
-                self._sink(Event.QUALITY, holding.ticket)
+        observed = (used, llm_family.count > 0, diffusion_family.count > 0)
+        # Unchanged values continue the averages' current step: nothing to record (a
+        # card kept full under contention, grant after grant).
+        if observed != self._observed or self._observe_always:
+            self._observed = observed
+            pressure = used / self.budget
+            if pressure < self._threshold:  # every policy gives 1.0
+                llm = 1.0 if llm_family.count else None
+                diffusion = 1.0 if diffusion_family.count else None
+            else:
+                policy_for = self.targets.policy_for
+                llm = policy_for(Family.LLM, _NORMAL, pressure) if llm_family.count else None
+                diffusion = (
+                    policy_for(Family.DIFFUSION, _NORMAL, pressure)
+                    if diffusion_family.count
+                    else None
+                )
+            self.stats.observe(now, pressure, llm, diffusion)
+        if self._watched:
+            for holding in self._watched:
+                if self._retarget(holding):
+                    self._sink(Event.QUALITY, holding.ticket)
         if self._elastic_count:
             for elastic in self._elastic.values():
                 for holding in elastic:

@@ -7,6 +7,7 @@ an opaque ticket to pass back through the port, and never writes to it.
 
 from __future__ import annotations
 
+import math
 from enum import Enum, IntEnum
 from typing import Final
 
@@ -58,6 +59,7 @@ class ReclaimPhase(Enum):
 
 
 _LLM_FAMILY, _DIFFUSION_FAMILY = Family.LLM, Family.DIFFUSION
+_INF = math.inf
 _NO_RECLAIM = ReclaimPhase.NONE
 
 
@@ -80,6 +82,7 @@ class Holding:
         "preemptible",
         "priority",
         "released",
+        "released_view",
         "shrink_asks",
         "shrink_cap",
         "ticket",
@@ -122,6 +125,8 @@ class Holding:
         self.shrink_asks: dict[Request, int] = {}
         self.watchers = 0
         self.notified_quality = 1.0
+        # Released: what its target is computed from, if it is ever read (the ledger's).
+        self.released_view: tuple[object, ...] | None = None
 
     @property
     def elastic(self) -> bool:
@@ -154,10 +159,11 @@ class Request:
         holding: Holding,
         min_size: int,
         max_size: int,
-        *,
         min_quality: float | None = None,
         ticket: object = None,
     ) -> None:
+        # Positional or keyword: a class called with keywords gets them in a new dict,
+        # and the shell builds one request per wait.
         self.holding = holding
         self.ticket = ticket  # the caller's name for it (its parked waiter), for events
         self.priority = holding.priority
@@ -173,9 +179,9 @@ class Request:
         self.may_reclaim = True
         self.reclaim_phase = _NO_RECLAIM
         # When the grace of its shrink requests ends (the core's clock); inf: none runs.
-        self.reclaim_deadline = float("inf")
+        self.reclaim_deadline = _INF
         # What all its victims held when preempting them could not cover the shortfall.
-        self.reclaimable = float("inf")
+        self.reclaimable = _INF
         self.shrunk: list[Holding] = []  # the holders it asked to shrink
 
 
@@ -190,8 +196,8 @@ class Growth(Request):
 
     __slots__ = ("max_before",)
 
-    def __init__(self, holding: Holding, size: int, *, ticket: object = None) -> None:
-        super().__init__(holding, size, size, ticket=ticket)
+    def __init__(self, holding: Holding, size: int, ticket: object = None) -> None:
+        super().__init__(holding, size, size, None, ticket)
         self.max_before = 0  # the holding's max_memory before the grant
 
 

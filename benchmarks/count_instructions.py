@@ -8,7 +8,8 @@ Each case runs twice in a fresh interpreter under callgrind, with ``small`` and
 cost of one operation, without the interpreter's start-up. Cases: an uncontended
 ``allocate()`` context and an ``anyio.Semaphore`` pair; the floor under ``allocate()``
 (a checkpoint, a body cancel scope, two clock readings: what DESIGN asks of any
-implementation); and a contended run (200 tasks through room for 10), per grant.
+implementation); and a contended run (200 tasks through room for 10), per grant, with
+its floor (the semaphore's handover plus the cancel scope DESIGN puts around the body).
 Needs valgrind (Debian's package); slow (a few minutes).
 """
 
@@ -32,6 +33,7 @@ CASES = {
     "floor": (2_000, 6_000, 1),
     "contended allocate": (2, 6, 200),
     "contended semaphore": (2, 6, 200),
+    "contended floor": (2, 6, 200),
 }
 
 
@@ -56,6 +58,10 @@ async def _run(case: str, rounds: int) -> None:
             elif case == "contended allocate":
                 async with arbiter.allocate(llm, normal, memory=GiB):
                     await anyio.lowlevel.checkpoint()
+            elif case == "contended floor":
+                async with semaphore:
+                    with anyio.CancelScope():  # the body's scope, as allocate() has
+                        await anyio.lowlevel.checkpoint()
             else:
                 async with semaphore:
                     await anyio.lowlevel.checkpoint()

@@ -19,6 +19,7 @@ from arbiter import (
     ArbiterConfig,
     GiB,
     InsufficientMemory,
+    Preempted,
     Priority,
     ShuttingDown,
     WorkloadType,
@@ -321,6 +322,124 @@ async def test_no_wake_up_is_lost_when_releases_come_in_bursts() -> None:
                 alloc.release()
     assert done == 50
     assert arbiter.state().vram_used == 0
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_before_it_queues_behind_the_head_leaves_at_once() -> None:
+    """Behind the head a request parks at once, as a contended ``Semaphore.acquire``
+    does: its park is its checkpoint, a cancellation already pending is raised there,
+    and the request leaves the queue at once, counted as cancelled."""
+    arbiter = make_arbiter(1)
+    holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    got: list[Allocation] = []
+
+    async def head() -> None:
+        got.append(await arbiter.request_allocation(LLM, NORMAL, GiB))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(head)
+        await settle()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await arbiter.request_allocation(LLM, NORMAL, GiB)
+        assert scope.cancelled_caught
+        assert arbiter.state().waiting == 1
+        arbiter._ledger.check_invariants()
+        holder.release()
+    assert [alloc.memory for alloc in got] == [GiB]
+    got[0].release()
+    stats = arbiter.stats()
+    assert (stats.successful_allocations, stats.cancelled) == (2, 1)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_request_that_would_head_the_queue_asks_nobody_for_memory() -> None:
+    """A request of a higher priority than the head would head the queue and preempt:
+    it checks for cancellation before anything is decided."""
+    arbiter = make_arbiter(1)
+    low = await arbiter.request_allocation(LLM, Priority.BACKGROUND, GiB)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(arbiter.request_allocation, LLM, Priority.BACKGROUND, GiB)
+        await settle()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await arbiter.request_allocation(LLM, Priority.HIGH, GiB)
+        assert scope.cancelled_caught
+        assert not low.preempted
+        assert arbiter.state().waiting == 1
+        stats = arbiter.stats()
+        assert (stats.preemptions, stats.cancelled) == (0, 1)
+        tg.cancel_scope.cancel()
+    low.release()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.anyio
+async def test_a_request_that_parks_behind_the_head_is_a_trio_checkpoint() -> None:
+    from trio.testing import assert_checkpoints
+
+    arbiter = make_arbiter(1)
+    holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(arbiter.request_allocation, LLM, NORMAL, GiB)  # the head
+        await settle()
+        with assert_checkpoints(), anyio.CancelScope() as scope:
+            scope.cancel()
+            await arbiter.request_allocation(LLM, NORMAL, GiB)
+        assert scope.cancelled_caught
+        tg.cancel_scope.cancel()
+    holder.release()
+
+
+@pytest.mark.anyio
+async def test_a_waiter_preempted_between_its_grant_and_its_body_never_runs_it() -> None:
+    """The body's scope is the allocation's before the grant: a preemption that comes
+    after the release handed the memory over, before the waiter ran, cancels the body
+    before it starts (DESIGN: at once if requested before the body started)."""
+    arbiter = make_arbiter(1)
+    holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    ran: list[bool] = []
+    raised: list[Preempted] = []
+
+    async def waiter() -> None:
+        try:
+            async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+                await anyio.lowlevel.checkpoint()
+                ran.append(True)
+        except Preempted as exc:
+            raised.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await settle()
+            holder.release()  # the waiter holds the memory now, and has not run yet
+            high = await arbiter.request_allocation(LLM, Priority.HIGH, GiB)
+    assert raised and not ran
+    assert high.memory == GiB
+    high.release()
+    assert arbiter.state().vram_used == 0
+
+
+@pytest.mark.anyio
+async def test_a_released_allocation_is_no_reference_cycle() -> None:
+    """A handle and the core's record of it stop pointing at each other on release:
+    they are freed as soon as the holder drops the handle, not by the cycle collector
+    (which would otherwise run every few hundred grants under contention)."""
+    arbiter = make_arbiter(2)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            async with arbiter.allocate(LLM, NORMAL, memory=GiB):
+                pass
+            (await arbiter.request_allocation(LLM, NORMAL, GiB)).release()
+        gc.collect()
+        cyclic = [thing for thing in gc.garbage if isinstance(thing, Allocation)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not cyclic
 
 
 # -- nothing kept for requests that left (trio#548) ----------------------------

@@ -225,8 +225,10 @@ class PreemptionMachine(RuleBasedStateMachine):
         pool = asked if asked and prefer_asked else self.holdings
         holding = data.draw(st.sampled_from(pool))
         self.holdings.remove(holding)
+        had = self.ledger.target(holding)
         self.call(self.ledger.release, holding)
         assert holding.memory == 0 and holding.released
+        assert self.ledger.target(holding) == had  # the target it had when released
 
     @precondition(lambda self: any(h.shrink_cap is not None for h in self.holdings))
     @rule(data=st.data())

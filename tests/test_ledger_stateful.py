@@ -129,9 +129,12 @@ class LedgerMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         holding = data.draw(st.sampled_from(self.holdings))
         self.holdings.remove(holding)
+        had = self.ledger.target(holding)
         self.ledger.release(holding, self.now)
         self.ledger.release(holding, self.now)  # idempotent
         assert holding.memory == 0
+        # After release its target is the one it had when released, however it is kept.
+        assert self.ledger.target(holding) == had
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data())
