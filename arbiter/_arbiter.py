@@ -747,6 +747,20 @@ class Arbiter:
         with self._lock:
             return self._ledger.recommended(workload, priority)
 
+    def _allocations(self) -> tuple[list[Allocation], list[tuple[Allocation, int, float]]]:
+        """Every allocation held, and every request in the queue (the allocation it is
+        for, the bytes it waits for, the seconds it has waited), read at one moment: a
+        daemon's status."""
+        ledger = self._ledger
+        with self._lock:
+            now = self._now()
+            held = [cast(Allocation, h.ticket) for h in ledger.holdings()]
+            queued = [
+                (cast(Allocation, r.holding.ticket), r.max_size, now - r.enqueued_at)
+                for r in ledger.waiters()
+            ]
+        return held, queued
+
     def _recommended_table(self) -> list[float]:
         """`recommended_quality` of every workload and priority (declaration order,
         priorities within workloads), read at one moment: a daemon's snapshot."""

@@ -9,7 +9,9 @@ cost of one operation, without the interpreter's start-up. Cases: an uncontended
 ``allocate()`` context and an ``anyio.Semaphore`` pair; the floor under ``allocate()``
 (a checkpoint, a body cancel scope, two clock readings: what DESIGN asks of any
 implementation); and a contended run (200 tasks through room for 10), per grant, with
-its floor (the semaphore's handover plus the cancel scope DESIGN puts around the body).
+its floor (the semaphore's handover plus the cancel scope DESIGN puts around the body),
+and the same grant without a body (``request_allocation`` then ``release``: what a
+semaphore's ``async with`` does, no cancel scope).
 Needs valgrind (Debian's package); slow (a few minutes).
 """
 
@@ -34,6 +36,7 @@ CASES = {
     "contended allocate": (2, 6, 200),
     "contended semaphore": (2, 6, 200),
     "contended floor": (2, 6, 200),
+    "contended request": (2, 6, 200),
 }
 
 
@@ -58,6 +61,10 @@ async def _run(case: str, rounds: int) -> None:
             elif case == "contended allocate":
                 async with arbiter.allocate(llm, normal, memory=GiB):
                     await anyio.lowlevel.checkpoint()
+            elif case == "contended request":
+                alloc = await arbiter.request_allocation(llm, normal, GiB)
+                await anyio.lowlevel.checkpoint()
+                alloc.release()
             elif case == "contended floor":
                 async with semaphore:
                     with anyio.CancelScope():  # the body's scope, as allocate() has

@@ -104,7 +104,7 @@ _ENCODER = msgspec.msgpack.Encoder()
 class _Waiting:
     """A request or growing resize in progress for a session."""
 
-    __slots__ = ("label", "memory", "priority", "scope", "since", "workload")
+    __slots__ = ("label", "memory", "priority", "queued", "scope", "since", "workload")
 
     def __init__(
         self,
@@ -120,6 +120,7 @@ class _Waiting:
         self.label = label
         self.since = since
         self.scope = anyio.CancelScope()
+        self.queued = False  # in the arbiter's queue (or granted): status reads it there
 
 
 class Session:
@@ -440,6 +441,7 @@ class SessionHost:
             with waiting.scope:
                 timeout = await self._wait_turn(turn, args[4], counted=True)
                 self._turns.end(turn)  # the next may go once this one has queued: now
+                waiting.queued = True
                 args = (*args[:4], timeout, *args[5:])
                 alloc = await self.arbiter._admit(args, current_backend(), owner=session)
         except Exception as exc:
@@ -542,6 +544,7 @@ class SessionHost:
             with waiting.scope:
                 timeout = await self._wait_turn(turn, timeout, counted=False)
                 self._turns.end(turn)  # a growth queues without yielding
+                waiting.queued = True
                 await self.arbiter._resize(alloc, message.memory, timeout, yield_first=False)
         except Exception as exc:
             session.push(_failure(message.key, exc))
@@ -584,34 +587,54 @@ class SessionHost:
     # -- status -------------------------------------------------------------------
 
     def status(self, key: int) -> StatusReply:
+        """Every session's holders and waiters, read at one moment with the state that
+        goes out before it (a request granted whose task has not resumed yet is a
+        holder, as the arbiter's figures count it)."""
         now = anyio.current_time()
-        holders: list[HolderInfo] = []
-        waiters: list[WaiterInfo] = []
-        for session in self.sessions.values():
-            holders.extend(
-                HolderInfo(
-                    id=alloc.id,
-                    pid=session.pid,
-                    label=alloc.label,
-                    workload=alloc.workload.value,
-                    priority=alloc.priority.name.lower(),
-                    memory=alloc.memory,
-                    quality=alloc.quality,
-                    busy=alloc._holding.busy_spans > 0,
-                    age_s=max(0.0, now - alloc.created_at),
-                )
-                for alloc in session.held.values()
+        held, queued = self.arbiter._allocations()
+        holders = [
+            HolderInfo(
+                id=alloc.id,
+                pid=self._pid_of(alloc),
+                label=alloc.label,
+                workload=alloc.workload.value,
+                priority=alloc.priority.name.lower(),
+                memory=alloc.memory,
+                quality=alloc.quality,
+                busy=alloc._holding.busy_spans > 0,
+                age_s=max(0.0, now - alloc.created_at),
             )
-            for wkey, waiting in session.waiting.items():
-                waiters.append(
-                    WaiterInfo(
-                        id=f"{session.pid}/{wkey}",
-                        pid=session.pid,
-                        label=waiting.label,
-                        workload=waiting.workload.value,
-                        priority=waiting.priority.name.lower(),
-                        memory=waiting.memory,
-                        waited_s=max(0.0, now - waiting.since),
-                    )
+            for alloc in held
+        ]
+        waiters = [
+            WaiterInfo(
+                id=alloc.id,
+                pid=self._pid_of(alloc),
+                label=alloc.label,
+                workload=alloc.workload.value,
+                priority=alloc.priority.name.lower(),
+                memory=size,
+                waited_s=max(0.0, waited),
+            )
+            for alloc, size, waited in queued
+        ]
+        for session in self.sessions.values():
+            waiters.extend(  # held back by a restarted daemon, or waiting for their turn
+                WaiterInfo(
+                    id=f"{session.pid}/{wkey}",
+                    pid=session.pid,
+                    label=waiting.label,
+                    workload=waiting.workload.value,
+                    priority=waiting.priority.name.lower(),
+                    memory=waiting.memory,
+                    waited_s=max(0.0, now - waiting.since),
                 )
+                for wkey, waiting in session.waiting.items()
+                if not waiting.queued
+            )
         return StatusReply(key, holders, waiters)
+
+    @staticmethod
+    def _pid_of(alloc: Allocation) -> int:
+        owner = alloc._holding.owner
+        return owner.pid if isinstance(owner, Session) else 0
