@@ -1,12 +1,37 @@
+# ruff: noqa: E402 (bytecode caching is switched on before the imports below)
 from __future__ import annotations
 
+import sys
+
+# pytest rewrites the asserts of every test module in every xdist worker (about 2 s of CPU
+# each), and every worker and subprocess compiles the package; with PYTHONDONTWRITEBYTECODE
+# set none of that work could be reused. The bytecode goes to __pycache__ folders (ignored
+# by git), as it does without the variable.
+sys.dont_write_bytecode = False
+
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
+from hypothesis import settings
 
 import arbiter._gpu
+
+# Property tests and state machines draw max_examples from the loaded profile. The default
+# run stays bounded (one `python -m pytest -q` is the edit-test loop); hypothesis keeps
+# every failing example in .hypothesis/ and replays it first, and a fresh seed each run
+# covers new ground. `--hypothesis-profile=thorough` runs ten times as many.
+settings.register_profile("quick", max_examples=50, deadline=None)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile("quick")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Two workers per CPU for ``-n auto``: much of the suite waits on real processes and
+    clocks, and a second worker per core runs while the first one waits."""
+    return 2 * (os.cpu_count() or 1)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -106,9 +106,13 @@ def daemon(sock: Path, *args: str, vram_gb: float = 10) -> Iterator[subprocess.P
         stop(proc)
 
 
+# Named imports: `import *` would load every lazily imported part of the package (the
+# cache and its HTTP client), doubling each client process's start.
 CLIENT_PRELUDE = """
 import sys, anyio
-from arbiter import *
+from arbiter import (
+    ArbiterError, ArbiterUnavailable, GiB, Preempted, RemoteArbiter, SessionLost,
+)
 SOCK = sys.argv[1]
 def say(*words):
     print(*words, flush=True)

@@ -28,7 +28,9 @@ pytestmark = LINUX_ONLY
 BUDGET_GB = 10
 CLIENT = """
 import random, sys, time, anyio
-from arbiter import *
+from arbiter import (
+    AllocationTimeout, ArbiterUnavailable, GiB, Preempted, RemoteArbiter, SessionLost,
+)
 SOCK, SEED = sys.argv[1], int(sys.argv[2])
 
 async def main():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -307,7 +308,9 @@ def test_daemon_kill_9_and_restart_keeps_a_live_holder(
     tmp_path: Path, clients: list[Client]
 ) -> None:
     sock = tmp_path / "restart.sock"
-    first = start_daemon(sock, "--ttl", "1.5")
+    # The holder re-claims within the ttl, counted from the daemon's death: the ttl must
+    # outlast starting the second daemon on a loaded machine (1.5 s did not, at load 10).
+    first = start_daemon(sock, "--ttl", "3")
     try:
         holder = body(sock, 6, "normal")
         clients.append(holder)
@@ -316,7 +319,7 @@ def test_daemon_kill_9_and_restart_keeps_a_live_holder(
         first.wait(timeout=10)
     finally:
         stop(first)
-    with daemon(sock, "--ttl", "1.5") as second:
+    with daemon(sock, "--ttl", "3") as second:
         wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
         newcomer = hold(sock, 6, "normal", timeout=10)  # waits: the re-claim holds 6 GiB
         clients.append(newcomer)
@@ -444,7 +447,8 @@ def test_a_waiting_request_fails_at_once_when_the_daemon_dies(
         stop(first, signal.SIGKILL)
     waiter.expect("failed ArbiterUnavailable")
     assert time.monotonic() - started < 1.5  # at once, not after the ttl
-    with daemon(sock, "--ttl", "2"):  # grants nothing new for 2 s (its start was stale)
+    # Grants nothing new for its own ttl (its start was stale): 1 s, not the first's 2 s.
+    with daemon(sock, "--ttl", "1"):
         holder.kill()  # its re-claim is not what this test is about
         waiter.tell("go")  # a later call opens a new session by itself
         waiter.expect(f"again {GiB}")
@@ -460,7 +464,9 @@ def test_later_calls_open_a_new_session_after_session_lost(
     waiter.kill(signal.SIGSTOP)
     try:
         wait_for(lambda: status_json(sock)["state"]["vram_used"] == 0, timeout=5)
-        time.sleep(1.5)  # past the ttl: the silent session is ended
+        # Past the ttl the daemon ends the silent session (and says so in its log).
+        expired = re.compile(rf"event='session expired' session=\d+ pid={waiter.pid} ")
+        wait_for(lambda: expired.search(daemon_log(sock).read_text()) is not None, timeout=10)
     finally:
         waiter.kill(signal.SIGCONT)
     waiter.tell("go")
