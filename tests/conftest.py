@@ -28,6 +28,7 @@ settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile("quick")
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the suite also runs without xdist
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """Two workers per CPU for ``-n auto``: much of the suite waits on real processes and
     clocks, and a second worker per core runs while the first one waits."""
