@@ -35,7 +35,40 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return 2 * (os.cpu_count() or 1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, tests marked ``real_processes`` start first on every worker: their waits
+    on daemons and clients then overlap the CPU-bound tests, instead of a long one ending
+    the run alone. xdist's worksteal first hands each of its N workers one contiguous Nth
+    of the items; the marked ones are dealt out to the heads of those chunks, each
+    worker's in file order (a module-scoped daemon then starts once per worker). Other
+    schedulers run the same tests in another order."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        return
+    workers = int(workerinput["workercount"])
+    marked = [item for item in items if item.get_closest_marker("real_processes")]
+    if not marked or workers < 2:
+        return
+    rest = [item for item in items if not item.get_closest_marker("real_processes")]
+    ordered: list[pytest.Item] = []
+    remaining = len(items)
+    for worker in range(workers):
+        size = remaining // (workers - worker)  # the chunk xdist's worksteal sends first
+        remaining -= size
+        head = marked[worker::workers]
+        ordered += head + rest[: max(0, size - len(head))]
+        del rest[: max(0, size - len(head))]
+    ordered += rest
+    assert len(ordered) == len(items)
+    items[:] = ordered
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "real_processes: the test mostly waits on real daemon and client processes (under "
+        "xdist it starts first on a worker, see pytest_collection_modifyitems)",
+    )
     config.addinivalue_line(
         "markers",
         "virtual_time: the trio variant runs on MockClock(autojump_threshold=0), so waits on "

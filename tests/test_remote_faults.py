@@ -19,11 +19,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from remote_helpers import LINUX_ONLY, ROOT, start_daemon, status_json, stop
 
 from arbiter import GiB
 
-pytestmark = LINUX_ONLY
+pytestmark = [LINUX_ONLY, pytest.mark.real_processes]
 
 BUDGET_GB = 10
 CLIENT = """

@@ -34,7 +34,7 @@ from remote_helpers import (
 
 from arbiter import ArbiterUnavailable, GiB, RemoteArbiter
 
-pytestmark = LINUX_ONLY
+pytestmark = [LINUX_ONLY, pytest.mark.real_processes]
 
 HOLD = """
 async def main():
