@@ -210,7 +210,9 @@ def status_json_command(sock: Path) -> dict[str, Any]:
     return result
 
 
-def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until true. Most ask the daemon for its status, a new session per
+    call (polled every 20 ms, a restart test's wait opened a hundred of them)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
