@@ -1,15 +1,74 @@
+# ruff: noqa: E402 (bytecode caching is switched on before the imports below)
 from __future__ import annotations
 
+import sys
+
+# pytest rewrites the asserts of every test module in every xdist worker (about 2 s of CPU
+# each), and every worker and subprocess compiles the package; with PYTHONDONTWRITEBYTECODE
+# set none of that work could be reused. The bytecode goes to __pycache__ folders (ignored
+# by git), as it does without the variable.
+sys.dont_write_bytecode = False
+
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
+from hypothesis import settings
 
 import arbiter._gpu
 
+# Property tests and state machines draw max_examples from the loaded profile. The default
+# run stays bounded (one `python -m pytest -q` is the edit-test loop); hypothesis keeps
+# every failing example in .hypothesis/ and replays it first, and a fresh seed each run
+# covers new ground. `--hypothesis-profile=thorough` runs ten times as many.
+settings.register_profile("quick", max_examples=50, deadline=None)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile("quick")
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the suite also runs without xdist
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Two workers per CPU for ``-n auto``: much of the suite waits on real processes and
+    clocks, and a second worker per core runs while the first one waits."""
+    return 2 * (os.cpu_count() or 1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, tests marked ``real_processes`` start first on every worker: their waits
+    on daemons and clients then overlap the CPU-bound tests, instead of a long one ending
+    the run alone. xdist's worksteal first hands each of its N workers one contiguous Nth
+    of the items; the marked ones are dealt out to the heads of those chunks, each
+    worker's in file order (a module-scoped daemon then starts once per worker). Other
+    schedulers run the same tests in another order."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        return
+    workers = int(workerinput["workercount"])
+    marked = [item for item in items if item.get_closest_marker("real_processes")]
+    if not marked or workers < 2:
+        return
+    rest = [item for item in items if not item.get_closest_marker("real_processes")]
+    ordered: list[pytest.Item] = []
+    remaining = len(items)
+    for worker in range(workers):
+        size = remaining // (workers - worker)  # the chunk xdist's worksteal sends first
+        remaining -= size
+        head = marked[worker::workers]
+        ordered += head + rest[: max(0, size - len(head))]
+        del rest[: max(0, size - len(head))]
+    ordered += rest
+    assert len(ordered) == len(items)
+    items[:] = ordered
+
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "real_processes: the test mostly waits on real daemon and client processes (under "
+        "xdist it starts first on a worker, see pytest_collection_modifyitems)",
+    )
     config.addinivalue_line(
         "markers",
         "virtual_time: the trio variant runs on MockClock(autojump_threshold=0), so waits on "

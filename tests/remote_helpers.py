@@ -106,9 +106,13 @@ def daemon(sock: Path, *args: str, vram_gb: float = 10) -> Iterator[subprocess.P
         stop(proc)
 
 
+# Named imports: `import *` would load every lazily imported part of the package (the
+# cache and its HTTP client), doubling each client process's start.
 CLIENT_PRELUDE = """
 import sys, anyio
-from arbiter import *
+from arbiter import (
+    ArbiterError, ArbiterUnavailable, GiB, Preempted, RemoteArbiter, SessionLost,
+)
 SOCK = sys.argv[1]
 def say(*words):
     print(*words, flush=True)
@@ -206,7 +210,9 @@ def status_json_command(sock: Path) -> dict[str, Any]:
     return result
 
 
-def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until true. Most ask the daemon for its status, a new session per
+    call (polled every 20 ms, a restart test's wait opened a hundred of them)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

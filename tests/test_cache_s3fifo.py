@@ -20,7 +20,7 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # max_examples from the profile (tests/conftest.py)
 @given(operations, st.integers(0, 1500))
 def test_invariants_hold_under_any_traffic(ops: list[tuple[str, int, int]], capacity: int) -> None:
     policy = S3FifoPolicy(capacity, small_share=0.1, ghost_share=0.9, max_frequency=3)

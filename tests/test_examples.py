@@ -62,6 +62,7 @@ async def test_chat_on_an_empty_card_runs_at_full_quality() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.virtual_time  # the app sheds load by measured durations, which load stretches
 async def test_concurrent_chats_and_images_all_complete_and_the_ledger_ends_at_zero() -> None:
     responses: list[httpx.Response] = []
 

@@ -20,9 +20,13 @@ from arbiter._gpu._smi import NVIDIA_SMI_ARGS, ROCM_SMI_ARGS, parse_nvidia_smi, 
 
 # Found before the tests narrow PATH down to their fake tools.
 SLEEP = shutil.which("sleep") or "/bin/sleep"
+CAT = shutil.which("cat") or "/bin/cat"
 # Fast enough for a loaded 2-core machine to start a Python tool, short enough to keep
 # the hang tests quick.
 TOOL_TIMEOUT = 1.0
+# The hang tests wait out the timeout once per hanging tool; their tools are shell scripts,
+# which start in milliseconds, so they afford a shorter one.
+HANG_TIMEOUT = 0.5
 
 TOOL = """#!{python}
 import os, sys, time
@@ -197,13 +201,16 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_hanging_tool_is_killed_and_detection_moves_on(tools: Tools) -> None:
-    tools.add("nvidia-smi", SMI_NOUNITS, hang=True)
-    tools.add("rocm-smi", ROCM_TWO_CARDS)
+    tools.add_shell(
+        "nvidia-smi", f"echo $$ > {tools.directory / 'nvidia-smi.pid'}\nexec {SLEEP} 600\n"
+    )
+    (tools.directory / "rocm-smi.out").write_text(ROCM_TWO_CARDS)
+    tools.add_shell("rocm-smi", f"exec {CAT} {tools.directory / 'rocm-smi.out'}\n")
     started = time.monotonic()
-    result = detect()
+    result = GpuDetector(timeout=HANG_TIMEOUT).detect()
     elapsed = time.monotonic() - started
     assert result.method is DetectionMethod.ROCM_SMI
-    assert elapsed < 3 * TOOL_TIMEOUT + 1.0
+    assert elapsed < 3 * HANG_TIMEOUT + 1.0
     assert _gone(tools.pid("nvidia-smi"))
 
 
@@ -212,8 +219,8 @@ def test_hanging_shell_wrapper_is_killed_with_its_children(tools: Tools) -> None
     pids = tools.directory / "pids"
     tools.add_shell("nvidia-smi", f"echo $$ > {pids}\n{SLEEP} 600 &\necho $! >> {pids}\nwait\n")
     started = time.monotonic()
-    result = detect()
-    assert time.monotonic() - started < 3 * TOOL_TIMEOUT + 1.0
+    result = GpuDetector(timeout=HANG_TIMEOUT).detect()
+    assert time.monotonic() - started < 3 * HANG_TIMEOUT + 1.0
     assert result.method is DetectionMethod.NONE
     shell, sleeper = (int(p) for p in pids.read_text().split())
     assert _gone(shell)
@@ -228,9 +235,9 @@ def test_every_tool_hanging_stays_within_the_bound(tools: Tools) -> None:
     tools.add("nvidia-smi", "", hang=True)
     tools.add("rocm-smi", "", hang=True)
     started = time.monotonic()
-    result = detect()
+    result = GpuDetector(timeout=HANG_TIMEOUT).detect()
     assert result.method is DetectionMethod.NONE
-    assert time.monotonic() - started < 3 * TOOL_TIMEOUT + 1.0
+    assert time.monotonic() - started < 3 * HANG_TIMEOUT + 1.0
 
 
 def test_default_timeouts_keep_the_contract() -> None:

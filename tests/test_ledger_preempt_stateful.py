@@ -358,7 +358,7 @@ class PreemptionMachine(RuleBasedStateMachine):
 
 
 PreemptionMachine.TestCase.settings = settings(
-    max_examples=100,
+    # max_examples from the profile (tests/conftest.py)
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -305,7 +305,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 LedgerMachine.TestCase.settings = settings(
-    max_examples=200,
+    # max_examples from the profile (tests/conftest.py)
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

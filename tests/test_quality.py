@@ -34,7 +34,7 @@ pressures = st.floats(min_value=0.0, max_value=1.5, allow_nan=False)
 fractions = st.floats(min_value=1e-6, max_value=1.0, allow_nan=False)  # (0, 1]
 shares = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 
-fast = settings(max_examples=100, deadline=None)
+fast = settings(deadline=None)  # max_examples from the profile (tests/conftest.py)
 
 
 def target(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,23 +18,41 @@ def test_readme_has_examples() -> None:
     assert len(EXAMPLES) >= 4
 
 
+@pytest.fixture(scope="module")
+def run_example(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], subprocess.CompletedProcess[str]]:
+    """Runs an example as a script, once per module: the tests that look closer at one
+    example's output share its run."""
+    done: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def run(source: str) -> subprocess.CompletedProcess[str]:
+        if source not in done:
+            script = tmp_path_factory.mktemp("example") / "example.py"
+            script.write_text(source)
+            done[source] = subprocess.run(
+                [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+            )
+        return done[source]
+
+    return run
+
+
 @pytest.mark.parametrize("source", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
-def test_readme_example_runs(source: str, tmp_path: Path) -> None:
-    script = tmp_path / "example.py"
-    script.write_text(source)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+def test_readme_example_runs(
+    source: str, run_example: Callable[[str], subprocess.CompletedProcess[str]]
+) -> None:
+    done = run_example(source)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout.strip(), "the example printed nothing"
 
 
-def test_degrade_example_shrinks_instead_of_preempting(tmp_path: Path) -> None:
+def test_degrade_example_shrinks_instead_of_preempting(
+    run_example: Callable[[str], subprocess.CompletedProcess[str]],
+) -> None:
     source = next(e for e in EXAMPLES if "quality_changes" in e)
-    script = tmp_path / "example.py"
-    script.write_text(source)
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
-    ).stdout
+    out = run_example(source).stdout
     assert out.strip().endswith("1 quality reductions, 0 preemptions"), out
     # Shrank to make room for the 14 GiB image: to 10 GiB or a little below (the
     # policy keeps headroom once the card is past its pressure threshold), not to 8.

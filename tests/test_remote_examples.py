@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from remote_helpers import LINUX_ONLY, ROOT, daemon
 
-pytestmark = LINUX_ONLY
+pytestmark = [LINUX_ONLY, pytest.mark.real_processes]
 
 
 def test_llm_process_preempts_diffusion_process(tmp_path: Path) -> None:

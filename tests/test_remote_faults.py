@@ -19,16 +19,19 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from remote_helpers import LINUX_ONLY, ROOT, start_daemon, status_json, stop
 
 from arbiter import GiB
 
-pytestmark = LINUX_ONLY
+pytestmark = [LINUX_ONLY, pytest.mark.real_processes]
 
 BUDGET_GB = 10
 CLIENT = """
 import random, sys, time, anyio
-from arbiter import *
+from arbiter import (
+    AllocationTimeout, ArbiterUnavailable, GiB, Preempted, RemoteArbiter, SessionLost,
+)
 SOCK, SEED = sys.argv[1], int(sys.argv[2])
 
 async def main():

@@ -18,7 +18,7 @@ from remote_helpers import LINUX_ONLY, Client, daemon, daemon_log, status_json
 from arbiter import GiB
 from arbiter.remote._wire import MAX_FRAME, PROTOCOL_VERSION, Hello, frame
 
-pytestmark = LINUX_ONLY
+pytestmark = [LINUX_ONLY, pytest.mark.real_processes]
 
 HOLD = """
 async def main():

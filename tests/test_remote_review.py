@@ -19,7 +19,10 @@ from remote_helpers import start_daemon, status_json, stop
 from arbiter import GiB
 from arbiter.remote._wire import PROTOCOL_VERSION, Hello, Reclaim, Request, Status, Withdraw
 
-pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix sockets")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix sockets"),
+    pytest.mark.real_processes,
+]
 
 _encode = msgspec.msgpack.Encoder().encode
 
