@@ -191,3 +191,19 @@ def test_a_withdrawal_in_the_same_read_as_its_request_takes_it_out_of_the_queue(
         client.sendall(frame(waits) + frame(Withdraw(1)))
         until(lambda: status_json(daemon)["stats"]["cancelled"] == 1)
         assert status_json(daemon)["state"]["waiting"] == 0
+
+
+def test_the_daemon_never_chmods_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    # `--socket /tmp/x.sock` as root once closed /tmp to everyone else.
+    from arbiter.remote._daemon import claim_socket
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o1777)
+    claim = claim_socket(shared / "gpu.sock", ttl=1)
+    claim.release()
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    made = tmp_path / "made" / "here"
+    claim = claim_socket(made / "gpu.sock", ttl=1)
+    claim.release()
+    assert made.stat().st_mode & 0o777 == 0o700

@@ -41,6 +41,7 @@ from ._wire import (
     Refused,
     Version,
     Welcome,
+    default_socket_path,
     frame,
 )
 
@@ -88,8 +89,12 @@ def claim_socket(path: Path, ttl: float) -> SocketClaim:
     """
     folder = path.parent
     try:
+        # A folder made here, or the default one, is 0700 (mkdir's mode passes through
+        # the umask). Any other folder is the user's: never chmod it (`--socket
+        # /tmp/x.sock` as root would close /tmp to everyone else).
+        ours = not folder.exists() or folder == default_socket_path().parent
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if folder.stat().st_uid == os.getuid():
+        if ours and folder.stat().st_uid == os.getuid():
             folder.chmod(0o700)
         lock = open(path.with_name(path.name + ".lock"), "a")
     except OSError as exc:
