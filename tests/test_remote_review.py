@@ -125,17 +125,22 @@ def _granted_keys(client: socket.socket, count: int, limit: float = 10.0) -> lis
     return keys
 
 
+def _hold_8_gib(holder: socket.socket, daemon: Path) -> None:
+    """A session on ``holder`` that holds 8 of the daemon's 10 GiB."""
+    holder.connect(str(daemon))
+    holder.sendall(frame(Hello(PROTOCOL_VERSION)))
+    holder.sendall(frame(Request(1, "llm_inference", 1, 8 * GiB, None, 5.0, False, None, True,
+                                 None, "holder")))  # fmt: skip
+    assert _granted_keys(holder, 1) == [1]
+
+
 def test_a_request_that_fits_does_not_pass_one_that_waits_in_the_same_read(
     daemon: Path,
 ) -> None:
     # The daemon grants a request that fits without a task; one read that holds a
     # waiting request and then a fitting one must still keep their order.
     with socket.socket(socket.AF_UNIX) as holder, socket.socket(socket.AF_UNIX) as client:
-        holder.connect(str(daemon))
-        holder.sendall(frame(Hello(PROTOCOL_VERSION)))
-        holder.sendall(frame(Request(1, "llm_inference", 1, 8 * GiB, None, 5.0, False, None,
-                                     True, None, "holder")))  # fmt: skip
-        assert _granted_keys(holder, 1) == [1]
+        _hold_8_gib(holder, daemon)
         client.connect(str(daemon))
         client.sendall(frame(Hello(PROTOCOL_VERSION)))
         big = Request(1, "llm_inference", 1, 4 * GiB, None, 10.0, False, None, True, None, "b")
@@ -180,11 +185,7 @@ def test_a_withdrawal_in_the_same_read_as_its_request_takes_it_out_of_the_queue(
     daemon: Path,
 ) -> None:
     with socket.socket(socket.AF_UNIX) as holder, socket.socket(socket.AF_UNIX) as client:
-        holder.connect(str(daemon))
-        holder.sendall(frame(Hello(PROTOCOL_VERSION)))
-        holder.sendall(frame(Request(1, "llm_inference", 1, 8 * GiB, None, 5.0, False, None,
-                                     True, None, "holder")))  # fmt: skip
-        assert _granted_keys(holder, 1) == [1]
+        _hold_8_gib(holder, daemon)
         client.connect(str(daemon))
         client.sendall(frame(Hello(PROTOCOL_VERSION)))
         waits = Request(1, "llm_inference", 1, 4 * GiB, None, 30.0, False, None, True, None, "w")
