@@ -310,14 +310,12 @@ class Arbiter:
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
-        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is. A request that
-        waits behind the head of the queue changes nothing but the queue, so its park is
-        its checkpoint (a cancellation already pending is delivered there, and the
-        request leaves the queue at once, counted as cancelled), as a contended
-        ``Semaphore.acquire`` parks at once. Any other checks for cancellation before
-        anything is decided: one granted at once or refused (which then yields; a grant
-        cancelled at that yield is given back), and one that heads the queue (it may ask
-        holders for memory). So a task that allocates in a loop lets the others run.
+        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is: it checks for
+        cancellation before anything is decided; a grant at once or a failure at once
+        then yields (a grant cancelled at that yield is given back), and a wait yields by
+        parking. A request that queues behind the head of the queue changes nothing but
+        the queue, so it skips the rest of `Ledger.submit`. So a task that allocates in a
+        loop lets the others run.
         ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
         be granted: a preemption that comes before the body starts (from any thread)
         cancels it, and the body starts cancelled.
@@ -329,16 +327,9 @@ class Arbiter:
          label) = args  # fmt: skip
         ledger = self._ledger
         tallies = ledger.tallies
-        # Whether the request may be decided now: its cancellation was checked, or it will
-        # only queue behind the head. A guess without the lock, confirmed under it.
-        ready = not tallies.waiting
-        if ready:
-            try:
-                await backend.checkpoint_if_cancelled()
-            except BaseException:
-                with self._lock:
-                    ledger.count_unqueued(Outcome.CANCELLED)
-                raise
+        # Always first: on asyncio a cancellation pending at entry reaches a parked task
+        # only from a later callback, which a grant coming first would beat.
+        await self._check_cancelled(backend)
         smallest = memory if min_memory is None else min_memory
         limit = self._default_timeout if isinstance(timeout, Default) else timeout
         loop = backend.loop()
@@ -350,50 +341,44 @@ class Arbiter:
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         alloc._scope = scope
         request: NewAllocation | None = None
-        while True:
-            with self._lock:
-                refused = smallest > ledger.budget or self._closed
-                # A timeout of 0 checks first: its deadline would race the cancellation.
-                if not ready and not refused and limit != 0:
-                    now = started + self._clock_offset if loop is self._loop else self._now()
+        with self._lock:
+            refused = smallest > ledger.budget or self._closed
+            behind_head = False
+            if not refused and tallies.waiting and limit != 0:
+                # Behind a head of its priority or higher nothing but the queue moves.
+                now = started + self._clock_offset if loop is self._loop else self._now()
+                parker = backend.parker(loop)
+                request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                behind_head = ledger.queue_behind_head(request, now)
+                if behind_head:
+                    parker.arm()
+                    wake_at = math.inf if limit is None else started + limit
+                else:
+                    request = None
+            if not refused and not behind_head:
+                if loop is self._loop:
+                    now = started + self._clock_offset
+                else:
+                    if self._task_group is None and not tallies.waiting and not tallies.granted:
+                        self._adopt(loop)
+                    now = self._now()
+                if (
+                    tallies.waiting  # nothing jumps the queue: no need to ask
+                    or min_quality is not None
+                    or not ledger.grant_now(holding, smallest, memory, now)
+                ):
                     parker = backend.parker(loop)
                     request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                    if ledger.queue_behind_head(request, now):
-                        ready = True
-                        parker.arm()
-                        wake_at = math.inf if limit is None else started + limit
-                        break
-                    request = None
-                if ready and not refused:
-                    if loop is self._loop:
-                        now = started + self._clock_offset
+                    request.may_reclaim = limit != 0
+                    if ledger.submit(request, now):
+                        request = None
                     else:
-                        if self._task_group is None and not tallies.waiting and not tallies.granted:
-                            self._adopt(loop)
-                        now = self._now()
-                    if (
-                        tallies.waiting  # nothing jumps the queue: no need to ask
-                        or min_quality is not None
-                        or not ledger.grant_now(holding, smallest, memory, now)
-                    ):
-                        parker = backend.parker(loop)
-                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                        request.may_reclaim = limit != 0
-                        if ledger.submit(request, now):
-                            request = None
+                        parker.arm()
+                        if request.reclaim_deadline == math.inf:  # the common case
+                            wake_at = math.inf if limit is None else started + limit
                         else:
-                            parker.arm()
-                            if request.reclaim_deadline == math.inf:  # the common case
-                                wake_at = math.inf if limit is None else started + limit
-                            else:
-                                wake_at = self._first_wake(request, started, limit, clock, now)
-            if ready or refused:
-                break
-            await self._check_cancelled(backend)  # it would head the queue after all
-            ready = True
+                            wake_at = self._first_wake(request, started, limit, clock, now)
         if refused:
-            if not ready:
-                await self._check_cancelled(backend)
             await self._refuse(backend)
             if smallest > ledger.budget:
                 raise InsufficientMemory(smallest, ledger.budget)

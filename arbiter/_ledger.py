@@ -101,6 +101,16 @@ def _ignore(event: Event, ticket: object) -> None:
     pass
 
 
+class _HeadAsItWas:
+    """The fields of a queue's head that quality targets read, as they were."""
+
+    __slots__ = ("min_size", "priority")
+
+    def __init__(self, priority: Priority, min_size: int) -> None:
+        self.priority = priority
+        self.min_size = min_size
+
+
 class Ledger:
     """Accounting and grant decisions for one GPU budget (see the module)."""
 
@@ -214,7 +224,10 @@ class Ledger:
         if tallies.waiting:
             for queue in self._queues_high_first:
                 if queue:
-                    head = next(iter(queue))
+                    first = next(iter(queue))
+                    # Its two fields, not the request: a kept handle must not keep the
+                    # head's waiter (and, view by view, every later record) alive.
+                    head = (first.priority, first.min_size)
                     break
         return (
             head,
@@ -233,7 +246,7 @@ class Ledger:
 
     def _target_in_view(self, holding: Holding, view: tuple[object, ...]) -> float:
         """The target a rigid ``holding`` had when ``view`` was taken (at its release)."""
-        head = view[0]
+        head = None if view[0] is None else _HeadAsItWas(*view[0])  # type: ignore[misc]
         tallies = Tallies(self.budget)
         llm, diffusion = tallies.families
         (tallies.granted, tallies.external, tallies.on_the_way, tallies.waiting,

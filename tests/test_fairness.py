@@ -24,6 +24,7 @@ from arbiter import (
     ShuttingDown,
     WorkloadType,
 )
+from arbiter._records import Holding
 
 LLM = WorkloadType.LLM_INFERENCE
 NORMAL = Priority.NORMAL
@@ -446,6 +447,28 @@ async def test_a_released_allocation_is_no_reference_cycle() -> None:
     assert not cyclic
 
 
+@pytest.mark.anyio
+async def test_a_kept_released_handle_keeps_no_later_allocation_alive() -> None:
+    """What a released handle keeps to answer ``quality`` later holds no later request:
+    one handle kept (in a dict of models, say) must not keep every later record alive."""
+    arbiter = make_arbiter(2)
+    kept: list[Allocation] = []
+
+    async def one_at_a_time() -> None:
+        alloc = await arbiter.request_allocation(LLM, NORMAL, GiB + 1, timeout=None)
+        await anyio.lowlevel.checkpoint()
+        alloc.release()
+        if not kept:
+            kept.append(alloc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(one_at_a_time)
+    gc.collect()
+    assert sum(1 for thing in gc.get_objects() if isinstance(thing, Holding)) <= 2
+    assert 0 < kept[0].quality <= 1.0
+
+
 # -- nothing kept for requests that left (trio#548) ----------------------------
 
 
@@ -471,3 +494,38 @@ async def test_abandoned_requests_behind_a_blocked_head_leave_nothing_behind() -
         tg.cancel_scope.cancel()
     holder.release()
     assert arbiter.state().vram_used == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("timeout", [None, 5.0])
+async def test_a_request_cancelled_before_it_is_made_is_never_granted(
+    timeout: float | None,
+) -> None:
+    # Behind the head of the queue, and a release in the very next pass of the loop that
+    # grants it: on asyncio a pending cancellation reaches a parked task only from a
+    # later callback, so without a check at entry the grant won.
+    arbiter = make_arbiter(2)
+    holder = await arbiter.request_allocation(LLM, NORMAL, 2 * GiB, timeout=None)
+    got: dict[str, object] = {}
+    async with anyio.create_task_group() as tg:
+
+        async def head() -> None:
+            got["head"] = await arbiter.request_allocation(LLM, NORMAL, GiB, timeout=None)
+
+        async def release_next() -> None:
+            await anyio.lowlevel.checkpoint()
+            holder.release()
+
+        async def cancelled_first() -> None:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                got["behind"] = await arbiter.request_allocation(LLM, NORMAL, GiB, timeout=timeout)
+
+        tg.start_soon(head)
+        await settle()
+        tg.start_soon(release_next)
+        tg.start_soon(cancelled_first)
+    assert "behind" not in got and "head" in got
+    stats = arbiter.stats()
+    assert stats.cancelled == 1
+    assert stats.total_allocations == stats.successful_allocations + stats.cancelled
