@@ -371,6 +371,7 @@ class Ledger:
         for queue in self._queues.values():
             queue.clear()
         self.tallies.waiting = 0
+        self.tallies.dequeued += len(failed)
         for request in failed:
             request.state = FAILED
             self.reclaimer.end(request)
@@ -446,7 +447,9 @@ class Ledger:
 
     def _dequeue(self, request: Request) -> None:
         del self._queues[request.priority][request]
-        self.tallies.waiting -= 1
+        tallies = self.tallies
+        tallies.waiting -= 1
+        tallies.dequeued += 1
 
     def shrink(self, holding: Holding, size: int, now: float) -> None:
         """Lower ``holding`` to ``size`` bytes at once, waking whoever now fits."""
@@ -547,6 +550,7 @@ class Ledger:
                 break
             del queue[request]  # it leaves its queue (`_dequeue`)
             tallies.waiting -= 1
+            tallies.dequeued += 1
             self._grant(request, size, now)
         self._refresh(now)
 

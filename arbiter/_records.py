@@ -219,6 +219,7 @@ class Tallies:
 
     __slots__ = (
         "budget",
+        "dequeued",
         "external",
         "families",
         "granted",
@@ -234,6 +235,9 @@ class Tallies:
         self.on_the_way = 0
         self.families = (FamilyTally(), FamilyTally())  # indexed by `Family`
         self.waiting = 0  # queued requests
+        # Requests that have left the queue: with `waiting`, it moves whenever the queue
+        # (and so possibly its head) does.
+        self.dequeued = 0
 
     @property
     def holders(self) -> int:

@@ -82,7 +82,7 @@ class QualityCalculator:
         self._elastic = elastic
         self.budget = tallies.budget
         # (tallies it was computed at, the head's priority, the bytes it counts for).
-        self._head_demand_for: tuple[tuple[int, int, int, int], int, int] | None = None
+        self._head_demand_for: tuple[tuple[int, int, int, int, int], int, int] | None = None
 
     def floor(self, family: Family) -> float:
         """The lowest quality target of ``family``."""
@@ -112,7 +112,13 @@ class QualityCalculator:
         # Every target of one refresh asks this: remember it while nothing moved (any
         # grant, release, resize, preemption or queue change moves one of these).
         tallies = self._tallies
-        key = (tallies.granted, tallies.external, tallies.on_the_way, tallies.waiting)
+        key = (
+            tallies.granted,
+            tallies.external,
+            tallies.on_the_way,
+            tallies.waiting,
+            tallies.dequeued,
+        )
         cached = self._head_demand_for
         if cached is None or cached[0] != key:
             cached = self._head_demand_for = (key, *self._head_demand())

@@ -270,6 +270,18 @@ class LedgerMachine(RuleBasedStateMachine):
         assert state.vram_available == max(0, BUDGET - held - ledger.external)
 
     @invariant()
+    def targets_read_now_are_fresh(self) -> None:
+        """What the quality calculator remembers between reads never outlives the queue
+        it was computed from (a withdrawn head replaced at equal tallies, say)."""
+        if not hasattr(self, "ledger"):
+            return
+        targets = self.ledger.targets
+        live = [h for h in self.holdings if not h.released]
+        remembered = [targets.target(h) for h in live]
+        targets._head_demand_for = None
+        assert [targets.target(h) for h in live] == remembered
+
+    @invariant()
     def head_does_not_fit(self) -> None:
         """No waiter that fits is left waiting while nothing is ahead of it."""
         if not hasattr(self, "ledger"):
