@@ -231,7 +231,6 @@ class RemoteArbiter:
         self._closed = False
         # The loop that entered: every socket and session object lives there; calls from
         # other threads' loops are run there (anyio.from_thread with its token).
-        self._owner_thread: int | None = None
         self._token: Any = None
         self._home: LoopEntry | None = None
 
@@ -263,7 +262,6 @@ class RemoteArbiter:
             raise ShuttingDown("this RemoteArbiter is closed")
         if self._task_group is not None:
             raise RuntimeError("this RemoteArbiter is already entered")
-        self._owner_thread = threading.get_ident()
         self._token = anyio.lowlevel.current_token()
         self._home = current_backend().loop()
         task_group = anyio.create_task_group()
@@ -317,8 +315,8 @@ class RemoteArbiter:
 
     def _foreign(self) -> bool:
         """Whether the caller runs in another thread than the loop that entered."""
-        owner = self._owner_thread
-        return owner is not None and owner != threading.get_ident()
+        home = self._home
+        return home is not None and home.thread != threading.get_ident()
 
     def _in_owner_sync(self, function: Any, *args: Any) -> Any:
         """Run a sync ``function`` on the owning loop (it is quick); from any thread."""
