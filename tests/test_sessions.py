@@ -88,8 +88,8 @@ async def test_requests_held_by_a_restarted_daemon_keep_their_order_when_it_open
         await anyio.wait_all_tasks_blocked()
         host._admit_new.set()
         # In the same pass of the loop, before the held request's task runs again:
-        host.handle(second, request(1, 6, timeout=0.5))
-        await anyio.sleep(1.0)
+        host.handle(second, request(1, 6, timeout=0.05))
+        await anyio.sleep(0.4)  # the 0.05 s timeouts have passed, generously
         assert sent(first).answers() == [("Granted", 1)]
         assert sent(second).answers() == [("Failed", 1)]  # it timed out behind the first
         tasks.cancel_scope.cancel()
@@ -102,8 +102,8 @@ async def test_a_growth_read_before_a_request_queues_first(arbiter: Arbiter) -> 
         host.handle(session, request(1, 4))
         # One read: grow it to 8 GiB, then ask for 5 GiB that would fit now.
         host.handle(session, Resize(2, 1, 8 * GiB, 5.0, False))
-        host.handle(session, request(3, 5, timeout=0.5))
-        await anyio.sleep(1.0)
+        host.handle(session, request(3, 5, timeout=0.05))
+        await anyio.sleep(0.4)  # the 0.05 s timeouts have passed, generously
         assert sent(session).answers() == [("Granted", 1), ("Resized", 2), ("Failed", 3)]
         tasks.cancel_scope.cancel()
 
