@@ -244,6 +244,12 @@ class Allocation:
             self._loop.call(scope.cancel)
         self._signal_preempt()
 
+    def _on_release(self) -> None:
+        """Released: every sleeper returns (`wait_preempted`; `quality_changes` ends)."""
+        if self._preempt_waiters or self._quality_waiters:
+            self._signal_preempt()
+            self._signal_quality()
+
     def _signal_preempt(self) -> None:
         waiters, self._preempt_waiters = self._preempt_waiters, None
         if waiters:

@@ -578,13 +578,7 @@ class Arbiter:
                 return
             memory = holding.memory
             self._ledger.release(holding, self._now())
-            # The core reports nothing more of a released holding: without its ticket the
-            # record and its handle no longer point at each other, and are freed as soon
-            # as the holder drops the handle instead of by the cycle collector.
-            holding.ticket = None
-            if alloc._preempt_waiters or alloc._quality_waiters:
-                alloc._signal_preempt()
-                alloc._signal_quality()
+            self._let_go(alloc)
         if holding.keep_alive is not None:
             self._poke_timer()
         if configured():
@@ -671,6 +665,15 @@ class Arbiter:
     def _cut_short(self, alloc: Allocation) -> BaseException:
         return Preempted(f"{alloc.id} was preempted by a higher priority")
 
+    @staticmethod
+    def _let_go(alloc: Allocation) -> None:
+        """After the core released ``alloc`` (under the lock): its sleepers return, and
+        the core reports nothing more of it. Without its ticket the record and its
+        handle no longer point at each other, and are freed as soon as the holder drops
+        the handle instead of by the cycle collector."""
+        alloc._holding.ticket = None
+        alloc._on_release()
+
     # == owners (a daemon's sessions) ==========================================
 
     def _release_owner(self, owner: AllocationOwner) -> None:
@@ -682,8 +685,7 @@ class Arbiter:
             ledger.release_owner(owner, self._now())
             for alloc in held:
                 assert isinstance(alloc, Allocation)
-                alloc._signal_preempt()
-                alloc._signal_quality()
+                self._let_go(alloc)
         self._poke_timer()
 
     # == what the core reports (under the lock) ================================

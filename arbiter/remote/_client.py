@@ -511,18 +511,24 @@ class RemoteArbiter:
 
     def _lose(self, alloc: Allocation, error: BaseException) -> None:
         """The session's allocation is gone: its body is cancelled, and raises ``error``."""
-        holding = _mirror(alloc)
         with self._lock:
-            if holding.released:
-                return
-            holding.released = True
-            holding.memory = 0
-            holding.lost = error
-            scope = alloc._scope
-            if scope is not None:
-                alloc._loop.call(scope.cancel)
-            alloc._signal_preempt()
-            alloc._signal_quality()
+            if self._let_go(alloc):
+                _mirror(alloc).lost = error
+                scope = alloc._scope
+                if scope is not None:
+                    alloc._loop.call(scope.cancel)
+
+    @staticmethod
+    def _let_go(alloc: Allocation) -> bool:
+        """Mark ``alloc`` released in the mirror and wake its sleepers (under the lock);
+        False when it already was."""
+        holding = alloc._holding
+        if holding.released:
+            return False
+        holding.released = True
+        holding.memory = 0
+        alloc._on_release()
+        return True
 
     async def _reconnect(self) -> None:
         """Re-claim held allocations from a daemon back within the ttl, or lose them."""
@@ -767,15 +773,10 @@ class RemoteArbiter:
         in order, without waiting. Idempotent; any thread."""
         if not isinstance(alloc, Allocation) or alloc._port is not self:
             raise TypeError(f"alloc must be an allocation of this arbiter, got {alloc!r}")
-        holding = alloc._holding
         with self._lock:
-            if holding.released:
-                return
-            holding.released = True
-            holding.memory = 0
-            alloc._signal_preempt()
-            alloc._signal_quality()
-        self._on_home(self._send_release, alloc)
+            released_here = self._let_go(alloc)
+        if released_here:
+            self._on_home(self._send_release, alloc)
 
     def _send_release(self, alloc: Allocation) -> None:
         key = _mirror(alloc).key
