@@ -16,6 +16,7 @@ __all__ = [
     "check_count",
     "check_device",
     "check_fraction",
+    "check_pids",
     "check_ratio",
     "check_seconds",
     "shown",
@@ -133,3 +134,12 @@ def check_device(device: object) -> int | str:
     if isinstance(device, str) and not device.strip():
         raise ValueError(f"device uuid must not be empty, got {device!r}")
     return device
+
+
+def check_pids(name: str, value: object) -> frozenset[int]:
+    """A set of process ids."""
+    if not isinstance(value, frozenset | set) or not all(
+        isinstance(pid, int) and not isinstance(pid, bool) for pid in value
+    ):
+        raise TypeError(f"{name} must be a set of pids, got {value!r}")
+    return frozenset(value)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 
-from ._checks import check_bytes
+from ._checks import check_bytes, check_pids
 from ._gpu import GpuProbeError, GpuReading
 
 __all__ = ["FakeGpu"]
@@ -145,11 +145,7 @@ class FakeGpu:
 
     @own_pids.setter
     def own_pids(self, pids: frozenset[int]) -> None:
-        if not isinstance(pids, frozenset | set) or not all(
-            isinstance(pid, int) and not isinstance(pid, bool) for pid in pids
-        ):
-            raise TypeError(f"own_pids must be a set of pids, got {pids!r}")
-        self._own_pids = frozenset(pids)
+        self._own_pids = check_pids("own_pids", pids)
 
     def set_process_memory(self, pid: int, used: int) -> None:
         """Play process ``pid`` using ``used`` bytes of the device (0 removes it).

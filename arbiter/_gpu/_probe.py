@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 import anyio.to_thread
 
-from .._checks import check_bytes, check_device
+from .._checks import check_bytes, check_device, check_pids
 from ._info import GpuProbeError
 from ._nvml import LIBRARY, LOCK_TIMEOUT, NvmlUnavailable, describe_error, open_device, read_memory
 
@@ -114,11 +114,7 @@ class NvmlProbe:
 
     @own_pids.setter
     def own_pids(self, pids: frozenset[int]) -> None:
-        if not isinstance(pids, frozenset | set) or not all(
-            isinstance(pid, int) and not isinstance(pid, bool) for pid in pids
-        ):
-            raise TypeError(f"own_pids must be a set of pids, got {pids!r}")
-        self._own_pids = frozenset(pids)
+        self._own_pids = check_pids("own_pids", pids)
 
     async def read(self) -> GpuReading:
         """Read the device's memory; per-process figures when NVML gives them.
