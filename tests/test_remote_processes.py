@@ -310,6 +310,19 @@ def test_sigstop_past_the_ttl_loses_the_session(short_ttl: Path, clients: list[C
     other.expect("released")
 
 
+def _reclaimed_first(sock: Path, holder: Client, priority: str, clients: list[Client]) -> None:
+    """A restarted daemon holds ``holder``'s re-claimed 6 GiB; a newcomer of ``priority``
+    waits behind it and is granted once the holder's body ends."""
+    wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
+    newcomer = hold(sock, 6, priority, timeout=10)
+    clients.append(newcomer)
+    holder.tell("done")
+    holder.expect("finished")
+    newcomer.expect("granted")
+    newcomer.tell("release")
+    newcomer.expect("released")
+
+
 def test_daemon_kill_9_and_restart_keeps_a_live_holder(
     tmp_path: Path, clients: list[Client]
 ) -> None:
@@ -327,14 +340,7 @@ def test_daemon_kill_9_and_restart_keeps_a_live_holder(
     finally:
         stop(first)
     with daemon(sock, "--ttl", RESTART_TTL) as second:
-        wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
-        newcomer = hold(sock, 6, "normal", timeout=10)  # waits: the re-claim holds 6 GiB
-        clients.append(newcomer)
-        holder.tell("done")
-        holder.expect("finished")
-        newcomer.expect("granted")
-        newcomer.tell("release")
-        newcomer.expect("released")
+        _reclaimed_first(sock, holder, "normal", clients)
         assert second.poll() is None
 
 
@@ -366,14 +372,7 @@ def test_sigterm_restart_within_the_ttl_keeps_a_live_holder(
         assert stop(first, signal.SIGTERM) == 0
     assert not sock.exists()
     with daemon(sock, "--ttl", RESTART_TTL):
-        wait_for(lambda: [h["pid"] for h in status_json(sock)["holders"]] == [holder.pid])
-        newcomer = hold(sock, 6, "user_facing", timeout=10)  # waits behind the re-claim
-        clients.append(newcomer)
-        holder.tell("done")
-        holder.expect("finished")
-        newcomer.expect("granted")
-        newcomer.tell("release")
-        newcomer.expect("released")
+        _reclaimed_first(sock, holder, "user_facing", clients)
 
 
 def _hello_as(sock: Path, uid: int) -> dict[str, object]:
