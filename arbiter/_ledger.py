@@ -105,6 +105,8 @@ class _HeadAsItWas:
     """The fields of a queue's head that quality targets read, as they were."""
 
     __slots__ = ("min_size", "priority")
+    # Its ``min_size`` is already what admits it (`QualityCalculator.admitting_size`).
+    min_quality = None
 
     def __init__(self, priority: Priority, min_size: int) -> None:
         self.priority = priority
@@ -227,7 +229,7 @@ class Ledger:
                     first = next(iter(queue))
                     # Its two fields, not the request: a kept handle must not keep the
                     # head's waiter (and, view by view, every later record) alive.
-                    head = (first.priority, first.min_size)
+                    head = (first.priority, self.targets.admitting_size(first))
                     break
         return (
             head,

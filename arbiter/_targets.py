@@ -29,6 +29,7 @@ from ._quality import (
     elastic_share_quality,
     fixed_point_quality,
     policy_target,
+    size_for_quality,
 )
 from ._records import Family, Holding, Request, Tallies
 from ._types import Priority, WorkloadType
@@ -131,9 +132,10 @@ class QualityCalculator:
         head = self._head()
         if head is None:
             return -1, 0
+        need = self.admitting_size(head)
         tallies = self._tallies
         room = self.budget - tallies.granted - tallies.external + tallies.on_the_way
-        if head.min_size > room:
+        if need > room:
             for level, elastic in self._elastic.items():
                 if level > head.priority:
                     continue
@@ -141,9 +143,19 @@ class QualityCalculator:
                     if not holding.preempt_requested:
                         assert holding.min_memory is not None
                         room += holding.memory - holding.min_memory
-            if head.min_size > room:
+            if need > room:
                 return head.priority, 0
-        return head.priority, head.min_size
+        return head.priority, need
+
+    def admitting_size(self, request: Request) -> int:
+        """The fewest bytes that admit ``request``: its smallest acceptable size, or for
+        an elastic request with ``min_quality`` the size whose share reaches it (given
+        less it is not granted, so shrinking others only to its smallest size would take
+        their quality for nothing)."""
+        if request.min_quality is None or request.min_size >= request.max_size:
+            return request.min_size
+        floor = self._floors[request.holding.family]
+        return size_for_quality(request.min_quality, request.min_size, request.max_size, floor)
 
     def recommended(self, workload: WorkloadType, priority: Priority) -> float:
         """The policy's target for a new request of this kind at the pressure it would see."""

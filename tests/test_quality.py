@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from arbiter_helpers import make_arbiter, settle
+from arbiter_helpers import make_arbiter, request_in_background, settle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -406,6 +406,43 @@ async def test_min_quality_waits_for_memory_then_is_granted() -> None:
             other.release()
             await settle()
             assert got and got[0].memory == 16 * GiB and got[0].quality >= 0.9
+
+
+@pytest.mark.anyio
+async def test_a_head_waiting_for_its_min_quality_does_not_degrade_holders_for_nothing() -> None:
+    # A holds 16 GiB (elastic down to 8), an image 4: 4 GiB free. B waits for an elastic
+    # 16 GiB (down to 8) at min_quality 0.9, which takes about 14.9 GiB: even A at its
+    # floor would leave 12. Counting B's 8 GiB minimum in A's pressure would drop A's
+    # target (a shrink that cannot admit B); counting what B needs, it stays at 1.0.
+    arbiter = make_arbiter()
+    holder = await arbiter.request_allocation(VIDEO, Priority.NORMAL, 16 * GiB, min_memory=8 * GiB)
+    await arbiter.request_allocation(IMAGE, Priority.NORMAL, 4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            waiting = await request_in_background(
+                tg, arbiter, Priority.NORMAL, 16, min_memory=8 * GiB, min_quality=0.9
+            )
+            assert not waiting and arbiter.state().waiting == 1
+            assert holder.quality == 1.0
+            assert arbiter.stats().quality_reductions == 0
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_head_that_shrinking_can_admit_at_its_min_quality_still_counts() -> None:
+    # The same, with B asking only 0.65 (12 GiB): A's shrinking can admit it, so B's
+    # demand is in A's pressure and A's target falls.
+    arbiter = make_arbiter()
+    holder = await arbiter.request_allocation(VIDEO, Priority.NORMAL, 16 * GiB, min_memory=8 * GiB)
+    await arbiter.request_allocation(IMAGE, Priority.NORMAL, 4 * GiB)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            waiting = await request_in_background(
+                tg, arbiter, Priority.NORMAL, 16, min_memory=8 * GiB, min_quality=0.65
+            )
+            assert not waiting
+            assert holder.quality < 1.0
+            tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio
