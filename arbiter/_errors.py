@@ -19,6 +19,8 @@ ours and raise ``TypeError`` or ``ValueError`` at the call instead.
 
 from __future__ import annotations
 
+import math
+
 from ._types import format_bytes
 
 __all__ = [
@@ -59,7 +61,9 @@ class InsufficientQuality(ArbiterError):
     def __init__(self, minimum: float, available: float) -> None:
         self.minimum = minimum
         self.available = available
-        super().__init__(f"min_quality {minimum:.2f} not met, best available {available:.2f}")
+        # Rounded down: 0.677 must not read as the 0.68 it fell short of.
+        shown = math.floor(available * 1000) / 1000
+        super().__init__(f"min_quality {minimum:g} not met, best available {shown:.3f}")
 
     def __reduce__(self) -> tuple[type[InsufficientQuality], tuple[float, float]]:
         return (type(self), (self.minimum, self.available))

@@ -49,7 +49,7 @@ from itertools import count
 
 from ._config import ArbiterConfig
 from ._preemption import Reclaimer
-from ._quality import QualityPolicy, size_for_quality
+from ._quality import QUALITY_TOLERANCE, QualityPolicy, size_for_quality
 from ._records import (
     FAILED,
     GRANTED,
@@ -567,7 +567,7 @@ class Ledger:
             holding = request.holding
             memory = size if type(request) is NewAllocation else holding.memory + size
             quality = self.targets.target_at(holding, memory, tallies.granted + size)
-            if quality < request.min_quality:
+            if quality + QUALITY_TOLERANCE < request.min_quality:
                 if request.best_quality is None or quality > request.best_quality:
                     request.best_quality = quality
                 return None

@@ -113,6 +113,12 @@ def elastic_share_quality(memory: int, min_memory: int, max_memory: int, floor: 
     return floor + (1.0 - floor) * min(1.0, max(0.0, share))
 
 
+# Qualities computed from byte shares carry float error of about 1e-16: a quality this
+# close to a request's ``min_quality`` meets it (``0.68`` must not be refused for
+# ``0.6799999999999999``).
+QUALITY_TOLERANCE = 1e-9
+
+
 def size_for_quality(quality: float, min_memory: int, max_memory: int, floor: float) -> int:
     """The smallest size in ``[min_memory, max_memory]`` whose share reaches ``quality``.
 

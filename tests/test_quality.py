@@ -361,6 +361,22 @@ async def test_min_quality_that_can_be_met_is_granted() -> None:
     assert alloc.memory == 12 * GiB and alloc.quality >= 0.7
 
 
+@pytest.mark.anyio
+async def test_min_quality_met_up_to_float_error_is_granted() -> None:
+    # 8 GiB of 1..16 at floor 0.4 is a share of exactly 0.68, computed as 0.6799999999999999.
+    arbiter = make_arbiter(adaptive_quality=False)  # the share alone decides
+    await arbiter.request_allocation(IMAGE, Priority.NORMAL, 16 * GiB)
+    alloc = await arbiter.request_allocation(
+        LLM, Priority.NORMAL, 16 * GiB, min_memory=1 * GiB, min_quality=0.68, timeout=0
+    )
+    assert alloc.memory == 8 * GiB and alloc.quality == pytest.approx(0.68)
+
+
+def test_insufficient_quality_never_shows_the_best_as_the_minimum() -> None:
+    message = str(InsufficientQuality(0.68, 0.6769))
+    assert message == "min_quality 0.68 not met, best available 0.676"
+
+
 @pytest.mark.parametrize("elastic", [False, True])
 @pytest.mark.anyio
 async def test_min_quality_counts_the_requests_own_memory(elastic: bool) -> None:
