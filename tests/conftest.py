@@ -10,9 +10,11 @@ import sys
 sys.dont_write_bytecode = False
 
 import os
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 from hypothesis import settings
@@ -108,6 +110,28 @@ def _no_default_gpu_probe(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
         return None
 
     monkeypatch.setattr(arbiter._gpu, "open_default_probe", no_probe)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_tls_trust_store() -> Iterator[None]:
+    """Every `FragmentCache` with a ``cdn_url`` builds an httpx client, and building one
+    loads the TLS trust store into a new `ssl.SSLContext`: about 20 ms of CPU, some 4 s
+    over the suite, for tests that speak plain HTTP to 127.0.0.1. Here the clients of a
+    worker share the first default context (an `ssl.SSLContext` serves any number of
+    connections); the client is otherwise built as in production."""
+    real = httpx.create_ssl_context
+    shared: list[ssl.SSLContext] = []
+
+    def create_ssl_context(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        if args or kwargs:
+            return real(*args, **kwargs)
+        if not shared:
+            shared.append(real())
+        return shared[0]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(httpx, "create_ssl_context", create_ssl_context)
+        yield
 
 
 @pytest.fixture(autouse=True)
