@@ -13,7 +13,7 @@ from origin_server import OriginServer
 
 from arbiter.cache import CacheConfig
 
-__all__ = ["FAST", "make_config", "make_fragments", "manifest_for", "origin"]
+__all__ = ["FAST", "make_config", "make_fragments", "manifest_for", "origin", "random_bytes"]
 
 # Retries without waiting: the backoff logic is exercised, the clock barely moves.
 FAST: dict[str, Any] = {
@@ -23,9 +23,24 @@ FAST: dict[str, Any] = {
 }
 
 
+# A fragment longer than this repeats its own random block of this (prime) length: fresh
+# random bytes cost about 2.4 ms of CPU per MiB, some 380 MiB over the cache tests. No
+# offset that a chunk, a read or a range can land on (powers of two, round numbers) is a
+# multiple of the period, so bytes from a wrong offset still differ.
+RANDOM_PERIOD = 1_000_003
+
+
+def random_bytes(size: int) -> bytes:
+    """``size`` bytes: random up to `RANDOM_PERIOD`, that random block repeated beyond."""
+    block = os.urandom(min(size, RANDOM_PERIOD))
+    if size <= RANDOM_PERIOD:
+        return block
+    return (block * -(-size // RANDOM_PERIOD))[:size]
+
+
 def make_fragments(count: int, size: int, prefix: str = "frag") -> dict[str, bytes]:
-    """``count`` fragments of random bytes, ids ``prefix/00`` ..."""
-    return {f"{prefix}/{i:02d}": os.urandom(size) for i in range(count)}
+    """``count`` fragments of random bytes (see `random_bytes`), ids ``prefix/00`` ..."""
+    return {f"{prefix}/{i:02d}": random_bytes(size) for i in range(count)}
 
 
 def manifest_for(

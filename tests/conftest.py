@@ -10,9 +10,11 @@ import sys
 sys.dont_write_bytecode = False
 
 import os
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 from hypothesis import settings
@@ -40,8 +42,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     on daemons and clients then overlap the CPU-bound tests, instead of a long one ending
     the run alone. xdist's worksteal first hands each of its N workers one contiguous Nth
     of the items; the marked ones are dealt out to the heads of those chunks, each
-    worker's in file order (a module-scoped daemon then starts once per worker). Other
-    schedulers run the same tests in another order."""
+    worker's in file order. Marked tests that share a module-scoped fixture (a daemon)
+    are dealt as one hand, so that daemon starts on one worker, not on all of them; each
+    hand goes to the worker with the fewest marked tests so far. Other schedulers run the
+    same tests in another order."""
     workerinput = getattr(config, "workerinput", None)
     if workerinput is None:
         return
@@ -49,18 +53,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     marked = [item for item in items if item.get_closest_marker("real_processes")]
     if not marked or workers < 2:
         return
+    hands: dict[object, list[pytest.Item]] = {}
+    for item in marked:
+        shared = _module_scoped_fixtures(item)
+        key = (item.path, shared) if shared else item.nodeid
+        hands.setdefault(key, []).append(item)
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for hand in hands.values():
+        min(heads, key=len).extend(hand)
     rest = [item for item in items if not item.get_closest_marker("real_processes")]
     ordered: list[pytest.Item] = []
     remaining = len(items)
     for worker in range(workers):
         size = remaining // (workers - worker)  # the chunk xdist's worksteal sends first
         remaining -= size
-        head = marked[worker::workers]
+        head = sorted(heads[worker], key=marked.index)
         ordered += head + rest[: max(0, size - len(head))]
         del rest[: max(0, size - len(head))]
     ordered += rest
     assert len(ordered) == len(items)
     items[:] = ordered
+
+
+def _module_scoped_fixtures(item: pytest.Item) -> tuple[str, ...]:
+    """The names of the module-scoped fixtures ``item`` uses (none where pytest's
+    fixture bookkeeping, `_fixtureinfo`, is not there to ask)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return ()
+    return tuple(
+        sorted(
+            name
+            for name, definitions in info.name2fixturedefs.items()
+            if definitions and definitions[-1].scope == "module"
+        )
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -108,6 +135,28 @@ def _no_default_gpu_probe(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
         return None
 
     monkeypatch.setattr(arbiter._gpu, "open_default_probe", no_probe)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_tls_trust_store() -> Iterator[None]:
+    """Every `FragmentCache` with a ``cdn_url`` builds an httpx client, and building one
+    loads the TLS trust store into a new `ssl.SSLContext`: about 20 ms of CPU, some 4 s
+    over the suite, for tests that speak plain HTTP to 127.0.0.1. Here the clients of a
+    worker share the first default context (an `ssl.SSLContext` serves any number of
+    connections); the client is otherwise built as in production."""
+    real = httpx.create_ssl_context
+    shared: list[ssl.SSLContext] = []
+
+    def create_ssl_context(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        if args or kwargs:
+            return real(*args, **kwargs)
+        if not shared:
+            shared.append(real())
+        return shared[0]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(httpx, "create_ssl_context", create_ssl_context)
+        yield
 
 
 @pytest.fixture(autouse=True)

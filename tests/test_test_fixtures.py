@@ -1,8 +1,10 @@
-"""The suite's own fixtures (conftest.py): the virtual clock and the default probe."""
+"""The suite's own fixtures and hooks (conftest.py): the virtual clock, the default probe,
+the shared TLS trust store, and how marked tests are dealt to xdist's workers."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -50,3 +52,63 @@ def test_the_tests_daemons_cannot_import_pynvml() -> None:
         [sys.executable, "-c", check], env=no_nvml_env(), capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 1 and "hidden from the daemons" in done.stderr
+
+
+def test_the_default_tls_context_is_built_once_per_worker() -> None:
+    import httpx
+
+    assert httpx.create_ssl_context() is httpx.create_ssl_context()
+    # Any other context (verification off, another trust store) is still built fresh.
+    assert httpx.create_ssl_context(verify=False) is not httpx.create_ssl_context(verify=False)
+
+
+class _Definition:
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+
+
+class _FixtureInfo:
+    def __init__(self, scopes: dict[str, str]) -> None:
+        self.name2fixturedefs = {name: [_Definition(scope)] for name, scope in scopes.items()}
+
+
+class _Item:
+    """What `pytest_collection_modifyitems` in conftest.py reads of a test item."""
+
+    def __init__(self, module: str, name: str, marked: bool, scopes: dict[str, str]) -> None:
+        from pathlib import Path
+
+        self.path = Path(module)
+        self.nodeid = f"{module}::{name}"
+        self._marked = marked
+        self._fixtureinfo = _FixtureInfo(scopes)
+
+    def get_closest_marker(self, name: str) -> object:
+        return object() if name == "real_processes" and self._marked else None
+
+
+class _WorkerConfig:
+    def __init__(self, workers: int) -> None:
+        self.workerinput = {"workercount": workers}
+
+
+def test_marked_tests_sharing_a_module_daemon_start_on_one_worker() -> None:
+    from conftest import pytest_collection_modifyitems
+
+    shared = [_Item("a.py", f"shared{i}", True, {"daemon": "module"}) for i in range(4)]
+    own = [_Item("a.py", f"own{i}", True, {"tmp_path": "function"}) for i in range(4)]
+    plain = [_Item("b.py", f"plain{i}", False, {}) for i in range(40)]
+    items: list[Any] = [*shared, *own, *plain]
+    pytest_collection_modifyitems(_WorkerConfig(4), items)  # type: ignore[arg-type]
+    assert len(items) == 48 and {id(item) for item in items} == {
+        id(item) for item in [*shared, *own, *plain]
+    }
+    # xdist's worksteal first sends each worker one contiguous quarter of the items.
+    quarters = [items[i * 12 : (i + 1) * 12] for i in range(4)]
+    holding_shared = [q for q in quarters if any(item in shared for item in q)]
+    assert len(holding_shared) == 1 and holding_shared[0][:4] == shared
+    # The tests with daemons of their own are spread over the other workers.
+    assert sorted(sum(item in own for item in q) for q in quarters) == [0, 1, 1, 2]
+    for quarter in quarters:  # each worker starts with its marked tests
+        marked = [item not in plain for item in quarter]
+        assert marked == sorted(marked, reverse=True)
