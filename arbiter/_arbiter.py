@@ -307,29 +307,47 @@ class Arbiter:
         backend: Backend,
         scope: CancelScopeLike | None = None,
         owner: AllocationOwner | None = None,
+        *,
+        in_order: bool = False,
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
-        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is: it checks for
-        cancellation before anything is decided; a grant at once or a failure at once
-        then yields (a grant cancelled at that yield is given back), and a wait yields by
-        parking. A request that queues behind the head of the queue changes nothing but
-        the queue, so it skips the rest of `Ledger.submit`. So a task that allocates in a
-        loop lets the others run.
+        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is. When nothing
+        waits, the request yields first (`Backend.checkpoint`: a cancellation pending at
+        entry is raised there, before anything is decided) and is then granted, refused
+        or queued. When something waits, the request will most likely park, and parking
+        is its yield: it checks for cancellation before anything is decided (on asyncio
+        a cancellation pending at entry reaches a parked task only from a later
+        callback, which a grant coming first would beat), and a grant or failure at once
+        then yields (a grant cancelled at that yield is given back). A request that
+        queues behind the head of the queue changes nothing but the queue, so it skips
+        the rest of `Ledger.submit`. So a task that allocates in a loop lets the others
+        run.
         ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
         be granted: a preemption that comes before the body starts (from any thread)
         cancels it, and the body starts cancelled.
         ``owner`` (a daemon's session) is told of the allocation's preemption and quality
         changes, and can have everything it holds released at once (`_release_owner`);
-        by default the arbiter itself owns it.
+        by default the arbiter itself owns it. ``in_order`` (a daemon's request, whose
+        client's own call was the checkpoint) decides before anything else runs, so
+        requests queue in the order their messages came: the cancellation check first,
+        the yield after.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
         ledger = self._ledger
         tallies = ledger.tallies
-        # Always first: on asyncio a cancellation pending at entry reaches a parked task
-        # only from a later callback, which a grant coming first would beat.
-        await self._check_cancelled(backend)
+        # Read without the lock: it only picks which of two valid checkpoints to take.
+        yield_first = not (tallies.waiting or in_order)
+        try:
+            if yield_first:
+                await backend.checkpoint()
+            else:
+                await backend.checkpoint_if_cancelled()
+        except BaseException:
+            with self._lock:
+                ledger.count_unqueued(Outcome.CANCELLED)
+            raise
         smallest = memory if min_memory is None else min_memory
         limit = self._default_timeout if isinstance(timeout, Default) else timeout
         loop = backend.loop()
@@ -378,18 +396,22 @@ class Arbiter:
                             wake_at = math.inf if limit is None else started + limit
                         else:
                             wake_at = self._first_wake(request, started, limit, clock, now)
+            elif yield_first:
+                ledger.count_unqueued(Outcome.REFUSED)
         if refused:
-            await self._refuse(backend)
+            if not yield_first:
+                await self._refuse(backend)
             if smallest > ledger.budget:
                 raise InsufficientMemory(smallest, ledger.budget)
             raise ShuttingDown("the arbiter is closed")
         if request is None:
-            try:
-                await backend.schedule_point()
-            except BaseException:
-                with self._lock:
-                    ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
-                raise
+            if not yield_first:
+                try:
+                    await backend.checkpoint()
+                except BaseException:
+                    with self._lock:
+                        ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
+                    raise
         else:
             # The first sleep here, not in `_park`: a handover resumes one coroutine less.
             try:
@@ -412,15 +434,6 @@ class Arbiter:
                 waited=clock() - started,
             )
         return alloc
-
-    async def _check_cancelled(self, backend: Backend) -> None:
-        """The cancellation check at the entry of a request, and its count."""
-        try:
-            await backend.checkpoint_if_cancelled()
-        except BaseException:
-            with self._lock:
-                self._ledger.count_unqueued(Outcome.CANCELLED)
-            raise
 
     def _grant_at_once(self, args: RequestArgs, owner: AllocationOwner) -> Allocation | None:
         """Grant ``args`` to ``owner`` now, if nothing waits and it fits; else ``None``
@@ -453,7 +466,7 @@ class Arbiter:
     async def _refuse(self, backend: Backend) -> None:
         """The checkpoint of a request refused at once, and its count."""
         try:
-            await backend.schedule_point()
+            await backend.checkpoint()
         except BaseException:
             with self._lock:
                 self._ledger.count_unqueued(Outcome.CANCELLED)

@@ -15,6 +15,19 @@ Two things here cannot be had from anyio's public API:
   through anyio's per-call backend lookup. On asyncio the cancellation check reads
   ``current_effective_deadline`` (public) and awaits only when the task is
   cancelled.
+
+On asyncio a checkpoint is a bare ``sleep(0)``: the yield is the cancellation check.
+anyio cancels a scope on asyncio by calling ``Task.cancel()`` on every task inside it
+that is not shielded off and not waiting on a finished future, and re-schedules that
+delivery (``call_soon``) on every pass of the loop for as long as such a task is
+inside; a scope cancelled by the task itself (which is not cancelled while it runs)
+gets its first delivery scheduled then. So a task that yields inside a cancelled scope
+finds that delivery queued ahead of its own next step, and its ``sleep(0)`` raises
+``CancelledError``; behind a shield (anyio's or the task's own) nothing is delivered,
+and it does not. That is what anyio's ``checkpoint_if_cancelled`` followed by a yield
+would decide (`tests/test_backend.py` compares the two in each arrangement of scopes).
+The check alone (``checkpoint_if_cancelled``, no yield) is still anyio's: a task that
+parks on a future right after it could be handed a result before the delivery runs.
 """
 
 from __future__ import annotations
@@ -135,10 +148,10 @@ async def _at_once(value: bool) -> bool:
 class Backend:
     """The primitives of one event-loop library.
 
-    ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` checks for
-    cancellation and yields to the loop once; ``checkpoint_if_cancelled()`` only
-    checks; ``schedule_point()`` only yields (a cancellation that arrives meanwhile
-    is raised). ``parker(entry=None)`` makes a `Parker` for the current task, in the
+    ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` yields to the loop
+    once and raises a cancellation pending before or arriving meanwhile (a grant made
+    before it can be given back on that); ``checkpoint_if_cancelled()`` only checks,
+    without yielding. ``parker(entry=None)`` makes a `Parker` for the current task, in the
     loop of ``entry`` (a `LoopEntry` of the running loop) or the running one.
     """
 
@@ -149,7 +162,6 @@ class Backend:
         "current_time",
         "loop",
         "parker",
-        "schedule_point",
     )
 
     def __init__(
@@ -157,7 +169,6 @@ class Backend:
         loop: Callable[[], LoopEntry],
         checkpoint: Callable[[], Awaitable[None]],
         checkpoint_if_cancelled: Callable[[], Awaitable[None]],
-        schedule_point: Callable[[], Awaitable[None]],
         cancel_scope: Callable[[], CancelScopeLike],
         parker: Callable[..., Parker],
     ) -> None:
@@ -165,7 +176,6 @@ class Backend:
         self.current_time: Callable[[], float] = lambda: loop().clock()
         self.checkpoint = checkpoint
         self.checkpoint_if_cancelled = checkpoint_if_cancelled
-        self.schedule_point = schedule_point
         self.cancel_scope = cancel_scope
         self.parker = parker
 
@@ -185,10 +195,8 @@ def _asyncio_backend() -> Backend:
             return anyio.lowlevel.checkpoint_if_cancelled()
         return _NOT_CANCELLED
 
-    async def checkpoint() -> None:
-        if anyio.current_effective_deadline() == -math.inf:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-        await sleep(0)
+    # The yield is the check: see the module's docstring.
+    checkpoint = partial(sleep, 0)
 
     def running_loop() -> LoopEntry:
         loop = get_running_loop()
@@ -244,7 +252,6 @@ def _asyncio_backend() -> Backend:
         running_loop,
         checkpoint,
         checkpoint_if_cancelled,
-        partial(sleep, 0),
         anyio.CancelScope,
         AsyncioParker,
     )
@@ -334,7 +341,6 @@ def _trio_backend() -> Backend:
         running_loop,
         lowlevel.checkpoint,
         lowlevel.checkpoint_if_cancelled,
-        lowlevel.checkpoint,  # a schedule point that also sees a cancellation come meanwhile
         trio.CancelScope,
         TrioParker,
     )
