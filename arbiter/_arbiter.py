@@ -396,7 +396,7 @@ class Arbiter:
                             wake_at = math.inf if limit is None else started + limit
                         else:
                             wake_at = self._first_wake(request, started, limit, clock, now)
-            elif yield_first:
+            if refused and yield_first:
                 ledger.count_unqueued(Outcome.REFUSED)
         if refused:
             if not yield_first:
@@ -591,7 +591,9 @@ class Arbiter:
                 return
             memory = holding.memory
             self._ledger.release(holding, self._now())
-            self._let_go(alloc)
+            holding.ticket = None  # `_let_go`, inline: the hot path
+            if alloc._preempt_waiters or alloc._quality_waiters:
+                alloc._on_release()
         if holding.keep_alive is not None:
             self._poke_timer()
         if configured():

@@ -187,6 +187,7 @@ def _asyncio_backend() -> Backend:
     import asyncio
 
     get_running_loop = asyncio.get_running_loop
+    Future = asyncio.Future  # what every loop's create_future makes, without its frame
     sleep = asyncio.sleep
     entries = threading.local()  # each thread's current loop's entry, for reuse
 
@@ -216,7 +217,7 @@ def _asyncio_backend() -> Backend:
             self._future: asyncio.Future[bool] | None = None
 
         def arm(self) -> None:
-            self._future = self._loop.create_future()
+            self._future = Future(loop=self._loop)
 
         def wake(self) -> None:
             if get_ident() == self._thread:  # the releaser runs in the waiter's loop
@@ -252,7 +253,10 @@ def _asyncio_backend() -> Backend:
         running_loop,
         checkpoint,
         checkpoint_if_cancelled,
-        anyio.CancelScope,
+        # ``anyio.CancelScope()`` as its public ``move_on_after`` builds it: the public
+        # class's constructor dispatches to the backend's and then runs its
+        # ``__init__`` a second time.
+        partial(anyio.move_on_after, None),
         AsyncioParker,
     )
 
