@@ -365,14 +365,11 @@ class Arbiter:
             if not refused and tallies.waiting and limit != 0:
                 # Behind a head of its priority or higher nothing but the queue moves.
                 now = started + self._clock_offset if loop is self._loop else self._now()
-                parker = backend.parker(loop)
+                parker = backend.parker(loop, True)
                 request = NewAllocation(holding, smallest, memory, min_quality, parker)
                 behind_head = ledger.queue_behind_head(request, now)
                 if behind_head:
-                    parker.arm()
                     wake_at = math.inf if limit is None else started + limit
-                else:
-                    request = None
             if not refused and not behind_head:
                 if loop is self._loop:
                     now = started + self._clock_offset
@@ -385,13 +382,13 @@ class Arbiter:
                     or min_quality is not None
                     or not ledger.grant_now(holding, smallest, memory, now)
                 ):
-                    parker = backend.parker(loop)
-                    request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                    if request is None:  # else the one made above, not behind a head
+                        parker = backend.parker(loop, True)
+                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
                     request.may_reclaim = limit != 0
                     if ledger.submit(request, now):
                         request = None
                     else:
-                        parker.arm()
                         if request.reclaim_deadline == math.inf:  # the common case
                             wake_at = math.inf if limit is None else started + limit
                         else:

@@ -37,6 +37,7 @@ import threading
 from collections.abc import Awaitable, Callable, Generator
 from functools import cache, partial
 from threading import get_ident
+from time import monotonic
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -151,8 +152,9 @@ class Backend:
     ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` yields to the loop
     once and raises a cancellation pending before or arriving meanwhile (a grant made
     before it can be given back on that); ``checkpoint_if_cancelled()`` only checks,
-    without yielding. ``parker(entry=None)`` makes a `Parker` for the current task, in the
-    loop of ``entry`` (a `LoopEntry` of the running loop) or the running one.
+    without yielding. ``parker(entry=None, armed=False)`` makes a `Parker` for the
+    current task, in the loop of ``entry`` (a `LoopEntry` of the running loop) or the
+    running one; ``armed``: as if ``arm()`` had been called.
     """
 
     __slots__ = (
@@ -187,6 +189,7 @@ def _asyncio_backend() -> Backend:
     import asyncio
 
     get_running_loop = asyncio.get_running_loop
+    base_time = asyncio.BaseEventLoop.time
     Future = asyncio.Future  # what every loop's create_future makes, without its frame
     sleep = asyncio.sleep
     entries = threading.local()  # each thread's current loop's entry, for reuse
@@ -203,18 +206,21 @@ def _asyncio_backend() -> Backend:
         loop = get_running_loop()
         made: LoopEntry | None = getattr(entries, "entry", None)
         if made is None or made.key is not loop:
-            made = entries.entry = LoopEntry(loop, loop.time, loop.call_soon_threadsafe)
+            # asyncio's own loops read time.monotonic() through a method of their own:
+            # the clock read directly is the same clock, one frame less.
+            clock = monotonic if getattr(loop.time, "__func__", None) is base_time else loop.time
+            made = entries.entry = LoopEntry(loop, clock, loop.call_soon_threadsafe)
         return made
 
     class AsyncioParker:
         __slots__ = ("_future", "_loop", "_thread")
 
-        def __init__(self, entry: LoopEntry | None = None) -> None:
+        def __init__(self, entry: LoopEntry | None = None, armed: bool = False) -> None:
             if entry is None:
                 entry = running_loop()
             self._loop: asyncio.AbstractEventLoop = entry.key  # type: ignore[assignment]
             self._thread = entry.thread
-            self._future: asyncio.Future[bool] | None = None
+            self._future: asyncio.Future[bool] | None = Future(loop=self._loop) if armed else None
 
         def arm(self) -> None:
             self._future = Future(loop=self._loop)
@@ -287,21 +293,21 @@ def _trio_backend() -> Backend:
         return made
 
     # A parker's states; every transition happens in the trio thread.
-    idle, armed, parked, woken = 0, 1, 2, 3
+    idle, armed_state, parked, woken = 0, 1, 2, 3
 
     class TrioParker:
         __slots__ = ("_state", "_task", "_thread", "_token")
 
-        def __init__(self, entry: LoopEntry | None = None) -> None:
+        def __init__(self, entry: LoopEntry | None = None, armed: bool = False) -> None:
             if entry is None:
                 entry = running_loop()
             self._task = current_task()
             self._token: trio.lowlevel.TrioToken = entry.key  # type: ignore[assignment]
             self._thread = entry.thread
-            self._state = idle
+            self._state = armed_state if armed else idle
 
         def arm(self) -> None:
-            self._state = armed
+            self._state = armed_state
 
         def wake(self) -> None:
             if get_ident() == self._thread:
@@ -316,7 +322,7 @@ def _trio_backend() -> Backend:
             if self._state == parked:
                 self._state = idle  # the sleep is over: it runs next with True
                 reschedule(self._task, Value(True))
-            elif self._state == armed:
+            elif self._state == armed_state:
                 self._state = woken
 
         def _abort(self, _: object) -> trio.lowlevel.Abort:
