@@ -23,6 +23,7 @@ import math
 import threading
 from collections.abc import Callable
 from itertools import count
+from sys import modules as _modules
 from types import TracebackType
 from typing import Any, Protocol, Self, cast
 
@@ -58,6 +59,8 @@ __all__ = ["AllocationOwner", "Arbiter"]
 
 # Enum members are looked up through their metaclass; the grant path reads these.
 _GRANTED, _FAILED, _PREEMPT, _QUALITY = Event.GRANTED, Event.FAILED, Event.PREEMPT, Event.QUALITY
+# `configured` is false until structlog is imported; the hot paths test that first.
+_LOGGING = "structlog"
 
 
 class AllocationOwner(Protocol):
@@ -421,7 +424,7 @@ class Arbiter:
                 await self._park(request, clock, started, limit, None)
         if keep_alive is not None:
             self._poke_timer()
-        if configured():
+        if _LOGGING in _modules and configured():  # no call while structlog is not loaded
             log.debug(
                 "allocation granted",
                 id=alloc.id,
@@ -587,13 +590,15 @@ class Arbiter:
             if holding.released:
                 return
             memory = holding.memory
-            self._ledger.release(holding, self._now())
+            loop = self._loop  # `_now`, inline: the hot path
+            now = self._now() if loop is None else loop.clock() + self._clock_offset
+            self._ledger.release(holding, now)
             holding.ticket = None  # `_let_go`, inline: the hot path
             if alloc._preempt_waiters or alloc._quality_waiters:
                 alloc._on_release()
         if holding.keep_alive is not None:
             self._poke_timer()
-        if configured():
+        if _LOGGING in _modules and configured():
             log.debug(
                 "allocation released",
                 id=alloc.id,
