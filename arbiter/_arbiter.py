@@ -315,17 +315,24 @@ class Arbiter:
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
-        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is. When nothing
-        waits, the request yields first (`Backend.checkpoint`: a cancellation pending at
-        entry is raised there, before anything is decided) and is then granted, refused
-        or queued. When something waits, the request will most likely park, and parking
-        is its yield: it checks for cancellation before anything is decided (on asyncio
-        a cancellation pending at entry reaches a parked task only from a later
-        callback, which a grant coming first would beat), and a grant or failure at once
-        then yields (a grant cancelled at that yield is given back). A request that
-        queues behind the head of the queue changes nothing but the queue, so it skips
-        the rest of `Ledger.submit`. So a task that allocates in a loop lets the others
-        run.
+        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is, taken one of
+        three ways:
+
+        * Nothing waits: the request yields first (`Backend.checkpoint`: a cancellation
+          pending at entry is raised there, before anything is decided), then is granted,
+          refused or queued.
+        * Something waits and the request queues behind a head of its priority or
+          higher: nothing but the queue moves (the head does not fit), so it queues at
+          once and parks, and the park is its checkpoint. A cancellation pending at
+          entry is raised there before any grant can reach it (trio delivers it when
+          the task blocks; on asyncio a wake in the waiter's own thread goes through the
+          loop's queue, behind the delivery anyio has already queued: see `Parker`), and
+          the request leaves the queue at once, counted as cancelled.
+        * Otherwise (it would head the queue, and might ask holders for memory): it
+          checks for cancellation before anything is decided, and a grant or failure at
+          once then yields (a grant cancelled at that yield is given back).
+
+        So a task that allocates in a loop lets the others run.
         ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
         be granted: a preemption that comes before the body starts (from any thread)
         cancels it, and the body starts cancelled.
@@ -340,17 +347,15 @@ class Arbiter:
          label) = args  # fmt: skip
         ledger = self._ledger
         tallies = ledger.tallies
-        # Read without the lock: it only picks which of two valid checkpoints to take.
+        # Read without the lock: it only picks which of the valid checkpoints to take.
         yield_first = not (tallies.waiting or in_order)
-        try:
-            if yield_first:
+        if yield_first:
+            try:
                 await backend.checkpoint()
-            else:
-                await backend.checkpoint_if_cancelled()
-        except BaseException:
-            with self._lock:
-                ledger.count_unqueued(Outcome.CANCELLED)
-            raise
+            except BaseException:
+                with self._lock:
+                    ledger.count_unqueued(Outcome.CANCELLED)
+                raise
         smallest = memory if min_memory is None else min_memory
         limit = self._default_timeout if isinstance(timeout, Default) else timeout
         loop = backend.loop()
@@ -362,42 +367,54 @@ class Arbiter:
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         alloc._scope = scope
         request: NewAllocation | None = None
-        with self._lock:
-            refused = smallest > ledger.budget or self._closed
-            behind_head = False
-            if not refused and tallies.waiting and limit != 0:
-                # Behind a head of its priority or higher nothing but the queue moves.
-                now = started + self._clock_offset if loop is self._loop else self._now()
-                parker = backend.parker(loop, True)
-                request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                behind_head = ledger.queue_behind_head(request, now)
-                if behind_head:
-                    wake_at = math.inf if limit is None else started + limit
-            if not refused and not behind_head:
-                if loop is self._loop:
-                    now = started + self._clock_offset
+        behind_head = False
+        if not yield_first and not in_order and limit != 0 and smallest <= ledger.budget:
+            with self._lock:
+                if tallies.waiting and not self._closed:
+                    now = started + self._clock_offset if loop is self._loop else self._now()
+                    parker = backend.parker(loop, True)
+                    request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                    behind_head = ledger.queue_behind_head(request, now)
+                    if behind_head:
+                        wake_at = math.inf if limit is None else started + limit
+        if not yield_first and not behind_head:
+            try:
+                await backend.checkpoint_if_cancelled()
+            except BaseException:
+                with self._lock:
+                    ledger.count_unqueued(Outcome.CANCELLED)
+                raise
+        refused = False
+        if not behind_head:
+            with self._lock:
+                refused = smallest > ledger.budget or self._closed
+                if refused:
+                    if yield_first:
+                        ledger.count_unqueued(Outcome.REFUSED)
                 else:
-                    if self._task_group is None and not tallies.waiting and not tallies.granted:
-                        self._adopt(loop)
-                    now = self._now()
-                if (
-                    tallies.waiting  # nothing jumps the queue: no need to ask
-                    or min_quality is not None
-                    or not ledger.grant_now(holding, smallest, memory, now)
-                ):
-                    if request is None:  # else the one made above, not behind a head
-                        parker = backend.parker(loop, True)
-                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                    request.may_reclaim = limit != 0
-                    if ledger.submit(request, now):
-                        request = None
+                    if loop is self._loop:
+                        now = started + self._clock_offset
                     else:
-                        if request.reclaim_deadline == math.inf:  # the common case
+                        if self._task_group is None and not tallies.waiting and not tallies.granted:
+                            self._adopt(loop)
+                        now = self._now()
+                    if (
+                        tallies.waiting  # nothing jumps the queue: no need to ask
+                        or min_quality is not None
+                        or not ledger.grant_now(holding, smallest, memory, now)
+                    ):
+                        if request is None:  # else the one made above, not behind a head
+                            parker = backend.parker(loop, True)
+                            request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                        request.may_reclaim = limit != 0
+                        if ledger.submit(request, now):
+                            request = None
+                        elif request.reclaim_deadline == math.inf:  # the common case
                             wake_at = math.inf if limit is None else started + limit
                         else:
                             wake_at = self._first_wake(request, started, limit, clock, now)
-            if refused and yield_first:
-                ledger.count_unqueued(Outcome.REFUSED)
+                    else:
+                        request = None  # granted at once: one made above was never queued
         if refused:
             if not yield_first:
                 await self._refuse(backend)

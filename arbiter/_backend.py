@@ -5,10 +5,11 @@ Two things here cannot be had from anyio's public API:
 * **Parking across threads.** One arbiter serves tasks of several event loops in
   several threads. A waiter parks on a `Parker` of its own loop; whoever grants it
   (a release in any thread) wakes it through that loop's thread-safe entry
-  (asyncio's ``call_soon_threadsafe``, trio's ``TrioToken.run_sync_soon``), or
-  directly when it runs in the same thread. The handover is a bare future on
-  asyncio and ``wait_task_rescheduled`` on trio, as anyio's and trio's own
-  semaphores hand over: no event to re-check, no re-park.
+  (asyncio's ``call_soon_threadsafe``, trio's ``TrioToken.run_sync_soon``); in
+  the same thread, directly on trio and through ``call_soon`` on asyncio (see
+  below). The handover is a bare future on asyncio and ``wait_task_rescheduled``
+  on trio, as anyio's and trio's own semaphores hand over: no event to re-check,
+  no re-park.
 * **A cheap hot path.** An uncontended grant is a handful of dictionary updates, so
   the few primitives it needs (the clock, the checkpoint, a cancel scope for an
   ``allocate()`` body) are resolved once per event-loop library instead of
@@ -26,8 +27,15 @@ finds that delivery queued ahead of its own next step, and its ``sleep(0)`` rais
 ``CancelledError``; behind a shield (anyio's or the task's own) nothing is delivered,
 and it does not. That is what anyio's ``checkpoint_if_cancelled`` followed by a yield
 would decide (`tests/test_backend.py` compares the two in each arrangement of scopes).
-The check alone (``checkpoint_if_cancelled``, no yield) is still anyio's: a task that
-parks on a future right after it could be handed a result before the delivery runs.
+The check alone (``checkpoint_if_cancelled``, no yield) is still anyio's.
+
+A task that parks is in the same position: anyio's delivery of a cancellation pending
+when it parks is already queued, and cancels it (its future is unfinished) when it
+runs. A wake must not finish that future first, or anyio would see a finished future
+and leave the task be, granted inside a cancelled scope: so an asyncio parker is woken
+through ``call_soon`` even from its own thread, and its wake comes after. On trio the
+scheduler delivers a pending cancellation as the task blocks, before anyone can wake
+it.
 """
 
 from __future__ import annotations
@@ -116,10 +124,13 @@ class Parker(Protocol):
     Made in the waiter's task, for its loop (the `LoopEntry` when the caller has it
     at hand, else the running one). ``arm()`` (in the waiter's task, under the
     arbiter's lock) prepares a sleep, so a ``wake()`` that comes before ``park()`` is
-    not lost. ``wake()`` may be called from any thread, any number of times; in the
-    waiter's own thread it wakes it directly (no trip through the loop's queue).
+    not lost. ``wake()`` may be called from any thread, any number of times.
     ``park(deadline)`` sleeps until woken (True) or until ``deadline`` on the waiter's
-    own clock (False); a cancellation propagates.
+    own clock (False); a cancellation propagates, and one pending when the waiter parks
+    is raised there whatever wakes come after: trio delivers it as the task blocks; on
+    asyncio anyio has queued its delivery on the loop, and a wake goes through the
+    loop's queue too (``call_soon``, also in the waiter's own thread), so it comes
+    second. So a waiter that parks needs no cancellation check before.
     """
 
     def arm(self) -> None: ...
@@ -226,10 +237,12 @@ def _asyncio_backend() -> Backend:
             self._future = Future(loop=self._loop)
 
         def wake(self) -> None:
-            if get_ident() == self._thread:  # the releaser runs in the waiter's loop
-                future = self._future
-                if future is not None and not future.done():
-                    future.set_result(True)
+            # Through the loop's queue, also in the waiter's own thread: a cancellation
+            # anyio has already queued for the waiter's task runs first, finds it waiting
+            # on an unfinished future and cancels it, so a cancellation pending when the
+            # waiter parked always beats a wake (see `Parker`).
+            if get_ident() == self._thread:
+                self._loop.call_soon(self._resolve, True)
                 return
             try:
                 self._loop.call_soon_threadsafe(self._resolve, True)

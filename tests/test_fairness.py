@@ -282,9 +282,11 @@ async def test_a_task_that_releases_and_requests_again_goes_behind_the_waiters()
 
 @pytest.mark.anyio
 async def test_a_grant_that_won_the_race_is_released_by_the_cancelled_body() -> None:
-    """Handed the memory before its cancellation came, the waiter is granted (as with
-    trio's and anyio's semaphores); its body's first checkpoint raises the
-    cancellation and the ``async with`` gives the memory to the next one."""
+    """Handed the memory, then cancelled before it ran: on trio the waiter is granted
+    (as with trio's semaphore), its body's first checkpoint raises the cancellation and
+    the ``async with`` gives the memory to the next one; on asyncio the wake goes
+    through the loop's queue behind anyio's delivery of the cancellation, so the
+    waiter raises it and gives the grant back. Either way the next one gets it."""
     arbiter = make_arbiter(1)
     holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
     scope = anyio.CancelScope()
