@@ -318,19 +318,18 @@ class Arbiter:
         A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is, taken one of
         three ways:
 
-        * Nothing waits: the request yields first (`Backend.checkpoint`: a cancellation
-          pending at entry is raised there, before anything is decided), then is granted,
-          refused or queued.
+        * Nothing waits and it fits (as read at entry): the request yields first
+          (`Backend.checkpoint`: a cancellation pending at entry is raised there, before
+          anything is decided), then is granted, or queued if others came meanwhile.
         * Something waits and the request queues behind a head of its priority or
           higher: nothing but the queue moves (the head does not fit), so it queues at
           once and parks, and the park is its checkpoint. A cancellation pending at
-          entry is raised there before any grant can reach it (trio delivers it when
-          the task blocks; on asyncio a wake in the waiter's own thread goes through the
-          loop's queue, behind the delivery anyio has already queued: see `Parker`), and
-          the request leaves the queue at once, counted as cancelled.
-        * Otherwise (it would head the queue, and might ask holders for memory): it
-          checks for cancellation before anything is decided, and a grant or failure at
-          once then yields (a grant cancelled at that yield is given back).
+          entry is raised there before any grant can reach it (its parker is made
+          ``unchecked``: see `Parker`), and the request leaves the queue at once,
+          counted as cancelled.
+        * Otherwise (it would head the queue and might ask holders for memory, or it is
+          refused): it checks for cancellation before anything is decided, and a grant
+          or failure at once then yields (a grant cancelled at that yield is given back).
 
         So a task that allocates in a loop lets the others run.
         ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
@@ -348,7 +347,14 @@ class Arbiter:
         ledger = self._ledger
         tallies = ledger.tallies
         # Read without the lock: it only picks which of the valid checkpoints to take.
-        yield_first = not (tallies.waiting or in_order)
+        # One that will not fit at once decides first (it may preempt, and the holders
+        # can start giving back sooner), then parks.
+        yield_first = not (
+            tallies.waiting
+            or in_order
+            or ledger.budget - tallies.granted - tallies.external
+            < (memory if min_memory is None else min_memory)
+        )
         if yield_first:
             try:
                 await backend.checkpoint()
@@ -372,11 +378,13 @@ class Arbiter:
             with self._lock:
                 if tallies.waiting and not self._closed:
                     now = started + self._clock_offset if loop is self._loop else self._now()
-                    parker = backend.parker(loop, True)
+                    parker = backend.parker(loop, True, True)  # unchecked: see `Parker`
                     request = NewAllocation(holding, smallest, memory, min_quality, parker)
                     behind_head = ledger.queue_behind_head(request, now)
                     if behind_head:
                         wake_at = math.inf if limit is None else started + limit
+                    else:
+                        request = None
         if not yield_first and not behind_head:
             try:
                 await backend.checkpoint_if_cancelled()
@@ -403,9 +411,8 @@ class Arbiter:
                         or min_quality is not None
                         or not ledger.grant_now(holding, smallest, memory, now)
                     ):
-                        if request is None:  # else the one made above, not behind a head
-                            parker = backend.parker(loop, True)
-                            request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                        parker = backend.parker(loop, True)
+                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
                         request.may_reclaim = limit != 0
                         if ledger.submit(request, now):
                             request = None
@@ -413,8 +420,6 @@ class Arbiter:
                             wake_at = math.inf if limit is None else started + limit
                         else:
                             wake_at = self._first_wake(request, started, limit, clock, now)
-                    else:
-                        request = None  # granted at once: one made above was never queued
         if refused:
             if not yield_first:
                 await self._refuse(backend)

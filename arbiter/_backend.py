@@ -5,11 +5,11 @@ Two things here cannot be had from anyio's public API:
 * **Parking across threads.** One arbiter serves tasks of several event loops in
   several threads. A waiter parks on a `Parker` of its own loop; whoever grants it
   (a release in any thread) wakes it through that loop's thread-safe entry
-  (asyncio's ``call_soon_threadsafe``, trio's ``TrioToken.run_sync_soon``); in
-  the same thread, directly on trio and through ``call_soon`` on asyncio (see
-  below). The handover is a bare future on asyncio and ``wait_task_rescheduled``
-  on trio, as anyio's and trio's own semaphores hand over: no event to re-check,
-  no re-park.
+  (asyncio's ``call_soon_threadsafe``, trio's ``TrioToken.run_sync_soon``), or
+  directly when it runs in the same thread (on asyncio, but for a waiter that
+  parked without a cancellation check: see below). The handover is a bare future
+  on asyncio and ``wait_task_rescheduled`` on trio, as anyio's and trio's own
+  semaphores hand over: no event to re-check, no re-park.
 * **A cheap hot path.** An uncontended grant is a handful of dictionary updates, so
   the few primitives it needs (the clock, the checkpoint, a cancel scope for an
   ``allocate()`` body) are resolved once per event-loop library instead of
@@ -32,8 +32,9 @@ The check alone (``checkpoint_if_cancelled``, no yield) is still anyio's.
 A task that parks is in the same position: anyio's delivery of a cancellation pending
 when it parks is already queued, and cancels it (its future is unfinished) when it
 runs. A wake must not finish that future first, or anyio would see a finished future
-and leave the task be, granted inside a cancelled scope: so an asyncio parker is woken
-through ``call_soon`` even from its own thread, and its wake comes after. On trio the
+and leave the task be, granted inside a cancelled scope: so a parker made for a waiter
+that parks without checking first is woken through ``call_soon`` even from its own
+thread, and its wake comes after. On trio the
 scheduler delivers a pending cancellation as the task blocks, before anyone can wake
 it.
 """
@@ -124,13 +125,15 @@ class Parker(Protocol):
     Made in the waiter's task, for its loop (the `LoopEntry` when the caller has it
     at hand, else the running one). ``arm()`` (in the waiter's task, under the
     arbiter's lock) prepares a sleep, so a ``wake()`` that comes before ``park()`` is
-    not lost. ``wake()`` may be called from any thread, any number of times.
-    ``park(deadline)`` sleeps until woken (True) or until ``deadline`` on the waiter's
-    own clock (False); a cancellation propagates, and one pending when the waiter parks
-    is raised there whatever wakes come after: trio delivers it as the task blocks; on
-    asyncio anyio has queued its delivery on the loop, and a wake goes through the
-    loop's queue too (``call_soon``, also in the waiter's own thread), so it comes
-    second. So a waiter that parks needs no cancellation check before.
+    not lost. ``wake()`` may be called from any thread, any number of times; in the
+    waiter's own thread it wakes it directly (no trip through the loop's queue), but
+    for an ``unchecked`` parker on asyncio. ``park(deadline)`` sleeps until woken
+    (True) or until ``deadline`` on the waiter's own clock (False); a cancellation
+    propagates. A parker made ``unchecked`` is for a waiter that parks without a
+    cancellation check first: one pending when it parks is raised there whatever wakes
+    come after. trio delivers it as the task blocks; on asyncio anyio has queued its
+    delivery on the loop, and the wake of an unchecked parker goes through the loop's
+    queue too (``call_soon``, also in the waiter's own thread), so it comes second.
     """
 
     def arm(self) -> None: ...
@@ -163,9 +166,9 @@ class Backend:
     ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` yields to the loop
     once and raises a cancellation pending before or arriving meanwhile (a grant made
     before it can be given back on that); ``checkpoint_if_cancelled()`` only checks,
-    without yielding. ``parker(entry=None, armed=False)`` makes a `Parker` for the
-    current task, in the loop of ``entry`` (a `LoopEntry` of the running loop) or the
-    running one; ``armed``: as if ``arm()`` had been called.
+    without yielding. ``parker(entry=None, armed=False, unchecked=False)`` makes a
+    `Parker` for the current task, in the loop of ``entry`` (a `LoopEntry` of the
+    running loop) or the running one; ``armed``: as if ``arm()`` had been called.
     """
 
     __slots__ = (
@@ -224,25 +227,32 @@ def _asyncio_backend() -> Backend:
         return made
 
     class AsyncioParker:
-        __slots__ = ("_future", "_loop", "_thread")
+        __slots__ = ("_future", "_loop", "_queued", "_thread")
 
-        def __init__(self, entry: LoopEntry | None = None, armed: bool = False) -> None:
+        def __init__(
+            self, entry: LoopEntry | None = None, armed: bool = False, unchecked: bool = False
+        ) -> None:
             if entry is None:
                 entry = running_loop()
             self._loop: asyncio.AbstractEventLoop = entry.key  # type: ignore[assignment]
             self._thread = entry.thread
             self._future: asyncio.Future[bool] | None = Future(loop=self._loop) if armed else None
+            self._queued = unchecked
 
         def arm(self) -> None:
             self._future = Future(loop=self._loop)
 
         def wake(self) -> None:
-            # Through the loop's queue, also in the waiter's own thread: a cancellation
-            # anyio has already queued for the waiter's task runs first, finds it waiting
-            # on an unfinished future and cancels it, so a cancellation pending when the
-            # waiter parked always beats a wake (see `Parker`).
-            if get_ident() == self._thread:
-                self._loop.call_soon(self._resolve, True)
+            if get_ident() == self._thread:  # the releaser runs in the waiter's loop
+                if self._queued:
+                    # Unchecked: through the loop's queue, where a cancellation anyio has
+                    # already queued for the waiter's task runs first, finds it waiting on
+                    # an unfinished future and cancels it (see `Parker`).
+                    self._loop.call_soon(self._resolve, True)
+                    return
+                future = self._future
+                if future is not None and not future.done():
+                    future.set_result(True)
                 return
             try:
                 self._loop.call_soon_threadsafe(self._resolve, True)
@@ -311,7 +321,11 @@ def _trio_backend() -> Backend:
     class TrioParker:
         __slots__ = ("_state", "_task", "_thread", "_token")
 
-        def __init__(self, entry: LoopEntry | None = None, armed: bool = False) -> None:
+        def __init__(
+            self, entry: LoopEntry | None = None, armed: bool = False, unchecked: bool = False
+        ) -> None:
+            # ``unchecked`` needs nothing here: trio delivers a pending cancellation as
+            # the task blocks, before anyone can wake it.
             if entry is None:
                 entry = running_loop()
             self._task = current_task()
