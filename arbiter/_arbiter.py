@@ -23,6 +23,7 @@ import math
 import threading
 from collections.abc import Callable
 from itertools import count
+from sys import modules as _modules
 from types import TracebackType
 from typing import Any, Protocol, Self, cast
 
@@ -58,6 +59,8 @@ __all__ = ["AllocationOwner", "Arbiter"]
 
 # Enum members are looked up through their metaclass; the grant path reads these.
 _GRANTED, _FAILED, _PREEMPT, _QUALITY = Event.GRANTED, Event.FAILED, Event.PREEMPT, Event.QUALITY
+# `configured` is false until structlog is imported; the hot paths test that first.
+_LOGGING = "structlog"
 
 
 class AllocationOwner(Protocol):
@@ -307,29 +310,58 @@ class Arbiter:
         backend: Backend,
         scope: CancelScopeLike | None = None,
         owner: AllocationOwner | None = None,
+        *,
+        in_order: bool = False,
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
-        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is: it checks for
-        cancellation before anything is decided; a grant at once or a failure at once
-        then yields (a grant cancelled at that yield is given back), and a wait yields by
-        parking. A request that queues behind the head of the queue changes nothing but
-        the queue, so it skips the rest of `Ledger.submit`. So a task that allocates in a
-        loop lets the others run.
+        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is, taken one of
+        three ways:
+
+        * Nothing waits and it fits (as read at entry): the request yields first
+          (`Backend.checkpoint`: a cancellation pending at entry is raised there, before
+          anything is decided), then is granted, or queued if others came meanwhile.
+        * Something waits and the request queues behind a head of its priority or
+          higher: nothing but the queue moves (the head does not fit), so it queues at
+          once and parks, and the park is its checkpoint. A cancellation pending at
+          entry is raised there before any grant can reach it (its parker is made
+          ``unchecked``: see `Parker`), and the request leaves the queue at once,
+          counted as cancelled.
+        * Otherwise (it would head the queue and might ask holders for memory, or it is
+          refused): it checks for cancellation before anything is decided, and a grant
+          or failure at once then yields (a grant cancelled at that yield is given back).
+
+        So a task that allocates in a loop lets the others run.
         ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
         be granted: a preemption that comes before the body starts (from any thread)
         cancels it, and the body starts cancelled.
         ``owner`` (a daemon's session) is told of the allocation's preemption and quality
         changes, and can have everything it holds released at once (`_release_owner`);
-        by default the arbiter itself owns it.
+        by default the arbiter itself owns it. ``in_order`` (a daemon's request, whose
+        client's own call was the checkpoint) decides before anything else runs, so
+        requests queue in the order their messages came: the cancellation check first,
+        the yield after.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
         ledger = self._ledger
         tallies = ledger.tallies
-        # Always first: on asyncio a cancellation pending at entry reaches a parked task
-        # only from a later callback, which a grant coming first would beat.
-        await self._check_cancelled(backend)
+        # Read without the lock: it only picks which of the valid checkpoints to take.
+        # One that will not fit at once decides first (it may preempt, and the holders
+        # can start giving back sooner), then parks.
+        yield_first = not (
+            tallies.waiting
+            or in_order
+            or ledger.budget - tallies.granted - tallies.external
+            < (memory if min_memory is None else min_memory)
+        )
+        if yield_first:
+            try:
+                await backend.checkpoint()
+            except BaseException:
+                with self._lock:
+                    ledger.count_unqueued(Outcome.CANCELLED)
+                raise
         smallest = memory if min_memory is None else min_memory
         limit = self._default_timeout if isinstance(timeout, Default) else timeout
         loop = backend.loop()
@@ -341,55 +373,67 @@ class Arbiter:
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         alloc._scope = scope
         request: NewAllocation | None = None
-        with self._lock:
-            refused = smallest > ledger.budget or self._closed
-            behind_head = False
-            if not refused and tallies.waiting and limit != 0:
-                # Behind a head of its priority or higher nothing but the queue moves.
-                now = started + self._clock_offset if loop is self._loop else self._now()
-                parker = backend.parker(loop)
-                request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                behind_head = ledger.queue_behind_head(request, now)
-                if behind_head:
-                    parker.arm()
-                    wake_at = math.inf if limit is None else started + limit
-                else:
-                    request = None
-            if not refused and not behind_head:
-                if loop is self._loop:
-                    now = started + self._clock_offset
-                else:
-                    if self._task_group is None and not tallies.waiting and not tallies.granted:
-                        self._adopt(loop)
-                    now = self._now()
-                if (
-                    tallies.waiting  # nothing jumps the queue: no need to ask
-                    or min_quality is not None
-                    or not ledger.grant_now(holding, smallest, memory, now)
-                ):
-                    parker = backend.parker(loop)
+        behind_head = False
+        if not yield_first and not in_order and limit != 0 and smallest <= ledger.budget:
+            with self._lock:
+                if tallies.waiting and not self._closed:
+                    now = started + self._clock_offset if loop is self._loop else self._now()
+                    parker = backend.parker(loop, True, True)  # unchecked: see `Parker`
                     request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                    request.may_reclaim = limit != 0
-                    if ledger.submit(request, now):
-                        request = None
+                    behind_head = ledger.queue_behind_head(request, now)
+                    if behind_head:
+                        wake_at = math.inf if limit is None else started + limit
                     else:
-                        parker.arm()
-                        if request.reclaim_deadline == math.inf:  # the common case
+                        request = None
+        if not yield_first and not behind_head:
+            try:
+                await backend.checkpoint_if_cancelled()
+            except BaseException:
+                with self._lock:
+                    ledger.count_unqueued(Outcome.CANCELLED)
+                raise
+        refused = False
+        if not behind_head:
+            with self._lock:
+                refused = smallest > ledger.budget or self._closed
+                if refused:
+                    if yield_first:
+                        ledger.count_unqueued(Outcome.REFUSED)
+                else:
+                    if loop is self._loop:
+                        now = started + self._clock_offset
+                    else:
+                        if self._task_group is None and not tallies.waiting and not tallies.granted:
+                            self._adopt(loop)
+                        now = self._now()
+                    if (
+                        tallies.waiting  # nothing jumps the queue: no need to ask
+                        or min_quality is not None
+                        or not ledger.grant_now(holding, smallest, memory, now)
+                    ):
+                        parker = backend.parker(loop, True)
+                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                        request.may_reclaim = limit != 0
+                        if ledger.submit(request, now):
+                            request = None
+                        elif request.reclaim_deadline == math.inf:  # the common case
                             wake_at = math.inf if limit is None else started + limit
                         else:
                             wake_at = self._first_wake(request, started, limit, clock, now)
         if refused:
-            await self._refuse(backend)
+            if not yield_first:
+                await self._refuse(backend)
             if smallest > ledger.budget:
                 raise InsufficientMemory(smallest, ledger.budget)
             raise ShuttingDown("the arbiter is closed")
         if request is None:
-            try:
-                await backend.schedule_point()
-            except BaseException:
-                with self._lock:
-                    ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
-                raise
+            if not yield_first:
+                try:
+                    await backend.checkpoint()
+                except BaseException:
+                    with self._lock:
+                        ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
+                    raise
         else:
             # The first sleep here, not in `_park`: a handover resumes one coroutine less.
             try:
@@ -402,7 +446,7 @@ class Arbiter:
                 await self._park(request, clock, started, limit, None)
         if keep_alive is not None:
             self._poke_timer()
-        if configured():
+        if _LOGGING in _modules and configured():  # no call while structlog is not loaded
             log.debug(
                 "allocation granted",
                 id=alloc.id,
@@ -412,15 +456,6 @@ class Arbiter:
                 waited=clock() - started,
             )
         return alloc
-
-    async def _check_cancelled(self, backend: Backend) -> None:
-        """The cancellation check at the entry of a request, and its count."""
-        try:
-            await backend.checkpoint_if_cancelled()
-        except BaseException:
-            with self._lock:
-                self._ledger.count_unqueued(Outcome.CANCELLED)
-            raise
 
     def _grant_at_once(self, args: RequestArgs, owner: AllocationOwner) -> Allocation | None:
         """Grant ``args`` to ``owner`` now, if nothing waits and it fits; else ``None``
@@ -453,7 +488,7 @@ class Arbiter:
     async def _refuse(self, backend: Backend) -> None:
         """The checkpoint of a request refused at once, and its count."""
         try:
-            await backend.schedule_point()
+            await backend.checkpoint()
         except BaseException:
             with self._lock:
                 self._ledger.count_unqueued(Outcome.CANCELLED)
@@ -577,11 +612,15 @@ class Arbiter:
             if holding.released:
                 return
             memory = holding.memory
-            self._ledger.release(holding, self._now())
-            self._let_go(alloc)
+            loop = self._loop  # `_now`, inline: the hot path
+            now = self._now() if loop is None else loop.clock() + self._clock_offset
+            self._ledger.release(holding, now)
+            holding.ticket = None  # `_let_go`, inline: the hot path
+            if alloc._preempt_waiters or alloc._quality_waiters:
+                alloc._on_release()
         if holding.keep_alive is not None:
             self._poke_timer()
-        if configured():
+        if _LOGGING in _modules and configured():
             log.debug(
                 "allocation released",
                 id=alloc.id,

@@ -6,8 +6,9 @@ Two things here cannot be had from anyio's public API:
   several threads. A waiter parks on a `Parker` of its own loop; whoever grants it
   (a release in any thread) wakes it through that loop's thread-safe entry
   (asyncio's ``call_soon_threadsafe``, trio's ``TrioToken.run_sync_soon``), or
-  directly when it runs in the same thread. The handover is a bare future on
-  asyncio and ``wait_task_rescheduled`` on trio, as anyio's and trio's own
+  directly when it runs in the same thread (on asyncio, but for a waiter that
+  parked without a cancellation check: see below). The handover is a bare future
+  on asyncio and ``wait_task_rescheduled`` on trio, as anyio's and trio's own
   semaphores hand over: no event to re-check, no re-park.
 * **A cheap hot path.** An uncontended grant is a handful of dictionary updates, so
   the few primitives it needs (the clock, the checkpoint, a cancel scope for an
@@ -15,6 +16,27 @@ Two things here cannot be had from anyio's public API:
   through anyio's per-call backend lookup. On asyncio the cancellation check reads
   ``current_effective_deadline`` (public) and awaits only when the task is
   cancelled.
+
+On asyncio a checkpoint is a bare ``sleep(0)``: the yield is the cancellation check.
+anyio cancels a scope on asyncio by calling ``Task.cancel()`` on every task inside it
+that is not shielded off and not waiting on a finished future, and re-schedules that
+delivery (``call_soon``) on every pass of the loop for as long as such a task is
+inside; a scope cancelled by the task itself (which is not cancelled while it runs)
+gets its first delivery scheduled then. So a task that yields inside a cancelled scope
+finds that delivery queued ahead of its own next step, and its ``sleep(0)`` raises
+``CancelledError``; behind a shield (anyio's or the task's own) nothing is delivered,
+and it does not. That is what anyio's ``checkpoint_if_cancelled`` followed by a yield
+would decide (`tests/test_backend.py` compares the two in each arrangement of scopes).
+The check alone (``checkpoint_if_cancelled``, no yield) is still anyio's.
+
+A task that parks is in the same position: anyio's delivery of a cancellation pending
+when it parks is already queued, and cancels it (its future is unfinished) when it
+runs. A wake must not finish that future first, or anyio would see a finished future
+and leave the task be, granted inside a cancelled scope: so a parker made for a waiter
+that parks without checking first is woken through ``call_soon`` even from its own
+thread, and its wake comes after. On trio the
+scheduler delivers a pending cancellation as the task blocks, before anyone can wake
+it.
 """
 
 from __future__ import annotations
@@ -24,6 +46,7 @@ import threading
 from collections.abc import Awaitable, Callable, Generator
 from functools import cache, partial
 from threading import get_ident
+from time import monotonic
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -103,9 +126,14 @@ class Parker(Protocol):
     at hand, else the running one). ``arm()`` (in the waiter's task, under the
     arbiter's lock) prepares a sleep, so a ``wake()`` that comes before ``park()`` is
     not lost. ``wake()`` may be called from any thread, any number of times; in the
-    waiter's own thread it wakes it directly (no trip through the loop's queue).
-    ``park(deadline)`` sleeps until woken (True) or until ``deadline`` on the waiter's
-    own clock (False); a cancellation propagates.
+    waiter's own thread it wakes it directly (no trip through the loop's queue), but
+    for an ``unchecked`` parker on asyncio. ``park(deadline)`` sleeps until woken
+    (True) or until ``deadline`` on the waiter's own clock (False); a cancellation
+    propagates. A parker made ``unchecked`` is for a waiter that parks without a
+    cancellation check first: one pending when it parks is raised there whatever wakes
+    come after. trio delivers it as the task blocks; on asyncio anyio has queued its
+    delivery on the loop, and the wake of an unchecked parker goes through the loop's
+    queue too (``call_soon``, also in the waiter's own thread), so it comes second.
     """
 
     def arm(self) -> None: ...
@@ -135,11 +163,12 @@ async def _at_once(value: bool) -> bool:
 class Backend:
     """The primitives of one event-loop library.
 
-    ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` checks for
-    cancellation and yields to the loop once; ``checkpoint_if_cancelled()`` only
-    checks; ``schedule_point()`` only yields (a cancellation that arrives meanwhile
-    is raised). ``parker(entry=None)`` makes a `Parker` for the current task, in the
-    loop of ``entry`` (a `LoopEntry` of the running loop) or the running one.
+    ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` yields to the loop
+    once and raises a cancellation pending before or arriving meanwhile (a grant made
+    before it can be given back on that); ``checkpoint_if_cancelled()`` only checks,
+    without yielding. ``parker(entry=None, armed=False, unchecked=False)`` makes a
+    `Parker` for the current task, in the loop of ``entry`` (a `LoopEntry` of the
+    running loop) or the running one; ``armed``: as if ``arm()`` had been called.
     """
 
     __slots__ = (
@@ -149,7 +178,6 @@ class Backend:
         "current_time",
         "loop",
         "parker",
-        "schedule_point",
     )
 
     def __init__(
@@ -157,7 +185,6 @@ class Backend:
         loop: Callable[[], LoopEntry],
         checkpoint: Callable[[], Awaitable[None]],
         checkpoint_if_cancelled: Callable[[], Awaitable[None]],
-        schedule_point: Callable[[], Awaitable[None]],
         cancel_scope: Callable[[], CancelScopeLike],
         parker: Callable[..., Parker],
     ) -> None:
@@ -165,7 +192,6 @@ class Backend:
         self.current_time: Callable[[], float] = lambda: loop().clock()
         self.checkpoint = checkpoint
         self.checkpoint_if_cancelled = checkpoint_if_cancelled
-        self.schedule_point = schedule_point
         self.cancel_scope = cancel_scope
         self.parker = parker
 
@@ -177,6 +203,8 @@ def _asyncio_backend() -> Backend:
     import asyncio
 
     get_running_loop = asyncio.get_running_loop
+    base_time = asyncio.BaseEventLoop.time
+    Future = asyncio.Future  # what every loop's create_future makes, without its frame
     sleep = asyncio.sleep
     entries = threading.local()  # each thread's current loop's entry, for reuse
 
@@ -185,33 +213,43 @@ def _asyncio_backend() -> Backend:
             return anyio.lowlevel.checkpoint_if_cancelled()
         return _NOT_CANCELLED
 
-    async def checkpoint() -> None:
-        if anyio.current_effective_deadline() == -math.inf:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-        await sleep(0)
+    # The yield is the check: see the module's docstring.
+    checkpoint = partial(sleep, 0)
 
     def running_loop() -> LoopEntry:
         loop = get_running_loop()
         made: LoopEntry | None = getattr(entries, "entry", None)
         if made is None or made.key is not loop:
-            made = entries.entry = LoopEntry(loop, loop.time, loop.call_soon_threadsafe)
+            # asyncio's own loops read time.monotonic() through a method of their own:
+            # the clock read directly is the same clock, one frame less.
+            clock = monotonic if getattr(loop.time, "__func__", None) is base_time else loop.time
+            made = entries.entry = LoopEntry(loop, clock, loop.call_soon_threadsafe)
         return made
 
     class AsyncioParker:
-        __slots__ = ("_future", "_loop", "_thread")
+        __slots__ = ("_future", "_loop", "_queued", "_thread")
 
-        def __init__(self, entry: LoopEntry | None = None) -> None:
+        def __init__(
+            self, entry: LoopEntry | None = None, armed: bool = False, unchecked: bool = False
+        ) -> None:
             if entry is None:
                 entry = running_loop()
             self._loop: asyncio.AbstractEventLoop = entry.key  # type: ignore[assignment]
             self._thread = entry.thread
-            self._future: asyncio.Future[bool] | None = None
+            self._future: asyncio.Future[bool] | None = Future(loop=self._loop) if armed else None
+            self._queued = unchecked
 
         def arm(self) -> None:
-            self._future = self._loop.create_future()
+            self._future = Future(loop=self._loop)
 
         def wake(self) -> None:
             if get_ident() == self._thread:  # the releaser runs in the waiter's loop
+                if self._queued:
+                    # Unchecked: through the loop's queue, where a cancellation anyio has
+                    # already queued for the waiter's task runs first, finds it waiting on
+                    # an unfinished future and cancels it (see `Parker`).
+                    self._loop.call_soon(self._resolve, True)
+                    return
                 future = self._future
                 if future is not None and not future.done():
                     future.set_result(True)
@@ -244,8 +282,10 @@ def _asyncio_backend() -> Backend:
         running_loop,
         checkpoint,
         checkpoint_if_cancelled,
-        partial(sleep, 0),
-        anyio.CancelScope,
+        # ``anyio.CancelScope()`` as its public ``move_on_after`` builds it: the public
+        # class's constructor dispatches to the backend's and then runs its
+        # ``__init__`` a second time.
+        partial(anyio.move_on_after, None),
         AsyncioParker,
     )
 
@@ -276,21 +316,25 @@ def _trio_backend() -> Backend:
         return made
 
     # A parker's states; every transition happens in the trio thread.
-    idle, armed, parked, woken = 0, 1, 2, 3
+    idle, armed_state, parked, woken = 0, 1, 2, 3
 
     class TrioParker:
         __slots__ = ("_state", "_task", "_thread", "_token")
 
-        def __init__(self, entry: LoopEntry | None = None) -> None:
+        def __init__(
+            self, entry: LoopEntry | None = None, armed: bool = False, unchecked: bool = False
+        ) -> None:
+            # ``unchecked`` needs nothing here: trio delivers a pending cancellation as
+            # the task blocks, before anyone can wake it.
             if entry is None:
                 entry = running_loop()
             self._task = current_task()
             self._token: trio.lowlevel.TrioToken = entry.key  # type: ignore[assignment]
             self._thread = entry.thread
-            self._state = idle
+            self._state = armed_state if armed else idle
 
         def arm(self) -> None:
-            self._state = armed
+            self._state = armed_state
 
         def wake(self) -> None:
             if get_ident() == self._thread:
@@ -305,7 +349,7 @@ def _trio_backend() -> Backend:
             if self._state == parked:
                 self._state = idle  # the sleep is over: it runs next with True
                 reschedule(self._task, Value(True))
-            elif self._state == armed:
+            elif self._state == armed_state:
                 self._state = woken
 
         def _abort(self, _: object) -> trio.lowlevel.Abort:
@@ -334,7 +378,6 @@ def _trio_backend() -> Backend:
         running_loop,
         lowlevel.checkpoint,
         lowlevel.checkpoint_if_cancelled,
-        lowlevel.checkpoint,  # a schedule point that also sees a cancellation come meanwhile
         trio.CancelScope,
         TrioParker,
     )

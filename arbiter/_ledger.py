@@ -304,7 +304,12 @@ class Ledger:
         for queue in self._queues_high_first:
             if queue:
                 if request.priority <= next(iter(queue)).priority:
-                    self._enqueue(request, now)
+                    if type(request) is Growth:
+                        self._enqueue(request, now)
+                    else:  # `_enqueue`, inline: the contended hot path
+                        request.enqueued_at = now
+                        self._queues[request.priority][request] = None
+                        self.tallies.waiting += 1
                     return True
                 return False
         return False

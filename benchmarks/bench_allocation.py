@@ -57,8 +57,7 @@ class _Floor:
     async def __aenter__(self) -> None:
         backend = self._backend = current_backend()
         backend.current_time()
-        await backend.checkpoint_if_cancelled()
-        await backend.schedule_point()
+        await backend.checkpoint()
         self._scope = backend.cancel_scope()
         self._scope.__enter__()
 

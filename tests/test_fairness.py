@@ -138,6 +138,43 @@ async def test_a_grant_at_once_in_a_cancelled_scope_holds_nothing() -> None:
 
 
 @pytest.mark.anyio
+async def test_requests_that_found_nothing_waiting_and_then_a_queue_are_counted_once(
+    anyio_backend: str,
+) -> None:
+    """With nothing waiting a request yields before it decides; the requests that came
+    during that yield may have formed a queue by then, and it joins it (as the head, or
+    behind it), counted once whatever it meets."""
+    arbiter = make_arbiter(1)
+    holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    order: list[int] = []
+
+    async def request(number: int, timeout: float | None) -> None:
+        try:
+            async with arbiter.allocate(LLM, NORMAL, memory=GiB, timeout=timeout):
+                order.append(number)
+                await anyio.lowlevel.checkpoint()
+        except AllocationTimeout:
+            order.append(-number)
+
+    async with anyio.create_task_group() as tg:
+        holder.release()
+        # Nothing waits: all of them yield first, then decide in turn; the first takes
+        # the memory, the others queue behind it (or fail at once, with timeout 0).
+        for number in range(1, 5):
+            tg.start_soon(request, number, 0 if number == 3 else None)
+    # On asyncio the tasks decide in the order they started; trio shuffles them, and
+    # the timeout-0 one succeeds when it decides first.
+    assert sorted(map(abs, order)) == [1, 2, 3, 4]
+    assert order.count(-3) == (1 if anyio_backend == "asyncio" else order.count(-3))
+    failed = order.count(-3)
+    stats = arbiter.stats()
+    assert (stats.successful_allocations, stats.failed_allocations) == (5 - failed, failed)
+    assert stats.timeouts == failed and stats.total_allocations == 5
+    assert arbiter.state().vram_used == 0
+    arbiter._ledger.check_invariants()
+
+
+@pytest.mark.anyio
 async def test_tasks_that_reallocate_in_a_loop_take_turns(anyio_backend: str) -> None:
     """``a,b,a,b,a,b`` as with ``anyio.Semaphore``, not ``a,a,a,b,b,b``. trio runs
     the tasks of one batch in a random order, so there the turns only interleave."""
@@ -245,9 +282,11 @@ async def test_a_task_that_releases_and_requests_again_goes_behind_the_waiters()
 
 @pytest.mark.anyio
 async def test_a_grant_that_won_the_race_is_released_by_the_cancelled_body() -> None:
-    """Handed the memory before its cancellation came, the waiter is granted (as with
-    trio's and anyio's semaphores); its body's first checkpoint raises the
-    cancellation and the ``async with`` gives the memory to the next one."""
+    """Handed the memory, then cancelled before it ran: on trio the waiter is granted
+    (as with trio's semaphore), its body's first checkpoint raises the cancellation and
+    the ``async with`` gives the memory to the next one; on asyncio the wake goes
+    through the loop's queue behind anyio's delivery of the cancellation, so the
+    waiter raises it and gives the grant back. Either way the next one gets it."""
     arbiter = make_arbiter(1)
     holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
     scope = anyio.CancelScope()

@@ -443,7 +443,9 @@ class SessionHost:
                 self._turns.end(turn)  # the next may go once this one has queued: now
                 waiting.queued = True
                 args = (*args[:4], timeout, *args[5:])
-                alloc = await self.arbiter._admit(args, current_backend(), owner=session)
+                alloc = await self.arbiter._admit(
+                    args, current_backend(), owner=session, in_order=True
+                )
         except Exception as exc:
             session.push(_failure(key, exc))
             return
@@ -567,7 +569,7 @@ class SessionHost:
                 reclaim.min_memory if reclaim.min_memory != reclaim.memory else None, 0, None,
                 reclaim.preemptible, reclaim.keep_alive, reclaim.label,
             )  # fmt: skip
-            alloc = await self.arbiter._admit(args, current_backend(), owner=session)
+            alloc = await self.arbiter._admit(args, current_backend(), owner=session, in_order=True)
         except Exception:
             session.push(Reclaimed(reclaim.key, None, 0.0))
             return
