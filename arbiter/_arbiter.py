@@ -321,15 +321,12 @@ class Arbiter:
         * Nothing waits and it fits (as read at entry): the request yields first
           (`Backend.checkpoint`: a cancellation pending at entry is raised there, before
           anything is decided), then is granted, or queued if others came meanwhile.
-        * Something waits and the request queues behind a head of its priority or
-          higher: nothing but the queue moves (the head does not fit), so it queues at
-          once and parks, and the park is its checkpoint. A cancellation pending at
-          entry is raised there before any grant can reach it (its parker is made
-          ``unchecked``: see `Parker`), and the request leaves the queue at once,
-          counted as cancelled.
-        * Otherwise (it would head the queue and might ask holders for memory, or it is
-          refused): it checks for cancellation before anything is decided, and a grant
-          or failure at once then yields (a grant cancelled at that yield is given back).
+        * Otherwise it checks for cancellation before anything is decided: a request
+          already cancelled must not even queue, or the head could leave in the same
+          pass and make it the one that asks holders for memory. Then it queues behind
+          a head of its priority or higher (nothing but the queue moves: the head does
+          not fit) and parks, the park being its yield; or a grant or failure at once
+          yields (a grant cancelled at that yield is given back).
 
         So a task that allocates in a loop lets the others run.
         ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
@@ -373,25 +370,25 @@ class Arbiter:
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         alloc._scope = scope
         request: NewAllocation | None = None
-        behind_head = False
-        if not yield_first and not in_order and limit != 0 and smallest <= ledger.budget:
-            with self._lock:
-                if tallies.waiting and not self._closed:
-                    now = started + self._clock_offset if loop is self._loop else self._now()
-                    parker = backend.parker(loop, True, True)  # unchecked: see `Parker`
-                    request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                    behind_head = ledger.queue_behind_head(request, now)
-                    if behind_head:
-                        wake_at = math.inf if limit is None else started + limit
-                    else:
-                        request = None
-        if not yield_first and not behind_head:
+        if not yield_first:
             try:
                 await backend.checkpoint_if_cancelled()
             except BaseException:
                 with self._lock:
                     ledger.count_unqueued(Outcome.CANCELLED)
                 raise
+        behind_head = False
+        if not yield_first and not in_order and limit != 0 and smallest <= ledger.budget:
+            with self._lock:
+                if tallies.waiting and not self._closed:
+                    now = started + self._clock_offset if loop is self._loop else self._now()
+                    parker = backend.parker(loop, True)
+                    request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                    behind_head = ledger.queue_behind_head(request, now)
+                    if behind_head:
+                        wake_at = math.inf if limit is None else started + limit
+                    else:
+                        request = None
         refused = False
         if not behind_head:
             with self._lock:

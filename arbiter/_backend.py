@@ -46,7 +46,6 @@ import threading
 from collections.abc import Awaitable, Callable, Generator
 from functools import cache, partial
 from threading import get_ident
-from time import monotonic
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -126,14 +125,9 @@ class Parker(Protocol):
     at hand, else the running one). ``arm()`` (in the waiter's task, under the
     arbiter's lock) prepares a sleep, so a ``wake()`` that comes before ``park()`` is
     not lost. ``wake()`` may be called from any thread, any number of times; in the
-    waiter's own thread it wakes it directly (no trip through the loop's queue), but
-    for an ``unchecked`` parker on asyncio. ``park(deadline)`` sleeps until woken
-    (True) or until ``deadline`` on the waiter's own clock (False); a cancellation
-    propagates. A parker made ``unchecked`` is for a waiter that parks without a
-    cancellation check first: one pending when it parks is raised there whatever wakes
-    come after. trio delivers it as the task blocks; on asyncio anyio has queued its
-    delivery on the loop, and the wake of an unchecked parker goes through the loop's
-    queue too (``call_soon``, also in the waiter's own thread), so it comes second.
+    waiter's own thread it wakes it directly (no trip through the loop's queue).
+    ``park(deadline)`` sleeps until woken (True) or until ``deadline`` on the waiter's
+    own clock (False); a cancellation propagates.
     """
 
     def arm(self) -> None: ...
@@ -166,9 +160,9 @@ class Backend:
     ``loop()`` is the running loop's `LoopEntry`. ``checkpoint()`` yields to the loop
     once and raises a cancellation pending before or arriving meanwhile (a grant made
     before it can be given back on that); ``checkpoint_if_cancelled()`` only checks,
-    without yielding. ``parker(entry=None, armed=False, unchecked=False)`` makes a
-    `Parker` for the current task, in the loop of ``entry`` (a `LoopEntry` of the
-    running loop) or the running one; ``armed``: as if ``arm()`` had been called.
+    without yielding. ``parker(entry=None, armed=False)`` makes a `Parker` for the
+    current task, in the loop of ``entry`` (a `LoopEntry` of the running loop) or the
+    running one; ``armed``: as if ``arm()`` had been called.
     """
 
     __slots__ = (
@@ -203,7 +197,6 @@ def _asyncio_backend() -> Backend:
     import asyncio
 
     get_running_loop = asyncio.get_running_loop
-    base_time = asyncio.BaseEventLoop.time
     Future = asyncio.Future  # what every loop's create_future makes, without its frame
     sleep = asyncio.sleep
     entries = threading.local()  # each thread's current loop's entry, for reuse
@@ -220,36 +213,24 @@ def _asyncio_backend() -> Backend:
         loop = get_running_loop()
         made: LoopEntry | None = getattr(entries, "entry", None)
         if made is None or made.key is not loop:
-            # asyncio's own loops read time.monotonic() through a method of their own:
-            # the clock read directly is the same clock, one frame less.
-            clock = monotonic if getattr(loop.time, "__func__", None) is base_time else loop.time
-            made = entries.entry = LoopEntry(loop, clock, loop.call_soon_threadsafe)
+            made = entries.entry = LoopEntry(loop, loop.time, loop.call_soon_threadsafe)
         return made
 
     class AsyncioParker:
-        __slots__ = ("_future", "_loop", "_queued", "_thread")
+        __slots__ = ("_future", "_loop", "_thread")
 
-        def __init__(
-            self, entry: LoopEntry | None = None, armed: bool = False, unchecked: bool = False
-        ) -> None:
+        def __init__(self, entry: LoopEntry | None = None, armed: bool = False) -> None:
             if entry is None:
                 entry = running_loop()
             self._loop: asyncio.AbstractEventLoop = entry.key  # type: ignore[assignment]
             self._thread = entry.thread
             self._future: asyncio.Future[bool] | None = Future(loop=self._loop) if armed else None
-            self._queued = unchecked
 
         def arm(self) -> None:
             self._future = Future(loop=self._loop)
 
         def wake(self) -> None:
             if get_ident() == self._thread:  # the releaser runs in the waiter's loop
-                if self._queued:
-                    # Unchecked: through the loop's queue, where a cancellation anyio has
-                    # already queued for the waiter's task runs first, finds it waiting on
-                    # an unfinished future and cancels it (see `Parker`).
-                    self._loop.call_soon(self._resolve, True)
-                    return
                 future = self._future
                 if future is not None and not future.done():
                     future.set_result(True)
@@ -321,11 +302,7 @@ def _trio_backend() -> Backend:
     class TrioParker:
         __slots__ = ("_state", "_task", "_thread", "_token")
 
-        def __init__(
-            self, entry: LoopEntry | None = None, armed: bool = False, unchecked: bool = False
-        ) -> None:
-            # ``unchecked`` needs nothing here: trio delivers a pending cancellation as
-            # the task blocks, before anyone can wake it.
+        def __init__(self, entry: LoopEntry | None = None, armed: bool = False) -> None:
             if entry is None:
                 entry = running_loop()
             self._task = current_task()
