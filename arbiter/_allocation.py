@@ -289,20 +289,29 @@ class QualityChanges:
                 port._watch(alloc, +1)
                 self._last = quality = port._quality_of(alloc)
             return quality
+        yielded = False  # each step is a checkpoint, also one with its answer at hand
         while True:
             with port._lock:
                 if alloc.released:
-                    break
-                quality = port._quality_of(alloc)
-                if quality != self._last:
-                    self._last = quality
-                    return quality
-                parker = backend.parker()
-                parker.arm()
-                if alloc._quality_waiters is None:
-                    alloc._quality_waiters = []
-                alloc._quality_waiters.append(parker)
-            await alloc._sleep(parker, alloc._quality_waiters)
+                    answer = None
+                else:
+                    answer = port._quality_of(alloc)
+                    if answer == self._last:
+                        parker = backend.parker()
+                        parker.arm()
+                        if alloc._quality_waiters is None:
+                            alloc._quality_waiters = []
+                        alloc._quality_waiters.append(parker)
+            if answer == self._last:
+                await alloc._sleep(parker, alloc._quality_waiters)
+            elif not yielded:
+                await backend.checkpoint()  # then the answer is read afresh
+            elif answer is None:
+                break
+            else:
+                self._last = answer
+                return answer
+            yielded = True
         self._stop_watching()
         raise StopAsyncIteration
 

@@ -126,6 +126,33 @@ async def test_every_request_path_is_a_trio_checkpoint() -> None:
         await arbiter.request_allocation(LLM, NORMAL, GiB)
 
 
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.anyio
+async def test_every_step_of_quality_changes_is_a_trio_checkpoint() -> None:
+    from trio.testing import assert_checkpoints
+
+    arbiter = make_arbiter(24)
+    holder = await arbiter.request_allocation(
+        LLM, Priority.BACKGROUND, 20 * GiB, min_memory=4 * GiB
+    )
+    changes = holder.quality_changes()
+    with assert_checkpoints():
+        assert await changes.__anext__() == 1.0
+    async with anyio.create_task_group() as tg:
+        # Its target falls for this waiter, and the change waits to be read: the step
+        # that returns it at once still yields.
+        tg.start_soon(arbiter.request_allocation, LLM, Priority.HIGH, 12 * GiB)
+        await settle()
+        with assert_checkpoints():
+            assert await changes.__anext__() < 1.0
+        tg.cancel_scope.cancel()
+    holder.release()
+    with assert_checkpoints(), pytest.raises(StopAsyncIteration):
+        await changes.__anext__()
+    with assert_checkpoints():
+        await holder.wait_preempted()
+
+
 @pytest.mark.anyio
 async def test_a_grant_at_once_in_a_cancelled_scope_holds_nothing() -> None:
     arbiter = make_arbiter(2)
