@@ -1,6 +1,6 @@
 """``arbiter simulate`` on the built-in trace and on traces built from the public ones.
 
-    python benchmarks/bench_simulate.py [--raw DIR] [--budgets 24,48] [--seed N]
+    python benchmarks/bench_simulate.py [--raw DIR] [--budgets 24,48] [--seed N] [--engine-only]
 
 ``--raw`` is the folder of the unmodified public traces (``convert_traces.py`` says
 how they become traces of one card; nothing is copied into this repository); without
@@ -24,6 +24,7 @@ trace with the densest diffusion hour (about 20,000 rows) through all three sche
 wall and CPU time and rows per second, against the same span of virtual time with an
 idle arbiter (what the clock machinery alone costs) measured in the same run; the
 machine's load average is printed with it (CPU seconds move less with the load).
+``--engine-only`` skips the scheduler tables and times only the engine.
 """
 
 from __future__ import annotations
@@ -170,6 +171,9 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, help="folder of the public traces")
     parser.add_argument("--budgets", default="24,48", help="budgets in GiB (default: 24,48)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in trace")
+    parser.add_argument(
+        "--engine-only", action="store_true", help="time only the engine (no scheduler tables)"
+    )
     args = parser.parse_args()
     console = Console(width=110)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -179,7 +183,7 @@ def main() -> None:
             lines = [json.dumps(row) for row in rows]
             trace = parse_trace(lines, source=f"{name} (public traces)", name=name)
             traces.append(trace)
-    for trace in traces:
+    for trace in traces if not args.engine_only else []:
         for budget in budgets:
             report(console, trace, budget)
     engine_trace = next((t for t in traces if t.name == ENGINE_TRACE), None)
