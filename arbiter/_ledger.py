@@ -661,15 +661,21 @@ class Ledger:
                     else None
                 )
             self.stats.observe(now, pressure, llm, diffusion)
-        if self._watched:
+        if not self._watched and not self._elastic_count:
+            return
+        # Nothing below moves the tallies (a sink only wakes and reads).
+        self.targets.still(True)
+        try:
             for holding in self._watched:
                 if self._retarget(holding):
                     self._sink(Event.QUALITY, holding.ticket)
-        if self._elastic_count:
-            for elastic in self._elastic.values():
-                for holding in elastic:
-                    if not holding.watchers:
-                        self._retarget(holding)
+            if self._elastic_count:
+                for elastic in self._elastic.values():
+                    for holding in elastic:
+                        if not holding.watchers:
+                            self._retarget(holding)
+        finally:
+            self.targets.still(False)
 
     def _retarget(self, holding: Holding) -> bool:
         """Recompute a holding's target; True when it changed. A drop that asks an

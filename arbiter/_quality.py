@@ -171,6 +171,10 @@ def fixed_point_quality(
     neither its current size nor anything it changes by resizing: a holder that follows
     it gets there in one step and stays.
     """
+    if policy is QualityPolicy.ADAPTIVE:
+        return _adaptive_fixed_point(
+            priority, threshold, floor, budget, others, low, high, max_memory, waiting
+        )
     smallest = low
 
     def share(size: int) -> float:
@@ -189,28 +193,78 @@ def fixed_point_quality(
             family_share=family,
         )
 
-    if policy is QualityPolicy.ADAPTIVE:
-        # The same as `policy_target`, inlined: this loop is the ledger's hottest code.
-        exponent, reach = _FALL[priority]
-        start, width = threshold * budget, (1.0 - threshold) * budget
-        full = float(budget + waiting)  # past it, what is held overcommits the card
-        fall = (1.0 - floor) * reach
-
-        def allowed(size: int) -> float:
-            used = others + size
-            if used / budget < threshold:
-                return 1.0
-            if used > full:
-                return floor
-            excess = 1.0 if width <= 0 else min(1.0, (used - start) / width)
-            drop: float = fall * excess**exponent
-            return max(floor, 1.0 - drop)
-
     if share(high) <= allowed(high):
         return share(high)  # capped by the share it can reach
     if allowed(low) <= share(low):
         return max(floor, allowed(low))  # the policy's value even at its smallest
     return _quantized(_crossing(share, allowed, low, high, threshold, budget, others), floor)
+
+
+def _adaptive_fixed_point(
+    priority: Priority,
+    threshold: float,
+    floor: float,
+    budget: int,
+    others: int,
+    low: int,
+    high: int,
+    max_memory: int,
+    waiting: int,
+) -> float:
+    """`fixed_point_quality` for ``ADAPTIVE``, with `elastic_share_quality`,
+    `policy_target` and `_crossing` written out in place: the same arithmetic in the
+    same order (so the same floats, bit for bit), without two calls per step of the
+    search. The ledger's hottest code: a refresh asks it for every elastic holder, and
+    a new answer searches."""
+    exponent, reach = _FALL[priority]
+    start, width = threshold * budget, (1.0 - threshold) * budget
+    full = float(budget + waiting)  # past it, what is held overcommits the card
+    fall = (1.0 - floor) * reach
+    rise = 1.0 - floor
+    smallest, span = low, max_memory - low
+
+    def share(size: int) -> float:  # elastic_share_quality(size, smallest, max_memory, floor)
+        if span <= 0:
+            return 1.0
+        return floor + rise * min(1.0, max(0.0, (size - smallest) / span))
+
+    def allowed(size: int) -> float:  # policy_target at (others + size) / budget
+        used = others + size
+        if used / budget < threshold:
+            return 1.0
+        if used > full:
+            return floor
+        excess = 1.0 if width <= 0 else min(1.0, (used - start) / width)
+        drop: float = fall * excess**exponent
+        return max(floor, 1.0 - drop)
+
+    best = share(high)
+    if best <= allowed(high):
+        return best  # capped by the share it can reach
+    least = allowed(low)
+    if least <= share(low):
+        return max(floor, least)  # the policy's value even at its smallest
+    # `_crossing`: share(smallest) < allowed(smallest) and share(high) > allowed(high),
+    # so span > 0 (a share of 1.0 throughout would have returned above).
+    low = max(low, min(high, math.floor(threshold * budget) - others))
+    if share(low) > allowed(low):
+        low = smallest
+    while high - low > _CROSSING_RESOLUTION:
+        middle = (low + high) // 2
+        used = others + middle
+        if used / budget < threshold:
+            allows = 1.0
+        elif used > full:
+            allows = floor
+        else:
+            excess = 1.0 if width <= 0 else min(1.0, (used - start) / width)
+            drop = fall * excess**exponent
+            allows = max(floor, 1.0 - drop)
+        if floor + rise * min(1.0, max(0.0, (middle - smallest) / span)) <= allows:
+            low = middle
+        else:
+            high = middle
+    return _quantized(share(low), floor)
 
 
 def _quantized(quality: float, floor: float) -> float:

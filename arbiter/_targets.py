@@ -55,13 +55,15 @@ def _policy_value(
 
 class QualityCalculator:
     """Quality targets from a policy and the core's tallies, queue head and elastic
-    holders (all read, never written); its only state is a cache of the head's demand."""
+    holders (all read, never written); its only state is a cache of the head's demand
+    and, while the core retargets its holders (`still`), the pressure each priority sees."""
 
     __slots__ = (
         "_elastic",
         "_floors",
         "_head",
         "_head_demand_for",
+        "_levels",
         "_policy",
         "_tallies",
         "_threshold",
@@ -84,6 +86,15 @@ class QualityCalculator:
         self.budget = tallies.budget
         # (tallies it was computed at, the head's priority, the bytes it counts for).
         self._head_demand_for: tuple[tuple[int, int, int, int, int], int, int] | None = None
+        # Per priority, (bytes seen, of them waiting) while the tallies stand still.
+        self._levels: dict[Priority, tuple[int, int]] | None = None
+
+    def still(self, still: bool) -> None:
+        """The core's tallies stand still from now on (``True``: it is about to read the
+        targets of many holders and changes nothing meanwhile) or may move again
+        (``False``). While still, what each priority sees is computed once: every holder
+        of a priority sees the same bytes."""
+        self._levels = {} if still else None
 
     def floor(self, family: Family) -> float:
         """The lowest quality target of ``family``."""
@@ -177,8 +188,16 @@ class QualityCalculator:
         if holding.shrink_cap is None and not tallies.waiting and tallies.holders == 1:
             return 1.0  # alone on the card
         priority = holding.priority
-        waiting = self._admissible_head(priority) if tallies.waiting else 0
-        seen = self._seen_granted(priority) + waiting
+        levels = self._levels
+        if levels is None:
+            waiting = self._admissible_head(priority) if tallies.waiting else 0
+            seen = self._seen_granted(priority) + waiting
+        else:
+            level = levels.get(priority)
+            if level is None:
+                waiting = self._admissible_head(priority) if tallies.waiting else 0
+                level = levels[priority] = (self._seen_granted(priority) + waiting, waiting)
+            seen, waiting = level
         if holding.min_memory is None:
             if seen < self._threshold * self.budget:
                 return 1.0  # the common case, without the policy's arithmetic
