@@ -144,7 +144,7 @@ _QUALITY_STEP = 1 / 32
 RISE_HYSTERESIS = 2 * _QUALITY_STEP
 
 
-@functools.lru_cache(maxsize=4096)  # the same inputs recur at every refresh of the ledger
+@functools.lru_cache(maxsize=16384)  # the same inputs recur at every refresh of the ledger
 def fixed_point_quality(
     policy: QualityPolicy,
     priority: Priority,
@@ -249,7 +249,13 @@ def _adaptive_fixed_point(
     low = max(low, min(high, math.floor(threshold * budget) - others))
     if share(low) > allowed(low):
         low = smallest
-    while high - low > _CROSSING_RESOLUTION:
+    # The answer is share(low) where the search ends, rounded down to a step; share
+    # rises with the size, so once share(low) and share(high) round to the same step
+    # the rest of the search cannot change it. (Conditional expressions below are
+    # min/max written out: the same float, one call fewer each.)
+    step_low = math.floor(share(low) / _QUALITY_STEP)
+    step_high = math.floor(share(high) / _QUALITY_STEP)
+    while high - low > _CROSSING_RESOLUTION and step_low != step_high:
         middle = (low + high) // 2
         used = others + middle
         if used / budget < threshold:
@@ -257,13 +263,26 @@ def _adaptive_fixed_point(
         elif used > full:
             allows = floor
         else:
-            excess = 1.0 if width <= 0 else min(1.0, (used - start) / width)
-            drop = fall * excess**exponent
-            allows = max(floor, 1.0 - drop)
-        if floor + rise * min(1.0, max(0.0, (middle - smallest) / span)) <= allows:
+            excess = 1.0
+            if width > 0:
+                excess = (used - start) / width
+                if not excess < 1.0:
+                    excess = 1.0
+            allows = 1.0 - fall * excess**exponent
+            if not allows > floor:
+                allows = floor
+        fraction = (middle - smallest) / span
+        if not fraction < 1.0:
+            fraction = 1.0
+        if not fraction > 0.0:
+            fraction = 0.0
+        mine = floor + rise * fraction
+        if mine <= allows:
             low = middle
+            step_low = math.floor(mine / _QUALITY_STEP)
         else:
             high = middle
+            step_high = math.floor(mine / _QUALITY_STEP)
     return _quantized(share(low), floor)
 
 
