@@ -664,7 +664,7 @@ class Ledger:
         if not self._watched and not self._elastic_count:
             return
         # Nothing below moves the tallies (a sink only wakes and reads).
-        self.targets.still(True)
+        still = self.targets.still(True)
         try:
             for holding in self._watched:
                 if self._retarget(holding):
@@ -675,7 +675,8 @@ class Ledger:
                         if not holding.watchers:
                             self._retarget(holding)
         finally:
-            self.targets.still(False)
+            if still:
+                self.targets.still(False)
 
     def _retarget(self, holding: Holding) -> bool:
         """Recompute a holding's target; True when it changed. A drop that asks an

@@ -194,10 +194,16 @@ class Reclaimer:
         waiter (a shrink request) or by their own target (the policy's pressure fell on
         them), preemptible or not."""
         promised = 0
-        for elastic in self._elastic.values():
-            for holding in elastic:
-                if not holding.preempt_requested:  # else all it holds is on its way
-                    promised += holding.memory - self._target_size(holding)
+        targets = self._targets
+        still = targets.still(True)  # only targets are read below
+        try:
+            for elastic in self._elastic.values():
+                for holding in elastic:
+                    if not holding.preempt_requested:  # else all it holds is on its way
+                        promised += holding.memory - self._target_size(holding)
+        finally:
+            if still:
+                targets.still(False)
         return promised
 
     def _target_size(self, holding: Holding) -> int:

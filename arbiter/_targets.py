@@ -89,12 +89,16 @@ class QualityCalculator:
         # Per priority, (bytes seen, of them waiting) while the tallies stand still.
         self._levels: dict[Priority, tuple[int, int]] | None = None
 
-    def still(self, still: bool) -> None:
+    def still(self, still: bool) -> bool:
         """The core's tallies stand still from now on (``True``: it is about to read the
         targets of many holders and changes nothing meanwhile) or may move again
         (``False``). While still, what each priority sees is computed once: every holder
-        of a priority sees the same bytes."""
+        of a priority sees the same bytes. True when this call changed it (a caller
+        inside another's still spell leaves it to that one to end)."""
+        if (self._levels is not None) == still:
+            return False
         self._levels = {} if still else None
+        return True
 
     def floor(self, family: Family) -> float:
         """The lowest quality target of ``family``."""

@@ -43,7 +43,7 @@ from .._arbiter import Arbiter
 from .._backend import current_backend
 from .._config import ArbiterConfig
 from .._errors import AllocationTimeout, InsufficientMemory
-from .._quality import elastic_share_quality
+from .._quality import elastic_share_quality, size_for_quality
 from .._types import GiB, MiB, Priority, WorkloadType
 from ..testing import FakeGpu
 from ._record import RecordedHolding, Recorder, SchedulerResult
@@ -409,7 +409,11 @@ class _Run:
     async def _fit(self, alloc: Allocation, holding: RecordedHolding, quality: float) -> int:
         """Shrink to the size of ``quality``, or grow toward it if the arbiter grants;
         the size ``quality`` wants."""
-        wanted = alloc.memory_for_quality(quality)
+        # `alloc.memory_for_quality`, without checking a target the arbiter computed.
+        min_memory = alloc.min_memory
+        assert min_memory is not None
+        floor = self.floors[alloc.workload is not WorkloadType.LLM_INFERENCE]
+        wanted = size_for_quality(quality, min_memory, alloc.max_memory, floor)
         if wanted < alloc.memory:
             await alloc.resize(wanted)
         elif wanted - alloc.memory >= _RESIZE_STEP:
