@@ -276,10 +276,14 @@ class LedgerMachine(RuleBasedStateMachine):
         if not hasattr(self, "ledger"):
             return
         targets = self.ledger.targets
+        assert targets._levels is None, "a still spell outlived the refresh that began it"
         live = [h for h in self.holdings if not h.released]
         remembered = [targets.target(h) for h in live]
         targets._head_demand_for = None
         assert [targets.target(h) for h in live] == remembered
+        targets.still(True)
+        assert [targets.target(h) for h in live] == remembered
+        targets.still(False)
 
     @invariant()
     def head_does_not_fit(self) -> None:

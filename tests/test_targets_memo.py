@@ -1,6 +1,7 @@
 """What the quality calculator remembers between reads (the head's demand) never
-outlives the queue it was computed from: seeded random histories of the core, each
-target read compared with one computed from scratch."""
+outlives the queue it was computed from, and what it remembers while the core
+retargets its holders (each priority's pressure) never outlives that: seeded random
+histories of the core, each target read compared with one computed from scratch."""
 
 from __future__ import annotations
 
@@ -61,6 +62,14 @@ def _history(seed: int) -> int:
         for request in [r for r in waiting if r.state is GRANTED]:
             waiting.remove(request)
             held.append(request.holding)
+        # A still spell (what each priority sees, remembered while the core retargets)
+        # ends with the operation that began it, and gives the targets a fresh read gives.
+        stale += targets._levels is not None
+        fresh = [targets.target(h) for h in held]
+        assert targets.still(True)
+        stale += [targets.target(h) for h in held] != fresh
+        stale += [targets.target(h) for h in reversed(held)] != fresh[::-1]
+        assert targets.still(False)
     return stale
 
 
