@@ -144,7 +144,7 @@ _QUALITY_STEP = 1 / 32
 RISE_HYSTERESIS = 2 * _QUALITY_STEP
 
 
-@functools.lru_cache(maxsize=16384)  # the same inputs recur at every refresh of the ledger
+@functools.lru_cache(maxsize=4096)  # the same inputs recur at every refresh of the ledger
 def fixed_point_quality(
     policy: QualityPolicy,
     priority: Priority,
