@@ -352,13 +352,12 @@ class Arbiter:
             or ledger.budget - tallies.granted - tallies.external
             < (memory if min_memory is None else min_memory)
         )
-        if yield_first:
-            try:
-                await backend.checkpoint()
-            except BaseException:
-                with self._lock:
-                    ledger.count_unqueued(Outcome.CANCELLED)
-                raise
+        try:
+            await (backend.checkpoint() if yield_first else backend.checkpoint_if_cancelled())
+        except BaseException:
+            with self._lock:
+                ledger.count_unqueued(Outcome.CANCELLED)
+            raise
         smallest = memory if min_memory is None else min_memory
         limit = self._default_timeout if isinstance(timeout, Default) else timeout
         loop = backend.loop()
@@ -370,13 +369,6 @@ class Arbiter:
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         alloc._scope = scope
         request: NewAllocation | None = None
-        if not yield_first:
-            try:
-                await backend.checkpoint_if_cancelled()
-            except BaseException:
-                with self._lock:
-                    ledger.count_unqueued(Outcome.CANCELLED)
-                raise
         behind_head = False
         if not yield_first and not in_order and limit != 0 and smallest <= ledger.budget:
             with self._lock:

@@ -21,6 +21,13 @@ import anyio.lowlevel
 import pytest
 import trio
 from arbiter_helpers import make_arbiter, settle
+from cancel_arrangements import (
+    ARRANGEMENTS,
+    NOT_CANCELLED,
+    Point,
+    cancelled_by_another_task_while_it_waits,
+    reached_past,
+)
 
 from arbiter import (
     Allocation,
@@ -34,128 +41,6 @@ from arbiter import (
 from arbiter._backend import current_backend
 
 LLM, NORMAL = WorkloadType.LLM_INFERENCE, Priority.NORMAL
-
-Point = Callable[[], Awaitable[None]]
-
-# -- where a task may stand when it requests ------------------------------------------
-
-
-async def _self_cancelled(point: Point) -> None:
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        await point()
-
-
-async def _cancelled_before_it_was_entered(point: Point) -> None:
-    scope = anyio.CancelScope()
-    scope.cancel()
-    with scope:
-        await point()
-
-
-async def _move_on_after_zero(point: Point) -> None:
-    with anyio.move_on_after(0):
-        await point()
-
-
-async def _nested_plain_scopes_of_a_cancelled_one(point: Point) -> None:
-    with anyio.CancelScope() as outer:
-        outer.cancel()
-        with anyio.CancelScope(), anyio.CancelScope():
-            await point()
-
-
-async def _shielded_inside_a_cancelled_one(point: Point) -> None:
-    with anyio.CancelScope() as outer:
-        outer.cancel()
-        with anyio.CancelScope(shield=True):
-            await point()
-
-
-async def _cancelled_inside_a_shield_inside_a_cancelled_one(point: Point) -> None:
-    # The shield keeps the outer cancellation out, not its own.
-    with anyio.CancelScope() as outer:
-        outer.cancel()
-        with anyio.CancelScope(shield=True) as shielded:
-            shielded.cancel()
-            await point()
-
-
-async def _shield_lifted_inside_a_cancelled_one(point: Point) -> None:
-    with anyio.CancelScope() as outer, anyio.CancelScope(shield=True) as shielded:
-        outer.cancel()
-        await anyio.lowlevel.checkpoint()  # the outer delivery stops: nothing to reach
-        shielded.shield = False
-        await point()
-
-
-async def _left_a_shield_after_another_task_cancelled(point: Point) -> None:
-    async def cancel(scope: anyio.CancelScope) -> None:
-        scope.cancel()
-
-    async with anyio.create_task_group() as tg:
-        with anyio.CancelScope() as scope:
-            tg.start_soon(cancel, scope)
-            with anyio.CancelScope(shield=True):
-                for _ in range(3):
-                    await anyio.lowlevel.checkpoint()
-            assert scope.cancel_called
-            await point()
-
-
-async def _caught_a_cancellation_and_requested_again(point: Point) -> None:
-    # A task that swallowed the first delivery (a `finally` that awaits): the scope is
-    # still cancelled, so the next checkpoint raises again.
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        try:
-            await anyio.lowlevel.checkpoint()
-        except anyio.get_cancelled_exc_class():
-            pass
-        await point()
-
-
-async def _cancelled_by_another_task_while_it_waits(point: Point) -> None:
-    async def cancel(scope: anyio.CancelScope) -> None:
-        scope.cancel()
-
-    async with anyio.create_task_group() as tg:
-        with anyio.CancelScope() as scope:
-            tg.start_soon(cancel, scope)
-            await point()
-
-
-async def _nothing_pending(point: Point) -> None:
-    with anyio.CancelScope():
-        await point()
-
-
-ARRANGEMENTS = [
-    _self_cancelled,
-    _cancelled_before_it_was_entered,
-    _move_on_after_zero,
-    _nested_plain_scopes_of_a_cancelled_one,
-    _shielded_inside_a_cancelled_one,
-    _cancelled_inside_a_shield_inside_a_cancelled_one,
-    _shield_lifted_inside_a_cancelled_one,
-    _left_a_shield_after_another_task_cancelled,
-    _caught_a_cancellation_and_requested_again,
-    _cancelled_by_another_task_while_it_waits,
-    _nothing_pending,
-]
-NOT_CANCELLED = (_shielded_inside_a_cancelled_one, _nothing_pending)
-
-
-async def _reached_past(arrangement: Callable[[Point], Awaitable[None]], point: Point) -> bool:
-    passed = False
-
-    async def point_then_mark() -> None:
-        nonlocal passed
-        await point()
-        passed = True
-
-    await arrangement(point_then_mark)
-    return passed
 
 
 def _request(
@@ -189,12 +74,12 @@ def _consistent(arbiter: Arbiter) -> None:
 async def test_behind_the_head_a_request_is_cancelled_exactly_where_a_checkpoint_is(
     arrangement: Callable[[Point], Awaitable[None]], how: str, timeout: float | None
 ) -> None:
-    """Others wait (the head does not fit), so the request queues behind the head and
-    parks without a check first: it must raise exactly where anyio's checkpoint raises,
-    hold nothing if so, and be granted in turn if not."""
+    """Others wait (the head does not fit), so the request checks, queues behind the
+    head and parks: it must raise exactly where anyio's checkpoint raises, hold nothing
+    if so, and be granted in turn if not."""
     expected = arrangement in NOT_CANCELLED
-    if arrangement is not _cancelled_by_another_task_while_it_waits:  # trio: either
-        assert await _reached_past(arrangement, anyio.lowlevel.checkpoint) is expected
+    if arrangement is not cancelled_by_another_task_while_it_waits:  # trio: either
+        assert await reached_past(arrangement, anyio.lowlevel.checkpoint) is expected
     arbiter = make_arbiter()
     holder = await arbiter.request_allocation(LLM, NORMAL, 24 * GiB)
     held: list[int] = []
@@ -202,7 +87,7 @@ async def test_behind_the_head_a_request_is_cancelled_exactly_where_a_checkpoint
 
     async def requester() -> None:
         passed.append(
-            await _reached_past(arrangement, _request(arbiter, how, 1, held, timeout=timeout))
+            await reached_past(arrangement, _request(arbiter, how, 1, held, timeout=timeout))
         )
 
     async with anyio.create_task_group() as tg:
@@ -234,11 +119,11 @@ async def test_at_the_head_and_at_once_a_request_is_cancelled_exactly_where_a_ch
     outcomes: dict[str, object] = {}
 
     async def at_the_head() -> None:
-        outcomes["head"] = await _reached_past(arrangement, _request(arbiter, "request", 1, held))
+        outcomes["head"] = await reached_past(arrangement, _request(arbiter, "request", 1, held))
 
     async def timeout_zero() -> None:
         try:
-            outcomes["timeout 0"] = await _reached_past(
+            outcomes["timeout 0"] = await reached_past(
                 arrangement, _request(arbiter, "allocate", 1, held, timeout=0)
             )
         except* AllocationTimeout:  # an arrangement's task group wraps it
@@ -251,7 +136,7 @@ async def test_at_the_head_and_at_once_a_request_is_cancelled_exactly_where_a_ch
         tg.start_soon(timeout_zero)
         await settle()
         holder.release()
-    if arrangement is _cancelled_by_another_task_while_it_waits:
+    if arrangement is cancelled_by_another_task_while_it_waits:
         # The timeout-0 request waits for nothing: it may decide before the other
         # task runs (trio shuffles them; on asyncio its timer comes first).
         assert outcomes["head"] is False and outcomes["timeout 0"] in (False, "timed out")
