@@ -289,7 +289,10 @@ class QualityChanges:
                 port._watch(alloc, +1)
                 self._last = quality = port._quality_of(alloc)
             return quality
-        yielded = False  # each step is a checkpoint, also one with its answer at hand
+        # Each step is a checkpoint, also one with its answer at hand; and checked first:
+        # on asyncio a park woken from this thread returns before anyio's delivery.
+        await backend.checkpoint_if_cancelled()
+        yielded = False
         while True:
             with port._lock:
                 if alloc.released:

@@ -320,7 +320,9 @@ class Arbiter:
 
         * Nothing waits and it fits (as read at entry): the request yields first
           (`Backend.checkpoint`: a cancellation pending at entry is raised there, before
-          anything is decided), then is granted, or queued if others came meanwhile.
+          anything is decided), then decides. Whoever queued during that yield came
+          after it, so it goes ahead of them at its priority and below (rule 3's
+          arrival order); only a higher priority goes first.
         * Otherwise it checks for cancellation before anything is decided: a request
           already cancelled must not even queue, or the head could leave in the same
           pass and make it the one that asks holders for memory. Then it queues behind
@@ -403,7 +405,7 @@ class Arbiter:
                         parker = backend.parker(loop, True)
                         request = NewAllocation(holding, smallest, memory, min_quality, parker)
                         request.may_reclaim = limit != 0
-                        if ledger.submit(request, now):
+                        if ledger.submit(request, now, arrived_first=yield_first):
                             request = None
                         elif request.reclaim_deadline == math.inf:  # the common case
                             wake_at = math.inf if limit is None else started + limit

@@ -61,8 +61,9 @@ class InsufficientQuality(ArbiterError):
     def __init__(self, minimum: float, available: float) -> None:
         self.minimum = minimum
         self.available = available
-        # Rounded down: 0.677 must not read as the 0.68 it fell short of.
-        shown = math.floor(available * 1000) / 1000
+        # Rounded down (0.677 must not read as the 0.68 it fell short of), but not by
+        # float error (0.6819999999999999 is 0.682).
+        shown = math.floor(available * 1000 + 1e-6) / 1000
         super().__init__(f"min_quality {minimum:g} not met, best available {shown:.3f}")
 
     def __reduce__(self) -> tuple[type[InsufficientQuality], tuple[float, float]]:

@@ -288,11 +288,19 @@ class Ledger:
         self._refresh(now)
         return True
 
-    def submit(self, request: Request, now: float) -> bool:
-        """Queue ``request``; True when it was granted at once (nothing ahead, and it fits)."""
-        if self.queue_behind_head(request, now):
+    def submit(self, request: Request, now: float, arrived_first: bool = False) -> bool:
+        """Queue ``request``; True when it was granted at once (nothing ahead, and it fits).
+
+        ``arrived_first``: nothing waited when its caller arrived, so every waiter came
+        later; it queues ahead of those of its priority (those above still go first).
+        """
+        if arrived_first:
+            self._enqueue(request, now)
+            self._queues[request.priority].move_to_end(request, last=False)
+        elif self.queue_behind_head(request, now):
             return False
-        self._enqueue(request, now)
+        else:
+            self._enqueue(request, now)
         self._dispatch(now)
         return request.state is GRANTED
 
@@ -300,7 +308,7 @@ class Ledger:
         """Queue ``request`` if a head of its priority or higher is waiting; False (and
         nothing changed) otherwise. Behind such a head nothing else moves: the head does
         not fit (the invariant), so no grant loop runs and no memory is asked for (the
-        quiet half of `submit`, which a caller may take before its cancellation check)."""
+        quiet half of `submit`)."""
         for queue in self._queues_high_first:
             if queue:
                 if request.priority <= next(iter(queue)).priority:
@@ -483,6 +491,10 @@ class Ledger:
         """Count a reader of ``holding``'s quality changes in (+1) or out (-1)."""
         holding.watchers += delta
         if holding.watchers > 0 and not holding.released:
+            if holding not in self._watched:
+                # Unwatched, a rigid holder's last target was not kept: a change back to
+                # it would be missed.
+                holding.notified_quality = self.targets.target(holding)
             self._watched[holding] = None
         else:
             self._watched.pop(holding, None)
