@@ -6,8 +6,7 @@ Two things here cannot be had from anyio's public API:
   several threads. A waiter parks on a `Parker` of its own loop; whoever grants it
   (a release in any thread) wakes it through that loop's thread-safe entry
   (asyncio's ``call_soon_threadsafe``, trio's ``TrioToken.run_sync_soon``), or
-  directly when it runs in the same thread (on asyncio, but for a waiter that
-  parked without a cancellation check: see below). The handover is a bare future
+  directly when it runs in the same thread. The handover is a bare future
   on asyncio and ``wait_task_rescheduled`` on trio, as anyio's and trio's own
   semaphores hand over: no event to re-check, no re-park.
 * **A cheap hot path.** An uncontended grant is a handful of dictionary updates, so
@@ -29,14 +28,10 @@ and it does not. That is what anyio's ``checkpoint_if_cancelled`` followed by a 
 would decide (`tests/test_backend.py` compares the two in each arrangement of scopes).
 The check alone (``checkpoint_if_cancelled``, no yield) is still anyio's.
 
-A task that parks is in the same position: anyio's delivery of a cancellation pending
-when it parks is already queued, and cancels it (its future is unfinished) when it
-runs. A wake must not finish that future first, or anyio would see a finished future
-and leave the task be, granted inside a cancelled scope: so a parker made for a waiter
-that parks without checking first is woken through ``call_soon`` even from its own
-thread, and its wake comes after. On trio the
-scheduler delivers a pending cancellation as the task blocks, before anyone can wake
-it.
+A task that parks is not: a wake from its own thread finishes its future before
+anyio's delivery runs, and anyio leaves a task waiting on a finished future be. So
+whoever parks checks for cancellation first (``checkpoint_if_cancelled``). On trio the
+scheduler delivers a pending cancellation as the task blocks, before anyone can wake it.
 """
 
 from __future__ import annotations
