@@ -23,7 +23,6 @@ import math
 import threading
 from collections.abc import Callable
 from itertools import count
-from sys import modules as _modules
 from types import TracebackType
 from typing import Any, Protocol, Self, cast
 
@@ -59,8 +58,6 @@ __all__ = ["AllocationOwner", "Arbiter"]
 
 # Enum members are looked up through their metaclass; the grant path reads these.
 _GRANTED, _FAILED, _PREEMPT, _QUALITY = Event.GRANTED, Event.FAILED, Event.PREEMPT, Event.QUALITY
-# `configured` is false until structlog is imported; the hot paths test that first.
-_LOGGING = "structlog"
 
 
 class AllocationOwner(Protocol):
@@ -371,46 +368,32 @@ class Arbiter:
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         alloc._scope = scope
         request: NewAllocation | None = None
-        behind_head = False
-        if not yield_first and not in_order and limit != 0 and smallest <= ledger.budget:
-            with self._lock:
-                if tallies.waiting and not self._closed:
-                    now = started + self._clock_offset if loop is self._loop else self._now()
+        with self._lock:
+            refused = smallest > ledger.budget or self._closed
+            if refused:
+                if yield_first:
+                    ledger.count_unqueued(Outcome.REFUSED)
+            else:
+                if loop is self._loop:
+                    now = started + self._clock_offset
+                else:
+                    if self._task_group is None and not tallies.waiting and not tallies.granted:
+                        self._adopt(loop)
+                    now = self._now()
+                if (
+                    tallies.waiting  # nothing jumps the queue: no need to ask
+                    or min_quality is not None
+                    or not ledger.grant_now(holding, smallest, memory, now)
+                ):
                     parker = backend.parker(loop, True)
                     request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                    behind_head = ledger.queue_behind_head(request, now)
-                    if behind_head:
+                    request.may_reclaim = limit != 0
+                    if ledger.submit(request, now, arrived_first=yield_first):
+                        request = None
+                    elif request.reclaim_deadline == math.inf:  # the common case
                         wake_at = math.inf if limit is None else started + limit
                     else:
-                        request = None
-        refused = False
-        if not behind_head:
-            with self._lock:
-                refused = smallest > ledger.budget or self._closed
-                if refused:
-                    if yield_first:
-                        ledger.count_unqueued(Outcome.REFUSED)
-                else:
-                    if loop is self._loop:
-                        now = started + self._clock_offset
-                    else:
-                        if self._task_group is None and not tallies.waiting and not tallies.granted:
-                            self._adopt(loop)
-                        now = self._now()
-                    if (
-                        tallies.waiting  # nothing jumps the queue: no need to ask
-                        or min_quality is not None
-                        or not ledger.grant_now(holding, smallest, memory, now)
-                    ):
-                        parker = backend.parker(loop, True)
-                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                        request.may_reclaim = limit != 0
-                        if ledger.submit(request, now, arrived_first=yield_first):
-                            request = None
-                        elif request.reclaim_deadline == math.inf:  # the common case
-                            wake_at = math.inf if limit is None else started + limit
-                        else:
-                            wake_at = self._first_wake(request, started, limit, clock, now)
+                        wake_at = self._first_wake(request, started, limit, clock, now)
         if refused:
             if not yield_first:
                 await self._refuse(backend)
@@ -437,7 +420,7 @@ class Arbiter:
                 await self._park(request, clock, started, limit, None)
         if keep_alive is not None:
             self._poke_timer()
-        if _LOGGING in _modules and configured():  # no call while structlog is not loaded
+        if configured():
             log.debug(
                 "allocation granted",
                 id=alloc.id,
@@ -603,15 +586,11 @@ class Arbiter:
             if holding.released:
                 return
             memory = holding.memory
-            loop = self._loop  # `_now`, inline: the hot path
-            now = self._now() if loop is None else loop.clock() + self._clock_offset
-            self._ledger.release(holding, now)
-            holding.ticket = None  # `_let_go`, inline: the hot path
-            if alloc._preempt_waiters or alloc._quality_waiters:
-                alloc._on_release()
+            self._ledger.release(holding, self._now())
+            self._let_go(alloc)
         if holding.keep_alive is not None:
             self._poke_timer()
-        if _LOGGING in _modules and configured():
+        if configured():
             log.debug(
                 "allocation released",
                 id=alloc.id,

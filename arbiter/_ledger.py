@@ -293,33 +293,23 @@ class Ledger:
 
         ``arrived_first``: nothing waited when its caller arrived, so every waiter came
         later; it queues ahead of those of its priority (those above still go first).
+        Behind a head of its priority or higher nothing else moves: the head does not
+        fit (the invariant), so no grant loop runs and no memory is asked for.
         """
-        if arrived_first:
-            self._enqueue(request, now)
-            self._queues[request.priority].move_to_end(request, last=False)
-        elif self.queue_behind_head(request, now):
+        behind_head = not arrived_first and self._head_at_or_above(request.priority)
+        self._enqueue(request, now)
+        if behind_head:
             return False
-        else:
-            self._enqueue(request, now)
+        if arrived_first:
+            self._queues[request.priority].move_to_end(request, last=False)
         self._dispatch(now)
         return request.state is GRANTED
 
-    def queue_behind_head(self, request: Request, now: float) -> bool:
-        """Queue ``request`` if a head of its priority or higher is waiting; False (and
-        nothing changed) otherwise. Behind such a head nothing else moves: the head does
-        not fit (the invariant), so no grant loop runs and no memory is asked for (the
-        quiet half of `submit`)."""
+    def _head_at_or_above(self, priority: Priority) -> bool:
+        """Whether the head of the queue waits at ``priority`` or higher."""
         for queue in self._queues_high_first:
             if queue:
-                if request.priority <= next(iter(queue)).priority:
-                    if type(request) is Growth:
-                        self._enqueue(request, now)
-                    else:  # `_enqueue`, inline: the contended hot path
-                        request.enqueued_at = now
-                        self._queues[request.priority][request] = None
-                        self.tallies.waiting += 1
-                    return True
-                return False
+                return priority <= next(iter(queue)).priority
         return False
 
     def _enqueue(self, request: Request, now: float) -> None:
