@@ -171,10 +171,6 @@ def fixed_point_quality(
     neither its current size nor anything it changes by resizing: a holder that follows
     it gets there in one step and stays.
     """
-    if policy is QualityPolicy.ADAPTIVE:
-        return _adaptive_fixed_point(
-            priority, threshold, floor, budget, others, low, high, max_memory, waiting
-        )
     smallest = low
 
     def share(size: int) -> float:
@@ -193,97 +189,28 @@ def fixed_point_quality(
             family_share=family,
         )
 
+    if policy is QualityPolicy.ADAPTIVE:
+        # The same as `policy_target`, inlined: this loop is the ledger's hottest code.
+        exponent, reach = _FALL[priority]
+        start, width = threshold * budget, (1.0 - threshold) * budget
+        full = float(budget + waiting)  # past it, what is held overcommits the card
+        fall = (1.0 - floor) * reach
+
+        def allowed(size: int) -> float:
+            used = others + size
+            if used / budget < threshold:
+                return 1.0
+            if used > full:
+                return floor
+            excess = 1.0 if width <= 0 else min(1.0, (used - start) / width)
+            drop: float = fall * excess**exponent
+            return max(floor, 1.0 - drop)
+
     if share(high) <= allowed(high):
         return share(high)  # capped by the share it can reach
     if allowed(low) <= share(low):
         return max(floor, allowed(low))  # the policy's value even at its smallest
-    return _quantized(_crossing(share, allowed, low, high, threshold, budget, others), floor)
-
-
-def _adaptive_fixed_point(
-    priority: Priority,
-    threshold: float,
-    floor: float,
-    budget: int,
-    others: int,
-    low: int,
-    high: int,
-    max_memory: int,
-    waiting: int,
-) -> float:
-    """`fixed_point_quality` for ``ADAPTIVE``, with `elastic_share_quality`,
-    `policy_target` and `_crossing` written out in place: the same arithmetic in the
-    same order (so the same floats, bit for bit), without two calls per step of the
-    search. The ledger's hottest code: a refresh asks it for every elastic holder, and
-    a new answer searches."""
-    exponent, reach = _FALL[priority]
-    start, width = threshold * budget, (1.0 - threshold) * budget
-    full = float(budget + waiting)  # past it, what is held overcommits the card
-    fall = (1.0 - floor) * reach
-    rise = 1.0 - floor
-    smallest, span = low, max_memory - low
-
-    def share(size: int) -> float:  # elastic_share_quality(size, smallest, max_memory, floor)
-        if span <= 0:
-            return 1.0
-        return floor + rise * min(1.0, max(0.0, (size - smallest) / span))
-
-    def allowed(size: int) -> float:  # policy_target at (others + size) / budget
-        used = others + size
-        if used / budget < threshold:
-            return 1.0
-        if used > full:
-            return floor
-        excess = 1.0 if width <= 0 else min(1.0, (used - start) / width)
-        drop: float = fall * excess**exponent
-        return max(floor, 1.0 - drop)
-
-    best = share(high)
-    if best <= allowed(high):
-        return best  # capped by the share it can reach
-    least = allowed(low)
-    if least <= share(low):
-        return max(floor, least)  # the policy's value even at its smallest
-    # `_crossing`: share(smallest) < allowed(smallest) and share(high) > allowed(high),
-    # so span > 0 (a share of 1.0 throughout would have returned above).
-    low = max(low, min(high, math.floor(threshold * budget) - others))
-    if share(low) > allowed(low):
-        low = smallest
-    # The answer is share(low) where the search ends, rounded down to a step; share
-    # rises with the size, so once share(low) and share(high) round to the same step
-    # the rest of the search cannot change it. (Conditional expressions below are
-    # min/max written out: the same float, one call fewer each.)
-    step_low = math.floor(share(low) / _QUALITY_STEP)
-    step_high = math.floor(share(high) / _QUALITY_STEP)
-    while high - low > _CROSSING_RESOLUTION and step_low != step_high:
-        middle = (low + high) // 2
-        used = others + middle
-        if used / budget < threshold:
-            allows = 1.0
-        elif used > full:
-            allows = floor
-        else:
-            excess = 1.0
-            if width > 0:
-                excess = (used - start) / width
-                if not excess < 1.0:
-                    excess = 1.0
-            allows = 1.0 - fall * excess**exponent
-            if not allows > floor:
-                allows = floor
-        fraction = (middle - smallest) / span
-        if not fraction < 1.0:
-            fraction = 1.0
-        if not fraction > 0.0:
-            fraction = 0.0
-        mine = floor + rise * fraction
-        if mine <= allows:
-            low = middle
-            step_low = math.floor(mine / _QUALITY_STEP)
-        else:
-            high = middle
-            step_high = math.floor(mine / _QUALITY_STEP)
-    return _quantized(share(low), floor)
+    return _crossing(share, allowed, low, high, threshold, budget, others, floor)
 
 
 def _quantized(quality: float, floor: float) -> float:
@@ -301,18 +228,26 @@ def _crossing(
     threshold: float,
     budget: int,
     others: int,
+    floor: float,
 ) -> float:
-    """Where the rising ``share`` meets the falling ``allowed`` in ``[low, high]``, given
-    that ``share(low) < allowed(low)`` and ``share(high) > allowed(high)``."""
+    """Where the rising ``share`` meets the falling ``allowed`` in ``[low, high]``,
+    rounded down to a step (`_quantized`), given that ``share(low) < allowed(low)`` and
+    ``share(high) > allowed(high)``."""
     smallest = low
     # Below the threshold every policy allows 1.0: start the search there.
     low = max(low, min(high, math.floor(threshold * budget) - others))
     if share(low) > allowed(low):
         low = smallest
-    while high - low > _CROSSING_RESOLUTION:
+    # The answer is share(low) where the search ends, rounded down to a step; share
+    # rises with the size, so once both ends round to the same step the rest of the
+    # search cannot change it.
+    low_step = math.floor(share(low) / _QUALITY_STEP)
+    high_step = math.floor(share(high) / _QUALITY_STEP)
+    while high - low > _CROSSING_RESOLUTION and low_step != high_step:
         middle = (low + high) // 2
-        if share(middle) <= allowed(middle):
-            low = middle
+        reached = share(middle)
+        if reached <= allowed(middle):
+            low, low_step = middle, math.floor(reached / _QUALITY_STEP)
         else:
-            high = middle
-    return share(low)
+            high, high_step = middle, math.floor(reached / _QUALITY_STEP)
+    return _quantized(share(low), floor)
