@@ -226,9 +226,7 @@ def _asyncio_backend() -> Backend:
 
         def wake(self) -> None:
             if get_ident() == self._thread:  # the releaser runs in the waiter's loop
-                future = self._future
-                if future is not None and not future.done():
-                    future.set_result(True)
+                self._resolve(True)
                 return
             try:
                 self._loop.call_soon_threadsafe(self._resolve, True)
