@@ -424,40 +424,30 @@ async def test_min_quality_waits_for_memory_then_is_granted() -> None:
             assert got and got[0].memory == 16 * GiB and got[0].quality >= 0.9
 
 
+@pytest.mark.parametrize(("min_quality", "admissible"), [(0.9, False), (0.65, True)])
 @pytest.mark.anyio
-async def test_a_head_waiting_for_its_min_quality_does_not_degrade_holders_for_nothing() -> None:
+async def test_a_head_waiting_for_its_min_quality_counts_only_if_shrinking_can_admit_it(
+    min_quality: float, admissible: bool
+) -> None:
     # A holds 16 GiB (elastic down to 8), an image 4: 4 GiB free. B waits for an elastic
-    # 16 GiB (down to 8) at min_quality 0.9, which takes about 14.9 GiB: even A at its
-    # floor would leave 12. Counting B's 8 GiB minimum in A's pressure would drop A's
-    # target (a shrink that cannot admit B); counting what B needs, it stays at 1.0.
+    # 16 GiB (down to 8). At min_quality 0.9 B needs about 14.9 GiB: even A at its floor
+    # would leave 12, so counting B's 8 GiB minimum in A's pressure would drop A's target
+    # for nothing (a shrink that cannot admit B); A stays at 1.0. At 0.65 B needs 12 GiB,
+    # which A's shrinking can give: B's demand is in A's pressure and A's target falls.
     arbiter = make_arbiter()
     holder = await arbiter.request_allocation(VIDEO, Priority.NORMAL, 16 * GiB, min_memory=8 * GiB)
     await arbiter.request_allocation(IMAGE, Priority.NORMAL, 4 * GiB)
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             waiting = await request_in_background(
-                tg, arbiter, Priority.NORMAL, 16, min_memory=8 * GiB, min_quality=0.9
+                tg, arbiter, Priority.NORMAL, 16, min_memory=8 * GiB, min_quality=min_quality
             )
             assert not waiting and arbiter.state().waiting == 1
-            assert holder.quality == 1.0
-            assert arbiter.stats().quality_reductions == 0
-            tg.cancel_scope.cancel()
-
-
-@pytest.mark.anyio
-async def test_a_head_that_shrinking_can_admit_at_its_min_quality_still_counts() -> None:
-    # The same, with B asking only 0.65 (12 GiB): A's shrinking can admit it, so B's
-    # demand is in A's pressure and A's target falls.
-    arbiter = make_arbiter()
-    holder = await arbiter.request_allocation(VIDEO, Priority.NORMAL, 16 * GiB, min_memory=8 * GiB)
-    await arbiter.request_allocation(IMAGE, Priority.NORMAL, 4 * GiB)
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            waiting = await request_in_background(
-                tg, arbiter, Priority.NORMAL, 16, min_memory=8 * GiB, min_quality=0.65
-            )
-            assert not waiting
-            assert holder.quality < 1.0
+            if admissible:
+                assert holder.quality < 1.0
+            else:
+                assert holder.quality == 1.0
+                assert arbiter.stats().quality_reductions == 0
             tg.cancel_scope.cancel()
 
 
