@@ -542,6 +542,7 @@ class Ledger:
                 if queue:
                     request = next(iter(queue))
                     break
+            # `_fit`, inline but for a request with ``min_quality``: the contended hot path.
             free = self.budget - tallies.granted - tallies.external
             if free < request.min_size:
                 size = None
