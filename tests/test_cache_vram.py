@@ -189,12 +189,14 @@ async def test_a_lone_vram_tier_keeps_its_memory_until_a_request_needs_it(tmp_pa
 async def test_a_failed_device_copy_leaves_the_get_served_and_nothing_charged(
     tmp_path, monkeypatch
 ) -> None:
-    from arbiter.cache._device import HostDeviceStore
+    from arbiter.cache._device import HostDeviceStore, TorchDeviceStore
 
-    def out_of_memory(self: HostDeviceStore, data: object) -> bytes:
+    def out_of_memory(self: object, data: object) -> bytes:
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(HostDeviceStore, "place", out_of_memory)
+    # Whichever store the cache opens: the torch one where torch sees a GPU.
+    for store in (HostDeviceStore, TorchDeviceStore):
+        monkeypatch.setattr(store, "place", out_of_memory)
     fragments = make_fragments(1, 2 * MiB)
     arbiter = arbiter_of(16 * MiB)
     async with vram_cache(tmp_path, fragments, arbiter) as cache:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -383,7 +384,12 @@ def _hello_as(sock: Path, uid: int) -> dict[str, object]:
 
     hello = frame(msgspec.msgpack.encode(Hello(PROTOCOL_VERSION)))
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    # A fork, since a new interpreter could not run as another user (it lives under /root
+    # here). Python 3.12+ warns that a threaded process (a pytest worker) forks: the child
+    # only makes system calls through modules already imported, then _exits.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the child: stdlib sockets only, then _exit
         code = 0
         try:
