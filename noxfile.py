@@ -7,9 +7,10 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck"]
 
 
-@nox.session(python="3.11")
+@nox.session(python=["3.11", "3.12", "3.13"])
 def tests(session: nox.Session) -> None:
-    """Every async test runs on asyncio and on trio (the anyio_backend fixture)."""
+    """Every async test runs on asyncio and on trio (the anyio_backend fixture), on each
+    Python the package supports: their frames and tracebacks keep different things alive."""
     session.install("-e", ".[test]")
     session.run("pytest", "-q", *session.posargs)
 
