@@ -125,9 +125,9 @@ class Client:
     """A Python client process running ``body`` (after `CLIENT_PRELUDE`), spoken to
     through its stdin and stdout lines."""
 
-    def __init__(self, sock: Path, body: str) -> None:
+    def __init__(self, sock: Path, body: str, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CLIENT_PRELUDE + body, str(sock)],
+            [sys.executable, "-c", CLIENT_PRELUDE + body, str(sock), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
