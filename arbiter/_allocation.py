@@ -8,7 +8,7 @@ so the same handle serves any arbiter that implements it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from threading import Lock
 from types import TracebackType
@@ -17,7 +17,15 @@ from typing import Protocol
 import anyio.lowlevel
 
 from ._arguments import DEFAULT, Default, RequestArgs
-from ._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
+from ._backend import (
+    READY,
+    Backend,
+    CancelScopeLike,
+    LoopEntry,
+    Parker,
+    at_once,
+    current_backend,
+)
 from ._checks import check_ratio
 from ._quality import size_for_quality
 from ._records import Holding
@@ -353,18 +361,22 @@ class AllocationContext:
         scope.__enter__()
         return alloc
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> Awaitable[bool | None]:
+        # Not a coroutine: nothing here waits, so the ``async with`` awaits an answer
+        # that is ready (a coroutine would cost a frame and an object per allocation).
         alloc = self._alloc
-        assert alloc is not None and alloc._scope is not None
+        assert alloc is not None
+        scope = alloc._scope
+        assert scope is not None
         try:
-            swallowed = alloc._scope.__exit__(exc_type, exc, tb)
+            swallowed = scope.__exit__(exc_type, exc, tb)
         finally:
             self._port.release_allocation(alloc)
-        if alloc._scope.cancelled_caught:
+        if scope.cancelled_caught:
             raise self._port._cut_short(alloc)
-        return swallowed
+        return at_once(swallowed) if swallowed else READY

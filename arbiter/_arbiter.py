@@ -368,7 +368,11 @@ class Arbiter:
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
         alloc._scope = scope
         request: NewAllocation | None = None
-        with self._lock:
+        # acquire/release, not ``with``: on the hot path the statement's two special-method
+        # lookups cost more than the lock itself.
+        lock = self._lock
+        lock.acquire()
+        try:
             refused = smallest > ledger.budget or self._closed
             if refused:
                 if yield_first:
@@ -394,6 +398,8 @@ class Arbiter:
                         wake_at = math.inf if limit is None else started + limit
                     else:
                         wake_at = self._first_wake(request, started, limit, clock, now)
+        finally:
+            lock.release()
         if refused:
             if not yield_first:
                 await self._refuse(backend)
@@ -582,12 +588,16 @@ class Arbiter:
         if not isinstance(alloc, Allocation) or alloc._port is not self:
             raise TypeError(f"alloc must be an Allocation of this arbiter, got {alloc!r}")
         holding = alloc._holding
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: see `_admit`
+        try:
             if holding.released:
                 return
             memory = holding.memory
             self._ledger.release(holding, self._now())
             self._let_go(alloc)
+        finally:
+            lock.release()
         if holding.keep_alive is not None:
             self._poke_timer()
         if configured():

@@ -223,6 +223,7 @@ class Tallies:
         "external",
         "families",
         "granted",
+        "holders",
         "on_the_way",
         "waiting",
     )
@@ -234,11 +235,9 @@ class Tallies:
         # Memory of holdings asked to give everything back that have not released yet.
         self.on_the_way = 0
         self.families = (FamilyTally(), FamilyTally())  # indexed by `Family`
+        # The families' counts together: quality targets ask it on every grant.
+        self.holders = 0
         self.waiting = 0  # queued requests
         # Requests that have left the queue: with `waiting`, it moves whenever the queue
         # (and so possibly its head) does.
         self.dequeued = 0
-
-    @property
-    def holders(self) -> int:
-        return self.families[0].count + self.families[1].count
