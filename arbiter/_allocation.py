@@ -40,8 +40,11 @@ class AllocationPort(Protocol):
     _lock: Lock  # guards the handles' wake-up lists as well as the core
 
     async def _admit(
-        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
-    ) -> Allocation: ...
+        self, args: RequestArgs, backend: Backend, body: AllocationContext | None = None
+    ) -> Allocation:
+        """Request memory; for an ``allocate()`` (``body``), the body's scope is the
+        allocation's before it can be granted, and ``body._start(alloc)`` is called last."""
+        ...
 
     def release_allocation(self, alloc: Allocation) -> None: ...
 
@@ -345,21 +348,30 @@ class AllocationContext:
     Its body runs in a cancel scope owned by the allocation; see `Arbiter.allocate`.
     """
 
-    __slots__ = ("_alloc", "_args", "_port")
+    __slots__ = ("_alloc", "_args", "_port", "_scope")
 
     def __init__(self, port: AllocationPort, args: RequestArgs) -> None:
         self._port = port
         self._args = args
         self._alloc: Allocation | None = None
+        self._scope: CancelScopeLike | None = None  # the body's, made on entry
 
-    async def __aenter__(self) -> Allocation:
-        if self._alloc is not None:
+    def __aenter__(self) -> Awaitable[Allocation]:
+        # Not a coroutine: the ``async with`` awaits the port's `_admit` itself, which
+        # calls `_start` once granted. One coroutine less per allocation to make and to
+        # pass each yield through.
+        if self._scope is not None:
             raise RuntimeError("this allocate() context was already entered")
         backend = current_backend()
-        scope = backend.cancel_scope()
-        alloc = self._alloc = await self._port._admit(self._args, backend, scope)
-        scope.__enter__()
-        return alloc
+        self._scope = backend.cancel_scope()
+        return self._port._admit(self._args, backend, self)
+
+    def _start(self, alloc: Allocation) -> None:
+        """``alloc`` is granted: the body runs in its scope from here on (called by the
+        port in the task that entered, as the last step of its `_admit`)."""
+        self._alloc = alloc
+        assert self._scope is not None
+        self._scope.__enter__()
 
     def __aexit__(
         self,
@@ -369,10 +381,8 @@ class AllocationContext:
     ) -> Awaitable[bool | None]:
         # Not a coroutine: nothing here waits, so the ``async with`` awaits an answer
         # that is ready (a coroutine would cost a frame and an object per allocation).
-        alloc = self._alloc
-        assert alloc is not None
-        scope = alloc._scope
-        assert scope is not None
+        alloc, scope = self._alloc, self._scope
+        assert alloc is not None and scope is not None
         try:
             swallowed = scope.__exit__(exc_type, exc, tb)
         finally:

@@ -316,7 +316,11 @@ class Ledger:
     def _enqueue(self, request: Request, now: float) -> None:
         request.enqueued_at = now
         if type(request) is Growth:
-            request.holding.growing.append(request)
+            holding = request.holding
+            if holding.growing is None:
+                holding.growing = [request]
+            else:
+                holding.growing.append(request)
         self._queues[request.priority][request] = None
         self.tallies.waiting += 1
 
@@ -329,7 +333,9 @@ class Ledger:
         if request.state is WAITING:
             request.state = WITHDRAWN
             if not counted:
-                request.holding.growing.remove(request)  # type: ignore[arg-type]
+                growing = request.holding.growing
+                assert growing is not None and isinstance(request, Growth)
+                growing.remove(request)
             self._dequeue(request)
             self.reclaimer.end(request)
             if counted:
@@ -431,7 +437,10 @@ class Ledger:
             self._keep_alive.pop(holding, None)
         if holding.watchers:
             self._watched.pop(holding, None)
-        self._dispatch(now)
+        if tallies.waiting:
+            self._dispatch(now)
+        else:
+            self._refresh(now)  # what `_dispatch` comes to with nobody to hand it to
 
     def release_owner(self, owner: object, now: float) -> None:
         """Release every holding of ``owner`` and withdraw its waiting requests (as
@@ -443,14 +452,14 @@ class Ledger:
 
     def _fail_growing(self, holding: Holding) -> None:
         """``holding`` is released: nothing is left to grow."""
-        for growing in holding.growing:
+        growths, holding.growing = holding.growing, None
+        for growing in growths or ():
             if growing.state is not WAITING:
                 continue
             growing.state = FAILED
             self._dequeue(growing)
             self.reclaimer.end(growing)
             self._sink(Event.FAILED, growing.ticket)
-        holding.growing.clear()
 
     def _dequeue(self, request: Request) -> None:
         del self._queues[request.priority][request]
@@ -591,7 +600,7 @@ class Ledger:
             self._hold(holding, size, now)
             self.stats.record_grant(request.priority, now - request.enqueued_at)
         else:
-            assert isinstance(request, Growth)
+            assert isinstance(request, Growth) and holding.growing is not None
             holding.growing.remove(request)
             tallies = self.tallies
             if holding.preempt_requested:  # it all goes back with the holder
