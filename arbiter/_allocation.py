@@ -360,7 +360,7 @@ class AllocationContext:
         # Not a coroutine: the ``async with`` awaits the port's `_admit` itself, which
         # calls `_start` once granted. One coroutine less per allocation to make and to
         # pass each yield through.
-        if self._scope is not None:
+        if self._alloc is not None:
             raise RuntimeError("this allocate() context was already entered")
         backend = current_backend()
         self._scope = backend.cancel_scope()
