@@ -12,10 +12,6 @@ leaves behind differs from what the whole leaves).
 
 from __future__ import annotations
 
-import argparse
-
-import anyio
-
 from arbiter import Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
 from arbiter._allocation import Allocation
 from arbiter._backend import current_backend
@@ -102,18 +98,12 @@ async def _run(part: str, rounds: int) -> None:
 
 
 def main() -> None:
-    from count_instructions import per_operation
+    from count_instructions import backend_unless_run, per_operation
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
-    parser.add_argument("--run", nargs=2, metavar=("PART", "ROUNDS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.run:
-        anyio.run(_run, args.run[0], int(args.run[1]), backend=args.backend)
-        return
-    print(f"instructions per uncontended allocate() ({args.backend}), by part")
+    backend = backend_unless_run(__doc__.splitlines()[0], _run)
+    print(f"instructions per uncontended allocate() ({backend}), by part")
     for part, what in PARTS.items():
-        count = per_operation(__file__, part, 2_000, 6_000, 1, args.backend)
+        count = per_operation(__file__, part, 2_000, 6_000, 1, backend)
         print(f"{part:<11} {count:>9,.0f}  {what}", flush=True)
 
 

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.lowlevel
@@ -102,20 +103,27 @@ def per_operation(script: str, case: str, small: int, large: int, ops: int, back
     return (high - low) / ((large - small) * ops)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def backend_unless_run(description: str, run: Callable[[str, int], Awaitable[None]]) -> str:
+    """The ``--backend`` to count on; as a counted child (``--run CASE ROUNDS``, what
+    `per_operation` starts), run ``run(case, rounds)`` on it and exit."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--run", nargs=2, metavar=("CASE", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        case, rounds = args.run[0], int(args.run[1])
-        anyio.run(_run, case, rounds, backend=args.backend)
-        return
+        anyio.run(run, args.run[0], int(args.run[1]), backend=args.backend)
+        sys.exit()
+    backend: str = args.backend
+    return backend
+
+
+def main() -> None:
+    backend = backend_unless_run(__doc__.splitlines()[0], _run)
     per_op = {
-        case: per_operation(__file__, case, small, large, ops, args.backend)
+        case: per_operation(__file__, case, small, large, ops, backend)
         for case, (small, large, ops) in CASES.items()
     }
-    print(f"instructions per operation ({args.backend}); ratio against anyio.Semaphore")
+    print(f"instructions per operation ({backend}); ratio against anyio.Semaphore")
     print(f"{'case':<24} {'instructions':>13} {'ratio':>7}")
     for case, count in per_op.items():
         base = per_op["contended semaphore" if case.startswith("contended") else "semaphore"]
