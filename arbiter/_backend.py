@@ -61,8 +61,8 @@ __all__ = [
     "CancelScopeLike",
     "LoopEntry",
     "Parker",
-    "current_backend",
     "at_once",
+    "current_backend",
     "current_time",
 ]
 
@@ -149,7 +149,8 @@ _NOT_CANCELLED = READY
 
 
 async def at_once(value: bool) -> bool:
-    """An awaitable of ``value`` that does not yield (a wake came before the park)."""
+    """An awaitable of ``value`` that does not yield (a wake that came before the park,
+    an answer already at hand)."""
     return value
 
 
