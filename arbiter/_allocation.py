@@ -8,7 +8,7 @@ so the same handle serves any arbiter that implements it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from threading import Lock
 from types import TracebackType
@@ -17,7 +17,15 @@ from typing import Protocol
 import anyio.lowlevel
 
 from ._arguments import DEFAULT, Default, RequestArgs
-from ._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
+from ._backend import (
+    READY,
+    Backend,
+    CancelScopeLike,
+    LoopEntry,
+    Parker,
+    at_once,
+    current_backend,
+)
 from ._checks import check_ratio
 from ._quality import size_for_quality
 from ._records import Holding
@@ -32,8 +40,11 @@ class AllocationPort(Protocol):
     _lock: Lock  # guards the handles' wake-up lists as well as the core
 
     async def _admit(
-        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
-    ) -> Allocation: ...
+        self, args: RequestArgs, backend: Backend, body: AllocationContext | None = None
+    ) -> Allocation:
+        """Request memory; for an ``allocate()`` (``body``), the body's scope is the
+        allocation's before it can be granted, and ``body._start(alloc)`` is called last."""
+        ...
 
     def release_allocation(self, alloc: Allocation) -> None: ...
 
@@ -337,34 +348,45 @@ class AllocationContext:
     Its body runs in a cancel scope owned by the allocation; see `Arbiter.allocate`.
     """
 
-    __slots__ = ("_alloc", "_args", "_port")
+    __slots__ = ("_alloc", "_args", "_port", "_scope")
 
     def __init__(self, port: AllocationPort, args: RequestArgs) -> None:
         self._port = port
         self._args = args
         self._alloc: Allocation | None = None
+        self._scope: CancelScopeLike | None = None  # the body's, made on entry
 
-    async def __aenter__(self) -> Allocation:
+    def __aenter__(self) -> Awaitable[Allocation]:
+        # Not a coroutine: the ``async with`` awaits the port's `_admit` itself, which
+        # calls `_start` once granted. One coroutine less per allocation to make and to
+        # pass each yield through.
         if self._alloc is not None:
             raise RuntimeError("this allocate() context was already entered")
         backend = current_backend()
-        scope = backend.cancel_scope()
-        alloc = self._alloc = await self._port._admit(self._args, backend, scope)
-        scope.__enter__()
-        return alloc
+        self._scope = backend.cancel_scope()
+        return self._port._admit(self._args, backend, self)
 
-    async def __aexit__(
+    def _start(self, alloc: Allocation) -> None:
+        """``alloc`` is granted: the body runs in its scope from here on (called by the
+        port in the task that entered, as the last step of its `_admit`)."""
+        self._alloc = alloc
+        assert self._scope is not None
+        self._scope.__enter__()
+
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
-        alloc = self._alloc
-        assert alloc is not None and alloc._scope is not None
+    ) -> Awaitable[bool | None]:
+        # Not a coroutine: nothing here waits, so the ``async with`` awaits an answer
+        # that is ready (a coroutine would cost a frame and an object per allocation).
+        alloc, scope = self._alloc, self._scope
+        assert alloc is not None and scope is not None
         try:
-            swallowed = alloc._scope.__exit__(exc_type, exc, tb)
+            swallowed = scope.__exit__(exc_type, exc, tb)
         finally:
             self._port.release_allocation(alloc)
-        if alloc._scope.cancelled_caught:
+        if scope.cancelled_caught:
             raise self._port._cut_short(alloc)
-        return swallowed
+        return at_once(swallowed) if swallowed else READY

@@ -32,7 +32,7 @@ import anyio.lowlevel
 
 from ._allocation import Allocation, AllocationContext
 from ._arguments import DEFAULT, Default, RequestArgs, check_request
-from ._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
+from ._backend import Backend, LoopEntry, Parker, current_backend
 from ._config import ArbiterConfig
 from ._errors import (
     AllocationTimeout,
@@ -305,7 +305,7 @@ class Arbiter:
         self,
         args: RequestArgs,
         backend: Backend,
-        scope: CancelScopeLike | None = None,
+        body: AllocationContext | None = None,
         owner: AllocationOwner | None = None,
         *,
         in_order: bool = False,
@@ -328,9 +328,9 @@ class Arbiter:
           yields (a grant cancelled at that yield is given back).
 
         So a task that allocates in a loop lets the others run.
-        ``scope`` (the body scope of an ``allocate()``) is the allocation's before it can
-        be granted: a preemption that comes before the body starts (from any thread)
-        cancels it, and the body starts cancelled.
+        ``body`` (an ``allocate()``): its scope is the allocation's before it can be
+        granted (a preemption that comes before the body starts, from any thread,
+        cancels it, and the body starts cancelled), and the body starts here, granted.
         ``owner`` (a daemon's session) is told of the allocation's preemption and quality
         changes, and can have everything it holds released at once (`_release_owner`);
         by default the arbiter itself owns it. ``in_order`` (a daemon's request, whose
@@ -345,11 +345,11 @@ class Arbiter:
         # Read without the lock: it only picks which of the valid checkpoints to take.
         # One that will not fit at once decides first (it may preempt, and the holders
         # can start giving back sooner), then parks.
+        smallest = memory if min_memory is None else min_memory
         yield_first = not (
             tallies.waiting
             or in_order
-            or ledger.budget - tallies.granted - tallies.external
-            < (memory if min_memory is None else min_memory)
+            or ledger.budget - tallies.granted - tallies.external < smallest
         )
         try:
             await (backend.checkpoint() if yield_first else backend.checkpoint_if_cancelled())
@@ -357,8 +357,6 @@ class Arbiter:
             with self._lock:
                 ledger.count_unqueued(Outcome.CANCELLED)
             raise
-        smallest = memory if min_memory is None else min_memory
-        limit = self._default_timeout if isinstance(timeout, Default) else timeout
         loop = backend.loop()
         clock = loop.clock
         started = clock()
@@ -366,9 +364,14 @@ class Arbiter:
             workload, priority, memory, min_memory, preemptible, keep_alive, owner or self
         )
         alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
-        alloc._scope = scope
+        if body is not None:
+            alloc._scope = body._scope
         request: NewAllocation | None = None
-        with self._lock:
+        # acquire/release, not ``with``: on the hot path the statement's two special-method
+        # lookups cost more than the lock itself.
+        lock = self._lock
+        lock.acquire()
+        try:
             refused = smallest > ledger.budget or self._closed
             if refused:
                 if yield_first:
@@ -385,6 +388,7 @@ class Arbiter:
                     or min_quality is not None
                     or not ledger.grant_now(holding, smallest, memory, now)
                 ):
+                    limit = self._default_timeout if isinstance(timeout, Default) else timeout
                     parker = backend.parker(loop, True)
                     request = NewAllocation(holding, smallest, memory, min_quality, parker)
                     request.may_reclaim = limit != 0
@@ -394,6 +398,8 @@ class Arbiter:
                         wake_at = math.inf if limit is None else started + limit
                     else:
                         wake_at = self._first_wake(request, started, limit, clock, now)
+        finally:
+            lock.release()
         if refused:
             if not yield_first:
                 await self._refuse(backend)
@@ -429,6 +435,8 @@ class Arbiter:
                 memory=holding.memory,
                 waited=clock() - started,
             )
+        if body is not None:
+            body._start(alloc)
         return alloc
 
     def _grant_at_once(self, args: RequestArgs, owner: AllocationOwner) -> Allocation | None:
@@ -582,12 +590,16 @@ class Arbiter:
         if not isinstance(alloc, Allocation) or alloc._port is not self:
             raise TypeError(f"alloc must be an Allocation of this arbiter, got {alloc!r}")
         holding = alloc._holding
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: see `_admit`
+        try:
             if holding.released:
                 return
             memory = holding.memory
             self._ledger.release(holding, self._now())
             self._let_go(alloc)
+        finally:
+            lock.release()
         if holding.keep_alive is not None:
             self._poke_timer()
         if configured():

@@ -56,10 +56,12 @@ except ImportError:  # trio depends on sniffio, so without it trio is not what r
 
 
 __all__ = [
+    "READY",
     "Backend",
     "CancelScopeLike",
     "LoopEntry",
     "Parker",
+    "at_once",
     "current_backend",
     "current_time",
 ]
@@ -141,11 +143,14 @@ class _Ready:
         return iter(())  # type: ignore[return-value]  # an iterator that stops at once
 
 
-_NOT_CANCELLED = _Ready()
+# Awaiting it returns None at once; shared: it keeps no state.
+READY = _Ready()
+_NOT_CANCELLED = READY
 
 
-async def _at_once(value: bool) -> bool:
-    """An awaitable of ``value`` that does not yield (a wake came before the park)."""
+async def at_once(value: bool) -> bool:
+    """An awaitable of ``value`` that does not yield (a wake that came before the park,
+    an answer already at hand)."""
     return value
 
 
@@ -329,7 +334,7 @@ def _trio_backend() -> Backend:
         def park(self, deadline: float) -> Awaitable[bool]:
             if self._state == woken:
                 self._state = idle
-                return _at_once(True)
+                return at_once(True)
             self._state = parked
             if deadline == math.inf:
                 # No coroutine of ours around trio's: the wake or the abort ends the park.

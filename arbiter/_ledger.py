@@ -155,8 +155,9 @@ class Ledger:
             retime=self._retime,
         )
         self._seq = count()
-        # What the time-weighted averages were last given: (used bytes, LLM active,
-        # diffusion active); while it stays the same their step goes on unobserved.
+        # What the time-weighted averages were last given at or above the pressure
+        # threshold (used bytes, LLM active, diffusion active); while it stays the same
+        # their step goes on unobserved. None after a step below it.
         self._observed: tuple[int, bool, bool] | None = None
         # The averages' quality values depend on pressure and on which families are
         # active, except under PROPORTIONAL (on each family's share as well).
@@ -253,6 +254,7 @@ class Ledger:
         llm, diffusion = tallies.families
         (tallies.granted, tallies.external, tallies.on_the_way, tallies.waiting,
          llm.granted, llm.count, diffusion.granted, diffusion.count) = view[2:10]  # type: ignore[assignment]  # fmt: skip
+        tallies.holders = llm.count + diffusion.count
         levels = len(llm.at)
         llm.at[:] = view[10 : 10 + levels]  # type: ignore[assignment]
         diffusion.at[:] = view[10 + levels :]  # type: ignore[assignment]
@@ -283,8 +285,7 @@ class Ledger:
         if free < min_size:
             return False
         self._hold(holding, max_size if max_size < free else free, now)
-        self.stats.successful += 1
-        self.stats.record_wait(holding.priority, 0.0)
+        self.stats.record_grant(holding.priority, 0.0)
         self._refresh(now)
         return True
 
@@ -315,7 +316,11 @@ class Ledger:
     def _enqueue(self, request: Request, now: float) -> None:
         request.enqueued_at = now
         if type(request) is Growth:
-            request.holding.growing.append(request)
+            holding = request.holding
+            if holding.growing is None:
+                holding.growing = [request]
+            else:
+                holding.growing.append(request)
         self._queues[request.priority][request] = None
         self.tallies.waiting += 1
 
@@ -328,7 +333,9 @@ class Ledger:
         if request.state is WAITING:
             request.state = WITHDRAWN
             if not counted:
-                request.holding.growing.remove(request)  # type: ignore[arg-type]
+                growing = request.holding.growing
+                assert growing is not None and isinstance(request, Growth)
+                growing.remove(request)
             self._dequeue(request)
             self.reclaimer.end(request)
             if counted:
@@ -418,6 +425,7 @@ class Ledger:
         family.granted -= memory
         family.at[holding.priority] -= memory
         family.count -= 1
+        tallies.holders -= 1
         holding.memory = 0
         del self._holders[holding.priority][holding]
         # Membership tests first: most holders are in none of these registries.
@@ -429,7 +437,10 @@ class Ledger:
             self._keep_alive.pop(holding, None)
         if holding.watchers:
             self._watched.pop(holding, None)
-        self._dispatch(now)
+        if tallies.waiting:
+            self._dispatch(now)
+        else:
+            self._refresh(now)  # what `_dispatch` comes to with nobody to hand it to
 
     def release_owner(self, owner: object, now: float) -> None:
         """Release every holding of ``owner`` and withdraw its waiting requests (as
@@ -441,14 +452,14 @@ class Ledger:
 
     def _fail_growing(self, holding: Holding) -> None:
         """``holding`` is released: nothing is left to grow."""
-        for growing in holding.growing:
+        growths, holding.growing = holding.growing, None
+        for growing in growths or ():
             if growing.state is not WAITING:
                 continue
             growing.state = FAILED
             self._dequeue(growing)
             self.reclaimer.end(growing)
             self._sink(Event.FAILED, growing.ticket)
-        holding.growing.clear()
 
     def _dequeue(self, request: Request) -> None:
         del self._queues[request.priority][request]
@@ -587,10 +598,9 @@ class Ledger:
         holding = request.holding
         if type(request) is NewAllocation:
             self._hold(holding, size, now)
-            self.stats.successful += 1
-            self.stats.record_wait(request.priority, now - request.enqueued_at)
+            self.stats.record_grant(request.priority, now - request.enqueued_at)
         else:
-            assert isinstance(request, Growth)
+            assert isinstance(request, Growth) and holding.growing is not None
             holding.growing.remove(request)
             tallies = self.tallies
             if holding.preempt_requested:  # it all goes back with the holder
@@ -620,6 +630,7 @@ class Ledger:
         family.granted += size
         family.at[holding.priority] += size
         family.count += 1
+        tallies.holders += 1
         holding.memory = size
         holding.granted_seq = next(self._seq)
         self._holders[holding.priority][holding] = None
@@ -646,16 +657,22 @@ class Ledger:
         tallies = self.tallies
         used = tallies.granted + tallies.external
         llm_family, diffusion_family = tallies.families
-        observed = (used, llm_family.count > 0, diffusion_family.count > 0)
-        # Unchanged values continue the averages' current step: nothing to record (a
-        # card kept full under contention, grant after grant).
-        if observed != self._observed or self._observe_always:
-            self._observed = observed
-            pressure = used / self.budget
-            if pressure < self._threshold:  # every policy gives 1.0
-                llm = 1.0 if llm_family.count else None
-                diffusion = 1.0 if diffusion_family.count else None
-            else:
+        pressure = used / self.budget
+        if pressure < self._threshold:  # every policy gives 1.0
+            self._observed = None
+            self.stats.observe(
+                now,
+                pressure,
+                1.0 if llm_family.count else None,
+                1.0 if diffusion_family.count else None,
+            )
+        else:
+            # Unchanged values continue the averages' current step: nothing to record
+            # (a card kept full under contention, grant after grant), and the policy's
+            # values are not asked again.
+            observed = (used, llm_family.count > 0, diffusion_family.count > 0)
+            if observed != self._observed or self._observe_always:
+                self._observed = observed
                 policy_for = self.targets.policy_for
                 llm = policy_for(Family.LLM, _NORMAL, pressure) if llm_family.count else None
                 diffusion = (
@@ -663,7 +680,7 @@ class Ledger:
                     if diffusion_family.count
                     else None
                 )
-            self.stats.observe(now, pressure, llm, diffusion)
+                self.stats.observe(now, pressure, llm, diffusion)
         if not self._watched and not self._elastic_count:
             return
         # Nothing below moves the tallies (a sink only wakes and reads).
@@ -704,6 +721,7 @@ class Ledger:
         assert tallies.granted == sum(h.memory for h in live), "granted != sum of holdings"
         assert tallies.on_the_way == sum(h.memory for h in live if h.preempt_requested)
         assert tallies.waiting == sum(len(q) for q in self._queues.values())
+        assert tallies.holders == len(live) == sum(f.count for f in tallies.families)
         assert all(r.state is WAITING for q in self._queues.values() for r in q)
         for family in tallies.families:
             assert sum(family.at) == family.granted, "per-priority tallies drift"

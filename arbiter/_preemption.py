@@ -63,7 +63,8 @@ def plan_shrinks(
     remaining = shortfall
     for holding in victims(elastic, below, shrinking=True):
         assert holding.min_memory is not None
-        start = min(holding.memory, min(holding.shrink_asks.values(), default=holding.memory))
+        asks = holding.shrink_asks
+        start = min(holding.memory, min(asks.values())) if asks else holding.memory
         if promised_size is not None:
             start = min(start, promised_size(holding))
         give = min(start - holding.min_memory, remaining)
@@ -225,23 +226,30 @@ class Reclaimer:
         plan = plan_shrinks(self._elastic, request.priority, shortfall, self._target_size)
         for holding, size, give in plan:
             asked += give
-            previous = holding.shrink_asks.get(request)
-            holding.shrink_asks[request] = size if previous is None else min(size, previous)
+            asks = holding.shrink_asks
+            if asks is None:
+                asks = holding.shrink_asks = {}
+            previous = asks.get(request)
+            asks[request] = size if previous is None else min(size, previous)
             self._asked[holding] = None
             self._cap(holding)
             if previous is None:
-                request.shrunk.append(holding)
+                if request.shrunk is None:
+                    request.shrunk = [holding]
+                else:
+                    request.shrunk.append(holding)
             # The drop it causes is counted where targets are recomputed.
         return asked
 
     def _cap(self, holding: Holding) -> None:
         """Cap ``holding``'s target at the share of the least size it is asked to shrink to."""
-        if not holding.shrink_asks:
+        asks = holding.shrink_asks
+        if not asks:
             holding.shrink_cap = None
             return
         assert holding.min_memory is not None
         holding.shrink_cap = elastic_share_quality(
-            min(holding.shrink_asks.values()),
+            min(asks.values()),
             holding.min_memory,
             holding.max_memory,
             self._targets.floor(holding.family),
@@ -250,12 +258,13 @@ class Reclaimer:
     def end(self, request: Request) -> None:
         """The pressure that caused ``request``'s shrink requests has passed."""
         request.reclaim_deadline = math.inf
-        for holding in request.shrunk:
+        shrunk, request.shrunk = request.shrunk, None
+        for holding in shrunk or ():
+            assert holding.shrink_asks is not None  # it was asked by this request
             del holding.shrink_asks[request]
             if not holding.shrink_asks:
                 self._asked.pop(holding, None)
             self._cap(holding)
-        request.shrunk.clear()
 
     def forget(self, holding: Holding) -> None:
         """``holding`` is released: it is asked for nothing any more."""

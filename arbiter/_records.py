@@ -114,7 +114,8 @@ class Holding:
         # The caller's name for it (its handle): the core hands it back in events only.
         self.ticket = ticket
         self.granted_seq = -1
-        self.growing: list[Growth] = []  # its queued growths
+        # Its queued growths; None until it has one (most never grow: no list for them).
+        self.growing: list[Growth] | None = None
         self.busy_spans = 0
         self.idle_since = 0.0
         self.preempt_requested = False
@@ -122,7 +123,8 @@ class Holding:
         # Set while a higher-priority waiter needs this elastic holder to shrink.
         self.shrink_cap: float | None = None
         # The size each waiter that needs it to shrink asked for; the cap follows the least.
-        self.shrink_asks: dict[Request, int] = {}
+        # None until one asks (most are never asked: no dict for them).
+        self.shrink_asks: dict[Request, int] | None = None
         self.watchers = 0
         self.notified_quality = 1.0
         # Released: what its target is computed from, if it is ever read (the ledger's).
@@ -182,7 +184,8 @@ class Request:
         self.reclaim_deadline = _INF
         # What all its victims held when preempting them could not cover the shortfall.
         self.reclaimable = _INF
-        self.shrunk: list[Holding] = []  # the holders it asked to shrink
+        # The holders it asked to shrink; None until it asks (most never do: no list).
+        self.shrunk: list[Holding] | None = None
 
 
 class NewAllocation(Request):
@@ -223,6 +226,7 @@ class Tallies:
         "external",
         "families",
         "granted",
+        "holders",
         "on_the_way",
         "waiting",
     )
@@ -234,11 +238,9 @@ class Tallies:
         # Memory of holdings asked to give everything back that have not released yet.
         self.on_the_way = 0
         self.families = (FamilyTally(), FamilyTally())  # indexed by `Family`
+        # The families' counts together: quality targets ask it on every grant.
+        self.holders = 0
         self.waiting = 0  # queued requests
         # Requests that have left the queue: with `waiting`, it moves whenever the queue
         # (and so possibly its head) does.
         self.dequeued = 0
-
-    @property
-    def holders(self) -> int:
-        return self.families[0].count + self.families[1].count

@@ -128,7 +128,9 @@ class StatsRecorder:
         """The clock reading of the latest observation (0.0 before any)."""
         return 0.0 if self._since is None else self._since
 
-    def record_wait(self, priority: Priority, waited: float) -> None:
+    def record_grant(self, priority: Priority, waited: float) -> None:
+        """Count a successful allocation that waited ``waited`` seconds."""
+        self.successful += 1
         self._waits[priority].append(waited)
 
     def observe(

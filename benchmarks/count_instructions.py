@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.lowlevel
@@ -81,10 +82,10 @@ async def _run(case: str, rounds: int) -> None:
         await worker()
 
 
-def _instructions(case: str, rounds: int, backend: str) -> int:
+def _instructions(script: str, case: str, rounds: int, backend: str) -> int:
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         sys.executable, __file__, "--run", case, str(rounds), "--backend", backend],
+         sys.executable, script, "--run", case, str(rounds), "--backend", backend],
         capture_output=True, text=True, timeout=900, check=True,
     )  # fmt: skip
     match = re.search(r"Collected : (\d+)", done.stderr)
@@ -92,23 +93,37 @@ def _instructions(case: str, rounds: int, backend: str) -> int:
     return int(match.group(1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def per_operation(script: str, case: str, small: int, large: int, ops: int, backend: str) -> float:
+    """Instructions per operation of ``script --run case``: two runs, ``small`` and
+    ``large`` iterations of ``ops`` operations each, and the difference between them."""
+    if shutil.which("valgrind") is None:
+        sys.exit("counting instructions needs valgrind (apt-get install valgrind)")
+    low = _instructions(script, case, small, backend)
+    high = _instructions(script, case, large, backend)
+    return (high - low) / ((large - small) * ops)
+
+
+def backend_unless_run(description: str, run: Callable[[str, int], Awaitable[None]]) -> str:
+    """The ``--backend`` to count on; as a counted child (``--run CASE ROUNDS``, what
+    `per_operation` starts), run ``run(case, rounds)`` on it and exit."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--run", nargs=2, metavar=("CASE", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        case, rounds = args.run[0], int(args.run[1])
-        anyio.run(_run, case, rounds, backend=args.backend)
-        return
-    if shutil.which("valgrind") is None:
-        sys.exit("count_instructions.py needs valgrind (apt-get install valgrind)")
-    per_op = {}
-    for case, (small, large, ops) in CASES.items():
-        low = _instructions(case, small, args.backend)
-        high = _instructions(case, large, args.backend)
-        per_op[case] = (high - low) / ((large - small) * ops)
-    print(f"instructions per operation ({args.backend}); ratio against anyio.Semaphore")
+        anyio.run(run, args.run[0], int(args.run[1]), backend=args.backend)
+        sys.exit()
+    backend: str = args.backend
+    return backend
+
+
+def main() -> None:
+    backend = backend_unless_run(__doc__.splitlines()[0], _run)
+    per_op = {
+        case: per_operation(__file__, case, small, large, ops, backend)
+        for case, (small, large, ops) in CASES.items()
+    }
+    print(f"instructions per operation ({backend}); ratio against anyio.Semaphore")
     print(f"{'case':<24} {'instructions':>13} {'ratio':>7}")
     for case, count in per_op.items():
         base = per_op["contended semaphore" if case.startswith("contended") else "semaphore"]

@@ -323,7 +323,7 @@ class PreemptionMachine(RuleBasedStateMachine):
                 continue
             # preemptible=False holders are asked too (never preempted: see on_preempt)
             assert holding.elastic
-            askers = [r for r in self.waiting() if holding in r.shrunk]
+            askers = [r for r in self.waiting() if holding in (r.shrunk or ())]
             assert askers, "a shrink request outlived its waiter"
             assert all(r.priority > holding.priority for r in askers)
 

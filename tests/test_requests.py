@@ -743,6 +743,24 @@ async def test_allocate_releases_on_exception_and_lets_it_through() -> None:
 
 
 @pytest.mark.anyio
+async def test_an_allocate_context_is_entered_once_but_again_after_a_failed_entry() -> None:
+    arbiter = make_arbiter()
+    holder = await arbiter.request_allocation(LLM, NORMAL, 8 * GiB)
+    context = arbiter.allocate(LLM, NORMAL, memory=4 * GiB, timeout=0)
+    with pytest.raises(AllocationTimeout):
+        async with context:
+            pytest.fail("granted without memory")
+    holder.release()
+    async with context as alloc:  # the failed entry held nothing: it may be tried again
+        assert alloc.memory == 4 * GiB
+        with pytest.raises(RuntimeError, match="already entered"):
+            async with context:
+                pytest.fail("entered twice")
+    assert alloc.released
+    assert_exact(arbiter, used=0)
+
+
+@pytest.mark.anyio
 async def test_allocate_exit_hands_memory_to_the_next_waiter() -> None:
     arbiter = make_arbiter()
     got: list[Allocation] = []

@@ -31,7 +31,7 @@ import msgspec
 
 from .._allocation import Allocation, AllocationContext
 from .._arguments import DEFAULT, Default, RequestArgs, check_request
-from .._backend import Backend, CancelScopeLike, LoopEntry, Parker, current_backend
+from .._backend import Backend, LoopEntry, Parker, current_backend
 from .._config import ArbiterConfig
 from .._errors import (
     AllocationTimeout,
@@ -730,7 +730,7 @@ class RemoteArbiter:
     # == the handles' port (`AllocationPort`) ==================================
 
     async def _admit(
-        self, args: RequestArgs, backend: Backend, scope: CancelScopeLike | None = None
+        self, args: RequestArgs, backend: Backend, body: AllocationContext | None = None
     ) -> Allocation:
         """Request on the owning loop (from any thread's loop); the allocation belongs to
         the caller's loop, where its body runs and its waits wake."""
@@ -740,12 +740,15 @@ class RemoteArbiter:
             alloc: Allocation = await self._in_owner(self._request_here, args, loop)
         else:
             alloc = await self._request_here(args, loop)
-        if scope is not None:
+        if body is not None:
             holding = alloc._holding
+            scope = body._scope
+            assert scope is not None
             with self._lock:  # a preemption read from the socket sees it, or we see it
                 alloc._scope = scope
                 if holding.preempt_requested or holding.released:
                     scope.cancel()
+            body._start(alloc)
         return alloc
 
     async def _request_here(self, args: RequestArgs, loop: LoopEntry) -> Allocation:
