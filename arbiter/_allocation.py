@@ -42,8 +42,9 @@ class AllocationPort(Protocol):
     async def _admit(
         self, args: RequestArgs, backend: Backend, body: AllocationContext | None = None
     ) -> Allocation:
-        """Request memory; for an ``allocate()`` (``body``), the body's scope is the
-        allocation's before it can be granted, and ``body._start(alloc)`` is called last."""
+        """Request memory. For an ``allocate()`` (``body``) the port makes the body's cancel
+        scope, the allocation's before it can be granted, and calls ``body._start(alloc)``
+        last; when the request fails it clears ``body._entering``."""
         ...
 
     def release_allocation(self, alloc: Allocation) -> None: ...
@@ -348,30 +349,30 @@ class AllocationContext:
     Its body runs in a cancel scope owned by the allocation; see `Arbiter.allocate`.
     """
 
-    __slots__ = ("_alloc", "_args", "_port", "_scope")
+    __slots__ = ("_alloc", "_args", "_entering", "_port")
 
     def __init__(self, port: AllocationPort, args: RequestArgs) -> None:
         self._port = port
         self._args = args
         self._alloc: Allocation | None = None
-        self._scope: CancelScopeLike | None = None  # the body's, made on entry
+        self._entering = False  # from entry to grant or failure: one entry at a time
 
     def __aenter__(self) -> Awaitable[Allocation]:
         # Not a coroutine: the ``async with`` awaits the port's `_admit` itself, which
-        # calls `_start` once granted. One coroutine less per allocation to make and to
-        # pass each yield through.
-        if self._alloc is not None:
+        # calls `_start` once granted, or clears `_entering` when it fails. One coroutine
+        # less per allocation to make and to pass each yield through.
+        if self._alloc is not None or self._entering:
             raise RuntimeError("this allocate() context was already entered")
-        backend = current_backend()
-        self._scope = backend.cancel_scope()
-        return self._port._admit(self._args, backend, self)
+        self._entering = True
+        return self._port._admit(self._args, current_backend(), self)
 
     def _start(self, alloc: Allocation) -> None:
         """``alloc`` is granted: the body runs in its scope from here on (called by the
         port in the task that entered, as the last step of its `_admit`)."""
         self._alloc = alloc
-        assert self._scope is not None
-        self._scope.__enter__()
+        self._entering = False
+        assert alloc._scope is not None
+        alloc._scope.__enter__()
 
     def __aexit__(
         self,
@@ -381,12 +382,14 @@ class AllocationContext:
     ) -> Awaitable[bool | None]:
         # Not a coroutine: nothing here waits, so the ``async with`` awaits an answer
         # that is ready (a coroutine would cost a frame and an object per allocation).
-        alloc, scope = self._alloc, self._scope
-        assert alloc is not None and scope is not None
+        alloc = self._alloc
+        assert alloc is not None and alloc._scope is not None
+        scope = alloc._scope
         try:
             swallowed = scope.__exit__(exc_type, exc, tb)
         finally:
             self._port.release_allocation(alloc)
         if scope.cancelled_caught:
             raise self._port._cut_short(alloc)
-        return at_once(swallowed) if swallowed else READY
+        # trio's scope answers True on a clean exit too: nothing to swallow then.
+        return at_once(True) if swallowed and exc_type is not None else READY
