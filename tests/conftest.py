@@ -10,24 +10,39 @@ import sys
 sys.dont_write_bytecode = False
 
 import os
-import ssl
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
-import structlog
-from hypothesis import settings
 
-import arbiter._gpu
+if TYPE_CHECKING:
+    import ssl
 
-# Property tests and state machines draw max_examples from the loaded profile. The default
-# run stays bounded (one `python -m pytest -q` is the edit-test loop); hypothesis keeps
-# every failing example in .hypothesis/ and replays it first, and a fresh seed each run
-# covers new ground. `--hypothesis-profile=thorough` runs ten times as many.
-settings.register_profile("quick", max_examples=50, deadline=None)
-settings.register_profile("thorough", max_examples=500, deadline=None)
-settings.load_profile("quick")
+# What the tests need (hypothesis, httpx, structlog, arbiter) is imported where it is used,
+# not here: xdist's controller loads this file too, runs no test, and starts its workers
+# only once it is configured (those imports cost it about 0.2 s of CPU).
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis' own, which loads --hypothesis-profile
+def pytest_configure(config: pytest.Config) -> None:
+    """Property tests and state machines draw max_examples from the loaded profile. The
+    default run stays bounded (one `python -m pytest -q` is the edit-test loop);
+    hypothesis keeps every failing example in .hypothesis/ and replays it first, and a
+    fresh seed each run covers new ground. `--hypothesis-profile=thorough` runs ten
+    times as many."""
+    _add_markers(config)
+    controller = (  # xdist's: it only hands tests out (none without the xdist plugin)
+        getattr(config.option, "dist", "no") != "no"
+        and not config.option.collectonly
+        and not hasattr(config, "workerinput")
+    )
+    if controller and not config.getoption("hypothesis_profile", None):
+        return
+    from hypothesis import settings
+
+    settings.register_profile("quick", max_examples=50, deadline=None)
+    settings.register_profile("thorough", max_examples=500, deadline=None)
+    settings.load_profile("quick")
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: the suite also runs without xdist
@@ -90,7 +105,7 @@ def _module_scoped_fixtures(item: pytest.Item) -> tuple[str, ...]:
     )
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def _add_markers(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "real_processes: the test mostly waits on real daemon and client processes (under "
@@ -134,7 +149,7 @@ def _no_default_gpu_probe(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
     async def no_probe(device: int | str = 0) -> None:
         return None
 
-    monkeypatch.setattr(arbiter._gpu, "open_default_probe", no_probe)
+    monkeypatch.setattr("arbiter._gpu.open_default_probe", no_probe)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -144,6 +159,8 @@ def _one_tls_trust_store() -> Iterator[None]:
     over the suite, for tests that speak plain HTTP to 127.0.0.1. Here the clients of a
     worker share the first default context (an `ssl.SSLContext` serves any number of
     connections); the client is otherwise built as in production."""
+    import httpx
+
     real = httpx.create_ssl_context
     shared: list[ssl.SSLContext] = []
 
@@ -162,6 +179,9 @@ def _one_tls_trust_store() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _structlog_as_found() -> Iterator[None]:
     """Tests that capture logs configure structlog; later tests must find it as a
-    program that never configured it does (warnings only, on stderr)."""
+    program that never configured it does (warnings only, on stderr). A worker that has
+    not imported structlog yet has nothing to reset."""
     yield
-    structlog.reset_defaults()
+    structlog = sys.modules.get("structlog")
+    if structlog is not None:
+        structlog.reset_defaults()
