@@ -166,19 +166,38 @@ def anyio_backend(request: pytest.FixtureRequest) -> str | tuple[str, dict[str, 
     return name
 
 
+async def _no_probe(device: int | str = 0) -> None:
+    return None
+
+
 @pytest.fixture(autouse=True)
-def _no_default_gpu_probe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`Arbiter(config)` without ``probe=`` opens the default NVML probe inside
-    ``async with``: on a machine with a GPU a test would read the real card. Unless a
-    test asks for it, the default probe is "no GPU" (the shell imports the function
-    from `arbiter._gpu` when it starts the poller, so patching the package suffices)."""
-    if request.node.get_closest_marker("real_gpu_probe") is not None:
-        return
+def _each_test_as_a_fresh_program(request: pytest.FixtureRequest) -> Iterator[None]:
+    """What every test finds, and leaves behind for the next (one fixture, not one per
+    concern: a function-scoped fixture costs pytest about 0.15 ms per test, and there
+    are 2,000 tests on every run).
 
-    async def no_probe(device: int | str = 0) -> None:
-        return None
+    - `Arbiter(config)` without ``probe=`` opens the default NVML probe inside
+      ``async with``: on a machine with a GPU a test would read the real card. Unless
+      a test asks for it (``real_gpu_probe``), the default probe is "no GPU" (the shell
+      imports the function from `arbiter._gpu` when it starts the poller, so patching
+      the package suffices).
+    - Tests that capture logs configure structlog; later tests must find it as a
+      program that never configured it does (warnings only, on stderr). A worker that
+      has not imported structlog yet has nothing to reset."""
+    patched: list[tuple[object, str, object]] = []
+    if request.node.get_closest_marker("real_gpu_probe") is None:
+        import arbiter._gpu
 
-    monkeypatch.setattr("arbiter._gpu.open_default_probe", no_probe)
+        patched.append((arbiter._gpu, "open_default_probe", arbiter._gpu.open_default_probe))
+        arbiter._gpu.open_default_probe = _no_probe
+    try:
+        yield
+    finally:
+        for target, name, value in patched:
+            setattr(target, name, value)
+        structlog = sys.modules.get("structlog")
+        if structlog is not None:
+            structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -203,14 +222,3 @@ def _one_tls_trust_store() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(httpx, "create_ssl_context", create_ssl_context)
         yield
-
-
-@pytest.fixture(autouse=True)
-def _structlog_as_found() -> Iterator[None]:
-    """Tests that capture logs configure structlog; later tests must find it as a
-    program that never configured it does (warnings only, on stderr). A worker that has
-    not imported structlog yet has nothing to reset."""
-    yield
-    structlog = sys.modules.get("structlog")
-    if structlog is not None:
-        structlog.reset_defaults()
