@@ -66,7 +66,7 @@ def _end_worker_without_teardown(config: pytest.Config) -> None:
     """An xdist worker whose pytest has finished (its results are with the controller,
     its fixtures torn down, its non-daemon threads joined) exits at once instead of
     tearing the interpreter down: freeing every module and object of the whole run took
-    each worker about 0.3 s of CPU, at the very end of the run, where the controller
+    each worker 0.2 to 0.4 s of CPU, at the very end of the run, where the controller
     waits for all of them. The at-exit handlers registered after this one (by the tests'
     libraries) have run; only those registered before it (logging's, which flushes
     handlers that flush on every record anyway) are skipped. A worker that did not get
