@@ -428,7 +428,7 @@ async def test_a_request_that_would_outwait_its_timeout_is_turned_away_at_once()
 
 
 @pytest.mark.anyio
-@pytest.mark.virtual_time  # the running chat takes 1.2 s of the clock
+@pytest.mark.virtual_time  # the running chat takes 2 s of the clock
 async def test_shutdown_answers_queued_requests_503_at_once_and_lets_running_ones_finish() -> None:
     async with _served() as served:
         replies: dict[str, httpx.Response] = {}
@@ -441,8 +441,7 @@ async def test_shutdown_answers_queued_requests_503_at_once_and_lets_running_one
                 queued_answered.set()
 
         async with anyio.create_task_group() as tg:
-            # 1.2 s: it outlasts the second that the queued request has to be answered in.
-            tg.start_soon(post, "running", {"memory_gb": 20, "max_tokens": 600})
+            tg.start_soon(post, "running", {"memory_gb": 20, "max_tokens": 1000})  # 2 s
             await settle()
             tg.start_soon(post, "queued", {"memory_gb": 8, "timeout": 30})
             await settle()
