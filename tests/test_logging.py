@@ -187,3 +187,35 @@ def test_a_configured_structlog_decides_where_warnings_go(logs: Logs) -> None:
 
     log.warning("something odd", detail=1)
     assert logs[-1] == {"event": "something odd", "detail": 1, "log_level": "warning"}
+
+
+DAEMON_LOGGING_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from arbiter._log import log
+    from arbiter.cli._serve import _configure_logging
+
+    _configure_logging()
+    print(sorted(name for name in sys.modules if name.split(".")[0] == "rich"))
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.exception("boom", detail=1)
+    import rich.console  # a later import of rich still works
+    """
+)
+
+
+def test_the_daemons_logging_loads_no_rich_and_still_prints_tracebacks() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", DAEMON_LOGGING_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+    [line] = done.stderr.splitlines()  # key=value, the traceback escaped inside it
+    assert "level='error' event='boom' detail=1 exception=" in line
+    assert "ZeroDivisionError: division by zero" in line
