@@ -363,8 +363,9 @@ class AllocationContext:
         # less per allocation to make and to pass each yield through.
         if self._alloc is not None or self._entering:
             raise RuntimeError("this allocate() context was already entered")
+        backend = current_backend()  # may raise: nothing is under way yet
         self._entering = True
-        return self._port._admit(self._args, current_backend(), self)
+        return self._port._admit(self._args, backend, self)
 
     def _start(self, alloc: Allocation) -> None:
         """``alloc`` is granted: the body runs in its scope from here on (called by the

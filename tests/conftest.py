@@ -9,7 +9,6 @@ import sys
 # by git), as it does without the variable.
 sys.dont_write_bytecode = False
 
-import atexit
 import gc
 import os
 from collections.abc import Iterator
@@ -28,8 +27,7 @@ if TYPE_CHECKING:
 @pytest.hookimpl(tryfirst=True)  # before hypothesis' own, which loads --hypothesis-profile
 def pytest_configure(config: pytest.Config) -> None:
     """The markers; in a process that runs tests, the collector off until collection is
-    over (see pytest_collection_finish) and, in an xdist worker, a quick exit (see
-    `_end_worker_without_teardown`).
+    over (see pytest_collection_finish).
 
     Property tests and state machines draw max_examples from the loaded profile. The
     default run stays bounded (one `python -m pytest -q` is the edit-test loop);
@@ -37,8 +35,6 @@ def pytest_configure(config: pytest.Config) -> None:
     fresh seed each run covers new ground. `--hypothesis-profile=thorough` runs ten
     times as many."""
     _add_markers(config)
-    if hasattr(config, "workerinput"):
-        atexit.register(_end_worker_without_teardown, config)
     controller = (  # xdist's: it only hands tests out (none without the xdist plugin)
         getattr(config.option, "dist", "no") != "no"
         and not config.option.collectonly
@@ -53,32 +49,6 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.register_profile("quick", max_examples=50, deadline=None)
     settings.register_profile("thorough", max_examples=500, deadline=None)
     settings.load_profile("quick")
-
-
-_UNCONFIGURED = pytest.StashKey[bool]()
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    config.stash[_UNCONFIGURED] = True
-
-
-def _end_worker_without_teardown(config: pytest.Config) -> None:
-    """An xdist worker whose pytest has finished (its results are with the controller,
-    its fixtures torn down, its non-daemon threads joined) exits at once instead of
-    tearing the interpreter down: freeing every module and object of the whole run took
-    each worker 0.2 to 0.4 s of CPU, at the very end of the run, where the controller
-    waits for all of them. The at-exit handlers registered after this one (by the tests'
-    libraries) have run; only those registered before it (logging's, which flushes
-    handlers that flush on every record anyway) are skipped. A worker that did not get
-    as far as pytest_unconfigure ends as usual."""
-    if not config.stash.get(_UNCONFIGURED, False):
-        return
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(0)
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: the suite also runs without xdist

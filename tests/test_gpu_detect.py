@@ -24,10 +24,10 @@ CAT = shutil.which("cat") or "/bin/cat"
 # Fast enough for a loaded 2-core machine to start a Python tool, short enough to keep
 # the hang tests quick.
 TOOL_TIMEOUT = 1.0
-# The hang tests wait out the timeout once per hanging tool; their tools are shell scripts,
-# which start in milliseconds, so they afford a shorter one.
+# The hang tests wait out the timeout once per hanging tool, so they take a shorter one.
 HANG_TIMEOUT = 0.5
-# Where every tool hangs, none has to answer in time: the shortest wait will do.
+# Where every tool hangs, none has to answer (or even start) in time: what is checked is
+# that detection gives up within its bound, and the shortest wait will do.
 ALL_HANG_TIMEOUT = 0.2
 
 TOOL = """#!{python}

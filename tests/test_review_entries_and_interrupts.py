@@ -16,12 +16,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import anyio
 import pytest
+import sniffio
 from remote_helpers import LINUX_ONLY, daemon
 
 from arbiter import (
@@ -152,6 +154,23 @@ async def test_preempting_the_first_of_two_entries_of_one_context_cancels_its_bo
     assert not wrongly_cut_short, "a body was cut short whose allocation was not preempted"
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_an_entry_refused_before_it_reached_the_port_leaves_the_context_usable(
+    backend: str,
+) -> None:
+    arbiter = Arbiter(ArbiterConfig.for_vram_gb(2), probe=None)
+    context = arbiter.allocate(LLM, Priority.NORMAL, memory=GiB)
+    with pytest.raises(sniffio.AsyncLibraryNotFoundError):
+        context.__aenter__()  # outside any event loop: refused, nothing requested
+
+    async def enter() -> int:
+        async with context as alloc:
+            return alloc.memory
+
+    assert anyio.run(enter, backend=backend) == GiB
+    assert arbiter.state().vram_used == 0
+
+
 # -- what held ----------------------------------------------------------------
 
 
@@ -211,25 +230,30 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupt
 
 
-def _interrupt_once_it_has_the_lock(arbiter: Arbiter, function: str) -> threading.Thread:
+def _interrupt_once_it_has_the_lock(
+    arbiter: Arbiter, function: str, stop: threading.Event
+) -> threading.Thread:
     """Hold ``arbiter``'s lock until the main thread waits for it in ``function``, then
     let a signal arrive (in this thread: the main thread's wait goes on) and let go: the
     main thread takes the lock and its handler runs at its next check, right there."""
     main = threading.main_thread().ident
     assert main is not None
 
+    def waits_here(frame: FrameType | None) -> bool:
+        if frame is None or frame.f_code.co_name != function:
+            return False
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        return "lock" in line and frame.f_locals.get("self") is arbiter
+
     def hold() -> None:
         with arbiter._lock:
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                frame = sys._current_frames().get(main)
-                if frame is not None and frame.f_code.co_name == function:
-                    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
-                    if "lock" in line:
-                        # Never elsewhere: a signal at a random point could hit
-                        # another test. Not waiting there: the test fails, no raise.
-                        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
-                        return
+            while not stop.is_set() and time.monotonic() < deadline:
+                if waits_here(sys._current_frames().get(main)):
+                    # Never elsewhere: a signal at a random point could hit
+                    # another test. Not waiting there: the test fails, no raise.
+                    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+                    return
                 time.sleep(0.001)
 
     thread = threading.Thread(target=hold)
@@ -238,13 +262,25 @@ def _interrupt_once_it_has_the_lock(arbiter: Arbiter, function: str) -> threadin
 
 
 @pytest.fixture
-def interrupt_on_sigusr1() -> Iterator[None]:
+def interrupt_as_it_takes_the_lock() -> Iterator[Callable[[Arbiter, str], threading.Thread]]:
+    """Starts `_interrupt_once_it_has_the_lock`; each helper is stopped and joined before
+    SIGUSR1's handler is put back, so no signal outlives the test."""
     if threading.current_thread() is not threading.main_thread() or sys.platform == "win32":
         pytest.skip("signal handlers run in the main thread of a POSIX process")
+    stop = threading.Event()
+    helpers: list[threading.Thread] = []
+
+    def start(arbiter: Arbiter, function: str) -> threading.Thread:
+        helpers.append(_interrupt_once_it_has_the_lock(arbiter, function, stop))
+        return helpers[-1]
+
     previous = signal.signal(signal.SIGUSR1, _interrupt)
     try:
-        yield
+        yield start
     finally:
+        stop.set()
+        for helper in helpers:
+            helper.join(10)
         signal.signal(signal.SIGUSR1, previous)
 
 
@@ -256,7 +292,7 @@ def _lock_was_left_held(arbiter: Arbiter) -> bool:
 
 
 def test_an_interrupt_as_release_takes_the_lock_leaves_the_lock_free(
-    interrupt_on_sigusr1: None,
+    interrupt_as_it_takes_the_lock: Callable[[Arbiter, str], threading.Thread],
 ) -> None:
     arbiter = Arbiter(ArbiterConfig.for_vram_gb(BUDGET_GB), probe=None)
 
@@ -264,7 +300,7 @@ def test_an_interrupt_as_release_takes_the_lock_leaves_the_lock_free(
         return await arbiter.request_allocation(LLM, Priority.NORMAL, GiB)
 
     alloc = anyio.run(request)
-    thread = _interrupt_once_it_has_the_lock(arbiter, "release_allocation")
+    thread = interrupt_as_it_takes_the_lock(arbiter, "release_allocation")
     with pytest.raises(Interrupt):
         alloc.release()
     thread.join(10)
@@ -272,10 +308,10 @@ def test_an_interrupt_as_release_takes_the_lock_leaves_the_lock_free(
 
 
 async def test_an_interrupt_as_a_request_takes_the_lock_leaves_the_lock_free(
-    interrupt_on_sigusr1: None,
+    interrupt_as_it_takes_the_lock: Callable[[Arbiter, str], threading.Thread],
 ) -> None:
     arbiter = Arbiter(ArbiterConfig.for_vram_gb(BUDGET_GB), probe=None)
-    thread = _interrupt_once_it_has_the_lock(arbiter, "_admit")
+    thread = interrupt_as_it_takes_the_lock(arbiter, "_admit")
     with pytest.raises(Interrupt):
         async with arbiter.allocate(LLM, Priority.NORMAL, memory=GiB):
             pass
