@@ -8,11 +8,11 @@ so the same handle serves any arbiter that implements it.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Coroutine, Iterator
 from contextlib import contextmanager
 from threading import Lock
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio.lowlevel
 
@@ -44,7 +44,7 @@ class AllocationPort(Protocol):
     ) -> Allocation:
         """Request memory. For an ``allocate()`` (``body``) the port makes the body's cancel
         scope, the allocation's before it can be granted, and calls ``body._start(alloc)``
-        last; when the request fails it clears ``body._entering``."""
+        last."""
         ...
 
     def release_allocation(self, alloc: Allocation) -> None: ...
@@ -349,29 +349,31 @@ class AllocationContext:
     Its body runs in a cancel scope owned by the allocation; see `Arbiter.allocate`.
     """
 
-    __slots__ = ("_alloc", "_args", "_entering", "_port")
+    __slots__ = ("_alloc", "_args", "_entry", "_port")
 
     def __init__(self, port: AllocationPort, args: RequestArgs) -> None:
         self._port = port
         self._args = args
         self._alloc: Allocation | None = None
-        self._entering = False  # from entry to grant or failure: one entry at a time
+        # The port's request under way, from entry to grant or failure: one at a time.
+        self._entry: Coroutine[Any, Any, Allocation] | None = None
 
     def __aenter__(self) -> Awaitable[Allocation]:
         # Not a coroutine: the ``async with`` awaits the port's `_admit` itself, which
-        # calls `_start` once granted, or clears `_entering` when it fails. One coroutine
-        # less per allocation to make and to pass each yield through.
-        if self._alloc is not None or self._entering:
+        # calls `_start` once granted. One coroutine less per allocation to make and to
+        # pass each yield through.
+        if self._alloc is not None or getattr(self._entry, "cr_frame", None) is not None:
+            # Granted, or a request still under way. One that failed, or was closed
+            # before it ran, has no frame left: the context may be entered again.
             raise RuntimeError("this allocate() context was already entered")
-        backend = current_backend()  # may raise: nothing is under way yet
-        self._entering = True
-        return self._port._admit(self._args, backend, self)
+        self._entry = self._port._admit(self._args, current_backend(), self)
+        return self._entry
 
     def _start(self, alloc: Allocation) -> None:
         """``alloc`` is granted: the body runs in its scope from here on (called by the
         port in the task that entered, as the last step of its `_admit`)."""
         self._alloc = alloc
-        self._entering = False
+        self._entry = None
         assert alloc._scope is not None
         alloc._scope.__enter__()
 

@@ -338,106 +338,100 @@ class Arbiter:
         requests queue in the order their messages came: the cancellation check first,
         the yield after.
         """
+        (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
+         label) = args  # fmt: skip
+        ledger = self._ledger
+        tallies = ledger.tallies
+        # Read without the lock: it only picks which of the valid checkpoints to take.
+        # One that will not fit at once decides first (it may preempt, and the holders
+        # can start giving back sooner), then parks.
+        smallest = memory if min_memory is None else min_memory
+        yield_first = not (
+            tallies.waiting
+            or in_order
+            or ledger.budget - tallies.granted - tallies.external < smallest
+        )
         try:
-            (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
-             label) = args  # fmt: skip
-            ledger = self._ledger
-            tallies = ledger.tallies
-            # Read without the lock: it only picks which of the valid checkpoints to take.
-            # One that will not fit at once decides first (it may preempt, and the holders
-            # can start giving back sooner), then parks.
-            smallest = memory if min_memory is None else min_memory
-            yield_first = not (
-                tallies.waiting
-                or in_order
-                or ledger.budget - tallies.granted - tallies.external < smallest
-            )
-            try:
-                await (backend.checkpoint() if yield_first else backend.checkpoint_if_cancelled())
-            except BaseException:
-                with self._lock:
-                    ledger.count_unqueued(Outcome.CANCELLED)
-                raise
-            loop = backend.loop()
-            clock = loop.clock
-            started = clock()
-            holding = Holding(
-                workload, priority, memory, min_memory, preemptible, keep_alive, owner or self
-            )
-            alloc = Allocation(self, holding, loop, next(self._ids), label, started)
-            holding.ticket = alloc
-            if body is not None:
-                alloc._scope = backend.cancel_scope()
-            request: NewAllocation | None = None
-            with self._lock:
-                refused = smallest > ledger.budget or self._closed
-                if refused:
-                    if yield_first:
-                        ledger.count_unqueued(Outcome.REFUSED)
-                else:
-                    if loop is self._loop:
-                        now = started + self._clock_offset
-                    else:
-                        if self._task_group is None and not tallies.waiting and not tallies.granted:
-                            self._adopt(loop)
-                        now = self._now()
-                    if (
-                        tallies.waiting  # nothing jumps the queue: no need to ask
-                        or min_quality is not None
-                        or not ledger.grant_now(holding, smallest, memory, now)
-                    ):
-                        limit = self._default_timeout if isinstance(timeout, Default) else timeout
-                        parker = backend.parker(loop, True)
-                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                        request.may_reclaim = limit != 0
-                        if ledger.submit(request, now, arrived_first=yield_first):
-                            request = None
-                        elif request.reclaim_deadline == math.inf:  # the common case
-                            wake_at = math.inf if limit is None else started + limit
-                        else:
-                            wake_at = self._first_wake(request, started, limit, clock, now)
-            if refused:
-                if not yield_first:
-                    await self._refuse(backend)
-                if smallest > ledger.budget:
-                    raise InsufficientMemory(smallest, ledger.budget)
-                raise ShuttingDown("the arbiter is closed")
-            if request is None:
-                if not yield_first:
-                    try:
-                        await backend.checkpoint()
-                    except BaseException:
-                        with self._lock:  # the memory goes to the next waiter
-                            ledger.ungrant(holding, self._now())
-                        raise
-            else:
-                # The first sleep here, not in `_park`: a handover resumes one coroutine less.
-                try:
-                    await parker.park(wake_at)
-                except BaseException:
-                    with self._lock:  # gives back a grant that raced it
-                        ledger.withdraw(request, self._now(), Outcome.CANCELLED)
-                    raise
-                if request.state is not GRANTED:  # read without the lock: see `_park`
-                    await self._park(request, clock, started, limit, None)
-            if keep_alive is not None:
-                self._poke_timer()
-            if configured():
-                log.debug(
-                    "allocation granted",
-                    id=alloc.id,
-                    workload=workload.value,
-                    priority=priority.name.lower(),
-                    memory=holding.memory,
-                    waited=clock() - started,
-                )
-            if body is not None:
-                body._start(alloc)
-            return alloc
+            await (backend.checkpoint() if yield_first else backend.checkpoint_if_cancelled())
         except BaseException:
-            if body is not None:
-                body._entering = False  # nothing was entered: it may be tried again
+            with self._lock:
+                ledger.count_unqueued(Outcome.CANCELLED)
             raise
+        loop = backend.loop()
+        clock = loop.clock
+        started = clock()
+        holding = Holding(
+            workload, priority, memory, min_memory, preemptible, keep_alive, owner or self
+        )
+        alloc = holding.ticket = Allocation(self, holding, loop, next(self._ids), label, started)
+        if body is not None:
+            alloc._scope = backend.cancel_scope()
+        request: NewAllocation | None = None
+        with self._lock:
+            refused = smallest > ledger.budget or self._closed
+            if refused:
+                if yield_first:
+                    ledger.count_unqueued(Outcome.REFUSED)
+            else:
+                if loop is self._loop:
+                    now = started + self._clock_offset
+                else:
+                    if self._task_group is None and not tallies.waiting and not tallies.granted:
+                        self._adopt(loop)
+                    now = self._now()
+                if (
+                    tallies.waiting  # nothing jumps the queue: no need to ask
+                    or min_quality is not None
+                    or not ledger.grant_now(holding, smallest, memory, now)
+                ):
+                    limit = self._default_timeout if isinstance(timeout, Default) else timeout
+                    parker = backend.parker(loop, True)
+                    request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                    request.may_reclaim = limit != 0
+                    if ledger.submit(request, now, arrived_first=yield_first):
+                        request = None
+                    elif request.reclaim_deadline == math.inf:  # the common case
+                        wake_at = math.inf if limit is None else started + limit
+                    else:
+                        wake_at = self._first_wake(request, started, limit, clock, now)
+        if refused:
+            if not yield_first:
+                await self._refuse(backend)
+            if smallest > ledger.budget:
+                raise InsufficientMemory(smallest, ledger.budget)
+            raise ShuttingDown("the arbiter is closed")
+        if request is None:
+            if not yield_first:
+                try:
+                    await backend.checkpoint()
+                except BaseException:
+                    with self._lock:
+                        ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
+                    raise
+        else:
+            # The first sleep here, not in `_park`: a handover resumes one coroutine less.
+            try:
+                await parker.park(wake_at)
+            except BaseException:
+                with self._lock:  # gives back a grant that raced it
+                    ledger.withdraw(request, self._now(), Outcome.CANCELLED)
+                raise
+            if request.state is not GRANTED:  # read without the lock: see `_park`
+                await self._park(request, clock, started, limit, None)
+        if keep_alive is not None:
+            self._poke_timer()
+        if configured():
+            log.debug(
+                "allocation granted",
+                id=alloc.id,
+                workload=workload.value,
+                priority=priority.name.lower(),
+                memory=holding.memory,
+                waited=clock() - started,
+            )
+        if body is not None:
+            body._start(alloc)
+        return alloc
 
     def _grant_at_once(self, args: RequestArgs, owner: AllocationOwner) -> Allocation | None:
         """Grant ``args`` to ``owner`` now, if nothing waits and it fits; else ``None``

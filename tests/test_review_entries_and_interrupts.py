@@ -171,6 +171,23 @@ def test_an_entry_refused_before_it_reached_the_port_leaves_the_context_usable(
     assert arbiter.state().vram_used == 0
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_an_entry_closed_before_it_ran_leaves_the_context_usable(backend: str) -> None:
+    arbiter = Arbiter(ArbiterConfig.for_vram_gb(2), probe=None)
+    context = arbiter.allocate(LLM, Priority.NORMAL, memory=GiB)
+
+    async def enter_after_an_entry_that_never_ran() -> int:
+        entry = context.__aenter__()
+        with pytest.raises(RuntimeError, match="already entered"):
+            context.__aenter__()  # the first is under way until it runs or is closed
+        entry.close()  # as a task cancelled before it started closes it
+        async with context as alloc:
+            return alloc.memory
+
+    assert anyio.run(enter_after_an_entry_that_never_ran, backend=backend) == GiB
+    assert arbiter.state().vram_used == 0
+
+
 # -- what held ----------------------------------------------------------------
 
 

@@ -734,26 +734,21 @@ class RemoteArbiter:
     ) -> Allocation:
         """Request on the owning loop (from any thread's loop); the allocation belongs to
         the caller's loop, where its body runs and its waits wake."""
-        try:
-            loop = backend.loop()
-            if self._foreign():
-                await backend.checkpoint_if_cancelled()
-                alloc: Allocation = await self._in_owner(self._request_here, args, loop)
-            else:
-                alloc = await self._request_here(args, loop)
-            if body is not None:
-                holding = alloc._holding
-                scope = backend.cancel_scope()
-                with self._lock:  # a preemption read from the socket sees it, or we see it
-                    alloc._scope = scope
-                    if holding.preempt_requested or holding.released:
-                        scope.cancel()
-                body._start(alloc)
-            return alloc
-        except BaseException:
-            if body is not None:
-                body._entering = False  # nothing was entered: it may be tried again
-            raise
+        loop = backend.loop()
+        if self._foreign():
+            await backend.checkpoint_if_cancelled()
+            alloc: Allocation = await self._in_owner(self._request_here, args, loop)
+        else:
+            alloc = await self._request_here(args, loop)
+        if body is not None:
+            holding = alloc._holding
+            scope = backend.cancel_scope()
+            with self._lock:  # a preemption read from the socket sees it, or we see it
+                alloc._scope = scope
+                if holding.preempt_requested or holding.released:
+                    scope.cancel()
+            body._start(alloc)
+        return alloc
 
     async def _request_here(self, args: RequestArgs, loop: LoopEntry) -> Allocation:
         await anyio.lowlevel.checkpoint_if_cancelled()
