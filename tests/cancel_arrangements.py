@@ -61,13 +61,15 @@ async def _shield_lifted_inside_a_cancelled_one(point: Point) -> None:
         await point()
 
 
-async def _left_a_shield_after_another_task_cancelled(point: Point) -> None:
-    async def cancel(scope: anyio.CancelScope) -> None:
-        scope.cancel()
+async def _cancel(scope: anyio.CancelScope) -> None:
+    """Cancels ``scope`` from another task."""
+    scope.cancel()
 
+
+async def _left_a_shield_after_another_task_cancelled(point: Point) -> None:
     async with anyio.create_task_group() as tg:
         with anyio.CancelScope() as scope:
-            tg.start_soon(cancel, scope)
+            tg.start_soon(_cancel, scope)
             with anyio.CancelScope(shield=True):
                 for _ in range(3):
                     await anyio.lowlevel.checkpoint()
@@ -88,12 +90,9 @@ async def _caught_a_cancellation_and_requested_again(point: Point) -> None:
 
 
 async def cancelled_by_another_task_while_it_waits(point: Point) -> None:
-    async def cancel(scope: anyio.CancelScope) -> None:
-        scope.cancel()
-
     async with anyio.create_task_group() as tg:
         with anyio.CancelScope() as scope:
-            tg.start_soon(cancel, scope)
+            tg.start_soon(_cancel, scope)
             await point()
 
 
