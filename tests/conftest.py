@@ -41,7 +41,12 @@ def pytest_configure(config: pytest.Config) -> None:
         and not hasattr(config, "workerinput")
     )
     if not controller:
-        gc.disable()  # until collection is over: see pytest_collection_finish
+        # Until collection is over (see pytest_collection_finish). What is loaded so far
+        # (pytest, its plugins, trio) lives to the end: frozen now, it is left out of the
+        # full collection that importing hypothesis runs (trio registers its random
+        # generator there, and hypothesis collects to check that it is referenced).
+        gc.disable()
+        gc.freeze()
     if controller and not config.getoption("hypothesis_profile", None):
         return
     from hypothesis import settings
@@ -53,42 +58,54 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: the suite also runs without xdist
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """Two workers per CPU for ``-n auto``: much of the suite waits on real processes and
-    clocks, and a second worker per core runs while the first one waits."""
-    return 2 * (os.cpu_count() or 1)
+    """Three workers per CPU for ``-n auto``: much of the suite waits on real processes and
+    clocks, and the others run while some wait (with two per CPU, both of a core's
+    workers were often waiting at once: the cores were idle a fifth of the run)."""
+    return 3 * (os.cpu_count() or 1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under xdist, tests marked ``real_processes`` start first on every worker: their waits
     on daemons and clients then overlap the CPU-bound tests, instead of a long one ending
-    the run alone. xdist's worksteal first hands each of its N workers one contiguous Nth
-    of the items; the marked ones are dealt out to the heads of those chunks, each
-    worker's in file order. Marked tests that share a module-scoped fixture (a daemon)
-    are dealt as one hand, so that daemon starts on one worker, not on all of them; each
-    hand goes to the worker with the fewest marked tests so far. Other schedulers run the
-    same tests in another order."""
+    the run alone. Tests marked ``cpu_heavy`` come right after them, for the same reason.
+    xdist's worksteal first hands each of its N workers one contiguous Nth of the items;
+    the marked ones are dealt out to the heads of those chunks, each worker's in file
+    order. Marked tests that share a module-scoped fixture (a daemon) are dealt as one
+    hand, so that daemon starts on one worker, not on all of them, and so are the
+    ``cpu_heavy`` tests of one file (which tend to share what they import: matplotlib
+    costs each worker that imports it 0.4 s); each hand goes to the worker with the
+    fewest tests of its mark so far. Other schedulers run the same tests in another
+    order."""
     workerinput = getattr(config, "workerinput", None)
     if workerinput is None:
         return
     workers = int(workerinput["workercount"])
-    marked = [item for item in items if item.get_closest_marker("real_processes")]
-    if not marked or workers < 2:
+    if workers < 2:
         return
-    hands: dict[object, list[pytest.Item]] = {}
-    for item in marked:
-        shared = _module_scoped_fixtures(item)
-        key = (item.path, shared) if shared else item.nodeid
-        hands.setdefault(key, []).append(item)
     heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
-    for hand in hands.values():
-        min(heads, key=len).extend(hand)
-    rest = [item for item in items if not item.get_closest_marker("real_processes")]
+    dealt: set[pytest.Item] = set()
+    for mark in ("real_processes", "cpu_heavy"):
+        hands: dict[object, list[pytest.Item]] = {}
+        for item in items:
+            if item not in dealt and item.get_closest_marker(mark):
+                shared = _module_scoped_fixtures(item)
+                key = (item.path, shared) if shared or mark == "cpu_heavy" else item.nodeid
+                hands.setdefault(key, []).append(item)
+        counts = [0] * workers
+        for hand in hands.values():
+            worker = counts.index(min(counts))
+            counts[worker] += len(hand)
+            heads[worker] += hand
+            dealt.update(hand)
+    if not dealt:
+        return
+    rest = [item for item in items if item not in dealt]
     ordered: list[pytest.Item] = []
     remaining = len(items)
     for worker in range(workers):
         size = remaining // (workers - worker)  # the chunk xdist's worksteal sends first
         remaining -= size
-        head = sorted(heads[worker], key=marked.index)
+        head = heads[worker]
         ordered += head + rest[: max(0, size - len(head))]
         del rest[: max(0, size - len(head))]
     ordered += rest
@@ -99,12 +116,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     """What collection built (every module, function and item of 2,000 tests) lives to
     the end of the run. The cyclic collector is off while it is built (its passes over
-    the growing heap cost each worker about 0.1 s of its start), runs once, and the
-    result is frozen: left out of the collector's full passes, which otherwise walk it
-    again each time (the tests that call `gc.collect` most of all). Objects the tests
-    make are collected as before."""
+    the growing heap cost each worker about 0.1 s of its start), and the result is
+    frozen: left out of the collector's passes, which otherwise walk it again each time
+    (the tests that call `gc.collect` most of all). A full collection first, to leave
+    out what collection dropped, would walk all of it once more (0.15 s a worker) for a
+    few cycles of garbage. Objects the tests make are collected as before."""
     gc.enable()
-    gc.collect()
     gc.freeze()
 
 
@@ -128,6 +145,11 @@ def _add_markers(config: pytest.Config) -> None:
         "markers",
         "real_processes: the test mostly waits on real daemon and client processes (under "
         "xdist it starts first on a worker, see pytest_collection_modifyitems)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "cpu_heavy: the test takes a third of a second of CPU or more (under xdist it "
+        "starts early on a worker, after the real_processes ones)",
     )
     config.addinivalue_line(
         "markers",

@@ -199,6 +199,7 @@ def test_external_use_from_the_schedule_holds_requests_back() -> None:
     assert 49.0 <= result.wait_p50[Priority.NORMAL] <= 49.5 + 1e-6
 
 
+@pytest.mark.cpu_heavy
 def test_builtin_trace_meets_the_user_facing_targets() -> None:
     trace = builtin_trace(seed=1, minutes=20)
     results = run(trace, "fifo", "priority", "adaptive")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from itertools import count
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -29,6 +30,8 @@ from arbiter._records import (
     ReclaimPhase,
     Request,
 )
+
+pytestmark = pytest.mark.cpu_heavy
 
 BUDGET = 100
 
@@ -363,4 +366,5 @@ PreemptionMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
 TestPreemption = PreemptionMachine.TestCase

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from itertools import count
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -24,6 +25,8 @@ from hypothesis.stateful import (
 from arbiter import Arbiter, ArbiterConfig, Priority, WorkloadType
 from arbiter._ledger import Event, Ledger, Outcome
 from arbiter._records import GRANTED, WAITING, Growth, Holding, NewAllocation, Request
+
+pytestmark = pytest.mark.cpu_heavy
 
 BUDGET = 100
 
@@ -326,4 +329,5 @@ LedgerMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
 TestLedger = LedgerMachine.TestCase

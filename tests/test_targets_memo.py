@@ -13,6 +13,8 @@ from arbiter import ArbiterConfig, Priority, QualityPolicy, WorkloadType
 from arbiter._ledger import Ledger, Outcome
 from arbiter._records import GRANTED, Holding, NewAllocation
 
+pytestmark = pytest.mark.cpu_heavy
+
 
 def _history(seed: int) -> int:
     """Run one history; the number of reads that differed from a fresh computation."""

@@ -159,6 +159,7 @@ def test_a_thread_without_a_loop_releases_and_reads_snapshots(backend: str) -> N
     assert arbiter.state().vram_used == 0
 
 
+@pytest.mark.cpu_heavy
 def test_many_threads_churn_and_leave_an_exact_ledger() -> None:
     """8 threads (asyncio and trio), each a few hundred random requests, timeouts and
     cancellations, on one arbiter: at the end all memory is free and stats add up."""
