@@ -41,12 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
         and not hasattr(config, "workerinput")
     )
     if not controller:
-        # Until collection is over (see pytest_collection_finish). What is loaded so far
-        # (pytest, its plugins, trio) lives to the end: frozen now, it is left out of the
-        # full collection that importing hypothesis runs (trio registers its random
-        # generator there, and hypothesis collects to check that it is referenced).
-        gc.disable()
-        gc.freeze()
+        gc.disable()  # until collection is over: see pytest_collection_finish
     if controller and not config.getoption("hypothesis_profile", None):
         return
     from hypothesis import settings
@@ -64,18 +59,19 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return 3 * (os.cpu_count() or 1)
 
 
+@pytest.hookimpl(trylast=True)  # after -k, -m and --deselect: the chunks are of what runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under xdist, tests marked ``real_processes`` start first on every worker: their waits
     on daemons and clients then overlap the CPU-bound tests, instead of a long one ending
     the run alone. Tests marked ``cpu_heavy`` come right after them, for the same reason.
     xdist's worksteal first hands each of its N workers one contiguous Nth of the items;
-    the marked ones are dealt out to the heads of those chunks, each worker's in file
-    order. Marked tests that share a module-scoped fixture (a daemon) are dealt as one
-    hand, so that daemon starts on one worker, not on all of them, and so are the
-    ``cpu_heavy`` tests of one file (which tend to share what they import: matplotlib
-    costs each worker that imports it 0.4 s); each hand goes to the worker with the
-    fewest tests of its mark so far. Other schedulers run the same tests in another
-    order."""
+    the marked ones are dealt out to the heads of those chunks, each worker's
+    ``real_processes`` ones first, in file order. Marked tests that share a module-scoped
+    fixture (a daemon) are dealt as one hand, so that daemon starts on one worker, not on
+    all of them, and so are the ``cpu_heavy`` tests of one file (which tend to share what
+    they import: matplotlib costs each worker that imports it 0.4 s); each hand goes to
+    the worker with the fewest tests of its mark so far. Other schedulers run the same
+    tests in another order."""
     workerinput = getattr(config, "workerinput", None)
     if workerinput is None:
         return
@@ -116,12 +112,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     """What collection built (every module, function and item of 2,000 tests) lives to
     the end of the run. The cyclic collector is off while it is built (its passes over
-    the growing heap cost each worker about 0.1 s of its start), and the result is
-    frozen: left out of the collector's passes, which otherwise walk it again each time
-    (the tests that call `gc.collect` most of all). A full collection first, to leave
-    out what collection dropped, would walk all of it once more (0.15 s a worker) for a
-    few cycles of garbage. Objects the tests make are collected as before."""
+    the growing heap cost each worker about 0.1 s of its start), runs once, and the
+    result is frozen: left out of the collector's full passes, which otherwise walk it
+    again each time (the tests that call `gc.collect` most of all). Objects the tests
+    make are collected as before."""
     gc.enable()
+    gc.collect()
     gc.freeze()
 
 

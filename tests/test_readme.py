@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
-import runpy
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,28 +22,16 @@ def test_readme_has_examples() -> None:
 def run_example(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Callable[[str], subprocess.CompletedProcess[str]]:
-    """Runs an example as the ``__main__`` script, once per module: the tests that look
-    closer at one example's output share its run. It runs in this process (the worker has
-    imported what the examples import; a new interpreter per example cost about 0.1 s of
-    CPU each); an uncaught exception comes back as a traceback on stderr and status 1,
-    as Python would exit."""
+    """Runs an example as a script, once per module: the tests that look closer at one
+    example's output share its run."""
     done: dict[str, subprocess.CompletedProcess[str]] = {}
 
     def run(source: str) -> subprocess.CompletedProcess[str]:
         if source not in done:
             script = tmp_path_factory.mktemp("example") / "example.py"
             script.write_text(source)
-            out, err, status = io.StringIO(), io.StringIO(), 0
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                try:
-                    runpy.run_path(str(script), run_name="__main__")
-                except SystemExit as exit_:
-                    status = exit_.code if isinstance(exit_.code, int) else 1
-                except Exception:
-                    traceback.print_exc()
-                    status = 1
-            done[source] = subprocess.CompletedProcess(
-                [sys.executable, str(script)], status, out.getvalue(), err.getvalue()
+            done[source] = subprocess.run(
+                [sys.executable, str(script)], capture_output=True, text=True, timeout=60
             )
         return done[source]
 

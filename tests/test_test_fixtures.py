@@ -75,16 +75,19 @@ class _FixtureInfo:
 class _Item:
     """What `pytest_collection_modifyitems` in conftest.py reads of a test item."""
 
-    def __init__(self, module: str, name: str, marked: bool, scopes: dict[str, str]) -> None:
+    def __init__(self, module: str, name: str, mark: str | None, scopes: dict[str, str]) -> None:
         from pathlib import Path
 
         self.path = Path(module)
         self.nodeid = f"{module}::{name}"
-        self._marked = marked
+        self._mark = mark
         self._fixtureinfo = _FixtureInfo(scopes)
 
     def get_closest_marker(self, name: str) -> object:
-        return object() if name == "real_processes" and self._marked else None
+        return object() if name == self._mark else None
+
+
+REAL, HEAVY = "real_processes", "cpu_heavy"
 
 
 class _WorkerConfig:
@@ -95,9 +98,9 @@ class _WorkerConfig:
 def test_marked_tests_sharing_a_module_daemon_start_on_one_worker() -> None:
     from conftest import pytest_collection_modifyitems
 
-    shared = [_Item("a.py", f"shared{i}", True, {"daemon": "module"}) for i in range(4)]
-    own = [_Item("a.py", f"own{i}", True, {"tmp_path": "function"}) for i in range(4)]
-    plain = [_Item("b.py", f"plain{i}", False, {}) for i in range(40)]
+    shared = [_Item("a.py", f"shared{i}", REAL, {"daemon": "module"}) for i in range(4)]
+    own = [_Item("a.py", f"own{i}", REAL, {"tmp_path": "function"}) for i in range(4)]
+    plain = [_Item("b.py", f"plain{i}", None, {}) for i in range(40)]
     items: list[Any] = [*shared, *own, *plain]
     pytest_collection_modifyitems(_WorkerConfig(4), items)  # type: ignore[arg-type]
     assert len(items) == 48 and {id(item) for item in items} == {
@@ -112,3 +115,24 @@ def test_marked_tests_sharing_a_module_daemon_start_on_one_worker() -> None:
     for quarter in quarters:  # each worker starts with its marked tests
         marked = [item not in plain for item in quarter]
         assert marked == sorted(marked, reverse=True)
+
+
+def test_cpu_heavy_tests_of_one_file_start_together_after_the_real_processes() -> None:
+    from conftest import pytest_collection_modifyitems
+
+    real = [_Item("a.py", f"real{i}", REAL, {}) for i in range(3)]
+    plotting = [_Item("c.py", f"plot{i}", HEAVY, {}) for i in range(2)]
+    machine = [_Item("d.py", "machine", HEAVY, {})]
+    plain = [_Item("b.py", f"plain{i}", None, {}) for i in range(24)]
+    items: list[Any] = [*plain[:12], *plotting, *real, *plain[12:], *machine]
+    pytest_collection_modifyitems(_WorkerConfig(3), items)  # type: ignore[arg-type]
+    assert sorted(map(id, items)) == sorted(map(id, [*real, *plotting, *machine, *plain]))
+    thirds = [items[i * 10 : (i + 1) * 10] for i in range(3)]
+    # One file's heavy tests on one worker (they share their imports), the other file's
+    # on another; on each worker, the real processes first, then the heavy tests.
+    (with_plots,) = [third for third in thirds if plotting[0] in third]
+    assert plotting[1] in with_plots
+    assert machine[0] not in with_plots
+    for third in thirds:
+        marks = [item._mark for item in third]
+        assert marks == sorted(marks, key=[REAL, HEAVY, None].index)
