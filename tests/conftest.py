@@ -55,8 +55,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """Three workers per CPU for ``-n auto``: much of the suite waits on real processes and
     clocks, and the others run while some wait (with two per CPU, both of a core's
-    workers were often waiting at once: the cores were idle a fifth of the run)."""
-    return 3 * (os.cpu_count() or 1)
+    workers were often waiting at once: the cores were idle a fifth of the run). At most
+    16: each worker's start costs about a second of CPU and 180 MiB, and the longest
+    tests take a few seconds, so more would only start slower."""
+    return min(3 * (os.cpu_count() or 1), 16)
 
 
 @pytest.hookimpl(trylast=True)  # after -k, -m and --deselect: the chunks are of what runs

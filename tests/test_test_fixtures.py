@@ -3,6 +3,7 @@ the shared TLS trust store, and how marked tests are dealt to xdist's workers.""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -136,3 +137,13 @@ def test_cpu_heavy_tests_of_one_file_start_together_after_the_real_processes() -
     for third in thirds:
         marks = [item._mark for item in third]
         assert marks == sorted(marks, key=[REAL, HEAVY, None].index)
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(None, 3), (1, 3), (2, 6), (5, 15), (64, 16)])
+def test_auto_runs_three_workers_per_cpu_up_to_16(
+    cpus: int | None, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import pytest_xdist_auto_num_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert pytest_xdist_auto_num_workers(None) == workers  # type: ignore[arg-type]
