@@ -56,8 +56,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """Three workers per CPU for ``-n auto``: much of the suite waits on real processes and
     clocks, and the others run while some wait (with two per CPU, both of a core's
     workers were often waiting at once: the cores were idle a fifth of the run). At most
-    16: each worker's start costs about a second of CPU and 180 MiB, and the longest
-    tests take a few seconds, so more would only start slower."""
+    16: each worker costs about a second of CPU to start (and grows to some 180 MiB), and
+    the longest tests take a few seconds, so more would only start slower."""
     return min(3 * (os.cpu_count() or 1), 16)
 
 

@@ -139,6 +139,31 @@ def test_cpu_heavy_tests_of_one_file_start_together_after_the_real_processes() -
         assert marks == sorted(marks, key=[REAL, HEAVY, None].index)
 
 
+def test_each_mark_is_dealt_to_the_workers_with_the_fewest_of_that_mark() -> None:
+    from conftest import pytest_collection_modifyitems
+
+    daemon = [_Item("a.py", f"daemon{i}", REAL, {"daemon": "module"}) for i in range(3)]
+    alone = [_Item("a.py", "alone", REAL, {})]
+    heavy = [_Item(f"{name}.py", "heavy", HEAVY, {}) for name in "cd"]
+    plain = [_Item("b.py", f"plain{i}", None, {}) for i in range(24)]
+    items: list[Any] = [*daemon, *alone, *heavy, *plain]
+    pytest_collection_modifyitems(_WorkerConfig(3), items)  # type: ignore[arg-type]
+    thirds = [items[i * 10 : (i + 1) * 10] for i in range(3)]
+    # The real processes: the daemon's hand on the first worker, the other on the second;
+    # the heavy tests by their own count, not behind the real processes' load.
+    assert thirds[0][:4] == [*daemon, heavy[0]]
+    assert thirds[1][:2] == [*alone, heavy[1]]
+    assert all(item._mark is None for item in thirds[2])
+
+
+def test_the_order_is_made_after_deselection() -> None:
+    # -k, -m and --deselect drop items in their own pytest_collection_modifyitems; the
+    # chunks are counted on what is left only if this hook runs after them.
+    import conftest
+
+    assert conftest.pytest_collection_modifyitems.pytest_impl["trylast"]  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(("cpus", "workers"), [(None, 3), (1, 3), (2, 6), (5, 15), (64, 16)])
 def test_auto_runs_three_workers_per_cpu_up_to_16(
     cpus: int | None, workers: int, monkeypatch: pytest.MonkeyPatch
