@@ -131,16 +131,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_nothing_is_printed_while_structlog_is_unconfigured(backend: str) -> None:
+def _run_python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a new interpreter (a program that never configured structlog); it
+    must exit 0."""
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, backend],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_nothing_is_printed_while_structlog_is_unconfigured(backend: str) -> None:
+    done = _run_python(SCRIPT, backend)
     assert done.stdout == ""
     assert done.stderr == ""
 
@@ -168,14 +171,7 @@ WARNING_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_warnings_go_to_stderr_while_structlog_is_unconfigured(backend: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", WARNING_SCRIPT, backend],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = _run_python(WARNING_SCRIPT, backend)
     assert done.stdout == "the program's own output\n"  # no warning mixed in
     [warning] = [line for line in done.stderr.splitlines() if "gpu probe failed" in line]
     assert "warning" in warning
@@ -207,14 +203,7 @@ DAEMON_LOGGING_SCRIPT = textwrap.dedent(
 
 
 def test_the_daemons_logging_loads_no_rich_and_still_prints_tracebacks() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", DAEMON_LOGGING_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = _run_python(DAEMON_LOGGING_SCRIPT)
     assert done.stdout == "[]\n"
     [line] = done.stderr.splitlines()  # key=value, the traceback escaped inside it
     assert "level='error' event='boom' detail=1 exception=" in line
