@@ -12,9 +12,10 @@ Two things here cannot be had from anyio's public API:
 * **A cheap hot path.** An uncontended grant is a handful of dictionary updates, so
   the few primitives it needs (the clock, the checkpoint, a cancel scope for an
   ``allocate()`` body) are resolved once per event-loop library instead of
-  through anyio's per-call backend lookup. On asyncio the cancellation check reads
-  ``current_effective_deadline`` (public) and awaits only when the task is
-  cancelled.
+  through anyio's per-call backend lookup: on asyncio, anyio's backend class
+  (``anyio.lowlevel.current_token().backend_class``, public since anyio 4.11) and
+  the class of the scopes it makes. The cancellation check reads the backend's
+  ``current_effective_deadline`` and awaits only when the task is cancelled.
 
 On asyncio a checkpoint is a bare ``sleep(0)``: the yield is the cancellation check.
 anyio cancels a scope on asyncio by calling ``Task.cancel()`` on every task inside it
@@ -201,9 +202,19 @@ def _asyncio_backend() -> Backend:
     sleep = asyncio.sleep
     entries = threading.local()  # each thread's current loop's entry, for reuse
 
+    # anyio's asyncio backend, looked up once instead of on each call (its public
+    # functions find it through sniffio every time).
+    anyio_backend = anyio.lowlevel.current_token().backend_class
+    current_effective_deadline = anyio_backend.current_effective_deadline
+    anyio_checkpoint_if_cancelled = anyio_backend.checkpoint_if_cancelled
+    # The class of the scopes anyio makes here: constructed directly, a scope costs
+    # half of what ``anyio.CancelScope()`` does (its constructor dispatches to the
+    # backend's, and then runs ``__init__`` a second time).
+    cancel_scope: Callable[[], CancelScopeLike] = type(anyio_backend.create_cancel_scope())
+
     def checkpoint_if_cancelled() -> Awaitable[None]:
-        if anyio.current_effective_deadline() == -math.inf:
-            return anyio.lowlevel.checkpoint_if_cancelled()
+        if current_effective_deadline() == -math.inf:
+            return anyio_checkpoint_if_cancelled()
         return _NOT_CANCELLED
 
     # The yield is the check: see the module's docstring.
@@ -261,10 +272,7 @@ def _asyncio_backend() -> Backend:
         running_loop,
         checkpoint,
         checkpoint_if_cancelled,
-        # ``anyio.CancelScope()`` as its public ``move_on_after`` builds it: the public
-        # class's constructor dispatches to the backend's and then runs its
-        # ``__init__`` a second time.
-        partial(anyio.move_on_after, None),
+        cancel_scope,
         AsyncioParker,
     )
 
