@@ -110,7 +110,7 @@ async def uncontended(backend: str, n: int) -> dict[str, float]:
 
 async def contended(tasks: int = 200, rounds: int = 20) -> tuple[float, float]:
     """ns per grant with ``tasks`` tasks cycling through room for 10, and the same
-    with an ``anyio.Semaphore(10)``."""
+    with an ``anyio.Semaphore(10)``: the best of five runs of each, taking turns."""
     arbiter = _arbiter(10)
     semaphore = anyio.Semaphore(10)
 
@@ -124,14 +124,20 @@ async def contended(tasks: int = 200, rounds: int = 20) -> tuple[float, float]:
             async with semaphore:
                 await anyio.lowlevel.checkpoint()
 
-    timings = []
-    for worker in (via_arbiter, via_semaphore):
-        start = time.perf_counter_ns()
-        async with anyio.create_task_group() as tg:
-            for _ in range(tasks):
-                tg.start_soon(worker)
-        timings.append((time.perf_counter_ns() - start) / (tasks * rounds))
-    return timings[0], timings[1]
+    def run_with(worker: Callable[[], Awaitable[None]]) -> Callable[[int], Awaitable[None]]:
+        async def run(_: int) -> None:
+            async with anyio.create_task_group() as tg:
+                for _ in range(tasks):
+                    tg.start_soon(worker)
+
+        return run
+
+    best = await _best_per_op(
+        {"arbiter": run_with(via_arbiter), "semaphore": run_with(via_semaphore)},
+        tasks * rounds,
+        repeats=5,
+    )
+    return best["arbiter"], best["semaphore"]
 
 
 async def drain(waiters: int) -> float:

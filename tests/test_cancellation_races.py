@@ -514,8 +514,8 @@ async def test_a_request_cancelled_at_entry_never_preempts_a_holder(head_leaves:
 
 @pytest.mark.anyio
 async def test_the_body_scope_is_a_plain_anyio_cancel_scope(anyio_backend: str) -> None:
-    """On asyncio ``move_on_after(None)`` builds what ``anyio.CancelScope()`` builds: no
-    deadline, no shield, the same class, and it cancels like one (trio's is trio's)."""
+    """On asyncio the body's scope is what ``anyio.CancelScope()`` builds (its class, made
+    directly): no deadline, no shield, and it cancels like one (trio's is trio's)."""
     made = current_backend().cancel_scope()
     if anyio_backend == "asyncio":
         plain = anyio.CancelScope()
