@@ -25,9 +25,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the package."""
+    """mypy --strict over the package and the benchmarks."""
     session.install("-e", ".[cli,test]", "mypy")
-    session.run("mypy", "--strict", "arbiter")
+    session.run("mypy", "--strict", "arbiter", "benchmarks")
 
 
 @nox.session(python="3.11")

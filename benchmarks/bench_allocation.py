@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import anyio
@@ -34,7 +34,7 @@ def _arbiter(gib: int = 24) -> Arbiter:
 
 
 async def _best_per_op(
-    bodies: dict[str, Callable[[int], Awaitable[None]]], n: int, repeats: int = 7
+    bodies: Mapping[str, Callable[[int], Awaitable[None]]], n: int, repeats: int = 7
 ) -> dict[str, float]:
     """Best-of-``repeats`` nanoseconds per iteration of each ``body(n)``. The bodies take
     turns within each repeat, so that a slow spell of the machine hits them all alike."""
@@ -124,7 +124,9 @@ async def contended(tasks: int = 200, rounds: int = 20) -> tuple[float, float]:
             async with semaphore:
                 await anyio.lowlevel.checkpoint()
 
-    def run_with(worker: Callable[[], Awaitable[None]]) -> Callable[[int], Awaitable[None]]:
+    def run_with(
+        worker: Callable[[], Coroutine[Any, Any, None]],
+    ) -> Callable[[int], Awaitable[None]]:
         async def run(_: int) -> None:
             async with anyio.create_task_group() as tg:
                 for _ in range(tasks):
