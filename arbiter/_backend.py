@@ -13,9 +13,8 @@ Two things here cannot be had from anyio's public API:
   the few primitives it needs (the clock, the checkpoint, a cancel scope for an
   ``allocate()`` body) are resolved once per event-loop library instead of
   through anyio's per-call backend lookup: on asyncio, anyio's backend class
-  (``anyio.lowlevel.current_token().backend_class``, public since anyio 4.11) and
-  the class of the scopes it makes. The cancellation check reads the backend's
-  ``current_effective_deadline`` and awaits only when the task is cancelled.
+  (``anyio.lowlevel.current_token().backend_class``, public since anyio 4.11), its
+  ``checkpoint_if_cancelled`` and the class of the scopes it makes.
 
 On asyncio a checkpoint is a bare ``sleep(0)``: the yield is the cancellation check.
 anyio cancels a scope on asyncio by calling ``Task.cancel()`` on every task inside it
@@ -146,7 +145,6 @@ class _Ready:
 
 # Awaiting it returns None at once; shared: it keeps no state.
 READY = _Ready()
-_NOT_CANCELLED = READY
 
 
 async def at_once(value: bool) -> bool:
@@ -205,17 +203,11 @@ def _asyncio_backend() -> Backend:
     # anyio's asyncio backend, looked up once instead of on each call (its public
     # functions find it through sniffio every time).
     anyio_backend = anyio.lowlevel.current_token().backend_class
-    current_effective_deadline = anyio_backend.current_effective_deadline
-    anyio_checkpoint_if_cancelled = anyio_backend.checkpoint_if_cancelled
+    checkpoint_if_cancelled = anyio_backend.checkpoint_if_cancelled
     # The class of the scopes anyio makes here: constructed directly, a scope costs
     # half of what ``anyio.CancelScope()`` does (its constructor dispatches to the
     # backend's, and then runs ``__init__`` a second time).
     cancel_scope: Callable[[], CancelScopeLike] = type(anyio_backend.create_cancel_scope())
-
-    def checkpoint_if_cancelled() -> Awaitable[None]:
-        if current_effective_deadline() == -math.inf:
-            return anyio_checkpoint_if_cancelled()
-        return _NOT_CANCELLED
 
     # The yield is the check: see the module's docstring.
     checkpoint = partial(sleep, 0)
