@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Awaitable, Callable, Generator
-from functools import cache, partial
+from functools import partial
 from threading import get_ident
 from types import TracebackType
 from typing import Any, Protocol
@@ -200,13 +200,12 @@ def _asyncio_backend() -> Backend:
     sleep = asyncio.sleep
     entries = threading.local()  # each thread's current loop's entry, for reuse
 
-    # anyio's asyncio backend, looked up once instead of on each call (its public
-    # functions find it through sniffio every time).
+    # anyio's asyncio backend, looked up once: its public functions look it up on
+    # every call (through which library runs), which costs more than the check itself.
     anyio_backend = anyio.lowlevel.current_token().backend_class
     checkpoint_if_cancelled = anyio_backend.checkpoint_if_cancelled
-    # The class of the scopes anyio makes here: constructed directly, a scope costs
-    # half of what ``anyio.CancelScope()`` does (its constructor dispatches to the
-    # backend's, and then runs ``__init__`` a second time).
+    # The class of the scopes it makes, constructed directly: ``anyio.CancelScope()``
+    # looks the backend up first, and then runs ``__init__`` a second time.
     cancel_scope: Callable[[], CancelScopeLike] = type(anyio_backend.create_cancel_scope())
 
     # The yield is the check: see the module's docstring.
@@ -358,21 +357,36 @@ def _trio_backend() -> Backend:
     )
 
 
-@cache
+_backends: dict[str, Backend] = {}
+# One `Backend` per library, also when two threads first ask at once: each keeps the
+# `LoopEntry` of its loops, and an entry is compared by identity.
+_backends_lock = threading.Lock()
+
+
 def _backend_for(name: str) -> Backend:
-    if name == "trio":
-        return _trio_backend()
-    if name == "asyncio":
-        return _asyncio_backend()
-    raise RuntimeError(f"gpu-arbiter runs on asyncio or trio, not {name!r}")
+    with _backends_lock:
+        made = _backends.get(name)
+        if made is None:
+            if name == "trio":
+                made = _trio_backend()
+            elif name == "asyncio":
+                made = _asyncio_backend()
+            else:
+                raise RuntimeError(f"gpu-arbiter runs on asyncio or trio, not {name!r}")
+            _backends[name] = made
+        return made
 
 
 def current_backend() -> Backend:
     """The primitives of the running event loop's library.
 
-    Raises ``RuntimeError`` (sniffio's ``AsyncLibraryNotFoundError``) outside one.
+    Raises ``RuntimeError`` outside one (without sniffio installed, asyncio is assumed:
+    outside a loop, the first call raises and later ones return asyncio's primitives,
+    whose ``loop()`` raises).
     """
-    return _backend_for(current_async_library())
+    name = current_async_library()
+    made = _backends.get(name)  # read without the lock: once made, never replaced
+    return made if made is not None else _backend_for(name)
 
 
 def current_time() -> float:

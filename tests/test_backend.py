@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -15,6 +18,7 @@ from cancel_arrangements import (
     reached_past,
 )
 
+import arbiter._backend
 from arbiter import Arbiter, ArbiterConfig, GiB, Priority, WorkloadType
 from arbiter._backend import current_backend, current_time
 
@@ -119,6 +123,44 @@ async def test_checkpoint_raises_where_anyios_checkpoint_raises(
 
 @pytest.mark.parametrize("arrangement", DECIDED, ids=lambda f: f.__name__.strip("_"))
 @pytest.mark.anyio
+async def test_the_check_before_parking_raises_where_anyios_check_raises(
+    arrangement: Callable[[Point], Awaitable[None]],
+) -> None:
+    expected = await reached_past(arrangement, anyio.lowlevel.checkpoint_if_cancelled)
+    assert await reached_past(arrangement, current_backend().checkpoint_if_cancelled) == expected
+    assert expected is (arrangement in NOT_CANCELLED)
+
+
+def _suspends(awaitable: Awaitable[None]) -> bool:
+    """Whether awaiting ``awaitable`` would suspend the task (stepped by hand; closed
+    without resuming if it would)."""
+    steps = awaitable.__await__()
+    try:
+        next(steps)
+    except StopIteration:
+        return False
+    getattr(steps, "close", lambda: None)()
+    return True
+
+
+@pytest.mark.parametrize("arrangement", NOT_CANCELLED, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.anyio
+async def test_the_check_before_parking_never_yields_when_nothing_is_pending(
+    arrangement: Callable[[Point], Awaitable[None]],
+) -> None:
+    """A waiter queues and parks (or a daemon decides in the order messages came)
+    before any other task runs: the check alone must not let one run."""
+    suspended: list[bool] = []
+
+    async def point() -> None:
+        suspended.append(_suspends(current_backend().checkpoint_if_cancelled()))
+
+    await arrangement(point)
+    assert suspended == [False]
+
+
+@pytest.mark.parametrize("arrangement", DECIDED, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.anyio
 async def test_a_request_with_nothing_waiting_is_cancelled_where_a_checkpoint_is(
     arrangement: Callable[[Point], Awaitable[None]],
 ) -> None:
@@ -143,3 +185,33 @@ async def test_a_request_with_nothing_waiting_is_cancelled_where_a_checkpoint_is
     stats = arbiter.stats()
     assert (stats.successful_allocations, stats.cancelled) == ((2, 0) if expected else (0, 2))
     assert arbiter.state().vram_used == 0
+
+
+def test_threads_that_first_ask_at_once_get_one_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop's `LoopEntry` is compared by identity, so every thread must get the same
+    `Backend` (which keeps the entries), also when two ask for the first time at once."""
+
+    def first_asks() -> list[object]:
+        monkeypatch.setattr(arbiter._backend, "_backends", {})  # nothing made yet
+        start = threading.Barrier(2)
+        got: list[object] = []
+
+        async def first_ask() -> None:
+            start.wait(5)
+            got.append(current_backend())
+
+        threads = [threading.Thread(target=asyncio.run, args=(first_ask(),)) for _ in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(5)
+        return got
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can
+    try:
+        for _ in range(40):
+            got = first_asks()
+            assert len(got) == 2 and got[0] is got[1]
+    finally:
+        sys.setswitchinterval(switch_interval)
