@@ -23,7 +23,6 @@ import math
 import threading
 from collections.abc import Callable
 from itertools import count
-from sys import modules
 from types import TracebackType
 from typing import Any, Protocol, Self, cast
 
@@ -421,7 +420,7 @@ class Arbiter:
                 await self._park(request, clock, started, limit, None)
         if keep_alive is not None:
             self._poke_timer()
-        if "structlog" in modules and configured():  # no call where it was never loaded
+        if configured():
             log.debug(
                 "allocation granted",
                 id=alloc.id,
@@ -593,7 +592,7 @@ class Arbiter:
             self._let_go(alloc)
         if holding.keep_alive is not None:
             self._poke_timer()
-        if "structlog" in modules and configured():  # no call where it was never loaded
+        if configured():
             log.debug(
                 "allocation released",
                 id=alloc.id,
