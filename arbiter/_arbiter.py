@@ -307,25 +307,22 @@ class Arbiter:
         backend: Backend,
         body: AllocationContext | None = None,
         owner: AllocationOwner | None = None,
-        *,
-        in_order: bool = False,
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
-        A checkpoint on every path (rule 8), as anyio's ``Semaphore`` is, taken one of
-        three ways:
+        It decides before it yields, so requests are decided (and queue) in the order
+        they were made (rule 3), and a checkpoint on every path follows (rule 8), as in
+        anyio's ``Semaphore``:
 
-        * Nothing waits and it fits (as read at entry): the request yields first
-          (`Backend.checkpoint`: a cancellation pending at entry is raised there, before
-          anything is decided), then decides. Whoever queued during that yield came
-          after it, so it goes ahead of them at its priority and below (rule 3's
-          arrival order); only a higher priority goes first.
+        * Nothing waits and it fits (as read at entry): it is granted, then yields
+          (`Backend.checkpoint`); a grant cancelled at that yield is given back.
         * Otherwise it checks for cancellation before anything is decided: a request
           already cancelled must not even queue, or the head could leave in the same
           pass and make it the one that asks holders for memory. Then it queues behind
           a head of its priority or higher (nothing but the queue moves: the head does
           not fit) and parks, the park being its yield; or a grant or failure at once
-          yields (a grant cancelled at that yield is given back).
+          yields as above. So does a request that found the room it saw at entry taken
+          by another thread.
 
         So a task that allocates in a loop lets the others run.
         ``body`` (an ``allocate()``): its scope is the allocation's before it can be
@@ -333,30 +330,21 @@ class Arbiter:
         cancels it, and the body starts cancelled), and the body starts here, granted.
         ``owner`` (a daemon's session) is told of the allocation's preemption and quality
         changes, and can have everything it holds released at once (`_release_owner`);
-        by default the arbiter itself owns it. ``in_order`` (a daemon's request, whose
-        client's own call was the checkpoint) decides before anything else runs, so
-        requests queue in the order their messages came: the cancellation check first,
-        the yield after.
+        by default the arbiter itself owns it.
         """
         (workload, priority, memory, min_memory, timeout, min_quality, preemptible, keep_alive,
          label) = args  # fmt: skip
         ledger = self._ledger
         tallies = ledger.tallies
-        # Read without the lock: it only picks which of the valid checkpoints to take.
-        # One that will not fit at once decides first (it may preempt, and the holders
-        # can start giving back sooner), then parks.
         smallest = memory if min_memory is None else min_memory
-        yield_first = not (
+        # Read without the lock: it only picks which of the valid checkpoints to take.
+        checked = bool(
             tallies.waiting
-            or in_order
+            or min_quality is not None
             or ledger.budget - tallies.granted - tallies.external < smallest
         )
-        try:
-            await (backend.checkpoint() if yield_first else backend.checkpoint_if_cancelled())
-        except BaseException:
-            with self._lock:
-                ledger.count_unqueued(Outcome.CANCELLED)
-            raise
+        if checked:
+            await self._check_cancelled(backend)
         loop = backend.loop()
         clock = loop.clock
         started = clock()
@@ -367,47 +355,49 @@ class Arbiter:
         if body is not None:
             alloc._scope = backend.cancel_scope()
         request: NewAllocation | None = None
-        with self._lock:
-            refused = smallest > ledger.budget or self._closed
-            if refused:
-                if yield_first:
-                    ledger.count_unqueued(Outcome.REFUSED)
-            else:
-                if loop is self._loop:
-                    now = started + self._clock_offset
-                else:
-                    if self._task_group is None and not tallies.waiting and not tallies.granted:
-                        self._adopt(loop)
-                    now = self._now()
-                if (
-                    tallies.waiting  # nothing jumps the queue: no need to ask
-                    or min_quality is not None
-                    or not ledger.grant_now(holding, smallest, memory, now)
-                ):
-                    limit = self._default_timeout if isinstance(timeout, Default) else timeout
-                    parker = backend.parker(loop, True)
-                    request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                    request.may_reclaim = limit != 0
-                    if ledger.submit(request, now, arrived_first=yield_first):
-                        request = None
-                    elif request.reclaim_deadline == math.inf:  # the common case
-                        wake_at = math.inf if limit is None else started + limit
+        while True:
+            with self._lock:
+                refused = smallest > ledger.budget or self._closed
+                if not refused:
+                    if loop is self._loop:
+                        now = started + self._clock_offset
                     else:
-                        wake_at = self._first_wake(request, started, limit, clock, now)
+                        if self._task_group is None and not tallies.waiting and not tallies.granted:
+                            self._adopt(loop)
+                        now = self._now()
+                    granted = (
+                        not tallies.waiting
+                        and min_quality is None
+                        and ledger.grant_now(holding, smallest, memory, now)
+                    )
+                    if not granted and checked:
+                        limit = self._default_timeout if isinstance(timeout, Default) else timeout
+                        parker = backend.parker(loop, True)
+                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                        request.may_reclaim = limit != 0
+                        if ledger.submit(request, now):
+                            request = None
+                            granted = True
+                        elif request.reclaim_deadline == math.inf:  # the common case
+                            wake_at = math.inf if limit is None else started + limit
+                        else:
+                            wake_at = self._first_wake(request, started, limit, clock, now)
+            if refused or granted or checked:
+                break
+            checked = True  # the room it saw is gone: it may queue, so it checks first
+            await self._check_cancelled(backend)
         if refused:
-            if not yield_first:
-                await self._refuse(backend)
+            await self._refuse(backend)
             if smallest > ledger.budget:
                 raise InsufficientMemory(smallest, ledger.budget)
             raise ShuttingDown("the arbiter is closed")
         if request is None:
-            if not yield_first:
-                try:
-                    await backend.checkpoint()
-                except BaseException:
-                    with self._lock:
-                        ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
-                    raise
+            try:
+                await backend.checkpoint()
+            except BaseException:
+                with self._lock:
+                    ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
+                raise
         else:
             # The first sleep here, not in `_park`: a handover resumes one coroutine less.
             try:
@@ -460,6 +450,16 @@ class Arbiter:
         held back while a restarted daemon admits re-claims first)."""
         with self._lock:
             self._ledger.count_unqueued(outcome)
+
+    async def _check_cancelled(self, backend: Backend) -> None:
+        """The check of a request before anything is decided for it, and its count if
+        it was cancelled."""
+        try:
+            await backend.checkpoint_if_cancelled()
+        except BaseException:
+            with self._lock:
+                self._ledger.count_unqueued(Outcome.CANCELLED)
+            raise
 
     async def _refuse(self, backend: Backend) -> None:
         """The checkpoint of a request refused at once, and its count."""
@@ -602,16 +602,13 @@ class Arbiter:
             )
 
     async def _resize(
-        self,
-        alloc: Allocation,
-        memory: int,
-        timeout: float | Default | None,
-        *,
-        yield_first: bool = True,
+        self, alloc: Allocation, memory: int, timeout: float | Default | None
     ) -> None:
-        """Resize ``alloc`` (arguments checked by the handle). ``yield_first=False`` is a
-        daemon growing it for a client, whose own call was the checkpoint: the growth
-        queues before anything else runs, in the order the client's messages came."""
+        """Resize ``alloc`` (arguments checked by the handle).
+
+        Growing is a request (rule 8): checked for cancellation, decided, then a yield,
+        at which a growth granted at once and cancelled there is given back; or a park.
+        """
         holding = alloc._holding
         if holding.min_memory is not None and memory < holding.min_memory:
             raise ValueError(f"memory must be >= min_memory ({holding.min_memory}), got {memory}")
@@ -625,37 +622,47 @@ class Arbiter:
         if shrunk:
             await backend.checkpoint()
             return
-        # Growing is a request: a checkpoint first, on every path (rule 8).
-        if yield_first:
-            await backend.checkpoint()
-        else:
-            await backend.checkpoint_if_cancelled()
+        await backend.checkpoint_if_cancelled()
         loop = backend.loop()
         clock = loop.clock
         started = clock()
+        failure: Exception | None = None
+        request: Growth | None = None
+        waits = False
         with self._lock:
             if holding.released:
-                raise RuntimeError(f"cannot resize {alloc.id}: it is released")
-            if memory > ledger.budget:
-                raise InsufficientMemory(memory, ledger.budget)
-            if self._closed:
-                raise ShuttingDown("the arbiter is closed")
-            if holding.growing:
+                failure = RuntimeError(f"cannot resize {alloc.id}: it is released")
+            elif memory > ledger.budget:
+                failure = InsufficientMemory(memory, ledger.budget)
+            elif self._closed:
+                failure = ShuttingDown("the arbiter is closed")
+            elif holding.growing:
                 # Each growth is measured from the size held: a second one would add
                 # its difference on top of the first.
-                raise RuntimeError(f"cannot resize {alloc.id}: a growth is already waiting")
-            delta = memory - holding.memory
-            if delta <= 0:  # it shrank meanwhile (preemption or its own resize)
+                failure = RuntimeError(f"cannot resize {alloc.id}: a growth is already waiting")
+            elif memory <= holding.memory:  # it shrank meanwhile (preemption or its own resize)
                 ledger.shrink(holding, memory, self._now())
-                return
-            parker = backend.parker(loop)
-            request = Growth(holding, delta, parker)
-            request.may_reclaim = limit != 0
-            now = self._now()
-            if ledger.submit(request, now):
-                return
-            parker.arm()
-            wake_at = self._first_wake(request, started, limit, clock, now)
+            else:
+                parker = backend.parker(loop)
+                request = Growth(holding, memory - holding.memory, parker)
+                request.may_reclaim = limit != 0
+                now = self._now()
+                waits = not ledger.submit(request, now)
+                if waits:
+                    parker.arm()
+                    wake_at = self._first_wake(request, started, limit, clock, now)
+        if not waits:
+            try:
+                await backend.checkpoint()
+            except BaseException:
+                if request is not None:
+                    with self._lock:  # the growth goes back; the old size is kept
+                        ledger.withdraw(request, self._now(), Outcome.CANCELLED)
+                raise
+            if failure is not None:
+                raise failure
+            return
+        assert request is not None
         await self._park(request, clock, started, limit, wake_at)
 
     def _quality_of(self, alloc: Allocation) -> float:

@@ -162,8 +162,8 @@ async def test_the_check_before_parking_never_yields_when_nothing_is_pending(
 async def test_a_request_with_nothing_waiting_is_cancelled_where_a_checkpoint_is(
     arrangement: Callable[[Point], Awaitable[None]],
 ) -> None:
-    """Nothing waits, so the request yields first and decides after: a cancellation
-    pending at entry is raised at that yield, before anything is granted."""
+    """Nothing waits, so the request is granted and then yields: a cancellation pending
+    at entry is raised at that yield, and the grant is given back."""
     arbiter = make_arbiter()
     expected = await reached_past(arrangement, anyio.lowlevel.checkpoint)
     held: list[int] = []

@@ -168,9 +168,9 @@ async def test_a_grant_at_once_in_a_cancelled_scope_holds_nothing() -> None:
 async def test_requests_that_found_nothing_waiting_and_then_a_queue_are_counted_once(
     anyio_backend: str,
 ) -> None:
-    """With nothing waiting a request yields before it decides; the requests that came
-    during that yield may have formed a queue by then, and it joins it (as the head, or
-    behind it), counted once whatever it meets."""
+    """A request is decided before it yields: the first, with nothing waiting, is granted
+    at once; those made during its yield queue behind it or fail at once (timeout 0),
+    each counted once."""
     arbiter = make_arbiter(1)
     holder = await arbiter.request_allocation(LLM, NORMAL, GiB)
     order: list[int] = []
@@ -185,12 +185,12 @@ async def test_requests_that_found_nothing_waiting_and_then_a_queue_are_counted_
 
     async with anyio.create_task_group() as tg:
         holder.release()
-        # Nothing waits: all of them yield first, then decide in turn; the first takes
-        # the memory, the others queue behind it (or fail at once, with timeout 0).
+        # The first to run takes the memory; the others queue behind it (or fail at
+        # once, with timeout 0).
         for number in range(1, 5):
             tg.start_soon(request, number, 0 if number == 3 else None)
-    # On asyncio the tasks decide in the order they started; trio shuffles them, and
-    # the timeout-0 one succeeds when it decides first.
+    # On asyncio the tasks run in the order they started; trio may reverse them, and
+    # the timeout-0 one succeeds when it runs first.
     assert sorted(map(abs, order)) == [1, 2, 3, 4]
     assert order.count(-3) == (1 if anyio_backend == "asyncio" else order.count(-3))
     failed = order.count(-3)
@@ -597,3 +597,60 @@ async def test_a_request_cancelled_before_it_is_made_is_never_granted(
     stats = arbiter.stats()
     assert stats.cancelled == 1
     assert stats.total_allocations == stats.successful_allocations + stats.cancelled
+
+
+@pytest.mark.anyio
+async def test_requests_made_in_one_pass_are_granted_in_call_order() -> None:
+    # Each is decided when it is made, before it yields: the first takes the room and
+    # the others queue in the order they were called (trio may run them in reverse).
+    arbiter = make_arbiter(4)
+    called: list[int] = []
+    granted: list[int] = []
+    held: list[Allocation] = []
+
+    async def request(number: int) -> None:
+        called.append(number)
+        held.append(await arbiter.request_allocation(LLM, NORMAL, 4 * GiB))
+        granted.append(number)
+
+    async with anyio.create_task_group() as tg:
+        for number in range(5):
+            tg.start_soon(request, number)
+        await settle()
+        while len(granted) < 5:
+            held[-1].release()
+            await settle()
+    assert granted == called
+    held[-1].release()
+    arbiter._ledger.check_invariants()
+
+
+@pytest.mark.anyio
+async def test_a_growth_called_before_a_request_is_granted_before_it() -> None:
+    arbiter = make_arbiter(4)
+    growing = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    other = await arbiter.request_allocation(LLM, NORMAL, GiB)
+    called: list[str] = []
+    granted: dict[str, Allocation] = {}
+
+    async def grow() -> None:
+        called.append("growth")  # 3 GiB more, with 2 free: it queues
+        await growing.resize(4 * GiB)
+        granted["growth"] = growing
+
+    async def request() -> None:
+        called.append("request")  # 3 GiB, with 2 free: it queues
+        granted["request"] = await arbiter.request_allocation(LLM, NORMAL, 3 * GiB)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(grow)
+        tg.start_soon(request)
+        await settle()
+        assert granted == {}
+        other.release()  # 3 GiB free: enough for one, whichever came first
+        await settle()
+        assert list(granted) == called[:1]
+        granted[called[0]].release()
+    assert list(granted) == called
+    granted[called[1]].release()
+    assert arbiter.state().vram_used == 0

@@ -443,9 +443,7 @@ class SessionHost:
                 self._turns.end(turn)  # the next may go once this one has queued: now
                 waiting.queued = True
                 args = (*args[:4], timeout, *args[5:])
-                alloc = await self.arbiter._admit(
-                    args, current_backend(), owner=session, in_order=True
-                )
+                alloc = await self.arbiter._admit(args, current_backend(), owner=session)
         except Exception as exc:
             session.push(_failure(key, exc))
             return
@@ -547,7 +545,7 @@ class SessionHost:
                 timeout = await self._wait_turn(turn, timeout, counted=False)
                 self._turns.end(turn)  # a growth queues without yielding
                 waiting.queued = True
-                await self.arbiter._resize(alloc, message.memory, timeout, yield_first=False)
+                await self.arbiter._resize(alloc, message.memory, timeout)
         except Exception as exc:
             session.push(_failure(message.key, exc))
             return
@@ -569,7 +567,7 @@ class SessionHost:
                 reclaim.min_memory if reclaim.min_memory != reclaim.memory else None, 0, None,
                 reclaim.preemptible, reclaim.keep_alive, reclaim.label,
             )  # fmt: skip
-            alloc = await self.arbiter._admit(args, current_backend(), owner=session, in_order=True)
+            alloc = await self.arbiter._admit(args, current_backend(), owner=session)
         except Exception:
             session.push(Reclaimed(reclaim.key, None, 0.0))
             return
