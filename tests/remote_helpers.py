@@ -61,7 +61,17 @@ def daemon_log(sock: Path) -> Path:
     return sock.with_name(sock.name + ".log")
 
 
-def start_daemon(sock: Path, *args: str, vram_gb: float = 10) -> subprocess.Popen[str]:
+def start_daemon(
+    sock: Path, *args: str, vram_gb: float = 10, open_files: int | None = None
+) -> subprocess.Popen[str]:
+    """``open_files``: the daemon's limit of file descriptors (RLIMIT_NOFILE)."""
+
+    def limit_open_files() -> None:
+        import resource
+
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     # stderr to a file, not a pipe: nobody reads a pipe, and a full one would stall it.
     with open(daemon_log(sock), "a") as log:
         proc = subprocess.Popen(
@@ -71,6 +81,7 @@ def start_daemon(sock: Path, *args: str, vram_gb: float = 10) -> subprocess.Pope
             text=True,
             cwd=ROOT,
             env=no_nvml_env(),
+            preexec_fn=limit_open_files if open_files is not None else None,
         )
     try:
         wait_connectable(sock, proc)
@@ -98,8 +109,10 @@ def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float 
 
 
 @contextlib.contextmanager
-def daemon(sock: Path, *args: str, vram_gb: float = 10) -> Iterator[subprocess.Popen[str]]:
-    proc = start_daemon(sock, *args, vram_gb=vram_gb)
+def daemon(
+    sock: Path, *args: str, vram_gb: float = 10, open_files: int | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    proc = start_daemon(sock, *args, vram_gb=vram_gb, open_files=open_files)
     try:
         yield proc
     finally:

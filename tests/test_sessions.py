@@ -18,7 +18,7 @@ import pytest
 
 from arbiter import Arbiter, ArbiterConfig, GiB
 from arbiter.remote._sessions import DaemonConfig, Session, SessionHost
-from arbiter.remote._wire import Reclaim, Request, Resize
+from arbiter.remote._wire import Reclaim, Request, Resize, Sync
 
 pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
@@ -132,4 +132,33 @@ async def test_a_preemption_decided_while_a_reclaim_is_admitted_reaches_its_clie
         updates = [m for m in sent(restarted).messages() if m[0] == "Update"]
         assert sent(restarted).answers() == [("Reclaimed", 1)]
         assert updates and updates[-1][4] is True  # preempted: it will give the memory back
+        tasks.cancel_scope.cancel()
+
+
+async def test_syncs_read_in_one_pass_are_answered_with_one_refresh(
+    arbiter: Arbiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = host_for(arbiter)
+    refreshes = 0
+    refresh = host.refresh_stats
+
+    def counted() -> None:
+        nonlocal refreshes
+        refreshes += 1
+        refresh()
+
+    monkeypatch.setattr(host, "refresh_stats", counted)
+    async with anyio.create_task_group() as tasks:
+        session = open_session(host, tasks, 1)
+        for key in range(1, 1_001):  # one read's worth of Syncs: the stats sort once
+            host.handle(session, Sync(key))
+        host.handle(session, request(1_001, 4))  # read with them: answered first
+        await anyio.wait_all_tasks_blocked()
+        assert refreshes == 1
+        assert sent(session).answers() == [("Granted", 1_001)] + [
+            ("Synced", key) for key in range(1, 1_001)
+        ]
+        host.handle(session, Sync(1_002))  # a later read: a refresh of its own
+        await anyio.wait_all_tasks_blocked()
+        assert refreshes == 2 and sent(session).answers()[-1] == ("Synced", 1_002)
         tasks.cancel_scope.cancel()

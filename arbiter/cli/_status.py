@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,16 @@ def run_status(args: argparse.Namespace) -> int:
         raise UsageError(
             f"the daemon on {path} did not answer within {STATUS_TIMEOUT:g} s"
         ) from None
+    # The daemon's reply fits in one frame: it leaves out the last of a very long list.
+    omitted = (
+        f"{reply.omitted} more holders and waiters not listed (the reply is at most 1 MiB)"
+        if reply.omitted
+        else None
+    )
     if args.json:
         print(json.dumps(status_json(state, stats, reply)))
+        if omitted:
+            print(omitted, file=sys.stderr)
         return 0
     print(
         f"{path}: {format_bytes(state.vram_used)} granted, "
@@ -99,4 +108,6 @@ def run_status(args: argparse.Namespace) -> int:
             f"waiter {w.id} pid {w.pid} {w.label or '-'} {w.workload} {w.priority} "
             f"{format_bytes(w.memory)} waited {w.waited_s:.1f}s"
         )
+    if omitted:
+        print(omitted)
     return 0

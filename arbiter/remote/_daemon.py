@@ -8,6 +8,7 @@ handshake, frames in, the ttl, and the way out.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -49,6 +50,11 @@ __all__ = ["DaemonConfig", "DaemonRefused", "SessionHost", "SocketClaim", "claim
 
 _PEERCRED = struct.Struct("3i")
 _RECEIVE_BYTES = 65536
+# What a full process or system (file descriptors, kernel memory) makes accept() fail
+# with: the listener is fine, and a connection that ends makes room again.
+_OUT_OF_ROOM = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_RETRY = 0.1  # seconds between tries while out of room
+_MAX_REASON = 300  # characters of an error's text sent back (msgspec's quote the input)
 _WORKLOADS = tuple(WorkloadType)
 _PRIORITIES = tuple(Priority)
 
@@ -118,6 +124,12 @@ def claim_socket(path: Path, ttl: float) -> SocketClaim:
     return SocketClaim(path, lock, max(0.0, hold))
 
 
+def _reason(exc: BaseException) -> str:
+    """An error's text, short enough to send back whatever input it quotes."""
+    text = str(exc)
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
 def peer_credentials(stream: anyio.abc.SocketStream) -> tuple[int, int]:
     """``(pid, uid)`` of the process at the other end of a Unix socket."""
     sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
@@ -141,70 +153,105 @@ class Daemon:
         self.host = host
         self._numbers = iter(range(1, 1 << 62))
         self._streams: dict[int, anyio.abc.SocketStream] = {}
+        self._connections = 0  # open, a session yet or not
 
     @property
     def _ttl(self) -> float:
         return self.host.config.ttl
 
+    async def accept(self, listener: anyio.abc.SocketListener) -> None:
+        """Serve each connection the listener accepts, until cancelled.
+
+        A process out of file descriptors (or a system out of memory for sockets) makes
+        accepting fail until a connection ends: it waits and tries again, as trio's
+        ``serve_listeners`` does, and the sessions it has go on.
+        """
+        async with anyio.create_task_group() as tasks:
+            out_of_room = False
+            while True:
+                try:
+                    stream = await listener.accept()
+                except (anyio.BrokenResourceError, OSError) as exc:
+                    cause = exc if isinstance(exc, OSError) else exc.__cause__
+                    if not isinstance(cause, OSError) or cause.errno not in _OUT_OF_ROOM:
+                        raise
+                    if not out_of_room:
+                        log.warning("cannot accept connections", reason=cause.strerror)
+                        out_of_room = True
+                    await anyio.sleep(_ACCEPT_RETRY)
+                    continue
+                out_of_room = False
+                tasks.start_soon(self.handle_connection, stream)
+
     async def handle_connection(self, stream: anyio.abc.SocketStream) -> None:
         """Serve one connection until it closes, goes silent past the ttl or misbehaves."""
-        async with stream:
-            try:
-                pid, uid = peer_credentials(stream)
-            except OSError:
-                return
-            config = self.host.config
-            if uid != os.getuid() and uid not in config.allow_uids:
-                log.warning("session refused", pid=pid, uid=uid)
-                goodbye = Refused("uid", f"uid {uid} is not allowed by this daemon")
-                with contextlib.suppress(Exception):
-                    await stream.send(frame(msgspec.msgpack.encode(goodbye)))
-                return
-            buffer = FrameBuffer()
-            received = await self._receive_hello(stream, buffer, pid)
-            if received is None:
-                return
-            hello, early = received
-            welcome = Welcome(
-                PROTOCOL_VERSION, self.host.instance, self._ttl, self.host.arbiter.config
+        self._connections += 1
+        try:
+            async with stream:
+                await self._serve_connection(stream)
+        finally:
+            self._connections -= 1
+
+    async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
+        try:
+            pid, uid = peer_credentials(stream)
+        except OSError:
+            return
+        config = self.host.config
+        refusal = None
+        if uid != os.getuid() and uid not in config.allow_uids:
+            log.warning("session refused", pid=pid, uid=uid)
+            refusal = Refused("uid", f"uid {uid} is not allowed by this daemon")
+        elif self._connections > config.max_connections:
+            log.warning("session refused", pid=pid, reason="too many connections")
+            refusal = Refused(
+                "busy", f"the daemon serves at most {config.max_connections} connections"
             )
-            try:
-                await stream.send(frame(msgspec.msgpack.encode(welcome)))
-            except (anyio.BrokenResourceError, OSError):
-                return
-            # Only now is the session known to the rest of the daemon: nothing may be
-            # sent on it before the welcome.
-            session = Session(self.host, next(self._numbers), pid, uid, FrameSender(stream))
-            self.host.open(session)
-            self._streams[session.number] = stream
-            log.info(
-                "session opened", session=session.number, pid=pid, reclaims=len(hello.reclaims)
-            )
-            reason = "closed"
-            try:
-                async with anyio.create_task_group() as tasks:
-                    session.task_group = tasks
-                    for reclaim in hello.reclaims:
-                        if hello.previous == self.host.instance:
-                            # This daemon ended that session (it was silent): nothing
-                            # of it may come back.
-                            session.push(Reclaimed(reclaim.key, None, 0.0))
-                        else:
-                            await self.host.reclaim(session, reclaim)
-                    tasks.start_soon(session.sender.run)
-                    reason = await self._read(session, stream, buffer, early)
-                    if reason in ("expired", "bad_input"):
-                        with anyio.move_on_after(self._ttl):
-                            await session.sender.flush()
-                    tasks.cancel_scope.cancel()
-            except Exception as exc:  # a bug serving one session must not end the others
-                reason = "failed"
-                log.error("session failed", session=session.number, pid=pid, exc_info=exc)
-            finally:
-                self.host.close(session)
-                self._streams.pop(session.number, None)
-                event = "session expired" if reason == "expired" else "session closed"
-                log.info(event, session=session.number, pid=pid, reason=reason)
+        if refusal is not None:
+            with contextlib.suppress(Exception):
+                await stream.send(frame(msgspec.msgpack.encode(refusal)))
+            return
+        buffer = FrameBuffer()
+        received = await self._receive_hello(stream, buffer, pid)
+        if received is None:
+            return
+        hello, early = received
+        welcome = Welcome(PROTOCOL_VERSION, self.host.instance, self._ttl, self.host.arbiter.config)
+        try:
+            await stream.send(frame(msgspec.msgpack.encode(welcome)))
+        except (anyio.BrokenResourceError, OSError):
+            return
+        # Only now is the session known to the rest of the daemon: nothing may be
+        # sent on it before the welcome.
+        session = Session(self.host, next(self._numbers), pid, uid, FrameSender(stream))
+        self.host.open(session)
+        self._streams[session.number] = stream
+        log.info("session opened", session=session.number, pid=pid, reclaims=len(hello.reclaims))
+        reason = "closed"
+        try:
+            async with anyio.create_task_group() as tasks:
+                session.task_group = tasks
+                for reclaim in hello.reclaims:
+                    if hello.previous == self.host.instance:
+                        # This daemon ended that session (it was silent): nothing
+                        # of it may come back.
+                        session.push(Reclaimed(reclaim.key, None, 0.0))
+                    else:
+                        await self.host.reclaim(session, reclaim)
+                tasks.start_soon(session.sender.run)
+                reason = await self._read(session, stream, buffer, early)
+                if reason in ("expired", "bad_input"):
+                    with anyio.move_on_after(self._ttl):
+                        await session.sender.flush()
+                tasks.cancel_scope.cancel()
+        except Exception as exc:  # a bug serving one session must not end the others
+            reason = "failed"
+            log.error("session failed", session=session.number, pid=pid, exc_info=exc)
+        finally:
+            self.host.close(session)
+            self._streams.pop(session.number, None)
+            event = "session expired" if reason == "expired" else "session closed"
+            log.info(event, session=session.number, pid=pid, reason=reason)
 
     async def _receive_hello(
         self, stream: anyio.abc.SocketStream, buffer: FrameBuffer, pid: int
@@ -237,7 +284,7 @@ class Daemon:
             try:
                 hello = _HELLO_DECODER.decode(frames[0])
             except msgspec.MsgspecError as exc:
-                problem = Refused("bad_input", f"bad hello: {exc}")
+                problem = Refused("bad_input", f"bad hello: {_reason(exc)}")
         if problem is not None:
             log.warning("session refused", pid=pid, reason=problem.message)
             with contextlib.suppress(Exception):
@@ -263,12 +310,12 @@ class Daemon:
                     try:
                         message = _DECODER.decode(data)
                     except msgspec.MsgspecError as exc:
-                        session.push(Error(f"bad frame: {exc}"))
+                        session.push(Error(f"bad frame: {_reason(exc)}"))
                         continue
                     try:
                         host.handle(session, message)
                     except Exception as exc:
-                        session.push(Error(f"bad request: {type(exc).__name__}: {exc}"))
+                        session.push(Error(f"bad request: {type(exc).__name__}: {_reason(exc)}"))
                 silence.deadline = anyio.current_time() + ttl
                 try:
                     chunk = await stream.receive(_RECEIVE_BYTES)
@@ -342,7 +389,7 @@ async def serve(
         async with listener, anyio.create_task_group() as tasks:
             tasks.start_soon(daemon.tick)
             tasks.start_soon(host.admit_new_after_hold)
-            tasks.start_soon(listener.serve, daemon.handle_connection)
+            tasks.start_soon(daemon.accept, listener)
             task_status.started(host)
     finally:
         # No longer accepting: record the handover (before anyone can start in our

@@ -38,6 +38,7 @@ from .._log import log
 from .._stats import ArbiterStats
 from .._types import Priority, WorkloadType, check_memory, check_timeout
 from ._wire import (
+    MAX_FRAME,
     Busy,
     ClientMessage,
     Failed,
@@ -78,6 +79,9 @@ class DaemonConfig:
             the daemon's changed state.
         stats_interval: how often fresh stats (percentiles sort their samples) are
             computed for the snapshots.
+        max_connections: how many connections are served at once (one per client
+            process, usually); more are refused. Each may buffer up to a frame
+            (1 MiB), so this bounds what clients can make the daemon keep.
     """
 
     socket: Path
@@ -85,6 +89,7 @@ class DaemonConfig:
     allow_uids: frozenset[int] = field(default_factory=frozenset)
     snapshot_interval: float = 0.05
     stats_interval: float = 0.5
+    max_connections: int = 128
 
     def __post_init__(self) -> None:
         for name in ("ttl", "snapshot_interval", "stats_interval"):
@@ -93,12 +98,37 @@ class DaemonConfig:
                 raise TypeError(f"{name} must be a number of seconds, got {value!r}")
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        connections = self.max_connections
+        if isinstance(connections, bool) or not isinstance(connections, int):
+            raise TypeError(f"max_connections must be an int, got {connections!r}")
+        if connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {connections!r}")
 
 
 # -- sessions ---------------------------------------------------------------------------
 
 
 _ENCODER = msgspec.msgpack.Encoder()
+
+# What a status reply may fill of a frame (the rest: the frame's own envelope).
+_STATUS_ROOM = MAX_FRAME - 1024
+
+
+def _fitted(reply: StatusReply) -> StatusReply:
+    """``reply``, or as much of it as fits in one frame: the last waiters go first,
+    then the last holders (one session can queue many requests with long labels)."""
+    size = len(_ENCODER.encode(reply))
+    while size > _STATUS_ROOM:
+        holders, waiters = reply.holders, reply.waiters
+        listed = len(holders) + len(waiters)
+        # Entries are about the same size: cut the share that overflows, and a tenth more.
+        cut = max(1, listed - listed * _STATUS_ROOM * 9 // (size * 10))
+        from_waiters = min(cut, len(waiters))
+        waiters = waiters[: len(waiters) - from_waiters]
+        holders = holders[: len(holders) - (cut - from_waiters)]
+        reply = StatusReply(reply.key, holders, waiters, reply.omitted + cut)
+        size = len(_ENCODER.encode(reply))
+    return reply
 
 
 class _Waiting:
@@ -136,6 +166,7 @@ class Session:
         "pid",
         "sender",
         "snapshot_version",
+        "syncs",
         "task_group",
         "uid",
         "waiting",
@@ -154,6 +185,8 @@ class Session:
         self.keys: dict[Allocation, int] = {}
         self.waiting: dict[int, _Waiting] = {}
         self.snapshot_version = -1
+        # The keys of the Syncs read in one pass, answered together (`SessionHost._sync`).
+        self.syncs: list[int] | None = None
         self.closed = False
         self.task_group: anyio.abc.TaskGroup | None = None
 
@@ -394,8 +427,11 @@ class SessionHost:
             if alloc is not None and (message.busy or alloc._holding.busy_spans > 0):
                 self.arbiter._set_busy(alloc, message.busy)
         elif isinstance(message, Sync):
-            assert session.task_group is not None
-            session.task_group.start_soon(self._sync, session, message.key)
+            if session.syncs is None:
+                assert session.task_group is not None
+                session.syncs = []
+                session.task_group.start_soon(self._sync, session, session.syncs)
+            session.syncs.append(message.key)
         else:
             assert isinstance(message, Status)
             session.push(self.status(message.key))
@@ -475,12 +511,17 @@ class SessionHost:
             waited_s=round(waited, 6),
         )
 
-    async def _sync(self, session: Session, key: int) -> None:
+    async def _sync(self, session: Session, keys: list[int]) -> None:
+        """Answer the Syncs read in one pass with one refresh of the stats (which sorts
+        their samples): a flood of them costs the daemon one per read."""
+        session.syncs = None  # the pass is over: a Sync read from now on starts anew
         # Tasks run in the order they were started: one checkpoint lets the requests
-        # received before this Sync reach the arbiter (and park) before it is answered.
+        # received before these Syncs reach the arbiter (and park) before they are
+        # answered.
         await anyio.lowlevel.checkpoint()
         self.refresh_stats()
-        session.push(Synced(key))
+        for key in keys:
+            session.push(Synced(key))
 
     async def _wait_turn(self, turn: int, timeout: Any, *, counted: bool) -> Any:
         """Wait for ``turn``, and (a restarted daemon) until new grants are admitted;
@@ -632,7 +673,7 @@ class SessionHost:
                 for wkey, waiting in session.waiting.items()
                 if not waiting.queued
             )
-        return StatusReply(key, holders, waiters)
+        return _fitted(StatusReply(key, holders, waiters))
 
     @staticmethod
     def _pid_of(alloc: Allocation) -> int:

@@ -120,8 +120,9 @@ class Welcome(msgspec.Struct, frozen=True, tag=True):
 
 
 class Refused(msgspec.Struct, frozen=True, tag=True):
-    """The daemon's answer to a `Hello` it will not serve: ``reason`` is ``version``,
-    ``uid`` or ``bad_input``; ``message`` says it to a person."""
+    """The daemon's answer to a `Hello` it will not serve (or to a connection past its
+    ``max_connections``): ``reason`` is ``version``, ``uid``, ``bad_input`` or ``busy``;
+    ``message`` says it to a person."""
 
     reason: str
     message: str
@@ -269,9 +270,13 @@ class WaiterInfo(msgspec.Struct, frozen=True):
 
 
 class StatusReply(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """Holders, then waiters, in the order they are granted; ``omitted``: how many of
+    the last were left out to fit the reply in one frame."""
+
     key: int
     holders: list[HolderInfo]
     waiters: list[WaiterInfo]
+    omitted: int = 0
 
 
 class Goodbye(msgspec.Struct, frozen=True, tag=True, array_like=True):
