@@ -27,6 +27,7 @@ from ._backend import (
     current_backend,
 )
 from ._checks import check_ratio
+from ._locking import under_lock
 from ._quality import size_for_quality
 from ._records import Holding
 from ._types import Priority, WorkloadType, check_memory, check_timeout
@@ -241,10 +242,13 @@ class Allocation:
         """Park until woken; a cancelled sleeper takes itself off ``waiters``."""
         try:
             await parker.park(math.inf)
-        except BaseException:
-            with self._port._lock:
+        except BaseException as exc:
+
+            def leave() -> None:
                 if waiters is not None and parker in waiters:
                     waiters.remove(parker)
+
+            under_lock(self._port._lock, exc, leave)
             raise
 
     # Called by the port, under its lock, when the core decides something about this

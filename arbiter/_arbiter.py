@@ -43,6 +43,7 @@ from ._errors import (
 )
 from ._gpu import GpuReading, MemoryProbe
 from ._ledger import Event, Ledger, Outcome
+from ._locking import under_lock
 from ._log import configured, debug, log
 from ._records import FAILED, GRANTED, Family, Growth, Holding, NewAllocation, Request
 from ._stats import ArbiterState, ArbiterStats
@@ -394,17 +395,16 @@ class Arbiter:
         if request is None:
             try:
                 await backend.checkpoint()
-            except BaseException:
-                with self._lock:
-                    ledger.ungrant(holding, self._now())  # the memory goes to the next waiter
+            except BaseException as exc:
+                # The memory goes to the next waiter.
+                under_lock(self._lock, exc, lambda: ledger.ungrant(holding, self._now()))
                 raise
         else:
             # The first sleep here, not in `_park`: a handover resumes one coroutine less.
             try:
                 await parker.park(wake_at)
-            except BaseException:
-                with self._lock:  # gives back a grant that raced it
-                    ledger.withdraw(request, self._now(), Outcome.CANCELLED)
+            except BaseException as exc:
+                self._withdraw(exc, request)  # gives back a grant that raced it
                 raise
             if request.state is not GRANTED:  # read without the lock: see `_park`
                 await self._park(request, clock, started, limit, None)
@@ -456,18 +456,16 @@ class Arbiter:
         it was cancelled."""
         try:
             await backend.checkpoint_if_cancelled()
-        except BaseException:
-            with self._lock:
-                self._ledger.count_unqueued(Outcome.CANCELLED)
+        except BaseException as exc:
+            under_lock(self._lock, exc, lambda: self._ledger.count_unqueued(Outcome.CANCELLED))
             raise
 
     async def _refuse(self, backend: Backend) -> None:
         """The checkpoint of a request refused at once, and its count."""
         try:
             await backend.checkpoint()
-        except BaseException:
-            with self._lock:
-                self._ledger.count_unqueued(Outcome.CANCELLED)
+        except BaseException as exc:
+            under_lock(self._lock, exc, lambda: self._ledger.count_unqueued(Outcome.CANCELLED))
             raise
         with self._lock:
             self._ledger.count_unqueued(Outcome.REFUSED)
@@ -539,9 +537,8 @@ class Arbiter:
                     wake_at = self._wake_at(request, deadline, own_now, now)
                     parker.arm()
                 await parker.park(wake_at)
-        except BaseException:
-            with self._lock:  # gives back a grant that raced it
-                ledger.withdraw(request, self._now(), Outcome.CANCELLED)
+        except BaseException as exc:
+            self._withdraw(exc, request)  # gives back a grant that raced it
             raise
         if request.state is GRANTED:
             return
@@ -565,6 +562,13 @@ class Arbiter:
         if request.best_quality is not None and request.min_quality is not None:
             raise InsufficientQuality(request.min_quality, request.best_quality)
         raise AllocationTimeout(limit)
+
+    def _withdraw(self, exc: BaseException, request: Request) -> None:
+        """Take back a request whose waiter leaves with ``exc`` (a grant that raced it
+        goes to the next waiter)."""
+        under_lock(
+            self._lock, exc, lambda: self._ledger.withdraw(request, self._now(), Outcome.CANCELLED)
+        )
 
     @staticmethod
     def _wake_at(request: Request, deadline: float, own_now: float, now: float) -> float:
@@ -654,10 +658,9 @@ class Arbiter:
         if not waits:
             try:
                 await backend.checkpoint()
-            except BaseException:
-                if request is not None:
-                    with self._lock:  # the growth goes back; the old size is kept
-                        ledger.withdraw(request, self._now(), Outcome.CANCELLED)
+            except BaseException as exc:
+                if request is not None:  # the growth goes back; the old size is kept
+                    self._withdraw(exc, request)
                 raise
             if failure is not None:
                 raise failure

@@ -232,12 +232,12 @@ def _asyncio_backend() -> Backend:
             self._future = Future(loop=self._loop)
 
         def wake(self) -> None:
-            if get_ident() == self._thread:  # the releaser runs in the waiter's loop
-                self._resolve(True)
-                return
             try:
-                self._loop.call_soon_threadsafe(self._resolve, True)
-            except RuntimeError:  # the loop is closed: its waiter is gone
+                if get_ident() == self._thread:  # the releaser runs in the waiter's loop
+                    self._resolve(True)
+                else:
+                    self._loop.call_soon_threadsafe(self._resolve, True)
+            except RuntimeError:  # the loop is closed (it left its waiter behind)
                 pass
 
         def _resolve(self, woken: bool) -> None:

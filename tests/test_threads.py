@@ -226,3 +226,56 @@ def test_many_threads_churn_and_leave_an_exact_ledger() -> None:
     assert stats.successful_allocations == sum(
         outcomes.get(name, 0) for name in ("done", "preempted", "cancelled in the body")
     )
+
+
+def test_a_waiter_left_behind_by_a_closed_loop_breaks_no_release() -> None:
+    """A program that closes an asyncio loop with a task still waiting (``Task was
+    destroyed but it is pending!``): the release that grants the dead waiter returns,
+    the waiter behind it is served, and the dead one's grant comes back when its
+    coroutine is finalized, which never waits for the lock the release holds."""
+    import asyncio
+    import gc
+
+    arbiter = make_arbiter()
+    outcome: dict[str, Any] = {}
+
+    def one_thread_two_loops() -> None:
+        loop = asyncio.new_event_loop()
+
+        async def leave_a_waiter() -> None:
+            outcome["holder"] = await arbiter.request_allocation(LLM, Priority.NORMAL, 8 * GiB)
+            # Nothing keeps the task once its loop is gone: so it is in such programs.
+            loop.create_task(arbiter.request_allocation(LLM, Priority.NORMAL, 8 * GiB))  # noqa: RUF006
+            for _ in range(100):  # until it parks
+                if arbiter.state().waiting:
+                    break
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(leave_a_waiter())
+        loop.close()
+
+        async def release_in_a_new_loop() -> None:
+            async def behind() -> None:
+                alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 2 * GiB)
+                outcome["behind"] = alloc.memory
+                alloc.release()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(behind)
+                await wait_until(lambda: arbiter.state().waiting == 2)
+                outcome["holder"].release()  # this thread: the dead loop's waiter first
+
+        anyio.run(release_in_a_new_loop)
+
+    thread = threading.Thread(target=one_thread_two_loops, daemon=True)
+    thread.start()
+    thread.join(JOIN_TIMEOUT)
+    assert not thread.is_alive(), "a release deadlocked"
+    assert outcome["behind"] == 2 * GiB
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    while arbiter.state().vram_used:
+        assert time.monotonic() < deadline, "the dead waiter's grant never came back"
+        gc.collect()
+        time.sleep(0.01)
+    stats = arbiter.stats()
+    assert stats.total_allocations == stats.successful_allocations + stats.cancelled == 3
