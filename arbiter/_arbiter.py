@@ -311,19 +311,17 @@ class Arbiter:
     ) -> Allocation:
         """Admit checked arguments: fail at once, grant at once, or wait in the queue.
 
-        It decides before it yields, so requests are decided (and queue) in the order
-        they were made (rule 3), and a checkpoint on every path follows (rule 8), as in
-        anyio's ``Semaphore``:
+        A checkpoint on every path (rule 8), taken as anyio's ``Semaphore`` takes it: a
+        cancellation check before anything is decided (a request already cancelled must
+        not even be granted or queue: either may lower others' quality targets, or make
+        it the head that asks holders for memory), then the decision, then a yield. So
+        requests are decided in the order they are made (rule 3), and:
 
-        * Nothing waits and it fits (as read at entry): it is granted, then yields
-          (`Backend.checkpoint`); a grant cancelled at that yield is given back.
-        * Otherwise it checks for cancellation before anything is decided: a request
-          already cancelled must not even queue, or the head could leave in the same
-          pass and make it the one that asks holders for memory. Then it queues behind
-          a head of its priority or higher (nothing but the queue moves: the head does
-          not fit) and parks, the park being its yield; or a grant or failure at once
-          yields as above. So does a request that found the room it saw at entry taken
-          by another thread.
+        * a grant or a failure at once yields after it (a grant cancelled at that yield
+          is given back);
+        * a request that waits queues behind a head of its priority or higher (nothing
+          but the queue moves: the head does not fit) and parks, the park being its
+          yield.
 
         So a task that allocates in a loop lets the others run.
         ``body`` (an ``allocate()``): its scope is the allocation's before it can be
@@ -338,14 +336,11 @@ class Arbiter:
         ledger = self._ledger
         tallies = ledger.tallies
         smallest = memory if min_memory is None else min_memory
-        # Read without the lock: it only picks which of the valid checkpoints to take.
-        checked = bool(
-            tallies.waiting
-            or min_quality is not None
-            or ledger.budget - tallies.granted - tallies.external < smallest
-        )
-        if checked:
-            await self._check_cancelled(backend)
+        try:
+            await backend.checkpoint_if_cancelled()
+        except BaseException as exc:
+            under_lock(self._lock, exc, lambda: ledger.count_unqueued(Outcome.CANCELLED))
+            raise
         loop = backend.loop()
         clock = loop.clock
         started = clock()
@@ -356,37 +351,30 @@ class Arbiter:
         if body is not None:
             alloc._scope = backend.cancel_scope()
         request: NewAllocation | None = None
-        while True:
-            with self._lock:
-                refused = smallest > ledger.budget or self._closed
-                if not refused:
-                    if loop is self._loop:
-                        now = started + self._clock_offset
+        with self._lock:
+            refused = smallest > ledger.budget or self._closed
+            if not refused:
+                if loop is self._loop:
+                    now = started + self._clock_offset
+                else:
+                    if self._task_group is None and not tallies.waiting and not tallies.granted:
+                        self._adopt(loop)
+                    now = self._now()
+                if (
+                    tallies.waiting  # nothing jumps the queue: no need to ask
+                    or min_quality is not None
+                    or not ledger.grant_now(holding, smallest, memory, now)
+                ):
+                    limit = self._default_timeout if isinstance(timeout, Default) else timeout
+                    parker = backend.parker(loop, True)
+                    request = NewAllocation(holding, smallest, memory, min_quality, parker)
+                    request.may_reclaim = limit != 0
+                    if ledger.submit(request, now):
+                        request = None
+                    elif request.reclaim_deadline == math.inf:  # the common case
+                        wake_at = math.inf if limit is None else started + limit
                     else:
-                        if self._task_group is None and not tallies.waiting and not tallies.granted:
-                            self._adopt(loop)
-                        now = self._now()
-                    granted = (
-                        not tallies.waiting
-                        and min_quality is None
-                        and ledger.grant_now(holding, smallest, memory, now)
-                    )
-                    if not granted and checked:
-                        limit = self._default_timeout if isinstance(timeout, Default) else timeout
-                        parker = backend.parker(loop, True)
-                        request = NewAllocation(holding, smallest, memory, min_quality, parker)
-                        request.may_reclaim = limit != 0
-                        if ledger.submit(request, now):
-                            request = None
-                            granted = True
-                        elif request.reclaim_deadline == math.inf:  # the common case
-                            wake_at = math.inf if limit is None else started + limit
-                        else:
-                            wake_at = self._first_wake(request, started, limit, clock, now)
-            if refused or granted or checked:
-                break
-            checked = True  # the room it saw is gone: it may queue, so it checks first
-            await self._check_cancelled(backend)
+                        wake_at = self._first_wake(request, started, limit, clock, now)
         if refused:
             await self._refuse(backend)
             if smallest > ledger.budget:
@@ -450,15 +438,6 @@ class Arbiter:
         held back while a restarted daemon admits re-claims first)."""
         with self._lock:
             self._ledger.count_unqueued(outcome)
-
-    async def _check_cancelled(self, backend: Backend) -> None:
-        """The check of a request before anything is decided for it, and its count if
-        it was cancelled."""
-        try:
-            await backend.checkpoint_if_cancelled()
-        except BaseException as exc:
-            under_lock(self._lock, exc, lambda: self._ledger.count_unqueued(Outcome.CANCELLED))
-            raise
 
     async def _refuse(self, backend: Backend) -> None:
         """The checkpoint of a request refused at once, and its count."""

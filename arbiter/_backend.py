@@ -91,7 +91,8 @@ class LoopEntry:
     ``clock`` reads the loop's clock (callable from any thread, also after the loop
     ends). ``call`` runs a callable in the loop's thread: directly when called there,
     else through the loop's thread-safe entry. A loop that has already finished has
-    nobody left to tell, so such a call is dropped. One entry per loop: compare them
+    nobody left to tell, so such a call is dropped (also one made directly, in the
+    thread that ran it). One entry per loop: compare them
     with ``is``.
     """
 
@@ -106,12 +107,12 @@ class LoopEntry:
         self.thread = get_ident()
 
     def call(self, function: Callable[..., object], *args: Any) -> None:
-        if get_ident() == self.thread:
-            function(*args)
-            return
         try:
-            self._call_soon(function, *args)
-        except RuntimeError:  # the loop is closed (trio: RunFinishedError)
+            if get_ident() == self.thread:
+                function(*args)
+            else:
+                self._call_soon(function, *args)
+        except RuntimeError:  # the loop is closed (trio: RunFinishedError) or gone
             pass
 
 

@@ -289,20 +289,16 @@ class Ledger:
         self._refresh(now)
         return True
 
-    def submit(self, request: Request, now: float, arrived_first: bool = False) -> bool:
+    def submit(self, request: Request, now: float) -> bool:
         """Queue ``request``; True when it was granted at once (nothing ahead, and it fits).
 
-        ``arrived_first``: nothing waited when its caller arrived, so every waiter came
-        later; it queues ahead of those of its priority (those above still go first).
         Behind a head of its priority or higher nothing else moves: the head does not
         fit (the invariant), so no grant loop runs and no memory is asked for.
         """
-        behind_head = not arrived_first and self._head_at_or_above(request.priority)
+        behind_head = self._head_at_or_above(request.priority)
         self._enqueue(request, now)
         if behind_head:
             return False
-        if arrived_first:
-            self._queues[request.priority].move_to_end(request, last=False)
         self._dispatch(now)
         return request.state is GRANTED
 

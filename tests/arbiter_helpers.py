@@ -39,10 +39,10 @@ async def request_in_background(
 async def settle() -> None:
     """Wait until every other task is blocked.
 
-    Every request is a checkpoint (a yield before the decision), so a task just
-    started is usually one yield short of its park. anyio's ``wait_all_tasks_blocked``
-    on asyncio polls every 0.1 s of real time when it finds a task runnable; a few
-    plain yields first let the others reach their park, so the poll finds them there.
+    A task just started is usually a few yields short of its park (a grant at once
+    yields before its body runs). anyio's ``wait_all_tasks_blocked`` on asyncio polls
+    every 0.1 s of real time when it finds a task runnable; a few plain yields first
+    let the others reach their park, so the poll finds them there.
     """
     for _ in range(8):
         await anyio.lowlevel.checkpoint()

@@ -654,3 +654,30 @@ async def test_a_growth_called_before_a_request_is_granted_before_it() -> None:
     assert list(granted) == called
     granted[called[1]].release()
     assert arbiter.state().vram_used == 0
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_before_it_is_made_moves_no_one_s_quality() -> None:
+    # It would fit at once, and its grant would push an elastic holder's target down:
+    # the check comes before the decision, so nothing is granted, even for a moment.
+    arbiter = Arbiter(ArbiterConfig.for_vram_gb(10, allocation_timeout=None), probe=None)
+    elastic = await arbiter.request_allocation(LLM, Priority.BACKGROUND, 5 * GiB, min_memory=GiB)
+    seen: list[float] = []
+
+    async def watch() -> None:
+        async for quality in elastic.quality_changes():
+            seen.append(quality)  # noqa: PERF401 (each value must show as it comes)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await settle()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await arbiter.request_allocation(LLM, NORMAL, 4 * GiB + GiB // 2)
+        await settle()
+        assert scope.cancelled_caught
+        assert seen == [1.0] and arbiter.stats().quality_reductions == 0
+        tg.cancel_scope.cancel()
+    stats = arbiter.stats()
+    assert (stats.successful_allocations, stats.cancelled) == (1, 1)
+    elastic.release()

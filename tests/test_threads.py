@@ -279,3 +279,51 @@ def test_a_waiter_left_behind_by_a_closed_loop_breaks_no_release() -> None:
         time.sleep(0.01)
     stats = arbiter.stats()
     assert stats.total_allocations == stats.successful_allocations + stats.cancelled == 3
+
+
+def test_preempting_a_holder_left_behind_by_a_closed_loop_raises_nothing() -> None:
+    """Its body's scope cannot be cancelled in a loop that is gone: the preemption is
+    still decided (the memory is on its way), and the request that asked for it waits
+    for it as for any holder, instead of raising from inside the grant pass."""
+    import asyncio
+
+    arbiter = Arbiter(
+        ArbiterConfig.for_vram_gb(10, allocation_timeout=None, reclaim_grace=0.0), probe=None
+    )
+    outcome: dict[str, Any] = {}
+
+    def one_thread_two_loops() -> None:
+        loop = asyncio.new_event_loop()
+
+        async def body_left_running() -> None:
+            async with arbiter.allocate(LLM, Priority.BACKGROUND, memory=8 * GiB) as alloc:
+                outcome["holder"] = alloc
+                await asyncio.sleep(3600)
+
+        async def leave_a_holder() -> None:
+            outcome["task"] = loop.create_task(body_left_running())  # kept: it never ends
+            for _ in range(100):
+                if "holder" in outcome:
+                    break
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(leave_a_holder())
+        loop.close()
+
+        async def preempt_it() -> None:
+            try:
+                await arbiter.request_allocation(LLM, Priority.USER_FACING, 8 * GiB, timeout=0.2)
+                outcome["request"] = "granted"
+            except AllocationTimeout:
+                outcome["request"] = "timed out"
+
+        anyio.run(preempt_it)
+
+    thread = threading.Thread(target=one_thread_two_loops, daemon=True)
+    thread.start()
+    thread.join(JOIN_TIMEOUT)
+    assert not thread.is_alive(), "the request never ended"
+    assert outcome["request"] == "timed out" and outcome["holder"].preempted
+    state, stats = arbiter.state(), arbiter.stats()
+    assert state.waiting == 0 and stats.preemptions == 1
+    assert stats.total_allocations == stats.successful_allocations + stats.failed_allocations
