@@ -146,6 +146,10 @@ class ArbiterConfig:
         that VRAM. With no GPU in ``result`` the device is assumed to have 8 GiB. A
         ``device`` that names none of the detected GPUs raises ``ValueError``.
         """
+        from ._gpu import GpuDetectionResult  # here: _gpu imports this module
+
+        if not isinstance(result, GpuDetectionResult):
+            raise TypeError(f"result must be a GpuDetectionResult, got {result!r}")
         vram = ASSUMED_VRAM
         if result.gpus:
             for gpu in result.gpus:

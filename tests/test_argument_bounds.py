@@ -226,3 +226,23 @@ async def test_memory_for_quality_accepts_the_closed_unit_interval() -> None:
     assert alloc.memory_for_quality(0) == 2 * GiB
     assert alloc.memory_for_quality(1) == 4 * GiB
     assert 2 * GiB < alloc.memory_for_quality(0.9) < 4 * GiB
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("index", HUGE), ("index", 2**31), ("total_vram_bytes", HUGE), ("total_vram_bytes", 2**63)],
+    ids=lambda v: _short(v) if isinstance(v, int) else str(v),
+)
+def test_a_gpu_info_with_a_huge_number_is_a_bad_value(field: str, value: int) -> None:
+    from arbiter import GpuInfo, GpuVendor
+
+    fields: dict[str, Any] = {
+        "index": 0, "name": "A", "vendor": GpuVendor.NVIDIA, "total_vram_bytes": GiB,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=field):
+        GpuInfo(**{**fields, field: value})
+
+
+def test_from_detection_of_something_else_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="GpuDetectionResult"):
+        ArbiterConfig.from_detection("x")  # type: ignore[arg-type]

@@ -226,3 +226,9 @@ async def test_a_raising_progress_callback_does_not_break_the_get(tmp_path, orig
             assert bytes(await cache.get("frag/00", progress=broken)) == fragments["frag/00"]
     [event] = [e for e in logs if e["event"].startswith("progress callback failed")]
     assert event["log_level"] == "error" and event["exc_info"] is True
+
+
+def test_an_arbiter_that_is_none_of_ours_is_a_type_error(tmp_path) -> None:
+    config = make_config(tmp_path, make_fragments(1, 10))
+    with pytest.raises(TypeError, match="arbiter must be"):
+        FragmentCache(config, arbiter="x")

@@ -500,8 +500,22 @@ def test_later_calls_open_a_new_session_after_session_lost(
         ["serve", "--metrics", "nowhere"],
         ["serve", "--allow-uid", "root"],
         ["serve", "--socket", "/tmp/" + "x" * 120],
+        ["serve", "--ttl", "1e-9"],  # no client could say hello in time
+        ["serve", "--allow-uid", "1" + "0" * 400],
+        ["serve", "--allow-uid", "\u0663"],  # a digit, in another script
+        ["serve", "--metrics", "127.0.0.1:\u0668\u0660"],
     ],
-    ids=["vram", "ttl", "metrics", "uid", "long-path"],
+    ids=[
+        "vram",
+        "ttl",
+        "metrics",
+        "uid",
+        "long-path",
+        "tiny-ttl",
+        "huge-uid",
+        "uid-script",
+        "port-script",
+    ],
 )
 def test_bad_serve_flags_are_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     from arbiter.cli import main
@@ -510,3 +524,39 @@ def test_bad_serve_flags_are_one_line(argv: list[str], capsys: pytest.CaptureFix
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert captured.err.startswith("arbiter: error: ")
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_serve_never_replaces_what_is_not_a_socket(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from arbiter.cli import main
+
+    taken = tmp_path / "precious"
+    if kind == "file":
+        taken.write_text("important")
+    else:
+        taken.mkdir()
+    assert main(["serve", "--vram-gb", "1", "--socket", str(taken)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"arbiter: error: {taken} exists and is not a socket: not replacing it"
+    ]
+    assert taken.read_text() == "important" if kind == "file" else taken.is_dir()
+
+
+def test_serve_metrics_without_prometheus_client_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from arbiter.cli import main
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "arbiter.remote._metrics", raising=False)
+    argv = ["serve", "--socket", str(tmp_path / "d.sock"), "--metrics", "127.0.0.1:0"]
+    assert main(argv) == 2  # no --vram-gb: refused before detection could log
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "arbiter: error: --metrics needs prometheus-client: pip install 'gpu-arbiter[cli]'"
+    ]

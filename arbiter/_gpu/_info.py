@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from .._checks import check_count
+from .._checks import MAX_BYTES, MAX_DEVICE, check_count
 from .._errors import GpuProbeError
 
 __all__ = [
@@ -60,7 +60,7 @@ class GpuInfo:
     uuid: str | None = None
 
     def __post_init__(self) -> None:
-        check_count("index", self.index, minimum=0)
+        check_count("index", self.index, minimum=0, maximum=MAX_DEVICE)
         if not isinstance(self.name, str):
             raise TypeError(f"name must be a str, got {self.name!r}")
         if not isinstance(self.vendor, GpuVendor):
@@ -71,7 +71,7 @@ class GpuInfo:
             except ValueError:
                 choices = ", ".join(v.value for v in GpuVendor)
                 raise ValueError(f"vendor must be one of {choices}, got {self.vendor!r}") from None
-        check_count("total_vram_bytes", self.total_vram_bytes, minimum=1)
+        check_count("total_vram_bytes", self.total_vram_bytes, minimum=1, maximum=MAX_BYTES)
         if self.free_vram_bytes is not None:
             check_count("free_vram_bytes", self.free_vram_bytes, minimum=0)
             if self.free_vram_bytes > self.total_vram_bytes:

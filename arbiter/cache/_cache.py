@@ -79,6 +79,8 @@ class FragmentCache:
     def __init__(self, config: CacheConfig, arbiter: Arbiter | None = None) -> None:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, got {config!r}")
+        if arbiter is not None and not isinstance(getattr(arbiter, "config", None), ArbiterConfig):
+            raise TypeError(f"arbiter must be None, an Arbiter or a RemoteArbiter, got {arbiter!r}")
         self._config = config
         self._arbiter = arbiter
         self._manifest = Manifest.load(config.manifest)

@@ -54,8 +54,15 @@ def _positive_minutes(text: str) -> float:
     return value
 
 
+# Below this, reloading one model takes the simulator days of simulated time.
+MIN_LOAD_GBPS = 0.01
+
+
 def _load_gbps(text: str) -> float:
-    return _positive(text, "GiB per second")
+    value = _positive(text, "GiB per second")
+    if value < MIN_LOAD_GBPS:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_LOAD_GBPS} GiB/s, got {text!r}")
+    return value
 
 
 def _plot_path(text: str) -> str:
@@ -161,26 +168,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _seconds(text: str) -> float:
+# A shorter ttl leaves no time for a client's hello: every session would be refused.
+MIN_TTL = 0.1
+
+
+def _ttl(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"must be > 0 and at most a day, got {text!r}")
+    if not MIN_TTL <= value <= 86_400:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_TTL} and at most a day (86400) seconds, got {text!r}"
+        )
     return value
+
+
+def _digits(text: str) -> bool:
+    """Whether ``text`` is a plain decimal number (``str.isdigit`` takes any script's)."""
+    return text.isascii() and text.isdigit()
 
 
 def _host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not _digits(port) or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"must be HOST:PORT, got {text!r}")
     return host, int(port)
 
 
+# uid_t is 32 bits, and its last value means "no uid".
+MAX_UID = 2**32 - 2
+
+
 def _uid(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be a uid (an int >= 0), got {text!r}")
+    if not _digits(text) or len(text) > 10 or int(text) > MAX_UID:
+        raise argparse.ArgumentTypeError(
+            f"must be a uid (an int from 0 to {MAX_UID}), got {text!r}"
+        )
     return int(text)
 
 
@@ -197,7 +221,7 @@ def _add_daemon_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
         "--vram-gb", type=_positive_gb, default=None, metavar="N", help="budget in GiB"
     )
     serve.add_argument(
-        "--ttl", type=_seconds, default=10.0, metavar="S", help="session ttl (default: 10)"
+        "--ttl", type=_ttl, default=10.0, metavar="S", help="session ttl (default: 10)"
     )
     serve.add_argument(
         "--metrics", type=_host_port, default=None, metavar="HOST:PORT", help="Prometheus"

@@ -77,22 +77,12 @@ def run_serve(args: argparse.Namespace) -> int:
     except DaemonRefused as exc:
         raise UsageError(str(exc)) from None
     try:
+        metrics = None if args.metrics is None else _metrics(*args.metrics)
         config = (
             ArbiterConfig.auto_detect()
             if args.vram_gb is None
             else ArbiterConfig.for_vram_gb(args.vram_gb)
         )
-        metrics = None
-        if args.metrics is not None:
-            from ..remote._metrics import Metrics
-
-            try:
-                metrics = Metrics(*args.metrics)
-            except OSError as exc:
-                raise UsageError(
-                    f"cannot serve metrics on {args.metrics[0]}:{args.metrics[1]}: "
-                    f"{exc.strerror or exc}"
-                ) from None
         _configure_logging()
         try:
             anyio.run(_serve_until_signal, claim, config, daemon_config, metrics, backend="asyncio")
@@ -101,6 +91,20 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         claim.release()
     return 0
+
+
+def _metrics(host: str, port: int) -> Any:
+    """The ``--metrics`` server, listening (before detection, which may log)."""
+    try:
+        from ..remote._metrics import Metrics
+    except ImportError:
+        raise UsageError(
+            "--metrics needs prometheus-client: pip install 'gpu-arbiter[cli]'"
+        ) from None
+    try:
+        return Metrics(host, port)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
 
 
 async def _serve_until_signal(claim: Any, config: Any, daemon_config: Any, metrics: Any) -> None:

@@ -98,9 +98,15 @@ MAX_SECONDS = 7 * 24 * 3600.0  # a week
 
 
 def _number(value: object, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{key} must be a finite number, got {value!r}")
-    return float(value)
+    if not isinstance(value, bool) and isinstance(value, int | float):
+        try:
+            number = float(value)  # an int past a float's range overflows
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    shown = repr(value) if not isinstance(value, int) or abs(value) < 10**20 else "a huge int"
+    raise ValueError(f"{key} must be a finite number, got {shown}")
 
 
 def _gib(value: object, key: str) -> int:
@@ -186,6 +192,8 @@ def parse_trace(lines: Iterable[str], source: str = "trace", name: str | None = 
             rows.append(_row(json.loads(text), number))
         except json.JSONDecodeError as exc:
             raise TraceError(f"{source} line {number}: malformed JSON ({exc.msg})") from None
+        except RecursionError:
+            raise TraceError(f"{source} line {number}: JSON nested too deeply") from None
         except ValueError as exc:
             raise TraceError(f"{source} line {number}: {exc}") from None
     if not rows:

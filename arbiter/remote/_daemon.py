@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -91,7 +92,8 @@ def claim_socket(path: Path, ttl: float) -> SocketClaim:
     """Make the socket's folder (0700), take its lock, and remove a stale socket.
 
     Raises:
-        DaemonRefused: a live daemon holds the socket, or the folder cannot be made.
+        DaemonRefused: a live daemon holds the socket, the folder cannot be made, or
+            something other than a socket is at the path (it is never removed).
     """
     folder = path.parent
     try:
@@ -111,7 +113,17 @@ def claim_socket(path: Path, ttl: float) -> SocketClaim:
         lock.close()
         raise DaemonRefused(f"a live daemon already serves {path}") from None
     hold = 0.0
-    if path.exists() or path.is_symlink():
+    try:
+        found = path.lstat().st_mode
+    except FileNotFoundError:
+        found = None
+    except OSError as exc:
+        lock.close()
+        raise DaemonRefused(f"cannot use {path}: {exc.strerror or exc}") from None
+    if found is not None:
+        if not stat.S_ISSOCK(found):
+            lock.close()
+            raise DaemonRefused(f"{path} exists and is not a socket: not replacing it")
         hold = ttl  # the predecessor died: its clients may come back to re-claim
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
