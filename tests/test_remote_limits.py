@@ -21,7 +21,7 @@ from remote_helpers import LINUX_ONLY, daemon, daemon_log, status_json
 
 from arbiter import GiB
 from arbiter.remote._sessions import DaemonConfig
-from arbiter.remote._wire import MAX_FRAME, PROTOCOL_VERSION, Hello, Request, frame
+from arbiter.remote._wire import MAX_FRAME, PROTOCOL_VERSION, Hello, Request, Status, frame
 
 pytestmark = [LINUX_ONLY, pytest.mark.real_processes]
 
@@ -64,6 +64,26 @@ def _connections(sock: Path, count: int) -> Iterator[list[socket.socket]]:
     finally:
         for raw in opened:
             raw.close()
+
+
+def _hello_and_waiters(count: int) -> bytes:
+    """A hello and ``count`` requests of a GiB each, labelled as long as a label may be
+    (each status lists them all)."""
+    label = "x" * 200
+
+    def waiter(key: int) -> bytes:
+        return frame(_encode(Request(key, "llm_inference", 1, GiB, None, 600.0, False, None,
+                                     True, None, label)))  # fmt: skip
+
+    hello = frame(_encode(Hello(PROTOCOL_VERSION)))
+    return hello + b"".join(waiter(key) for key in range(1, count + 1))
+
+
+def _until_waiting(sock: Path, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while status_json(sock)["state"]["waiting"] < count:
+        assert time.monotonic() < deadline, "the requests never all queued"
+        time.sleep(0.1)
 
 
 def sock_path(tmp_path: Path) -> Path:
@@ -134,19 +154,8 @@ def test_a_status_too_long_for_one_frame_lists_what_fits(tmp_path: Path) -> None
     sock = sock_path(tmp_path)
     with daemon(sock, "--ttl", "10", vram_gb=1) as proc:
         with _connect(sock) as raw:
-            label = "x" * 200  # as long as a label may be
-            requests = [
-                Request(key, "llm_inference", 1, GiB, None, 60.0, False, None, True, None, label)
-                for key in range(1, 5_001)
-            ]
-            raw.sendall(
-                frame(_encode(Hello(PROTOCOL_VERSION)))
-                + b"".join(frame(_encode(request)) for request in requests)
-            )
-            deadline = time.monotonic() + 20
-            while status_json(sock)["state"]["waiting"] < 4_999:
-                assert time.monotonic() < deadline, "the requests never all queued"
-                time.sleep(0.1)
+            raw.sendall(_hello_and_waiters(5_000))
+            _until_waiting(sock, 4_999)  # one is granted
             done = subprocess.run(
                 [sys.executable, "-m", "arbiter", "status", "--socket", str(sock), "--json"],
                 capture_output=True, text=True, timeout=30,
@@ -154,8 +163,29 @@ def test_a_status_too_long_for_one_frame_lists_what_fits(tmp_path: Path) -> None
             assert done.returncode == 0, done.stderr
             shown = json.loads(done.stdout)
             listed = len(shown["holders"]) + len(shown["waiters"])
-            assert shown["holders"][0]["label"] == label
+            assert shown["holders"][0]["label"] == "x" * 200
             assert 1_000 < listed < 5_000
             assert f"{5_000 - listed} more holders and waiters not listed" in done.stderr
+        assert proc.poll() is None
+    _clean(sock)
+
+
+def test_a_flood_of_status_queries_from_a_client_that_never_reads_stalls_no_one(
+    tmp_path: Path,
+) -> None:
+    sock = sock_path(tmp_path)
+    with daemon(sock, "--ttl", "30", vram_gb=1) as proc:
+        with _connect(sock) as waiters, _connect(sock) as flooder:
+            waiters.sendall(_hello_and_waiters(5_000))
+            _until_waiting(sock, 4_999)
+            flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            with contextlib.suppress(OSError):  # cut off while it still sends: so be it
+                flooder.sendall(
+                    frame(_encode(Hello(PROTOCOL_VERSION)))
+                    + b"".join(frame(_encode(Status(key))) for key in range(1, 20_001))
+                )
+            # Each read of those costs one status, and its replies cut the flooder off
+            # once they pile up: another client is answered (within status_json's 10 s).
+            assert status_json(sock)["state"]["waiting"] >= 4_999
         assert proc.poll() is None
     _clean(sock)

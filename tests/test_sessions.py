@@ -18,7 +18,7 @@ import pytest
 
 from arbiter import Arbiter, ArbiterConfig, GiB
 from arbiter.remote._sessions import DaemonConfig, Session, SessionHost
-from arbiter.remote._wire import Reclaim, Request, Resize, Sync
+from arbiter.remote._wire import Reclaim, Request, Resize, Status, Sync
 
 pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
@@ -30,6 +30,7 @@ class FrameList:
 
     def __init__(self) -> None:
         self.data = b""
+        self.closed = False  # as a `FrameSender` whose peer went away would be
 
     def send(self, data: bytes) -> None:
         self.data += data
@@ -135,30 +136,33 @@ async def test_a_preemption_decided_while_a_reclaim_is_admitted_reaches_its_clie
         tasks.cancel_scope.cancel()
 
 
-async def test_syncs_read_in_one_pass_are_answered_with_one_refresh(
+async def test_queries_read_in_one_pass_are_answered_with_one_refresh_and_one_status(
     arbiter: Arbiter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     host = host_for(arbiter)
-    refreshes = 0
-    refresh = host.refresh_stats
+    counts = {"refresh_stats": 0, "status": 0}
+    for name in counts:
+        method = getattr(host, name)
 
-    def counted() -> None:
-        nonlocal refreshes
-        refreshes += 1
-        refresh()
+        def counted(*args: Any, _name: str = name, _method: Any = method) -> Any:
+            counts[_name] += 1
+            return _method(*args)
 
-    monkeypatch.setattr(host, "refresh_stats", counted)
+        monkeypatch.setattr(host, name, counted)
     async with anyio.create_task_group() as tasks:
         session = open_session(host, tasks, 1)
-        for key in range(1, 1_001):  # one read's worth of Syncs: the stats sort once
-            host.handle(session, Sync(key))
+        # One read's worth of queries: the stats sort once, the holders are listed once.
+        for key in range(1, 1_001):
+            host.handle(session, Sync(key) if key % 2 else Status(key))
         host.handle(session, request(1_001, 4))  # read with them: answered first
         await anyio.wait_all_tasks_blocked()
-        assert refreshes == 1
-        assert sent(session).answers() == [("Granted", 1_001)] + [
-            ("Synced", key) for key in range(1, 1_001)
+        assert counts == {"refresh_stats": 1, "status": 1}
+        answers = sent(session).messages()
+        assert [(m[0], m[1]) for m in answers] == [("Granted", 1_001)] + [
+            ("Synced" if key % 2 else "StatusReply", key) for key in range(1, 1_001)
         ]
+        assert all(len(m[2]) == 1 for m in answers if m[0] == "StatusReply")  # the holder
         host.handle(session, Sync(1_002))  # a later read: a refresh of its own
         await anyio.wait_all_tasks_blocked()
-        assert refreshes == 2 and sent(session).answers()[-1] == ("Synced", 1_002)
+        assert counts["refresh_stats"] == 2 and sent(session).answers()[-1] == ("Synced", 1_002)
         tasks.cancel_scope.cancel()

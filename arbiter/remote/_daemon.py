@@ -193,11 +193,14 @@ class Daemon:
                     await anyio.sleep(_ACCEPT_RETRY)
                     continue
                 out_of_room = False
+                # Counted as it is accepted, so a burst cannot pass the limit before
+                # its connections' tasks run.
+                self._connections += 1
                 tasks.start_soon(self.handle_connection, stream)
 
     async def handle_connection(self, stream: anyio.abc.SocketStream) -> None:
-        """Serve one connection until it closes, goes silent past the ttl or misbehaves."""
-        self._connections += 1
+        """Serve one accepted (and counted) connection until it closes, goes silent past
+        the ttl or misbehaves."""
         try:
             async with stream:
                 await self._serve_connection(stream)
@@ -319,6 +322,8 @@ class Daemon:
         with anyio.CancelScope() as silence:
             while True:
                 for data in pending:
+                    if session.sender.closed:  # cut off: nothing it asks is answered
+                        return "closed"
                     try:
                         message = _DECODER.decode(data)
                     except msgspec.MsgspecError as exc:

@@ -164,9 +164,9 @@ class Session:
         "keys",
         "number",
         "pid",
+        "queries",
         "sender",
         "snapshot_version",
-        "syncs",
         "task_group",
         "uid",
         "waiting",
@@ -185,15 +185,15 @@ class Session:
         self.keys: dict[Allocation, int] = {}
         self.waiting: dict[int, _Waiting] = {}
         self.snapshot_version = -1
-        # The keys of the Syncs read in one pass, answered together (`SessionHost._sync`).
-        self.syncs: list[int] | None = None
+        # The Syncs and Statuses read in one pass, answered together (`SessionHost._answer`).
+        self.queries: list[Sync | Status] | None = None
         self.closed = False
         self.task_group: anyio.abc.TaskGroup | None = None
 
     def push(self, message: Any) -> None:
         """Send ``message`` (after the daemon's state, when it changed); never blocks.
         Not under the arbiter's lock: the state is read under it."""
-        if self.closed:
+        if self.closed or self.sender.closed:  # ended, or cut off: nobody reads it
             return
         data = frame(_ENCODER.encode(message))
         host = self.host
@@ -426,15 +426,13 @@ class SessionHost:
             # The client's spans, mirrored: never closed below zero.
             if alloc is not None and (message.busy or alloc._holding.busy_spans > 0):
                 self.arbiter._set_busy(alloc, message.busy)
-        elif isinstance(message, Sync):
-            if session.syncs is None:
-                assert session.task_group is not None
-                session.syncs = []
-                session.task_group.start_soon(self._sync, session, session.syncs)
-            session.syncs.append(message.key)
         else:
-            assert isinstance(message, Status)
-            session.push(self.status(message.key))
+            assert isinstance(message, Sync | Status)
+            if session.queries is None:
+                assert session.task_group is not None
+                session.queries = []
+                session.task_group.start_soon(self._answer, session, session.queries)
+            session.queries.append(message)
 
     @staticmethod
     def _arguments(message: Request, timeout: Any) -> RequestArgs:
@@ -511,17 +509,25 @@ class SessionHost:
             waited_s=round(waited, 6),
         )
 
-    async def _sync(self, session: Session, keys: list[int]) -> None:
-        """Answer the Syncs read in one pass with one refresh of the stats (which sorts
-        their samples): a flood of them costs the daemon one per read."""
-        session.syncs = None  # the pass is over: a Sync read from now on starts anew
+    async def _answer(self, session: Session, queries: list[Sync | Status]) -> None:
+        """Answer the Syncs and Statuses read in one pass, in order, with one refresh of
+        the stats (which sorts their samples) and one status (which lists every holder
+        and waiter) at most: a flood of them costs the daemon one of each per read."""
+        session.queries = None  # the pass is over: a query read from now on starts anew
         # Tasks run in the order they were started: one checkpoint lets the requests
-        # received before these Syncs reach the arbiter (and park) before they are
+        # received before these queries reach the arbiter (and park) before they are
         # answered.
         await anyio.lowlevel.checkpoint()
-        self.refresh_stats()
-        for key in keys:
-            session.push(Synced(key))
+        if any(type(query) is Sync for query in queries):
+            self.refresh_stats()
+        status = None
+        for query in queries:
+            if type(query) is Sync:
+                session.push(Synced(query.key))
+            else:
+                if status is None:
+                    status = self.status(query.key)
+                session.push(msgspec.structs.replace(status, key=query.key))
 
     async def _wait_turn(self, turn: int, timeout: Any, *, counted: bool) -> Any:
         """Wait for ``turn``, and (a restarted daemon) until new grants are admitted;
