@@ -49,13 +49,16 @@ async def _best_per_op(
 
 class _Floor:
     """What any ``allocate()`` with DESIGN's guarantees pays before its accounting: a
-    checkpoint (a cancellation check and a yield), a cancel scope around the body, and a
+    checkpoint taken as anyio's ``Semaphore`` takes it (a cancellation check before the
+    decision, so that requests are decided in the order they are made and one already
+    cancelled changes nothing; a yield after it), a cancel scope around the body, and a
     clock reading at the grant and at the release, through the arbiter's primitives."""
 
     __slots__ = ("_backend", "_scope")
 
     async def __aenter__(self) -> None:
         backend = self._backend = current_backend()
+        await backend.checkpoint_if_cancelled()
         backend.current_time()
         await backend.checkpoint()
         self._scope = backend.cancel_scope()
@@ -94,7 +97,7 @@ async def uncontended(backend: str, n: int) -> dict[str, float]:
         "anyio.Semaphore pair": anyio_semaphore,
         "allocate() context": allocate_ctx,
         "request_allocation + release": request_release,
-        "floor: checkpoint + scope + clock": floor,
+        "floor: check + yield + scope + clock": floor,
     }
     if backend == "asyncio":
         native = asyncio.Semaphore(10)

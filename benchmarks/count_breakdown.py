@@ -26,7 +26,7 @@ from arbiter._records import Holding
 # name: what it is (the floor and the whole come from `count_instructions.py`'s cases)
 PARTS = {
     "semaphore": "the baseline: async with anyio.Semaphore(...): pass",
-    "floor": "checkpoint, body scope, two clock readings (DESIGN's floor)",
+    "floor": "check, yield, body scope, two clock readings (DESIGN's floor)",
     "allocate": "the whole: async with arbiter.allocate(...): pass",
     "arguments": "arbiter.allocate(...) without entering: argument checks, context",
     "records": "a Holding and its Allocation handle, made and freed",
@@ -112,8 +112,9 @@ async def _run(part: str, rounds: int) -> None:
             configured()
 
 
-# What DESIGN asks of every allocate(), whatever does the accounting: the floor (a
-# checkpoint, the body's cancel scope, the clock), argument errors raised at the call,
+# What DESIGN asks of every allocate(), whatever does the accounting: the floor (the
+# check before the decision and the yield after it, the body's cancel scope, the
+# clock), argument errors raised at the call (and the context ``allocate()`` returns),
 # the lock that threads share, and the stats (a wait-time sample, the time-weighted
 # averages stepped at the grant and at the release).
 REQUIRED = ("floor", "arguments", "lock", "observe", "wait record")

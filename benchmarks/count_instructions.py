@@ -7,8 +7,8 @@ Each case runs twice in a fresh interpreter under callgrind, with ``small`` and
 ``large`` iterations; the difference divided by the difference in iterations is the
 cost of one operation, without the interpreter's start-up. Cases: an uncontended
 ``allocate()`` context and an ``anyio.Semaphore`` pair; the floor under ``allocate()``
-(a checkpoint, a body cancel scope, two clock readings: what DESIGN asks of any
-implementation); and a contended run (200 tasks through room for 10), per grant, with
+(a cancellation check, a yield, a body cancel scope, two clock readings: what DESIGN
+asks of any implementation); and a contended run (200 tasks through room for 10), per grant, with
 its floor (the semaphore's handover plus the cancel scope DESIGN puts around the body),
 and the same grant without a body (``request_allocation`` then ``release``: what a
 semaphore's ``async with`` does, no cancel scope).
