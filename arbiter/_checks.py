@@ -12,6 +12,7 @@ import math
 __all__ = [
     "MAX_BYTES",
     "MAX_DEVICE",
+    "as_float",
     "check_bytes",
     "check_count",
     "check_device",
@@ -42,7 +43,7 @@ def shown(value: object) -> str:
     return repr(value)
 
 
-def _as_float(value: int | float) -> float:
+def as_float(value: int | float) -> float:
     """``float(value)``, with an int beyond the float range as an infinity of its sign."""
     try:
         return float(value)
@@ -91,7 +92,7 @@ def check_seconds(
     when given), and at most ``maximum`` when given."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    seconds = _as_float(value)
+    seconds = as_float(value)
     if minimum is not None:
         if not minimum <= seconds < math.inf:
             raise ValueError(

@@ -161,7 +161,7 @@ class ArbiterConfig:
                 raise ValueError(f"device {device!r} is not among the detected GPUs ({found})")
         return cls(
             vram_budget=max(1, int(vram * BUDGET_SHARE)),
-            ram_budget=vram * RAM_PER_VRAM,
+            ram_budget=min(MAX_BYTES, vram * RAM_PER_VRAM),
             device=device,
             **overrides,
         )

@@ -318,6 +318,7 @@ def _row(**changes: object) -> str:
         (["simulate", "--load-gbps", "0"], "--load-gbps"),
         (["simulate", "--load-gbps", "1e-6"], "--load-gbps: must be at least 0.01"),
         (["simulate", "--trace", _row(memory_gb=10**400)], "line 2: memory_gb must be a finite"),
+        (["simulate", "--trace", _row(memory_gb=10**300)], "at most 1048576 GiB, got ~10**"),
         (["simulate", "--trace", _row(at=-(10**400))], "line 2: at must be a finite number"),
         (["simulate", "--trace", "<" + "[" * 100_000 + "]" * 100_000], "line 2: JSON nested"),
         (["simulate", "--trace", _row(resumable=1)], "line 2: resumable must be true or false"),

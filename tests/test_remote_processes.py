@@ -540,9 +540,33 @@ def test_serve_never_replaces_what_is_not_a_socket(
     assert main(["serve", "--vram-gb", "1", "--socket", str(taken)]) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
-        f"arbiter: error: {taken} exists and is not a socket: not replacing it"
+        f"arbiter: error: {taken} is there and is not a socket: not replacing it"
     ]
     assert taken.read_text() == "important" if kind == "file" else taken.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]  # nothing made beside it
+
+
+def test_a_refused_start_leaves_a_stale_socket_and_its_handover(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They tell the next start that clients may come back to re-claim (DESIGN: it then
+    grants nothing new until ttl has passed); a start refused for its --metrics port
+    must not take them away."""
+    from arbiter.cli import main
+
+    sock = tmp_path / "d.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(sock))  # a socket nobody serves: a daemon died
+    handover = tmp_path / "d.sock.handover"
+    handover.write_text(repr(time.time()))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["serve", "--vram-gb", "1", "--socket", str(sock), "--metrics", f"127.0.0.1:{port}"]
+        assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("arbiter: error: cannot serve metrics")
+    assert sock.is_socket() and handover.exists()
 
 
 def test_serve_metrics_without_prometheus_client_is_one_line(

@@ -166,3 +166,18 @@ async def test_queries_read_in_one_pass_are_answered_with_one_refresh_and_one_st
         await anyio.wait_all_tasks_blocked()
         assert counts["refresh_stats"] == 2 and sent(session).answers()[-1] == ("Synced", 1_002)
         tasks.cancel_scope.cancel()
+
+
+async def test_a_session_that_was_cut_off_is_sent_nothing_more(arbiter: Arbiter) -> None:
+    host = host_for(arbiter)
+    async with anyio.create_task_group() as tasks:
+        session = open_session(host, tasks, 1)
+        host.handle(session, request(1, 4))
+        await anyio.wait_all_tasks_blocked()
+        assert sent(session).answers() == [("Granted", 1)]
+        sent(session).closed = True  # its peer stopped reading: the sender cut it off
+        host.handle(session, Status(2))
+        host.handle(session, Sync(3))
+        await anyio.wait_all_tasks_blocked()
+        assert sent(session).answers() == [("Granted", 1)]
+        tasks.cancel_scope.cancel()

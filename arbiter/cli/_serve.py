@@ -72,12 +72,13 @@ def run_serve(args: argparse.Namespace) -> int:
             f"socket path too long for a Unix socket ({MAX_SOCKET_PATH} bytes): {path}"
         )
     daemon_config = DaemonConfig(socket=path, ttl=args.ttl, allow_uids=frozenset(args.allow_uid))
+    metrics = None if args.metrics is None else _metrics(*args.metrics)
+    # Last: it removes a stale socket and a handover, which a refused start must leave.
     try:
         claim = claim_socket(path, daemon_config.ttl)
     except DaemonRefused as exc:
         raise UsageError(str(exc)) from None
     try:
-        metrics = None if args.metrics is None else _metrics(*args.metrics)
         config = (
             ArbiterConfig.auto_detect()
             if args.vram_gb is None

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .._checks import as_float, shown
 from .._types import GiB, Priority, WorkloadType, coerce_priority, coerce_workload
 
 __all__ = [
@@ -99,34 +100,32 @@ MAX_SECONDS = 7 * 24 * 3600.0  # a week
 
 def _number(value: object, key: str) -> float:
     if not isinstance(value, bool) and isinstance(value, int | float):
-        try:
-            number = float(value)  # an int past a float's range overflows
-        except OverflowError:
-            number = math.inf
+        number = as_float(value)
         if math.isfinite(number):
             return number
-    shown = repr(value) if not isinstance(value, int) or abs(value) < 10**20 else "a huge int"
-    raise ValueError(f"{key} must be a finite number, got {shown}")
+    raise ValueError(f"{key} must be a finite number, got {shown(value)}")
 
 
 def _gib(value: object, key: str) -> int:
     gb = _number(value, key)
     if gb <= 0:
-        raise ValueError(f"{key} must be > 0, got {value!r}")
+        raise ValueError(f"{key} must be > 0, got {shown(value)}")
     if gb > MAX_GIB:
-        raise ValueError(f"{key} must be at most {MAX_GIB} GiB, got {value!r}")
+        raise ValueError(f"{key} must be at most {MAX_GIB} GiB, got {shown(value)}")
     size = round(gb * GiB)
     if size <= 0:
-        raise ValueError(f"{key} is smaller than one byte: {value!r}")
+        raise ValueError(f"{key} is smaller than one byte: {shown(value)}")
     return size
 
 
 def _seconds(value: object, key: str) -> float:
     seconds = _number(value, key)
     if seconds < 0:
-        raise ValueError(f"{key} must be >= 0 seconds, got {value!r}")
+        raise ValueError(f"{key} must be >= 0 seconds, got {shown(value)}")
     if seconds > MAX_SECONDS:
-        raise ValueError(f"{key} must be at most {MAX_SECONDS:.0f} seconds (a week), got {value!r}")
+        raise ValueError(
+            f"{key} must be at most {MAX_SECONDS:.0f} seconds (a week), got {shown(value)}"
+        )
     return seconds
 
 

@@ -88,14 +88,36 @@ class SocketClaim:
             self.lock.close()
 
 
+def _is_stale_socket(path: Path) -> bool:
+    """Whether a socket is at ``path`` (False: nothing is).
+
+    Raises:
+        DaemonRefused: something else is there (a file, a folder, a link), which the
+            daemon never removes; or the path cannot be read.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise DaemonRefused(f"cannot use {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(mode):
+        raise DaemonRefused(f"{path} is there and is not a socket: not replacing it")
+    return True
+
+
 def claim_socket(path: Path, ttl: float) -> SocketClaim:
     """Make the socket's folder (0700), take its lock, and remove a stale socket.
+
+    Call it last before serving: a stale socket, and the handover a predecessor left,
+    are how a restart knows to wait for re-claims, and they are gone once claimed.
 
     Raises:
         DaemonRefused: a live daemon holds the socket, the folder cannot be made, or
             something other than a socket is at the path (it is never removed).
     """
     folder = path.parent
+    _is_stale_socket(path)  # before anything is made beside what is not ours
     try:
         # A folder made here, or the default one, is 0700 (mkdir's mode passes through
         # the umask). Any other folder is the user's: never chmod it (`--socket
@@ -112,21 +134,21 @@ def claim_socket(path: Path, ttl: float) -> SocketClaim:
     except OSError:
         lock.close()
         raise DaemonRefused(f"a live daemon already serves {path}") from None
-    hold = 0.0
     try:
-        found = path.lstat().st_mode
-    except FileNotFoundError:
-        found = None
-    except OSError as exc:
+        hold = 0.0
+        if _is_stale_socket(path):  # again, under the lock
+            hold = ttl  # the predecessor died: its clients may come back to re-claim
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DaemonRefused(
+                    f"cannot replace the stale socket {path}: {exc.strerror or exc}"
+                ) from None
+    except DaemonRefused:
         lock.close()
-        raise DaemonRefused(f"cannot use {path}: {exc.strerror or exc}") from None
-    if found is not None:
-        if not stat.S_ISSOCK(found):
-            lock.close()
-            raise DaemonRefused(f"{path} exists and is not a socket: not replacing it")
-        hold = ttl  # the predecessor died: its clients may come back to re-claim
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        raise
     handover = path.with_name(path.name + ".handover")
     with contextlib.suppress(OSError, ValueError):
         stopped = float(handover.read_text())
@@ -193,14 +215,11 @@ class Daemon:
                     await anyio.sleep(_ACCEPT_RETRY)
                     continue
                 out_of_room = False
-                # Counted as it is accepted, so a burst cannot pass the limit before
-                # its connections' tasks run.
-                self._connections += 1
                 tasks.start_soon(self.handle_connection, stream)
 
     async def handle_connection(self, stream: anyio.abc.SocketStream) -> None:
-        """Serve one accepted (and counted) connection until it closes, goes silent past
-        the ttl or misbehaves."""
+        """Serve one connection until it closes, goes silent past the ttl or misbehaves."""
+        self._connections += 1
         try:
             async with stream:
                 await self._serve_connection(stream)

@@ -41,6 +41,7 @@ from ._wire import (
     MAX_FRAME,
     Busy,
     ClientMessage,
+    Error,
     Failed,
     FrameSender,
     Granted,
@@ -518,16 +519,20 @@ class SessionHost:
         # received before these queries reach the arbiter (and park) before they are
         # answered.
         await anyio.lowlevel.checkpoint()
-        if any(type(query) is Sync for query in queries):
-            self.refresh_stats()
-        status = None
-        for query in queries:
-            if type(query) is Sync:
-                session.push(Synced(query.key))
-            else:
-                if status is None:
-                    status = self.status(query.key)
-                session.push(msgspec.structs.replace(status, key=query.key))
+        try:
+            if any(type(query) is Sync for query in queries):
+                self.refresh_stats()
+            status = None
+            for query in queries:
+                if type(query) is Sync:
+                    session.push(Synced(query.key))
+                else:
+                    if status is None:
+                        status = self.status(query.key)
+                    session.push(msgspec.structs.replace(status, key=query.key))
+        except Exception as exc:  # a bug answering must not end the session
+            log.error("query failed", session=session.number, exc_info=exc)
+            session.push(Error(f"query failed: {type(exc).__name__}"))
 
     async def _wait_turn(self, turn: int, timeout: Any, *, counted: bool) -> Any:
         """Wait for ``turn``, and (a restarted daemon) until new grants are admitted;
