@@ -62,7 +62,11 @@ class MemoryPressure(StrEnum):
 
     @classmethod
     def from_ratio(cls, ratio: float) -> MemoryPressure:
-        """The level that a pressure ratio falls into."""
+        """The level that a pressure ratio (a number >= 0) falls into."""
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+            raise TypeError(f"ratio must be a number, got {ratio!r}")
+        if not ratio >= 0:  # nan too
+            raise ValueError(f"ratio must be a number >= 0, got {ratio!r}")
         if ratio < 0.5:
             return cls.LOW
         if ratio < 0.75:

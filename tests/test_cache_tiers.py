@@ -152,6 +152,22 @@ async def test_bad_tier_arguments(tmp_path) -> None:
             await cache.get("frag/00", CacheTier.CDN)
         with pytest.raises(TypeError, match="tier"):
             await cache.get("frag/00", 1)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="tier must be one of vram, ram, nvme, cdn"):
+            await cache.get("frag/00", "disk")
+        with pytest.raises(TypeError, match="fragment_id must be a str"):
+            await cache.get(123)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="fragment_ids must be an iterable"):
+            await cache.prefetch(None)  # type: ignore[arg-type]
+
+
+async def test_a_tier_may_be_named_in_lower_case(tmp_path, origin) -> None:
+    fragments = make_fragments(1, 10)
+    origin.files.update(fragments)
+    async with FragmentCache(make_config(tmp_path, fragments, cdn_url=origin.url)) as cache:
+        await cache.get("frag/00", "nvme")  # the disk tier only
+        assert cache.stats().hits[CacheTier.RAM] == 0
+        await cache.get("frag/00", "ram")
+        assert cache.stats().hits[CacheTier.NVME] == 1
 
 
 async def test_stats_shape(tmp_path, origin) -> None:

@@ -217,12 +217,6 @@ def test_simulate_plot_writes_the_format_its_suffix_names(
     assert b"<svg" in out.read_bytes()[:500]
 
 
-def test_no_command_prints_the_usage(cli: Callable[..., Done]) -> None:
-    done = cli()
-    assert done.returncode == 2
-    assert "usage: arbiter" in done.stdout and "simulate" in done.stdout
-
-
 def _cpu_seconds(pid: int) -> float:
     """CPU time (user + system) that process ``pid`` has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -311,6 +305,8 @@ def _row(**changes: object) -> str:
         (["simulate", "--vram-gb", "1e-12"], "--vram-gb"),
         (["simulate", "--colour"], "unrecognized arguments: --colour"),
         (["launch"], "invalid choice: 'launch'"),
+        ([], "choose a command: detect, simulate, serve or status"),
+        (["status", "--socket", ""], "--socket: must be a path, got ''"),
         (["simulate", "--plot", "{tmp}/no/such/folder/out.png"], "cannot write plot"),
         (["simulate", "--plot", "{tmp}/out.jpeg2"], "--plot: must end in .png"),
         (["simulate", "--trace", "{tmp}/t.jsonl", "--minutes", "3"], "--minutes applies"),

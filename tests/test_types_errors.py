@@ -157,3 +157,19 @@ def test_errors_survive_pickling(exc: ArbiterError) -> None:
     assert type(copy) is type(exc)
     assert str(copy) == str(exc)
     assert vars(copy) == vars(exc)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "error"),
+    [(float("nan"), ValueError), (-0.1, ValueError), (True, TypeError), ("1", TypeError)],
+)
+def test_a_pressure_ratio_is_a_number_at_least_zero(ratio: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="ratio"):
+        MemoryPressure.from_ratio(ratio)  # type: ignore[arg-type]
+
+
+def test_an_empty_socket_path_is_a_bad_value() -> None:
+    from arbiter import RemoteArbiter
+
+    with pytest.raises(ValueError, match="socket"):
+        RemoteArbiter(socket="")

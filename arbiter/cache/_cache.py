@@ -38,6 +38,11 @@ __all__ = ["FragmentCache"]
 
 
 def _check_tier(tier: object) -> CacheTier:
+    if isinstance(tier, str):  # its lower-case name, as the other enums take theirs
+        names = {t.name.lower(): t for t in CacheTier}
+        if tier not in names:
+            raise ValueError(f"tier must be one of {', '.join(names)}, got {tier!r}")
+        tier = names[tier]
     if not isinstance(tier, CacheTier):
         raise TypeError(f"tier must be a CacheTier, got {tier!r}")
     if tier is CacheTier.CDN:
@@ -177,7 +182,7 @@ class FragmentCache:
     async def get(
         self,
         fragment_id: str,
-        tier: CacheTier = CacheTier.RAM,
+        tier: CacheTier | str = CacheTier.RAM,
         *,
         progress: ProgressCallback | None = None,
     ) -> Buffer:
@@ -187,7 +192,8 @@ class FragmentCache:
             fragment_id: a manifest id.
             tier: the fastest tier to fill on the way up: ``RAM`` (default), ``NVME``
                 (leave RAM alone) or ``VRAM`` (also place it on the device when the
-                arbiter grants the memory; the get succeeds without it).
+                arbiter grants the memory; the get succeeds without it); or its
+                lower-case name.
             progress: called as ``progress(bytes_done, bytes_total)``.
 
         Returns:
@@ -210,7 +216,7 @@ class FragmentCache:
     async def prefetch(
         self,
         fragment_ids: Iterable[str],
-        tier: CacheTier = CacheTier.RAM,
+        tier: CacheTier | str = CacheTier.RAM,
         *,
         progress: ProgressCallback | None = None,
     ) -> None:
@@ -218,7 +224,7 @@ class FragmentCache:
 
         Args:
             fragment_ids: manifest ids (all checked before any work starts).
-            tier: ``VRAM``, ``RAM`` or ``NVME``.
+            tier: ``VRAM``, ``RAM`` or ``NVME`` (or its lower-case name).
             progress: called as ``progress(bytes_done, bytes_total)`` over all of them.
 
         Raises:
@@ -226,8 +232,8 @@ class FragmentCache:
             IntegrityError, FragmentUnavailable: the first fragment that failed (the
                 others are still brought in).
         """
-        if isinstance(fragment_ids, str):
-            raise TypeError("fragment_ids must be an iterable of ids, not a single string")
+        if isinstance(fragment_ids, str) or not isinstance(fragment_ids, Iterable):
+            raise TypeError(f"fragment_ids must be an iterable of ids, got {fragment_ids!r}")
         infos = list({i: self._manifest[i] for i in fragment_ids}.values())
         tier = _check_tier(tier)
         self._require_open()

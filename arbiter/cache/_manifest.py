@@ -116,6 +116,8 @@ class Manifest(Mapping[str, FragmentInfo]):
         return cls({str(i): _entry(i, raw) for i, raw in fragments.items()})
 
     def __getitem__(self, fragment_id: str) -> FragmentInfo:
+        if not isinstance(fragment_id, str):
+            raise TypeError(f"fragment_id must be a str, got {fragment_id!r}")
         try:
             return self._entries[fragment_id]
         except KeyError:

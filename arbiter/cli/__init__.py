@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.print_help()
-            return 2
+            return _fail("choose a command: detect, simulate, serve or status (see --help)")
         if args.command in ("serve", "status"):
             return _run_daemon_command(args)
         if args.command == "detect":

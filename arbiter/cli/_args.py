@@ -208,6 +208,12 @@ def _uid(text: str) -> int:
     return int(text)
 
 
+def _socket(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path, got ''")
+    return text
+
+
 def _add_daemon_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
     """Add ``serve`` and ``status`` to the parser's subcommands."""
     serve = commands.add_parser(
@@ -216,7 +222,9 @@ def _add_daemon_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
         description="Run the one arbiter of a GPU and serve it to RemoteArbiter clients "
         "on a Unix socket until SIGTERM or SIGINT (Linux).",
     )
-    serve.add_argument("--socket", metavar="PATH", help="the socket (default: per device)")
+    serve.add_argument(
+        "--socket", type=_socket, metavar="PATH", help="the socket (default: per device)"
+    )
     serve.add_argument(
         "--vram-gb", type=_positive_gb, default=None, metavar="N", help="budget in GiB"
     )
@@ -234,5 +242,7 @@ def _add_daemon_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="show the daemon's state, holders and waiters",
         description="Show what the arbiter daemon holds and who waits.",
     )
-    status.add_argument("--socket", metavar="PATH", help="the socket (default: per device)")
+    status.add_argument(
+        "--socket", type=_socket, metavar="PATH", help="the socket (default: per device)"
+    )
     status.add_argument("--json", action="store_true", help="print one JSON object")

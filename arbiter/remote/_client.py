@@ -205,6 +205,8 @@ class RemoteArbiter:
     def __init__(self, socket: str | os.PathLike[str] | None = None, *, device: int | str = 0):
         if socket is not None and not isinstance(socket, str | os.PathLike):
             raise TypeError(f"socket must be a path or None, got {socket!r}")
+        if socket is not None and not os.fspath(socket):
+            raise ValueError("socket must be a path or None, got ''")
         self._path = Path(socket) if socket is not None else default_socket_path(device)
         self._keys = itertools.count(1)
         # Guards the mirrored holdings and the handles' wake-up lists (`AllocationPort`).
