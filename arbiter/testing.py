@@ -24,7 +24,7 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 
-from ._checks import check_bytes, check_pids
+from ._checks import check_bytes, check_count, check_pids
 from ._gpu import GpuProbeError, GpuReading
 
 __all__ = ["FakeGpu"]
@@ -151,11 +151,10 @@ class FakeGpu:
         """Play process ``pid`` using ``used`` bytes of the device (0 removes it).
 
         Raises:
-            TypeError, ValueError: ``pid`` not an int, ``used`` not an int >= 0, or the
+            TypeError, ValueError: ``pid`` not an int > 0, ``used`` not an int >= 0, or the
                 figures would exceed ``total``.
         """
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            raise TypeError(f"pid must be an int, got {pid!r}")
+        check_count("pid", pid, minimum=1)
         check_bytes("used", used)
         others = sum(n for p, n in self._processes.items() if p != pid)
         if self._ours + self._external_used + others + used > self._total:

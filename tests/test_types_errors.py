@@ -173,3 +173,11 @@ def test_an_empty_socket_path_is_a_bad_value() -> None:
 
     with pytest.raises(ValueError, match="socket"):
         RemoteArbiter(socket="")
+
+
+@pytest.mark.parametrize(("pid", "error"), [(-1, ValueError), (0, ValueError), (True, TypeError)])
+def test_a_fake_process_needs_a_pid(pid: object, error: type[Exception]) -> None:
+    from arbiter.testing import FakeGpu
+
+    with pytest.raises(error, match="pid"):
+        FakeGpu(total=GiB).set_process_memory(pid, 1)  # type: ignore[arg-type]
