@@ -309,37 +309,50 @@ class QualityChanges:
         # on asyncio a park woken from this thread returns before anyio's delivery.
         await backend.checkpoint_if_cancelled()
         yielded = False
-        while True:
-            with port._lock:
-                if alloc.released:
-                    answer = None
+        try:
+            while True:
+                with port._lock:
+                    if alloc.released:
+                        answer = None
+                    else:
+                        if not self._watching:  # a step cancelled earlier stopped it
+                            self._watching = True
+                            port._watch(alloc, +1)
+                        answer = port._quality_of(alloc)
+                        if answer == self._last:
+                            parker = backend.parker()
+                            parker.arm()
+                            if alloc._quality_waiters is None:
+                                alloc._quality_waiters = []
+                            alloc._quality_waiters.append(parker)
+                if answer == self._last:
+                    await alloc._sleep(parker, alloc._quality_waiters)
+                elif not yielded:
+                    await backend.checkpoint()  # then the answer is read afresh
+                elif answer is None:
+                    break
                 else:
-                    answer = port._quality_of(alloc)
-                    if answer == self._last:
-                        parker = backend.parker()
-                        parker.arm()
-                        if alloc._quality_waiters is None:
-                            alloc._quality_waiters = []
-                        alloc._quality_waiters.append(parker)
-            if answer == self._last:
-                await alloc._sleep(parker, alloc._quality_waiters)
-            elif not yielded:
-                await backend.checkpoint()  # then the answer is read afresh
-            elif answer is None:
-                break
-            else:
-                self._last = answer
-                return answer
-            yielded = True
+                    self._last = answer
+                    return answer
+                yielded = True
+        except BaseException as exc:
+            # A reader cancelled mid-step (its task gone, usually) stops watching: the
+            # core need not keep its target fresh for nobody. Reading on watches again.
+            self._stop_watching(exc)
+            raise
         self._stop_watching()
         raise StopAsyncIteration
 
-    def _stop_watching(self) -> None:
+    def _stop_watching(self, exc: BaseException | None = None) -> None:
+        """Stop watching (``exc``: what the step that stops is leaving with)."""
         if self._watching:
             self._watching = False
-            port = self._alloc._port
-            with port._lock:
-                port._watch(self._alloc, -1)
+            port, alloc = self._alloc._port, self._alloc
+            if exc is None:
+                with port._lock:
+                    port._watch(alloc, -1)
+            else:
+                under_lock(port._lock, exc, lambda: port._watch(alloc, -1))
 
     async def aclose(self) -> None:
         """Stop reading; safe to call more than once."""

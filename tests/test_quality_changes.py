@@ -392,3 +392,31 @@ async def test_two_holders_of_one_priority_following_their_targets_settle(
             pytest.fail("the two holders never settled")
     first.release()
     second.release()
+
+
+async def test_a_step_cancelled_while_it_waits_stops_watching_and_reading_on_watches_again() -> (
+    None
+):
+    arbiter = make_arbiter()
+    alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 10 * GiB)
+    changes = alloc.quality_changes()
+    with anyio.fail_after(5):
+        assert await changes.__anext__() == 1.0
+        assert alloc._holding.watchers == 1
+        with anyio.move_on_after(0.1):  # waits for a change that does not come
+            await changes.__anext__()
+        assert alloc._holding.watchers == 0  # its reader gave up: nobody is told
+        async with anyio.create_task_group() as tg:
+            seen: list[float] = []
+
+            async def read_on() -> None:
+                seen.append(await changes.__anext__())
+
+            tg.start_soon(read_on)
+            await settle()
+            assert alloc._holding.watchers == 1
+            other = await arbiter.request_allocation(IMAGE, Priority.NORMAL, 12 * GiB)
+        assert seen == [alloc.quality] and seen[0] < 1.0
+    other.release()
+    await changes.aclose()
+    assert alloc._holding.watchers == 0
