@@ -394,9 +394,7 @@ async def test_two_holders_of_one_priority_following_their_targets_settle(
     second.release()
 
 
-async def test_a_step_cancelled_while_it_waits_stops_watching_and_reading_on_watches_again() -> (
-    None
-):
+async def test_a_cancelled_step_stops_watching_and_reading_on_watches_again() -> None:
     arbiter = make_arbiter()
     alloc = await arbiter.request_allocation(LLM, Priority.NORMAL, 10 * GiB)
     changes = alloc.quality_changes()
