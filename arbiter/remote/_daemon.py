@@ -135,20 +135,19 @@ def claim_socket(path: Path, ttl: float) -> SocketClaim:
         lock.close()
         raise DaemonRefused(f"a live daemon already serves {path}") from None
     try:
-        hold = 0.0
-        if _is_stale_socket(path):  # again, under the lock
-            hold = ttl  # the predecessor died: its clients may come back to re-claim
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise DaemonRefused(
-                    f"cannot replace the stale socket {path}: {exc.strerror or exc}"
-                ) from None
+        stale = _is_stale_socket(path)  # again, under the lock
+        if stale:
+            path.unlink(missing_ok=True)
     except DaemonRefused:
         lock.close()
         raise
+    except OSError as exc:
+        lock.close()
+        raise DaemonRefused(
+            f"cannot replace the stale socket {path}: {exc.strerror or exc}"
+        ) from None
+    # A predecessor died: its clients may come back to re-claim.
+    hold = ttl if stale else 0.0
     handover = path.with_name(path.name + ".handover")
     with contextlib.suppress(OSError, ValueError):
         stopped = float(handover.read_text())
