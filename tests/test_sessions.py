@@ -181,3 +181,23 @@ async def test_a_session_that_was_cut_off_is_sent_nothing_more(arbiter: Arbiter)
         await anyio.wait_all_tasks_blocked()
         assert sent(session).answers() == [("Granted", 1)]
         tasks.cancel_scope.cancel()
+
+
+async def test_a_query_that_fails_is_an_error_and_the_session_goes_on(
+    arbiter: Arbiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = host_for(arbiter)
+
+    def broken(key: int) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(host, "status", broken)
+    async with anyio.create_task_group() as tasks:
+        session = open_session(host, tasks, 1)
+        host.handle(session, Status(1))
+        await anyio.wait_all_tasks_blocked()
+        host.handle(session, request(2, 4))
+        await anyio.wait_all_tasks_blocked()
+        assert sent(session).messages()[0] == ["Error", "query failed: RuntimeError"]
+        assert sent(session).answers()[-1] == ("Granted", 2)
+        tasks.cancel_scope.cancel()
