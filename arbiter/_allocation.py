@@ -348,11 +348,7 @@ class QualityChanges:
         if self._watching:
             self._watching = False
             port, alloc = self._alloc._port, self._alloc
-            if exc is None:
-                with port._lock:
-                    port._watch(alloc, -1)
-            else:
-                under_lock(port._lock, exc, lambda: port._watch(alloc, -1))
+            under_lock(port._lock, exc, lambda: port._watch(alloc, -1))
 
     async def aclose(self) -> None:
         """Stop reading; safe to call more than once."""

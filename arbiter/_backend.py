@@ -92,8 +92,7 @@ class LoopEntry:
     ends). ``call`` runs a callable in the loop's thread: directly when called there,
     else through the loop's thread-safe entry. A loop that has already finished has
     nobody left to tell, so such a call is dropped (also one made directly, in the
-    thread that ran it). One entry per loop: compare them
-    with ``is``.
+    thread that ran it). One entry per loop: compare them with ``is``.
     """
 
     __slots__ = ("_call_soon", "clock", "key", "thread")

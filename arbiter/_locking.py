@@ -17,8 +17,11 @@ from collections.abc import Callable
 __all__ = ["under_lock"]
 
 
-def under_lock(lock: threading.Lock, exc: BaseException, action: Callable[[], object]) -> None:
-    """Run ``action`` under ``lock`` for a coroutine leaving with ``exc``."""
+def under_lock(
+    lock: threading.Lock, exc: BaseException | None, action: Callable[[], object]
+) -> None:
+    """Run ``action`` under ``lock`` for a coroutine leaving with ``exc`` (None: leaving
+    as it should, which may wait for the lock)."""
     if not isinstance(exc, GeneratorExit):
         with lock:
             action()

@@ -37,12 +37,16 @@ if TYPE_CHECKING:
 __all__ = ["FragmentCache"]
 
 
+# A tier by its lower-case name, as the other enums take theirs.
+_TIERS_BY_NAME = {t.name.lower(): t for t in CacheTier}
+
+
 def _check_tier(tier: object) -> CacheTier:
-    if isinstance(tier, str):  # its lower-case name, as the other enums take theirs
-        names = {t.name.lower(): t for t in CacheTier}
-        if tier not in names:
-            raise ValueError(f"tier must be one of {', '.join(names)}, got {tier!r}")
-        tier = names[tier]
+    if isinstance(tier, str):
+        if tier not in _TIERS_BY_NAME:
+            choices = ", ".join(_TIERS_BY_NAME)
+            raise ValueError(f"tier must be one of {choices}, got {tier!r}")
+        tier = _TIERS_BY_NAME[tier]
     if not isinstance(tier, CacheTier):
         raise TypeError(f"tier must be a CacheTier, got {tier!r}")
     if tier is CacheTier.CDN:

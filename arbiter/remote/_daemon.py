@@ -163,6 +163,13 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
+async def _refuse(stream: anyio.abc.SocketStream, refusal: Refused, **logged: object) -> None:
+    """Log a refused session and tell its client why, if it still listens."""
+    log.warning("session refused", **logged)
+    with contextlib.suppress(Exception):
+        await stream.send(frame(msgspec.msgpack.encode(refusal)))
+
+
 def peer_credentials(stream: anyio.abc.SocketStream) -> tuple[int, int]:
     """``(pid, uid)`` of the process at the other end of a Unix socket."""
     sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
@@ -231,18 +238,15 @@ class Daemon:
         except OSError:
             return
         config = self.host.config
-        refusal = None
         if uid != os.getuid() and uid not in config.allow_uids:
-            log.warning("session refused", pid=pid, uid=uid)
             refusal = Refused("uid", f"uid {uid} is not allowed by this daemon")
-        elif self._connections > config.max_connections:
-            log.warning("session refused", pid=pid, reason="too many connections")
+            await _refuse(stream, refusal, pid=pid, uid=uid)
+            return
+        if self._connections > config.max_connections:
             refusal = Refused(
                 "busy", f"the daemon serves at most {config.max_connections} connections"
             )
-        if refusal is not None:
-            with contextlib.suppress(Exception):
-                await stream.send(frame(msgspec.msgpack.encode(refusal)))
+            await _refuse(stream, refusal, pid=pid, reason="too many connections")
             return
         buffer = FrameBuffer()
         received = await self._receive_hello(stream, buffer, pid)
@@ -319,9 +323,7 @@ class Daemon:
             except msgspec.MsgspecError as exc:
                 problem = Refused("bad_input", f"bad hello: {_reason(exc)}")
         if problem is not None:
-            log.warning("session refused", pid=pid, reason=problem.message)
-            with contextlib.suppress(Exception):
-                await stream.send(frame(msgspec.msgpack.encode(problem)))
+            await _refuse(stream, problem, pid=pid, reason=problem.message)
             return None
         assert hello is not None
         return hello, frames[1:]

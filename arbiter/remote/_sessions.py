@@ -26,6 +26,7 @@ from .._allocation import Allocation
 from .._arbiter import Arbiter
 from .._arguments import DEFAULT, Default, RequestArgs, check_request
 from .._backend import current_backend
+from .._checks import check_count
 from .._errors import (
     AllocationTimeout,
     InsufficientMemory,
@@ -99,11 +100,7 @@ class DaemonConfig:
                 raise TypeError(f"{name} must be a number of seconds, got {value!r}")
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
-        connections = self.max_connections
-        if isinstance(connections, bool) or not isinstance(connections, int):
-            raise TypeError(f"max_connections must be an int, got {connections!r}")
-        if connections < 1:
-            raise ValueError(f"max_connections must be >= 1, got {connections!r}")
+        check_count("max_connections", self.max_connections, minimum=1)
 
 
 # -- sessions ---------------------------------------------------------------------------
